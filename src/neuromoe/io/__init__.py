@@ -1,0 +1,1 @@
+"""File I/O: NIfTI images, subject tables (manifests and BIDS), atomic writes."""
