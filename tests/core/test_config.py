@@ -1,0 +1,81 @@
+"""Typed configs: presets and overrides are checked key by key and type by type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from neuromoe.config import load_config, parse_overrides, read_yaml, save_config, to_dict
+from neuromoe.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    shape: tuple[int, int, int] = (16, 16, 16)
+    tasks: list[str] = field(default_factory=lambda: ["age"])
+    train: Inner = field(default_factory=Inner)
+    note: str | None = None
+
+
+def test_overrides_parse_nested_and_typed():
+    assert parse_overrides(["train.lr=0.1", "name=abc", "shape=[1,2,3]"]) == {
+        "train": {"lr": 0.1},
+        "name": "abc",
+        "shape": [1, 2, 3],
+    }
+
+
+def test_load_config_yaml_then_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  lr: 0.5\n  steps: 3\nshape: [8, 8, 8]\n")
+    cfg = load_config(Outer, "none", preset, ["train.steps=7", "train.precision=bf16"])
+    assert cfg.train.lr == 0.5 and cfg.train.steps == 7 and cfg.train.precision == "bf16"
+    assert cfg.shape == (8, 8, 8)
+    # an int is accepted where a float is expected
+    assert load_config(Outer, "none", None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lrr=1", "unknown config key"),
+        ("train.steps=1.5", "must be an integer"),
+        ("train.precision=fp16", "must be one of"),
+        ("shape=[1,2]", "must have 3 items"),
+        ("tasks=abc", "must be a list"),
+        ("noequals", "not key=value"),
+    ],
+)
+def test_bad_overrides_fail_clearly(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(Outer, "none", None, [override])
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(Outer, "no-such-family", "tiny")
+
+
+def test_save_roundtrip(tmp_path):
+    cfg = load_config(Outer, "none", None, ["note=hello", "train.lr=0.25"])
+    path = save_config(cfg, tmp_path)
+    assert read_yaml(path) == to_dict(cfg)
+    again = load_config(Outer, "none", path)
+    assert again == cfg
+
+
+def test_bad_yaml_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(Outer, "none", bad)
