@@ -1,0 +1,215 @@
+"""DenseFormer backbone, MAE (no-leak masking) and task-routed multi-task head on tiny random volumes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+
+def _install_standins() -> None:
+    """Minimal stand-ins for the registry and MoE layer (design.md contracts) until those parts land."""
+    if importlib.util.find_spec("neuromoe.models.registry") is None:
+        reg = types.ModuleType("neuromoe.models.registry")
+        reg.register_model = lambda name, family=None: (lambda f: f)
+        sys.modules["neuromoe.models.registry"] = reg
+    if importlib.util.find_spec("neuromoe.layers.moe") is None:
+        class Stats(NamedTuple):
+            load: torch.Tensor
+            importance: torch.Tensor
+            topk_idx: torch.Tensor
+            topk_weights: torch.Tensor
+
+        class Out(NamedTuple):
+            output: torch.Tensor
+            aux_loss: torch.Tensor
+            balance_loss: torch.Tensor
+            z_loss: torch.Tensor
+            stats: Stats
+
+        class MoELayer(nn.Module):
+            def __init__(self, dim, num_experts, expert_factory, k=2, balance_coef=0.01, z_coef=0.001,
+                         cond_dim=0, cond_mode="concat", noise_std=0.0, **_):
+                super().__init__()
+                self.k, self.e, self.bc = k, num_experts, balance_coef
+                self.gate = nn.Linear(dim + cond_dim, num_experts)
+                self.experts = nn.ModuleList(expert_factory() for _ in range(num_experts))
+
+            def forward(self, x, cond=None):
+                logits = self.gate(torch.cat([x, cond], -1))
+                probs = logits.float().softmax(-1)
+                w, idx = probs.topk(self.k, -1)
+                w = w / w.sum(-1, keepdim=True)
+                y = torch.stack([ex(x) for ex in self.experts], 1)
+                y = (y.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])) * w[..., None]).sum(1)
+                load = torch.zeros(self.e).scatter_add_(0, idx.flatten(), torch.ones(idx.numel())) / idx.numel()
+                bal = self.e * (load * probs.mean(0)).sum()
+                return Out(y, self.bc * bal, bal, bal * 0, Stats(load, probs.mean(0), idx, w))
+
+        moe = types.ModuleType("neuromoe.layers.moe")
+        moe.MoELayer = MoELayer
+        sys.modules["neuromoe.layers.moe"] = moe
+
+
+_install_standins()
+
+from neuromoe.models.denseformer import (  # noqa: E402
+    PRESETS,
+    DenseFormer,
+    DenseFormerMAE,
+    DenseFormerMoE,
+    layerwise_lr_groups,
+    random_masking,
+    sincos_pos_embed,
+)
+
+TINY = {**PRESETS["tiny"]}
+TASKS = [
+    {"name": "age", "type": "regression", "num_outputs": 1},
+    {"name": "dx_ad", "type": "classification", "num_outputs": 3},
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_backbone_shapes_and_head():
+    m = DenseFormer(**TINY, num_outputs=5)
+    x = torch.randn(2, 1, 32, 32, 32)
+    f = m.forward_features(x)
+    assert f.shape == (2, 1 + 64, TINY["embed_dim"])
+    assert m.forward_head(f).shape == (2, 5)
+    assert m.forward_head(f, pre_logits=True).shape == (2, TINY["embed_dim"])
+    with pytest.raises(ValueError, match="preprocess"):
+        m(torch.randn(1, 1, 24, 32, 32))
+
+
+def test_patchify_roundtrip_and_order():
+    m = DenseFormer(**TINY)
+    x = torch.randn(2, 1, 32, 32, 32)
+    p = m.patchify(x)
+    assert p.shape == (2, 64, 1, 8, 8, 8)
+    torch.testing.assert_close(p[:, 1, 0], x[:, 0, 0:8, 0:8, 8:16])  # row-major: last axis fastest
+    torch.testing.assert_close(m.unpatchify(p), x)
+    torch.testing.assert_close(m.unpatchify(p.flatten(2)), x)
+
+
+def test_two_dimensional_variant():
+    m = DenseFormer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, init_features=8,
+                    growth_rate=4, block_layers=(1, 1), spatial_dims=2, num_outputs=2)
+    assert m(torch.randn(3, 1, 32, 32)).shape == (3, 2)
+
+
+def test_sincos_embedding_distinct_positions():
+    e = sincos_pos_embed((4, 4, 4), 48)
+    assert e.shape == (64, 48)
+    assert torch.cdist(e, e).add(torch.eye(64)).min() > 0.1
+
+
+def test_random_masking_consistent():
+    ids_keep, mask, ids_restore = random_masking(64, 3, 0.75)
+    assert ids_keep.shape == (3, 16) and mask.shape == (3, 64)
+    assert (mask.sum(1) == 48).all()
+    assert (mask.gather(1, ids_keep) == 0).all()
+    assert torch.equal(torch.argsort(ids_restore, 1)[:, :16], ids_keep)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_masked_voxels_do_not_leak_into_visible_tokens(train_mode):
+    mae = DenseFormerMAE(**TINY, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    mae.train(train_mode)
+    x = torch.randn(2, 1, 32, 32, 32)
+    noise = torch.rand(2, 64)
+    latent, mask, _ = mae.forward_encoder(x, noise=noise)
+    # change every masked voxel, keep visible ones
+    vox_mask = mae.encoder.unpatchify(mask[:, :, None].expand(-1, -1, 512)).bool()
+    x2 = torch.where(vox_mask, torch.randn_like(x) * 10, x)
+    assert not torch.equal(x, x2)
+    latent2, mask2, _ = mae.forward_encoder(x2, noise=noise)
+    assert torch.equal(mask, mask2)
+    torch.testing.assert_close(latent, latent2, rtol=0, atol=0)
+    assert latent.shape == (2, 1 + 16, TINY["embed_dim"])  # encoder saw visible tokens only
+    # and a visible voxel change does change them
+    x3 = torch.where(vox_mask, x, x + 1.0)
+    latent3, _, _ = mae.forward_encoder(x3, noise=noise)
+    assert not torch.allclose(latent, latent3)
+
+
+def test_mae_loss_only_on_masked_patches_and_learns():
+    mae = DenseFormerMAE(**TINY, decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=False)
+    g = torch.linspace(0, 6.28, 32)
+    x = (torch.sin(g)[:, None, None] * torch.cos(2 * g)[None, :, None] + g[None, None] / 6).expand(2, 1, -1, -1, -1)
+    loss, pred, mask = mae(x)
+    assert pred.shape == (2, 64, 512) and mask.shape == (2, 64) and loss.ndim == 0
+    pred2 = pred.detach() + (1 - mask)[..., None] * 100.0  # change only visible predictions
+    torch.testing.assert_close(mae.forward_loss(x, pred2, mask), mae.forward_loss(x, pred.detach(), mask))
+    opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
+    noise = torch.rand(2, 64)
+    first = mae(x, noise=noise)[0].item()
+    for _ in range(30):
+        opt.zero_grad()
+        mae(x, noise=noise)[0].backward()
+        opt.step()
+    assert mae(x, noise=noise)[0].item() < 0.7 * first
+    mae.norm_pix_loss = True
+    target = mae.target_patches(x)
+    torch.testing.assert_close(target.var(-1), torch.ones(2, 64), atol=1e-3, rtol=0)
+    masked, recon = mae.reconstruct(x, noise=noise)
+    assert masked.shape == recon.shape == x.shape
+
+
+@pytest.mark.parametrize("head", ["moe", "shared", "separate"])
+def test_multitask_heads(head):
+    m = DenseFormerMoE(TASKS, head=head, num_experts=4, top_k=2, **TINY)
+    out = m(torch.randn(3, 1, 32, 32, 32))
+    assert out.outputs["age"].shape == (3, 1) and out.outputs["dx_ad"].shape == (3, 3)
+    loss = out.outputs["age"].sum() + out.outputs["dx_ad"].sum() + out.aux_loss
+    loss.backward()
+    assert m.backbone.stem.proj.weight.grad is not None
+    if head == "moe":
+        assert out.topk_idx.shape == (2, 3, 2) and out.aux_loss.item() > 0
+    else:
+        assert out.topk_idx is None and out.aux_loss.item() == 0
+
+
+def test_task_conditioned_router_learns_task_specific_experts():
+    """Two tasks on the same features must come to use different experts when that helps."""
+    m = DenseFormerMoE([*TASKS[:1], {"name": "b", "type": "regression", "num_outputs": 1}],
+                       head="moe", num_experts=4, top_k=1, head_drop=0.0, **TINY)
+    head = m.head
+    x = torch.randn(64, TINY["embed_dim"])
+    ya, yb = x[:, :1] * 3, -x[:, 1:2] ** 2
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        out = head(x)
+        loss = ((out.outputs["age"] - ya) ** 2).mean() + ((out.outputs["b"] - yb) ** 2).mean() + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    top = head(x).topk_idx[..., 0]
+    assert loss.item() < 0.5
+    usage = torch.stack([torch.bincount(t, minlength=4).float() / 64 for t in top])
+    assert (usage[0] - usage[1]).abs().sum() > 0.5, usage
+
+
+def test_mae_encoder_loads_into_finetune_backbone_and_lr_decay():
+    mae = DenseFormerMAE(**TINY, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    m = DenseFormerMoE(TASKS, head="shared", **TINY)
+    missing = m.backbone.load_state_dict(mae.encoder.state_dict(), strict=True)
+    assert not missing.missing_keys
+    groups = layerwise_lr_groups(m, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    by_layer = {}
+    for g in groups:
+        for p in g["params"]:
+            by_layer[id(p)] = g["lr"]
+    assert by_layer[id(m.backbone.stem.proj.weight)] == pytest.approx(1e-3 * 0.5**3)
+    assert by_layer[id(m.backbone.blocks[1].mlp[0].weight)] == pytest.approx(1e-3 * 0.5)
+    assert by_layer[id(m.head.out["age"].weight)] == pytest.approx(1e-3)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in m.parameters() if p.requires_grad)
