@@ -1,0 +1,86 @@
+"""Split-conformal calibrators reach nominal coverage on exchangeable data and fail loudly when misused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neuromoe.eval.conformal import (
+    ConformalClassifier,
+    ConformalRegressor,
+    conformal_quantile,
+    interval_coverage,
+    mean_set_size,
+    set_coverage,
+)
+
+
+def test_quantile_rank_and_small_n():
+    s = np.arange(1, 10, dtype=float)  # n=9, alpha=0.1 → rank ceil(10*0.9)=9
+    assert conformal_quantile(s, 0.1) == 9.0
+    assert conformal_quantile(s, 0.5) == 5.0
+    assert conformal_quantile(s[:5], 0.1) == float("inf")  # rank 6 > n
+    with pytest.raises(ValueError):
+        conformal_quantile(s, 1.0)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.2])
+def test_regression_coverage_heteroscedastic(alpha):
+    rng = np.random.default_rng(0)
+    covs = []
+    for _ in range(40):
+        x = rng.uniform(0, 1, 600)
+        y = 3 * x + rng.normal(0, 0.2 + x, 600)
+        pred = 3 * x
+        cal = ConformalRegressor(alpha).fit(y[:300], pred[:300])
+        lo, hi = cal.predict(pred[300:])
+        covs.append(interval_coverage(lo, hi, y[300:]))
+    assert abs(np.mean(covs) - (1 - alpha)) < 0.02
+    # adaptive: scale by the known spread → narrower intervals where noise is small, same coverage
+    cal = ConformalRegressor(alpha).fit(y[:300], pred[:300], scale=0.2 + x[:300])
+    lo, hi = cal.predict(pred[300:], scale=0.2 + x[300:])
+    assert abs(interval_coverage(lo, hi, y[300:]) - (1 - alpha)) < 0.08
+    assert (hi - lo)[x[300:] < 0.2].mean() < (hi - lo)[x[300:] > 0.8].mean()
+
+
+def _softmax_data(rng, n, k=3, temp=1.5):
+    logits = rng.normal(0, 2, (n, k))
+    probs = np.exp(logits / temp)
+    probs /= probs.sum(1, keepdims=True)
+    true_p = np.exp(logits)
+    true_p /= true_p.sum(1, keepdims=True)  # miscalibrated model: conformal must still cover
+    y = np.array([rng.choice(k, p=p) for p in true_p])
+    return probs, y
+
+
+@pytest.mark.parametrize("method", ["lac", "aps"])
+def test_classification_coverage(method):
+    rng = np.random.default_rng(1)
+    covs, sizes = [], []
+    for _ in range(30):
+        probs, y = _softmax_data(rng, 500)
+        clf = ConformalClassifier(0.1, method=method, seed=3).fit(probs[:250], y[:250])
+        sets = clf.predict(probs[250:])
+        covs.append(set_coverage(sets, y[250:]))
+        sizes.append(mean_set_size(sets))
+    assert abs(np.mean(covs) - 0.9) < 0.02
+    assert 1.0 <= np.mean(sizes) < 3.0  # informative: smaller than the full label set
+
+
+def test_missing_labels_skipped_and_roundtrip():
+    rng = np.random.default_rng(2)
+    probs, y = _softmax_data(rng, 200)
+    y[::4] = -1
+    clf = ConformalClassifier(0.2, method="aps").fit(probs, y)
+    assert clf.n_calib == 150
+    clone = ConformalClassifier.from_dict(clf.to_dict())
+    np.testing.assert_array_equal(clone.predict(probs), clf.predict(probs))
+    reg = ConformalRegressor(0.1).fit(np.array([1.0, np.nan, 2.0] * 10), np.ones(30))
+    assert reg.n_calib == 20 and ConformalRegressor.from_dict(reg.to_dict()).q == reg.q
+
+
+def test_uncalibrated_raises():
+    with pytest.raises(RuntimeError, match="fit"):
+        ConformalRegressor().predict(np.zeros(3))
+    with pytest.raises(RuntimeError, match="fit"):
+        ConformalClassifier().predict(np.full((2, 2), 0.5))
