@@ -115,10 +115,10 @@ class Block(nn.Module):
 class DenseNetPatchStem(nn.Module):
     """3D DenseNet applied to each patch independently: ``(M, C, p, p, p) -> (M, embed_dim)``.
 
-    Conv k3 stem → dense blocks (``block_layers``) with a compression transition (2× average pool)
-    between consecutive blocks → BN-ReLU → flatten the final ``p / 2**(len(block_layers)-1)`` grid →
-    linear to ``embed_dim``. Flattening (rather than global pooling) keeps where inside the patch a
-    feature was found.
+    Conv k3 (stride ``stem_stride``, as DenseNet's strided stem; most of the FLOPs are spent at full
+    patch resolution otherwise) → dense blocks (``block_layers``) with a compression transition (2×
+    average pool) between consecutive blocks → BN-ReLU → flatten the final grid → linear to
+    ``embed_dim``. Flattening (rather than global pooling) keeps where inside the patch a feature was.
     """
 
     def __init__(
@@ -132,14 +132,18 @@ class DenseNetPatchStem(nn.Module):
         block_layers: Sequence[int] = (2, 2),
         bn_size: int = 4,
         compression: float = 0.5,
+        stem_stride: int = 2,
         spatial_dims: int = 3,
     ):
         super().__init__()
         n_down = len(block_layers) - 1
-        if patch_size % (2**n_down):
-            raise ValueError(f"patch_size {patch_size} not divisible by 2**{n_down} (one per transition)")
+        if patch_size % (stem_stride * 2**n_down):
+            raise ValueError(f"patch_size {patch_size} not divisible by stem_stride·2**{n_down} "
+                             "(one halving per transition)")
         conv = Conv[Conv.CONV, spatial_dims]
-        layers: list[nn.Module] = [conv(in_channels, init_features, kernel_size=3, padding=1, bias=False)]
+        layers: list[nn.Module] = [
+            conv(in_channels, init_features, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        ]
         ch = init_features
         for i, n in enumerate(block_layers):
             layers.append(_DenseBlock(spatial_dims, n, ch, bn_size, growth_rate, 0.0))
@@ -152,7 +156,7 @@ class DenseNetPatchStem(nn.Module):
         layers += [norm(ch), nn.ReLU(inplace=True), nn.Flatten(1)]
         self.features = nn.Sequential(*layers)
         self.out_channels = ch
-        self.final_size = patch_size // (2**n_down)
+        self.final_size = patch_size // (stem_stride * 2**n_down)
         self.proj = nn.Linear(ch * self.final_size**spatial_dims, embed_dim)
 
     def forward(self, patches: Tensor) -> Tensor:
@@ -182,6 +186,7 @@ class DenseFormer(nn.Module):
         block_layers: Sequence[int] = (2, 2),
         bn_size: int = 4,
         compression: float = 0.5,
+        stem_stride: int = 2,
         spatial_dims: int = 3,
         pool: Literal["cls", "mean"] = "cls",
         num_outputs: int = 0,
@@ -199,7 +204,8 @@ class DenseFormer(nn.Module):
         self.pool = pool
         self.stem = DenseNetPatchStem(
             in_channels, self.patch_size, embed_dim, init_features=init_features, growth_rate=growth_rate,
-            block_layers=block_layers, bn_size=bn_size, compression=compression, spatial_dims=spatial_dims,
+            block_layers=block_layers, bn_size=bn_size, compression=compression, stem_stride=stem_stride,
+            spatial_dims=spatial_dims,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid, embed_dim).unsqueeze(0), persistent=False)
@@ -459,6 +465,7 @@ class MultiTaskHead(nn.Module):
             raise ValueError("at least one task is required")
         self.task_names = [t["name"] for t in tasks]
         self.head_type = head
+        self.num_experts = num_experts if head == "moe" else 0
         hidden = expert_hidden or 2 * dim
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(drop)
