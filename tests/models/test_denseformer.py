@@ -12,13 +12,22 @@ import torch
 from torch import nn
 
 
+def _missing(name: str) -> bool:
+    if name in sys.modules:
+        return False
+    try:
+        return importlib.util.find_spec(name) is None
+    except ModuleNotFoundError:
+        return True
+
+
 def _install_standins() -> None:
     """Minimal stand-ins for the registry and MoE layer (design.md contracts) until those parts land."""
-    if importlib.util.find_spec("neuromoe.models.registry") is None:
+    if _missing("neuromoe.models.registry"):
         reg = types.ModuleType("neuromoe.models.registry")
         reg.register_model = lambda name, family=None: (lambda f: f)
         sys.modules["neuromoe.models.registry"] = reg
-    if importlib.util.find_spec("neuromoe.layers.moe") is None:
+    if _missing("neuromoe.layers.moe"):
         class Stats(NamedTuple):
             load: torch.Tensor
             importance: torch.Tensor

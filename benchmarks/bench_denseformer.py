@@ -1,0 +1,176 @@
+"""DenseFormer-MoE speed benchmark → JSON on stdout.
+
+Measured in one run on the same input (default 64³, the ``demo`` preset):
+
+* MAE pretraining step (fwd+bwd+AdamW) at mask 0.75 vs the same backbone's full-token step (mask 0.0,
+  same decoder) and vs a supervised full-token step of the backbone alone — target ≤ 0.35×;
+* fine-tune step and inference throughput (volumes/s) of DenseFormer-MoE vs MONAI DenseNet121-3D and a
+  plain ViT of similar size (Conv3d patch embedding + ``nn.TransformerEncoder``; MONAI's ViT needs
+  ``einops``, which is not a dependency);
+* fp32 vs bf16 autocast;
+* achieved GFLOP/s (FLOPs counted with ``torch.utils.flop_counter``; backward = 2× forward) as a fraction
+  of a bf16 2048² matmul measured in the same run.
+
+Usage: ``OMP_NUM_THREADS=2 python benchmarks/bench_denseformer.py [--size 64] [--batch 2] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.networks.nets import DenseNet121
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from neuromoe.models.denseformer import MAE_DECODER, PRESETS, DenseFormer, DenseFormerMAE, DenseFormerMoE
+
+TASKS = [{"name": "age", "type": "regression", "num_outputs": 1},
+         {"name": "dx_ad", "type": "classification", "num_outputs": 3},
+         {"name": "dx_pd", "type": "classification", "num_outputs": 2},
+         {"name": "sex", "type": "classification", "num_outputs": 2}]
+
+
+class PlainViT(nn.Module):
+    """Reference ViT: Conv3d patch embedding, learned positions, pre-norm ``nn.TransformerEncoder``."""
+
+    def __init__(self, size: int, patch: int, dim: int, depth: int, heads: int, out: int = 1):
+        super().__init__()
+        self.embed = nn.Conv3d(1, dim, patch, stride=patch)
+        n = (size // patch) ** 3
+        self.pos = nn.Parameter(torch.zeros(1, n, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.encoder(t).mean(1))
+
+
+def _autocast(bf16: bool) -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _loss(out: Any) -> torch.Tensor:
+    if isinstance(out, tuple):
+        return out[0]
+    if hasattr(out, "outputs"):
+        return sum(v.float().mean() for v in out.outputs.values()) + out.aux_loss
+    return out.float().mean()
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, bf16: bool, **kw: Any) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with _autocast(bf16):
+            loss = _loss(model(x, **kw))
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _infer(model: nn.Module, x: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    def run() -> None:
+        model.eval()
+        with torch.inference_mode(), _autocast(bf16):
+            model(x)
+
+    return run
+
+
+def matmul_gflops(bf16: bool, n: int = 2048, repeats: int = 5) -> float:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / _time(lambda: a @ b, repeats) / 1e9
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--preset", default="demo")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    kw = {**PRESETS[args.preset], "img_size": args.size}
+    x = torch.randn(args.batch, 1, *(args.size,) * 3)
+    res: dict[str, Any] = {
+        "benchmark": "denseformer", "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "input": list(x.shape), "preset": args.preset,
+        "matmul_gflops": {"fp32": matmul_gflops(False), "bf16": matmul_gflops(True)},
+    }
+    mae = DenseFormerMAE(**kw, **MAE_DECODER[args.preset])
+    backbone = DenseFormer(**kw, num_outputs=1)
+    res["params_million"] = {"backbone": sum(p.numel() for p in backbone.parameters()) / 1e6}
+    res["gflops_forward_per_volume"] = {"backbone_full_tokens": _flops(lambda: backbone(x[:1])) / 1e9,
+                                        "mae_mask_0.75": _flops(lambda: mae(x[:1])) / 1e9}
+    mae_res: dict[str, Any] = {}
+    for prec in ("fp32", "bf16"):
+        bf16 = prec == "bf16"
+        t_masked = _time(_train_step(mae, x, bf16, mask_ratio=0.75), args.repeats)
+        t_full = _time(_train_step(mae, x, bf16, mask_ratio=0.0), args.repeats)
+        t_sup = _time(_train_step(backbone, x, bf16), args.repeats)
+        mae_res[prec] = {"mae_step_s_mask_0.75": t_masked, "mae_step_s_mask_0.0": t_full,
+                         "supervised_full_token_step_s": t_sup, "ratio_vs_mae_full": t_masked / t_full,
+                         "ratio_vs_supervised_full": t_masked / t_sup, "target_ratio": 0.35}
+    res["mae_step"] = mae_res
+
+    models = {
+        "denseformer_moe": DenseFormerMoE(TASKS, **kw),
+        "monai_densenet121_3d": DenseNet121(spatial_dims=3, in_channels=1, out_channels=1),
+        "plain_vit": PlainViT(args.size, kw["patch_size"], kw["embed_dim"], kw["depth"], kw["num_heads"]),
+    }
+    comp: dict[str, Any] = {}
+    for name, model in models.items():
+        fwd = _flops(lambda m=model: m(x)) / 1e9
+        entry: dict[str, Any] = {"params_million": sum(p.numel() for p in model.parameters()) / 1e6,
+                                 "gflops_forward_batch": fwd}
+        for prec in ("fp32", "bf16"):
+            bf16 = prec == "bf16"
+            t_step = _time(_train_step(model, x, bf16), args.repeats)
+            t_inf = _time(_infer(model, x, bf16), args.repeats)
+            achieved = 3 * fwd / t_step
+            entry[prec] = {"train_step_s": t_step, "train_volumes_per_s": args.batch / t_step,
+                           "inference_volumes_per_s": args.batch / t_inf,
+                           "train_gflops_per_s": achieved,
+                           "fraction_of_bf16_matmul": achieved / res["matmul_gflops"]["bf16"]}
+        entry["bf16_speedup_train"] = entry["fp32"]["train_step_s"] / entry["bf16"]["train_step_s"]
+        comp[name] = entry
+    res["finetune_and_inference"] = comp
+    res["target_fraction_of_bf16_matmul"] = 0.5
+    json.dump(res, sys.stdout, indent=2)
+    print()
+    return res
+
+
+if __name__ == "__main__":
+    main()

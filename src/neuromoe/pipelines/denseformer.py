@@ -1,0 +1,940 @@
+"""DenseFormer-MoE pipelines: ``pretrain`` (MAE), ``train`` (multi-task fine-tuning), ``evaluate``,
+``predict`` and ``demo``.
+
+Conventions shared by the steps:
+
+* Data is a cohort folder (its ``manifests/structural.csv`` is used), a manifest ``.csv``/``.tsv`` or a
+  BIDS folder. The ``split`` column is used when present, else a deterministic stratified split by seed.
+  MAE pretraining uses the train and val subjects only (never test), labelled or not.
+* Regression targets are standardised with the training mean/std; the model directory stores them
+  with the task list, the preprocessing spec, the brain-age bias correction and the conformal
+  calibrators, so ``predict`` replays everything for new scans.
+* Brain-age bias correction (de Lange & Cole 2020): on *validation* subjects fit
+  ``pred = a·age + b``; corrected brain age = ``(pred − b) / a``; gap = corrected − chronological age.
+* Conformal intervals (age, on the corrected prediction) and prediction sets (classification tasks) are
+  calibrated on validation only; ``evaluate`` reports their coverage on test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from neuromoe.config import load_config, save_config, to_dict
+from neuromoe.data.structural import MISSING_CLASS, StructuralDataset, TaskSpec, assign_splits, load_t1
+from neuromoe.engine import TrainConfig, Trainer
+from neuromoe.errors import InputError, ModelFormatError
+from neuromoe.eval.conformal import (
+    ConformalClassifier,
+    ConformalRegressor,
+    interval_coverage,
+    mean_set_size,
+    set_coverage,
+)
+from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.models.denseformer import DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
+
+FAMILY = "denseformer"
+AGE_TASK = "age"
+
+__all__ = [
+    "DenseFormerConfig",
+    "EvalSection",
+    "FinetuneSection",
+    "ModelSection",
+    "demo",
+    "evaluate",
+    "predict",
+    "pretrain",
+    "train",
+]
+
+
+def _default_tasks() -> list[TaskSpec]:
+    return [
+        TaskSpec("age", "regression", "age"),
+        TaskSpec("sex", "classification", "sex", ["F", "M"]),
+        TaskSpec("dx_ad", "classification", "dx_ad", ["CN", "MCI", "AD"]),
+        TaskSpec("dx_pd", "classification", "dx_pd", ["HC", "PD"]),
+    ]
+
+
+@dataclass
+class ModelSection:
+    """Architecture: a registered preset plus overrides; head variant for the ablations."""
+
+    preset: Literal["tiny", "demo", "base"] = "demo"
+    backbone: dict[str, Any] = field(default_factory=dict)
+    decoder: dict[str, Any] = field(default_factory=dict)
+    head: Literal["moe", "shared", "separate"] = "moe"
+    num_experts: int = 8
+    top_k: int = 2
+    task_embed_dim: int = 32
+    balance_coef: float = 0.01
+    z_coef: float = 0.001
+    head_drop: float = 0.1
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class FinetuneSection:
+    tasks: list[TaskSpec] = field(default_factory=_default_tasks)
+    pretrained: str | None = None
+    layer_decay: float = 0.75
+    freeze: bool = False
+    label_fraction: float = 1.0
+    augment: bool = True
+
+
+@dataclass
+class EvalSection:
+    alpha: float = 0.1
+    set_method: Literal["aps", "lac"] = "aps"
+    n_bootstrap: int = 1000
+
+
+@dataclass
+class DenseFormerConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    cache_dir: str | None = None
+    seed: int = 0
+
+
+def load_denseformer_config(preset: str | Path | None = "demo", overrides: list[str] | None = None,
+                            seed: int | None = None, device: str | None = None) -> DenseFormerConfig:
+    """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs)."""
+    cfg = load_config(DenseFormerConfig, FAMILY, preset, overrides)
+    if seed is not None:
+        cfg.seed = seed
+    for tc in (cfg.pretrain, cfg.train):
+        tc.seed = cfg.seed
+        if device is not None:
+            tc.device = device
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _resolve_table(data: str | Path) -> tuple[pd.DataFrame, str]:
+    from neuromoe.io.table import load_table
+
+    data = Path(data)
+    if data.is_dir() and (data / "manifests" / "structural.csv").is_file():
+        data = data / "manifests" / "structural.csv"
+    if not data.exists():
+        raise InputError("data not found", path=data, fix="pass a cohort folder, a manifest CSV/TSV or a BIDS folder")
+    table = load_table(data)
+    if "t1" not in table.columns:
+        raise InputError("no T1 images (no 't1' column)", path=data, fix="point --data at a structural manifest")
+    table = table[table["t1"].notna() & (table["t1"].astype(str).str.len() > 0)].reset_index(drop=True)
+    if table.empty:
+        raise InputError("no subjects with a T1 image", path=data)
+    return table, str(data)
+
+
+def _spec(cfg: DenseFormerConfig) -> Any:
+    from neuromoe.data.preprocess import PreprocSpec
+
+    return PreprocSpec.from_dict({**PreprocSpec().to_dict(), **cfg.preprocessing})
+
+
+def _cache(cfg: DenseFormerConfig) -> Any:
+    from neuromoe.data.preprocess import PreprocCache
+
+    root = cfg.cache_dir or os.environ.get("NEUROMOE_CACHE") or Path.home() / ".cache" / "neuromoe" / "preprocess"
+    return PreprocCache(root)
+
+
+def _backbone_kwargs(m: ModelSection) -> dict[str, Any]:
+    from neuromoe.models.denseformer import PRESETS
+
+    return {**PRESETS[m.preset], **m.backbone}
+
+
+def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "labels": {k: torch.stack([b["labels"][k] for b in batch]) for k in batch[0]["labels"]},
+        "index": torch.tensor([b["index"] for b in batch]),
+    }
+
+
+def _label_subsample(table: pd.DataFrame, train_mask: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Keep ``fraction`` of the training subjects (stratified by cohort) — the label-scarce regime."""
+    if fraction >= 1.0:
+        return train_mask
+    keep = np.zeros(len(table), dtype=bool)
+    rng = np.random.default_rng(seed + 1)
+    strata = table["cohort"].astype(str) if "cohort" in table.columns else pd.Series("all", index=table.index)
+    for _, idx in strata[train_mask].groupby(strata[train_mask]).groups.items():
+        idx = rng.permutation(np.asarray(idx))
+        keep[idx[: max(1, math.ceil(len(idx) * fraction))]] = True
+    return keep
+
+
+# ------------------------------------------------------------------------------------------ trainers
+
+
+class MAETrainer(Trainer):
+    """MAE pretraining: loss from the model; validation = mean masked-patch MSE."""
+
+    def training_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        loss, _, _ = self.model(batch["image"])
+        return loss, {"mae_loss": float(loss.detach())}
+
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(1234 + int(batch["index"][0]))
+        noise = torch.rand(batch["image"].shape[0], self.model.encoder.num_patches, generator=gen)
+        loss, _, _ = self.model(batch["image"], noise=noise.to(batch["image"].device))
+        return {"loss": float(loss), "n": batch["image"].shape[0]}
+
+    def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
+        n = sum(o["n"] for o in outputs)
+        return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
+
+
+def multitask_loss(out: Any, labels: dict[str, Tensor], tasks: Sequence[TaskSpec],
+                   target_stats: dict[str, tuple[float, float]]) -> tuple[Tensor, dict[str, float]]:
+    """Sum over tasks of weight × loss on the subjects that have that label (missing ones masked out)."""
+    total = out.aux_loss.float()
+    logs = {"aux": float(out.aux_loss.detach())}
+    for t in tasks:
+        pred, y = out.outputs[t.name].float(), labels[t.name]
+        if t.type == "classification":
+            have = y != MISSING_CLASS
+            if not have.any():
+                continue
+            loss = F.cross_entropy(pred[have], y[have].long())
+        else:
+            have = torch.isfinite(y)
+            if not have.any():
+                continue
+            mean, std = target_stats[t.name]
+            loss = F.smooth_l1_loss(pred[have, 0], ((y[have].float() - mean) / std))
+        total = total + t.weight * loss
+        logs[f"loss_{t.name}"] = float(loss.detach())
+    return total, logs
+
+
+class FinetuneTrainer(Trainer):
+    """Multi-task fine-tuning with masked per-task losses, layer-wise lr decay and an optional frozen backbone."""
+
+    def __init__(self, *args: Any, tasks: Sequence[TaskSpec], target_stats: dict[str, tuple[float, float]],
+                 layer_decay: float, freeze: bool, **kwargs: Any):
+        self.tasks, self.target_stats = list(tasks), target_stats
+        self.layer_decay, self.freeze = layer_decay, freeze
+        super().__init__(*args, **kwargs)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return layerwise_lr_groups(self.model, self.cfg.lr, self.cfg.weight_decay, self.layer_decay)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.freeze:  # linear probe: BatchNorm statistics of the frozen stem stay as pretrained
+            self.model.backbone.eval()
+
+    def training_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        out = self.model(batch["image"])
+        return multitask_loss(out, batch["labels"], self.tasks, self.target_stats)
+
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = self.model(batch["image"])
+        loss, _ = multitask_loss(out, batch["labels"], self.tasks, self.target_stats)
+        return {"loss": float(loss - out.aux_loss.float()), "n": batch["image"].shape[0]}
+
+    def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
+        n = sum(o["n"] for o in outputs)
+        return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
+
+
+def _fit(trainer: Trainer, resume: bool = False) -> Any:
+    """Fit and load the best validation weights back into the model (the last epoch is not the best)."""
+    best: dict[str, Any] = {}
+    end = trainer.validation_end
+
+    def tracking_end(outputs: list[dict[str, Any]]) -> dict[str, float]:
+        metrics = end(outputs)
+        if "val_loss" in metrics and metrics["val_loss"] < best.get("loss", math.inf):
+            best["loss"] = metrics["val_loss"]
+            best["state"] = copy.deepcopy(trainer.model.state_dict())
+        return metrics
+
+    trainer.validation_end = tracking_end  # type: ignore[method-assign]
+    result = trainer.fit(resume=resume)
+    if "state" in best:
+        trainer.model.load_state_dict(best["state"])
+    return result
+
+
+# ------------------------------------------------------------------------------------------- pretrain
+
+
+def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = None, *,
+             resume: bool = False) -> Path:
+    """MAE pretraining on the train+val scans of ``data`` → ``out/model`` and ``out/reconstruction.png``."""
+    from neuromoe.models.registry import create_model, save_model
+
+    cfg = cfg or load_denseformer_config()
+    out = Path(out)
+    table, source = _resolve_table(data)
+    split = assign_splits(table, seed=cfg.seed).to_numpy()
+    spec = _spec(cfg)
+    full = StructuralDataset(table[split != "test"], [], spec, _img_size(cfg), cache=_cache(cfg), source=source)
+    pool = split[split != "test"]
+    train_set = full.subset(pool == "train", augment=True, seed=cfg.seed)
+    val_set = full.subset(pool == "val") if (pool == "val").any() else None
+    torch.manual_seed(cfg.seed)
+    model = create_model("denseformer_mae", preset=cfg.model.preset, mask_ratio=cfg.model.mask_ratio,
+                         norm_pix_loss=cfg.model.norm_pix_loss, **cfg.model.backbone, **cfg.model.decoder)
+    save_config(cfg, out)
+    trainer = MAETrainer(model, cfg.pretrain, train_set, val_set, run_dir=out, collate_fn=_collate)
+    result = _fit(trainer, resume)
+    extra = {"kind": "mae", "img_size": list(_img_size(cfg)), "best_val_loss": result.best_metric,
+             "n_train": len(train_set), "n_val": 0 if val_set is None else len(val_set),
+             "mask_ratio": cfg.model.mask_ratio}
+    save_model(model.cpu(), out / "model", {"family": FAMILY, "preprocessing": spec.to_dict(), "tasks": [],
+                                            "extra": extra})
+    fig_path = out / "reconstruction.png"
+    _reconstruction_figure(model, val_set if val_set is not None else train_set, fig_path, seed=cfg.seed)
+    section = _new_section("DenseFormer-MoE: MAE pretraining")
+    _add_pretrain(section, extra, fig_path)
+    section.save(out)
+    return out
+
+
+def _img_size(cfg: DenseFormerConfig) -> tuple[int, ...]:
+    kw = _backbone_kwargs(cfg.model)
+    size = kw["img_size"]
+    return tuple(size) if isinstance(size, (list, tuple)) else (int(size),) * kw.get("spatial_dims", 3)
+
+
+def _reconstruction_figure(model: DenseFormerMAE, dataset: StructuralDataset, path: Path, seed: int) -> None:
+    """Input, masked input and reconstruction, three orthogonal mid slices, for up to two subjects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    n = min(2, len(dataset))
+    imgs = torch.stack([dataset[i]["image"] for i in range(n)])
+    noise = torch.rand(n, model.encoder.num_patches, generator=torch.Generator().manual_seed(seed))
+    masked, recon = model.reconstruct(imgs, noise=noise)
+    fig, axes = plt.subplots(3 * n, 3, figsize=(7.5, 7.5 * n))
+    for s in range(n):
+        for r, (name, vol) in enumerate((("input", imgs), ("masked (75 %)", masked), ("reconstruction", recon))):
+            v = vol[s, 0].float().numpy()
+            c = [d // 2 for d in v.shape]
+            for col, (plane, sl) in enumerate((("sagittal", v[c[0]]), ("coronal", v[:, c[1]]),
+                                                ("axial", v[:, :, c[2]]))):
+                ax = axes[3 * s + r, col]
+                ax.imshow(np.rot90(sl), cmap="gray", vmin=float(imgs[s].min()), vmax=float(imgs[s].max()))
+                ax.set_axis_off()
+                ax.set_title(f"{name} · {plane}", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def _new_section(title: str) -> Any:
+    from neuromoe.eval.report import Report
+
+    return Report("DenseFormer-MoE").section(title)
+
+
+def _add_pretrain(section: Any, extra: dict[str, Any], fig: Path) -> None:
+    loss = extra.get("best_val_loss")
+    section.add_text(
+        f"Masked-autoencoder pretraining of the DenseNet+ViT backbone on {extra['n_train']} training and "
+        f"{extra['n_val']} validation scans (no labels used), mask ratio {extra['mask_ratio']:.2f}. "
+        f"Best validation masked-patch MSE (per-patch normalised voxels): "
+        f"{'n/a' if loss is None else f'{loss:.4f}'}."
+    )
+    section.add_figure(fig, "Input, masked input and reconstruction (three orthogonal slices).")
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _load_pretrained(model: DenseFormerMoE, model_dir: str | Path) -> None:
+    from neuromoe.models.registry import load_model
+
+    mae, _ = load_model(model_dir)
+    if not isinstance(mae, DenseFormerMAE):
+        raise ModelFormatError("not a DenseFormer MAE model directory", path=model_dir,
+                               fix="pass the 'model' folder written by 'neuromoe pretrain --family denseformer'")
+    try:
+        model.backbone.load_state_dict(mae.encoder.state_dict(), strict=True)
+    except RuntimeError:
+        raise ModelFormatError("pretrained encoder does not match the fine-tuning architecture", path=model_dir,
+                               fix="use the same --config preset (and model.backbone overrides) as pretraining") from None
+
+
+def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = None, *,
+          resume: bool = False) -> Path:
+    """Multi-task fine-tuning → ``out/model`` (with calibration fitted on validation) and a report section."""
+    from neuromoe.models.registry import create_model, save_model
+
+    cfg = cfg or load_denseformer_config()
+    out = Path(out)
+    ft = cfg.finetune
+    table, source = _resolve_table(data)
+    split = assign_splits(table, seed=cfg.seed).to_numpy()
+    spec = _spec(cfg)
+    dataset = StructuralDataset(table, ft.tasks, spec, _img_size(cfg), cache=_cache(cfg), source=source)
+    train_mask = _label_subsample(table, split == "train", ft.label_fraction, cfg.seed)
+    if not (split == "val").any():
+        raise InputError("no validation subjects", path=source, fix="add 'val' rows to the split column")
+    target_stats = {}
+    for t in ft.tasks:
+        if t.type == "regression":
+            y = dataset.labels[t.name][train_mask]
+            y = y[np.isfinite(y)]
+            if y.size < 2:
+                raise InputError(f"task '{t.name}' has fewer than 2 training labels", path=source,
+                                 fix=f"check column '{t.label_column}' or drop the task")
+            target_stats[t.name] = (float(y.mean()), float(y.std() or 1.0))
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    model = create_model(
+        f"denseformer_{m.preset}", tasks=[t.model_dict() for t in ft.tasks], head=m.head,
+        num_experts=m.num_experts, top_k=m.top_k, task_embed_dim=m.task_embed_dim,
+        balance_coef=m.balance_coef, z_coef=m.z_coef, head_drop=m.head_drop, **m.backbone,
+    )
+    if ft.pretrained:
+        _load_pretrained(model, ft.pretrained)
+    if ft.freeze:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    save_config(cfg, out)
+    trainer = FinetuneTrainer(
+        model, cfg.train, dataset.subset(train_mask, augment=ft.augment, seed=cfg.seed),
+        dataset.subset(split == "val"), run_dir=out, collate_fn=_collate, tasks=ft.tasks,
+        target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze,
+    )
+    result = _fit(trainer, resume)
+    model = model.cpu().eval()
+    device = _device(cfg.train.device)
+    val_pred = _predict_dataset(model, dataset.subset(split == "val"), ft.tasks, target_stats, device,
+                                cfg.train.precision)
+    calibration = _calibrate(val_pred, dataset.labels, np.flatnonzero(split == "val"), ft.tasks, cfg.eval)
+    meta = {
+        "family": FAMILY, "preprocessing": spec.to_dict(), "tasks": [to_dict(t) for t in ft.tasks],
+        "extra": {"kind": "multitask", "img_size": list(_img_size(cfg)), "target_stats": target_stats,
+                  "calibration": calibration, "head": m.head, "pretrained": ft.pretrained,
+                  "label_fraction": ft.label_fraction, "n_train": int(train_mask.sum()),
+                  "best_val_loss": result.best_metric},
+    }
+    save_model(model, out / "model", meta)
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def _predict_batches(model: DenseFormerMoE, batches: Iterator[Tensor], tasks: Sequence[TaskSpec],
+                     target_stats: dict[str, Any], device: torch.device, precision: str) -> dict[str, np.ndarray]:
+    """Probabilities / de-standardised values and top-k experts per task, stacked over batches."""
+    model.to(device).eval()
+    out: dict[str, list[np.ndarray]] = {}
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    for x in batches:
+        with autocast:
+            res = model(x.to(device))
+        for ti, t in enumerate(tasks):
+            y = res.outputs[t.name].float().cpu()
+            if t.type == "classification":
+                val = y.softmax(-1).numpy()
+            else:
+                mean, std = target_stats[t.name]
+                val = y[:, 0].numpy() * std + mean
+            out.setdefault(t.name, []).append(val)
+            if res.topk_idx is not None:
+                out.setdefault(f"{t.name}/experts", []).append(res.topk_idx[ti].cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _predict_dataset(model: DenseFormerMoE, dataset: StructuralDataset, tasks: Sequence[TaskSpec],
+                     target_stats: dict[str, Any], device: torch.device, precision: str,
+                     batch_size: int = 8) -> dict[str, np.ndarray]:
+    def batches() -> Iterator[Tensor]:
+        for s in range(0, len(dataset), batch_size):
+            yield torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))])
+
+    return _predict_batches(model, batches(), tasks, target_stats, device, precision)
+
+
+def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows: np.ndarray,
+               tasks: Sequence[TaskSpec], ev: EvalSection) -> dict[str, Any]:
+    """Fit on validation rows: brain-age linear bias correction, conformal interval and set calibrators."""
+    cal: dict[str, Any] = {"alpha": ev.alpha}
+    for t in tasks:
+        y = labels[t.name][rows]
+        if t.type == "regression":
+            p = pred[t.name]
+            have = np.isfinite(y)
+            entry: dict[str, Any] = {}
+            if t.name == AGE_TASK and have.sum() >= 3 and np.std(y[have]) > 0:
+                a, b = np.polyfit(y[have], p[have], 1)
+                if a > 0.05:  # a near-zero slope would blow the correction up; then leave predictions as is
+                    entry["bias"] = {"slope": float(a), "intercept": float(b)}
+                    p = (p - b) / a
+            entry["conformal"] = ConformalRegressor(ev.alpha).fit(y, p).to_dict()
+            cal[t.name] = entry
+        else:
+            if (y >= 0).sum() >= 2:
+                cal[t.name] = {"conformal": ConformalClassifier(ev.alpha, method=ev.set_method).fit(
+                    pred[t.name], y).to_dict()}
+    return cal
+
+
+def _corrected_age(values: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
+    bias = entry.get("bias")
+    return values if bias is None else (values - bias["intercept"]) / bias["slope"]
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+
+def _bootstrap(fn: Any, *arrays: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
+    """Point estimate and percentile 95 % CI over subject resamples (resamples where ``fn`` fails are skipped)."""
+    point = float(fn(*arrays))
+    rng = np.random.default_rng(seed)
+    m = len(arrays[0])
+    stats = []
+    for _ in range(n):
+        idx = rng.integers(0, m, m)
+        with contextlib.suppress(ValueError):
+            v = float(fn(*(a[idx] for a in arrays)))
+            if np.isfinite(v):
+                stats.append(v)
+    if not stats:
+        return point, float("nan"), float("nan")
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        raise ValueError("one class only")
+    if p.ndim == 1:
+        return roc_auc_score(y, p)
+    return roc_auc_score(y, p, multi_class="ovr", average="macro", labels=np.arange(p.shape[1]))
+
+
+def _classification_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    pb = p[:, 1] if p.shape[1] == 2 else p
+    yhat = p.argmax(1)
+    res = {"n": len(y),
+           "auc": _bootstrap(_auc, y, pb, n=n_boot, seed=seed),
+           "balanced_accuracy": _bootstrap(balanced_accuracy_score, y, yhat, n=n_boot, seed=seed),
+           "f1_macro": _bootstrap(lambda a, b: f1_score(a, b, average="macro"), y, yhat, n=n_boot, seed=seed)}
+    if p.shape[1] == 2:
+        res["sensitivity"] = float(np.mean(yhat[y == 1] == 1)) if (y == 1).any() else float("nan")
+        res["specificity"] = float(np.mean(yhat[y == 0] == 0)) if (y == 0).any() else float("nan")
+    return res
+
+
+def _regression_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    from sklearn.metrics import r2_score
+
+    return {"n": len(y),
+            "mae": _bootstrap(lambda a, b: np.mean(np.abs(a - b)), y, p, n=n_boot, seed=seed),
+            "r": _bootstrap(lambda a, b: np.corrcoef(a, b)[0, 1], y, p, n=n_boot, seed=seed),
+            "r2": _bootstrap(r2_score, y, p, n=n_boot, seed=seed)}
+
+
+def _tbv(images: np.ndarray) -> np.ndarray:
+    """Total brain volume proxy (voxel count above half the median foreground intensity) per image."""
+    out = []
+    for img in images:
+        v = img.astype(np.float32).ravel()
+        fg = v[v > 0]
+        out.append(float((v > 0.5 * np.median(fg)).sum()) if fg.size else 0.0)
+    return np.asarray(out)
+
+
+def _tbv_baseline(t: TaskSpec, tbv: np.ndarray, labels: np.ndarray, train: np.ndarray,
+                  test: np.ndarray) -> np.ndarray | None:
+    """Predictions on ``test`` rows of a linear (regression) / logistic (classification) model on TBV."""
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+
+    x = (tbv - tbv[train].mean()) / (tbv[train].std() + 1e-9)
+    y = labels[train]
+    have = np.isfinite(y) if t.type == "regression" else y >= 0
+    if have.sum() < 3 or (t.type == "classification" and len(np.unique(y[have])) < 2):
+        return None
+    xt = x[train][have][:, None]
+    if t.type == "regression":
+        return LinearRegression().fit(xt, y[have]).predict(x[test][:, None])
+    clf = LogisticRegression(max_iter=1000).fit(xt, y[have].astype(int))
+    proba = np.zeros((test.sum(), t.num_outputs))
+    proba[:, clf.classes_] = clf.predict_proba(x[test][:, None])
+    return proba
+
+
+def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
+             device: str = "auto", n_bootstrap: int = 1000, seed: int = 0,
+             cache_dir: str | None = None, section: Any = None) -> Path:
+    """Metrics with bootstrap CIs, bias-corrected brain-age gap, conformal coverage, TBV baseline, figures.
+
+    Writes ``out/metrics.json``, ``out/predictions.csv`` and ``out/report/section.json`` (+ PNGs); with
+    ``section`` given, the results are added to that report section instead (the caller saves it).
+    """
+    out = Path(out)
+    model, meta = _load_multitask(model_dir)
+    tasks = [TaskSpec(**t) for t in meta["tasks"]]
+    extra = meta["extra"]
+    table, source = _resolve_table(data)
+    splits = assign_splits(table, seed=seed).to_numpy()
+    rows = splits == split
+    if not rows.any():
+        raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
+    from neuromoe.data.preprocess import PreprocSpec
+
+    cfg = DenseFormerConfig(cache_dir=cache_dir)
+    dataset = StructuralDataset(table, tasks, PreprocSpec.from_dict(meta["preprocessing"]), extra["img_size"],
+                                cache=_cache(cfg), source=source)
+    pred = _predict_dataset(model, dataset.subset(rows), tasks, extra["target_stats"], _device(device), "fp32")
+    train_rows = splits == "train"
+    tbv = _tbv(dataset.images)
+    cal = extra["calibration"]
+    metrics: dict[str, Any] = {"split": split, "n": int(rows.sum()), "tasks": {}}
+    frame = pd.DataFrame({"subject": table.loc[rows, "subject"].to_numpy() if "subject" in table else np.flatnonzero(rows)})
+    for t in tasks:
+        y_all = dataset.labels[t.name]
+        y = y_all[rows]
+        p = pred[t.name]
+        base = _tbv_baseline(t, tbv, y_all, train_rows, rows)
+        entry: dict[str, Any] = {}
+        if t.type == "regression":
+            have = np.isfinite(y)
+            if have.sum() < 3:
+                continue
+            tcal = cal.get(t.name, {})
+            corrected = _corrected_age(p, tcal)
+            entry["model"] = _regression_metrics(y[have], p[have], n_bootstrap, seed)
+            entry["model_bias_corrected"] = _regression_metrics(y[have], corrected[have], n_bootstrap, seed)
+            mean = float(np.nanmean(y_all[train_rows]))
+            entry["predict_train_mean_mae"] = float(np.mean(np.abs(y[have] - mean)))
+            entry["mae_ratio_to_mean"] = entry["model"]["mae"][0] / max(entry["predict_train_mean_mae"], 1e-9)
+            if base is not None:
+                entry["tbv_baseline"] = _regression_metrics(y[have], base[have], n_bootstrap, seed)
+            if "conformal" in tcal:
+                lo, hi = ConformalRegressor.from_dict(tcal["conformal"]).predict(corrected)
+                entry["conformal"] = {"nominal": 1 - tcal["conformal"]["alpha"],
+                                      "coverage": interval_coverage(lo[have], hi[have], y[have]),
+                                      "mean_width": float(np.mean(hi - lo))}
+                frame[f"{t.name}_lo"], frame[f"{t.name}_hi"] = lo, hi
+            if t.name == AGE_TASK:
+                gap = corrected[have] - y[have]
+                entry["brain_age_gap"] = {"mean": float(gap.mean()), "sd": float(gap.std()),
+                                          "corr_with_age": float(np.corrcoef(gap, y[have])[0, 1])}
+            frame[t.name] = y
+            frame[f"{t.name}_pred"] = p
+            frame[f"{t.name}_corrected"] = corrected
+        else:
+            have = y >= 0
+            if have.sum() < 3 or len(np.unique(y[have])) < 2:
+                continue
+            entry["model"] = _classification_metrics(y[have], p[have], n_bootstrap, seed)
+            if base is not None:
+                entry["tbv_baseline"] = _classification_metrics(y[have], base[have], n_bootstrap, seed)
+            pos = _positive_vs_reference(t)
+            if pos is not None and t.num_outputs > 2:  # e.g. AD vs CN on a CN/MCI/AD head
+                ref, tgt = pos
+                sel = have & np.isin(y, [ref, tgt])
+                score = p[sel, tgt] / (p[sel, tgt] + p[sel, ref] + 1e-12)
+                entry[f"auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = _bootstrap(
+                    _auc, (y[sel] == tgt).astype(int), score, n=n_bootstrap, seed=seed)
+                if base is not None:
+                    bscore = base[sel, tgt] / (base[sel, tgt] + base[sel, ref] + 1e-12)
+                    entry[f"tbv_auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = _auc(
+                        (y[sel] == tgt).astype(int), bscore)
+            if t.name in cal:
+                sets = ConformalClassifier.from_dict(cal[t.name]["conformal"]).predict(p)
+                entry["conformal"] = {"nominal": 1 - cal[t.name]["conformal"]["alpha"],
+                                      "coverage": set_coverage(sets[have], y[have]),
+                                      "mean_set_size": mean_set_size(sets[have])}
+            frame[t.name] = [t.classes[i] if i >= 0 else "" for i in y]
+            for ci, c in enumerate(t.classes):
+                frame[f"{t.name}_p_{c}"] = p[:, ci]
+        if f"{t.name}/experts" in pred:
+            entry["expert_usage"] = np.bincount(pred[f"{t.name}/experts"].ravel(),
+                                                minlength=model.head.num_experts).tolist()
+        metrics["tasks"][t.name] = entry
+    atomic_write_json(out / "metrics.json", metrics)
+    with atomic_path(out / "predictions.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    own = section is None
+    section = _new_section("DenseFormer-MoE: multi-task evaluation") if own else section
+    _add_evaluation(section, metrics, frame, tasks, pred, rows, dataset.labels)
+    if own:
+        section.save(out)
+    return out
+
+
+def _positive_vs_reference(t: TaskSpec) -> tuple[int, int] | None:
+    """(reference, target) class indices for the clinically central binary contrast of a task (first vs last)."""
+    return (0, len(t.classes) - 1) if t.type == "classification" and len(t.classes) >= 2 else None
+
+
+def _load_multitask(model_dir: str | Path) -> tuple[DenseFormerMoE, dict[str, Any]]:
+    from neuromoe.models.registry import load_model
+
+    model, meta = load_model(model_dir)
+    if not isinstance(model, DenseFormerMoE) or meta.get("extra", {}).get("kind") != "multitask":
+        raise ModelFormatError("not a fine-tuned DenseFormer-MoE model directory", path=model_dir,
+                               fix="pass the 'model' folder written by 'neuromoe train --family denseformer'")
+    return model.eval(), meta
+
+
+def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, tasks: Sequence[TaskSpec],
+                    pred: dict[str, np.ndarray], rows: np.ndarray, labels: dict[str, np.ndarray]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix, roc_curve
+
+    section.add_text(
+        f"Held-out '{metrics['split']}' subjects (n={metrics['n']}). Brain age is bias-corrected with a linear "
+        "fit on validation subjects; conformal intervals/sets are calibrated on validation only. The "
+        "baseline is a linear/logistic model on total brain volume (TBV) fitted on training subjects."
+    )
+    table_rows = []
+    for name, e in metrics["tasks"].items():
+        m, b = e.get("model", {}), e.get("tbv_baseline", {})
+        for key in ("mae", "r", "r2", "auc", "balanced_accuracy", "f1_macro"):
+            if key in m:
+                table_rows.append({"task": name, "metric": key, "model": _fmt_ci(m[key]),
+                                   "TBV baseline": _fmt_ci(b[key]) if key in b else ""})
+        for key, v in e.items():
+            if key.startswith("auc_"):
+                table_rows.append({"task": name, "metric": key, "model": _fmt_ci(v),
+                                   "TBV baseline": f"{e.get('tbv_' + key, float('nan')):.3f}"})
+        if "conformal" in e:
+            c = e["conformal"]
+            size = c.get("mean_width", c.get("mean_set_size"))
+            table_rows.append({"task": name, "metric": f"conformal coverage (nominal {c['nominal']:.2f})",
+                               "model": f"{c['coverage']:.3f} (mean size {size:.2f})", "TBV baseline": ""})
+    section.add_table(table_rows, "Per-task metrics with 95 % bootstrap CIs.")
+
+    cls_tasks = [t for t in tasks if t.type == "classification" and t.name in metrics["tasks"]]
+    if cls_tasks:
+        fig, axes = plt.subplots(2, len(cls_tasks), figsize=(3.6 * len(cls_tasks), 7), squeeze=False)
+        for j, t in enumerate(cls_tasks):
+            y, p = labels[t.name][rows], pred[t.name]
+            have = y >= 0
+            ax = axes[0, j]
+            for ci, c in enumerate(t.classes if len(t.classes) > 2 else t.classes[1:]):
+                k = ci if len(t.classes) > 2 else 1
+                if len(np.unique(y[have] == k)) == 2:
+                    fpr, tpr, _ = roc_curve(y[have] == k, p[have, k])
+                    ax.plot(fpr, tpr, label=c)
+            ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+            ax.set(title=f"ROC · {t.name}", xlabel="1 − specificity", ylabel="sensitivity")
+            ax.legend(fontsize=7)
+            cm = confusion_matrix(y[have], p[have].argmax(1), labels=np.arange(len(t.classes)))
+            ax = axes[1, j]
+            ax.imshow(cm, cmap="Blues")
+            for (a, b_), v in np.ndenumerate(cm):
+                ax.text(b_, a, str(v), ha="center", va="center", fontsize=8)
+            ax.set(xticks=range(len(t.classes)), yticks=range(len(t.classes)), xticklabels=t.classes,
+                   yticklabels=t.classes, xlabel="predicted", ylabel="true", title=f"confusion · {t.name}")
+        fig.tight_layout()
+        section.add_figure(fig, "ROC curves (one-vs-rest) and confusion matrices on test subjects.")
+        plt.close(fig)
+
+    if AGE_TASK in metrics["tasks"]:
+        y = frame[AGE_TASK].to_numpy(float)
+        fig, ax = plt.subplots(figsize=(4.2, 4))
+        ax.scatter(y, frame[f"{AGE_TASK}_pred"], s=10, alpha=0.6, label="raw")
+        ax.scatter(y, frame[f"{AGE_TASK}_corrected"], s=10, alpha=0.6, label="bias-corrected")
+        lim = [np.nanmin(y), np.nanmax(y)]
+        ax.plot(lim, lim, "k:", lw=0.8)
+        ax.set(xlabel="chronological age", ylabel="predicted brain age", title="brain age (test)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        section.add_figure(fig, "Predicted vs chronological age.")
+        plt.close(fig)
+
+    usage = {n: e["expert_usage"] for n, e in metrics["tasks"].items() if "expert_usage" in e}
+    if usage:
+        mat = np.asarray(list(usage.values()), float)
+        mat = mat / mat.sum(1, keepdims=True)
+        fig, ax = plt.subplots(figsize=(0.5 * mat.shape[1] + 2, 0.5 * mat.shape[0] + 1.5))
+        im = ax.imshow(mat, cmap="viridis", vmin=0)
+        ax.set(xticks=range(mat.shape[1]), yticks=range(mat.shape[0]), yticklabels=list(usage),
+               xlabel="expert", title="expert usage per task (fraction of top-k slots)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        section.add_figure(fig, "Task × expert routing of the MoE head on test subjects.")
+        plt.close(fig)
+
+
+def _fmt_ci(v: Any) -> str:
+    if isinstance(v, (list, tuple)) and len(v) == 3:
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+    return f"{v:.3f}"
+
+
+# -------------------------------------------------------------------------------------------- predict
+
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _prediction_inputs(source: str | Path) -> pd.DataFrame:
+    """A table with ``subject`` and ``t1`` (and ``age`` when known) from a file, folder or manifest."""
+    source = Path(source)
+    if source.is_file() and source.name.endswith(_NIFTI_SUFFIXES):
+        return pd.DataFrame({"subject": [source.name.split(".")[0]], "t1": [str(source)]})
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.name.endswith(_NIFTI_SUFFIXES))
+        if files:
+            return pd.DataFrame({"subject": [f.name.split(".")[0] for f in files], "t1": [str(f) for f in files]})
+    table, _ = _resolve_table(source)
+    if "subject" not in table.columns:
+        table["subject"] = [Path(p).name.split(".")[0] for p in table["t1"]]
+    return table
+
+
+def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, device: str = "auto",
+            strict: bool = False, progress: bool = True, cache_dir: str | None = None,
+            batch_size: int = 4) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Predict every scan of ``inputs``; write ``output`` CSV atomically; return ``(table, failures)``.
+
+    Columns: per classification task the predicted class, class probabilities and conformal set; per
+    regression task the value (``brain_age``, ``brain_age_corrected``, ``brain_age_gap`` when the input has
+    an ``age`` column, conformal ``brain_age_lo/hi``); ``<task>_experts`` = top-k experts used. A file that
+    fails is reported and skipped (``strict=True`` re-raises the first failure).
+    """
+    from neuromoe.data.preprocess import PreprocSpec
+    from tqdm import tqdm
+
+    model, meta = _load_multitask(model_dir)
+    tasks = [TaskSpec(**t) for t in meta["tasks"]]
+    extra = meta["extra"]
+    spec = PreprocSpec.from_dict(meta["preprocessing"])
+    cache = _cache(DenseFormerConfig(cache_dir=cache_dir))
+    table = _prediction_inputs(inputs)
+    dev = _device(device)
+    rows, failures = [], []
+    pending: list[tuple[dict[str, Any], np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        x = torch.from_numpy(np.stack([a for _, a in pending]))
+        res = _predict_batches(model, iter([x]), tasks, extra["target_stats"], dev, "fp32")
+        for i, (base, _) in enumerate(pending):
+            rows.append({**base, **_prediction_row(res, i, tasks, extra, base.get("age"))})
+        pending.clear()
+
+    for _, r in tqdm(table.iterrows(), total=len(table), disable=not progress, desc="predict", unit="scan",
+                     file=sys.stderr):
+        try:
+            arr = load_t1(r["t1"], spec, extra["img_size"], cache)
+        except Exception as exc:
+            if strict:
+                raise
+            failures.append((str(r["t1"]), str(exc)))
+            print(f"neuromoe: skipped {r['t1']}: {exc}", file=sys.stderr)
+            continue
+        age = r.get("age")
+        base = {"subject": r["subject"], "t1": r["t1"]}
+        if age is not None and not (isinstance(age, float) and math.isnan(age)) and str(age).strip():
+            base["age"] = float(age)
+        pending.append((base, arr))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    frame = pd.DataFrame(rows)
+    with atomic_path(output) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame, failures
+
+
+def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec], extra: dict[str, Any],
+                    age: float | None) -> dict[str, Any]:
+    cal = extra["calibration"]
+    row: dict[str, Any] = {}
+    for t in tasks:
+        v = res[t.name][i]
+        name = "brain_age" if t.name == AGE_TASK else t.name
+        if t.type == "regression":
+            row[name] = float(v)
+            tcal = cal.get(t.name, {})
+            if t.name == AGE_TASK:
+                corrected = float(_corrected_age(np.asarray(v), tcal))
+                row["brain_age_corrected"] = corrected
+                if age is not None:
+                    row["brain_age_gap"] = corrected - age
+                v = corrected
+            if "conformal" in tcal:
+                lo, hi = ConformalRegressor.from_dict(tcal["conformal"]).predict(np.asarray([v]))
+                row[f"{name}_lo"], row[f"{name}_hi"] = float(lo[0]), float(hi[0])
+        else:
+            row[t.name] = t.classes[int(np.argmax(v))]
+            for ci, c in enumerate(t.classes):
+                row[f"{t.name}_p_{c}"] = float(v[ci])
+            if t.name in cal:
+                members = ConformalClassifier.from_dict(cal[t.name]["conformal"]).predict(v[None])[0]
+                row[f"{t.name}_set"] = "|".join(c for c, m in zip(t.classes, members) if m)
+        if f"{t.name}/experts" in res:
+            row[f"{t.name}_experts"] = " ".join(str(e) for e in res[f"{t.name}/experts"][i])
+    return row
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def demo(cohort_dir: str | Path, out_dir: str | Path, *, device: str = "auto", seed: int = 0,
+         preset: str = "demo") -> Path:
+    """MAE pretraining → multi-task fine-tuning → test evaluation → report section (``out_dir/report``)."""
+    out = Path(out_dir)
+    cfg = load_denseformer_config(preset, seed=seed, device=device)
+    if cfg.cache_dir is None:
+        cfg.cache_dir = str(out / "cache")
+    pretrain(cohort_dir, out / "pretrain", cfg)
+    cfg.finetune.pretrained = str(out / "pretrain" / "model")
+    train(cohort_dir, out / "train", cfg)
+    section = _new_section("DenseFormer-MoE (T1): MAE pretraining → task-routed MoE fine-tuning")
+    pretrain_result = json.loads((out / "pretrain" / "model" / "config.json").read_text())["extra"]
+    _add_pretrain(section, pretrain_result, out / "pretrain" / "reconstruction.png")
+    evaluate(out / "train" / "model", cohort_dir, out / "evaluate", device=device, seed=seed,
+             n_bootstrap=cfg.eval.n_bootstrap, cache_dir=cfg.cache_dir, section=section)
+    section.save(out)
+    return out
+
