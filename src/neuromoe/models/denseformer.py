@@ -587,7 +587,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 MAE_DECODER = {
     "tiny": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
-    "demo": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4),
+    "demo": dict(decoder_dim=96, decoder_depth=1, decoder_heads=3),
     "base": dict(decoder_dim=512, decoder_depth=4, decoder_heads=16),
 }
 
