@@ -1,0 +1,200 @@
+"""Registry and safe model-directory format: round trip, and every unsafe directory refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from neuromoe.errors import ConfigError, ModelFormatError
+from neuromoe.models import PretrainedMixin, create_model, list_models, load_model, register_model, save_model
+from neuromoe.models.registry import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+
+
+class _TinyNet(PretrainedMixin, nn.Module):
+    def __init__(self, dim: int = 4, hidden: int = 8, tie: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, dim)
+        self.norm = nn.BatchNorm1d(hidden)
+        if tie:
+            self.out2 = self.out  # tied module: shared storage in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.norm(self.inp(x))))
+
+
+@register_model("test_registry_tiny", family="testfam")
+def _tiny(**kw) -> _TinyNet:
+    return _TinyNet(**kw)
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = create_model("test_registry_tiny", hidden=6, tie=True)
+    model.train()
+    model(torch.randn(16, 4))  # update BatchNorm running stats: buffers must round-trip too
+    return save_model(model.eval(), tmp_path / "m", {"tasks": [{"name": "age", "type": "regression"}],
+                                                      "label_maps": {"sex": ["F", "M"]},
+                                                      "preprocessing": {"spacing": [2.0, 2.0, 2.0]},
+                                                      "extra": {"note": "x", "n": 3}})
+
+
+def test_registry_lists_and_rejects_unknown() -> None:
+    assert "test_registry_tiny" in list_models()
+    assert list_models("testfam") == ["test_registry_tiny"]
+    with pytest.raises(ConfigError, match=r"unknown model 'nope'.*test_registry_tiny"):
+        create_model("nope")
+    with pytest.raises(ConfigError, match="invalid arguments"):
+        create_model("test_registry_tiny", no_such_option=1)
+    model = create_model("test_registry_tiny", hidden=5)
+    assert model.neuromoe_config == {"architecture": "test_registry_tiny", "kwargs": {"hidden": 5}}
+
+
+def test_round_trip_identical_outputs(saved: Path) -> None:
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    assert config["format_version"] == FORMAT_VERSION and config["family"] == "testfam"
+    assert config["kwargs"] == {"hidden": 6, "tie": True}
+    model, meta = load_model(saved)
+    assert not model.training
+    assert meta["label_maps"] == {"sex": ["F", "M"]} and meta["extra"]["n"] == 3
+    torch.manual_seed(0)
+    ref = create_model("test_registry_tiny", hidden=6, tie=True)
+    ref.train()
+    ref(torch.randn(16, 4))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), ref.eval()(x), rtol=0, atol=0)
+    again = _TinyNet.from_pretrained(saved)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert again.save_pretrained(saved.parent / "again", extra={"k": 1}).joinpath(WEIGHTS_NAME).is_file()
+
+
+def test_loading_runs_no_unpickling(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a, **k):
+        raise AssertionError("unpickling attempted")
+
+    for name in ("loads", "load", "Unpickler"):
+        monkeypatch.setattr(pickle, name, boom)
+    monkeypatch.setattr(torch, "load", boom)
+    model, _ = load_model(saved)
+    assert isinstance(model, _TinyNet)
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "extra.pth", "state.pkl", "pytorch_model.bin", "a.ckpt"])
+def test_planted_pickle_by_name_refused(saved: Path, name: str) -> None:
+    torch.save({"x": torch.zeros(1)}, saved / name)
+    with pytest.raises(ModelFormatError, match="pickle"):
+        load_model(saved)
+
+
+def test_planted_pickle_by_magic_refused(saved: Path) -> None:
+    (saved / "README").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ModelFormatError, match="pickle data"):
+        load_model(saved)
+    (saved / "README").unlink()
+    torch.save({"x": torch.zeros(1)}, saved / "notes.txt")  # zip container holding data.pkl
+    with pytest.raises(ModelFormatError, match="pickle data"):
+        load_model(saved)
+
+
+def test_weights_replaced_by_pickle_refused(saved: Path) -> None:
+    torch.save({"x": torch.zeros(1)}, saved / WEIGHTS_NAME)
+    with pytest.raises(ModelFormatError, match="pickle data"):
+        load_model(saved)
+
+
+def test_symlink_escaping_refused(saved: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(saved / WEIGHTS_NAME, outside)
+    os.symlink(outside, saved / WEIGHTS_NAME)
+    with pytest.raises(ModelFormatError, match="symlink points outside"):
+        load_model(saved)
+
+
+def test_symlink_inside_allowed(saved: Path) -> None:
+    shutil.move(saved / WEIGHTS_NAME, saved / "w.safetensors")
+    os.symlink("w.safetensors", saved / WEIGHTS_NAME)
+    load_model(saved)
+
+
+def _edit_config(saved: Path, **changes) -> None:
+    path = saved / CONFIG_NAME
+    config = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            config.pop(k)
+        else:
+            config[k] = v
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"surprise": 1}, "unknown config keys"),
+        ({"kwargs": "hidden=6"}, "'kwargs' must be dict"),
+        ({"format_version": "1"}, "'format_version' must be int"),
+        ({"format_version": True}, "'format_version' must be int"),
+        ({"architecture": None}, "missing config key 'architecture'"),
+        ({"architecture": "os.system"}, "unknown architecture"),
+        ({"family": "denseformer"}, "does not match"),
+        ({"kwargs": {"__class__": 1}}, "cannot rebuild"),
+        ({"format_version": FORMAT_VERSION + 1}, "newer NeuroMoE"),
+    ],
+)
+def test_bad_config_refused(saved: Path, changes: dict, message: str) -> None:
+    _edit_config(saved, **changes)
+    with pytest.raises(ModelFormatError, match=message):
+        load_model(saved)
+
+
+def test_invalid_json_and_missing_files(saved: Path, tmp_path: Path) -> None:
+    (saved / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ModelFormatError, match="invalid JSON"):
+        load_model(saved)
+    (saved / CONFIG_NAME).unlink()
+    with pytest.raises(ModelFormatError, match=r"missing config\.json"):
+        load_model(saved)
+    with pytest.raises(ModelFormatError, match="not found"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_tensor_mismatches_refused(saved: Path) -> None:
+    good, _ = load_model(saved)
+    state = {k: v.clone() for k, v in good.state_dict().items() if k != "out2.weight" and k != "out2.bias"}
+    state["inp.weight"] = torch.zeros(7, 4)
+    save_file(state, str(saved / WEIGHTS_NAME))
+    with pytest.raises(ModelFormatError, match="missing tensors"):
+        load_model(saved)
+    state = {k: v.clone() for k, v in good.state_dict().items()}
+    state["inp.weight"] = torch.zeros(7, 4)
+    save_file(state, str(saved / WEIGHTS_NAME))
+    with pytest.raises(ModelFormatError, match=r"'inp.weight' has shape \(7, 4\)"):
+        load_model(saved)
+    state["inp.weight"] = torch.zeros(6, 4)
+    state["rogue"] = torch.zeros(1)
+    save_file(state, str(saved / WEIGHTS_NAME))
+    with pytest.raises(ModelFormatError, match="unexpected tensors"):
+        load_model(saved)
+    (saved / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ModelFormatError, match="not a valid safetensors"):
+        load_model(saved)
+
+
+def test_save_requires_registered_model_and_known_meta(tmp_path: Path) -> None:
+    with pytest.raises(ModelFormatError, match="create_model"):
+        save_model(_TinyNet(), tmp_path / "a")
+    model = create_model("test_registry_tiny")
+    with pytest.raises(ModelFormatError, match="unknown model metadata"):
+        save_model(model, tmp_path / "b", {"weights_path": "/x"})
+    with pytest.raises(ModelFormatError, match="not JSON"):
+        save_model(model, tmp_path / "c", {"extra": {"obj": object()}})
+    assert not (tmp_path / "c").exists()  # nothing half-written
