@@ -1,0 +1,106 @@
+"""Metrics agree with hand-computed values and never crash on degenerate inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from neuromoe.eval.metrics import (
+    bootstrap_ci,
+    classification_metrics,
+    regression_metrics,
+    segmentation_metrics,
+)
+
+
+def test_binary_classification_hand_values() -> None:
+    y = np.array([0, 0, 0, 1, 1])
+    p = np.array([0.1, 0.6, 0.2, 0.8, 0.4])  # predictions: 0 1 0 1 0
+    m = classification_metrics(y, p, labels=["HC", "PD"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["sensitivity"] == pytest.approx(1 / 2) and m["specificity"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["confusion_matrix"] == [[2, 1], [1, 1]]
+    # string labels map through ``labels``
+    m2 = classification_metrics(np.array(["HC", "HC", "HC", "PD", "PD"]), p, labels=["HC", "PD"])
+    assert m2["auc"] == m["auc"]
+
+
+def test_multiclass_ovr_and_single_class() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 10)
+    logits = rng.normal(size=(30, 3)) + 2 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = classification_metrics(y, p, labels=["CN", "MCI", "AD"])
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert set(m["per_class"]) == {"CN", "MCI", "AD"}
+    assert np.sum(m["confusion_matrix"]) == 30
+    only = classification_metrics(np.zeros(5, int), p[:5], labels=["CN", "MCI", "AD"])
+    assert math.isnan(only["auc"]) and math.isnan(only["per_class"]["MCI"]["sensitivity"])
+    empty = classification_metrics(np.zeros(0, int), np.zeros((0, 3)))
+    assert math.isnan(empty["accuracy"])
+
+
+def test_regression_metrics() -> None:
+    t = np.array([50.0, 60.0, 70.0, np.nan])
+    p = np.array([52.0, 58.0, 73.0, 1.0])
+    m = regression_metrics(t, p)
+    assert m["n"] == 3
+    assert m["mae"] == pytest.approx(7 / 3)
+    assert m["rmse"] == pytest.approx(np.sqrt((4 + 4 + 9) / 3))
+    assert m["r"] == pytest.approx(np.corrcoef(t[:3], p[:3])[0, 1])
+    assert m["r2"] == pytest.approx(1 - 17 / 200)
+    const = regression_metrics(np.array([1.0, 1.0]), np.array([2.0, 3.0]))
+    assert math.isnan(const["r"]) and math.isnan(const["r2"]) and const["mae"] == 1.5
+    assert math.isnan(regression_metrics(np.array([]), np.array([]))["mae"])
+
+
+def test_bootstrap_ci_covers_and_is_deterministic() -> None:
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=200)
+    p = t + rng.normal(scale=0.5, size=200)
+
+    def mae(a, b):
+        return regression_metrics(a, b)["mae"]
+
+    point, lo, hi = bootstrap_ci(mae, t, p, n_boot=200, seed=3)
+    assert lo < point < hi and 0.3 < point < 0.5
+    assert bootstrap_ci(mae, t, p, n_boot=200, seed=3) == (point, lo, hi)
+    # stratified resampling keeps both classes in every replicate → AUC always defined
+    y = np.r_[np.zeros(48, int), np.ones(2, int)]
+    s = rng.random(50) + y
+
+    def auc(a, b):
+        return classification_metrics(a, b)["auc"]
+
+    _, lo_s, hi_s = bootstrap_ci(auc, y, s, n_boot=100, stratify=y)
+    assert np.isfinite(lo_s) and lo_s <= hi_s
+
+
+def test_segmentation_metrics_values_and_edge_cases() -> None:
+    gt = np.zeros((16, 16, 16), bool)
+    gt[2:6, 2:6, 2:6] = True  # lesion 1 (64 voxels)
+    gt[10:12, 10:12, 10:12] = True  # lesion 2 (8 voxels), missed
+    pred = np.zeros_like(gt)
+    pred[2:6, 2:6, 3:7] = True  # overlaps lesion 1 (48 voxels shared)
+    pred[12:15, 1:3, 1:3] = True  # false positive
+    m = segmentation_metrics(pred, gt, spacing=(2.0, 2.0, 2.0))
+    assert m["dice"] == pytest.approx(2 * 48 / (76 + 72))
+    assert m["lesion_recall"] == 0.5 and m["lesion_precision"] == 0.5 and m["lesion_f1"] == 0.5
+    assert m["volume_gt_ml"] == pytest.approx(72 * 8 / 1000) and m["abs_volume_diff_ml"] == pytest.approx(4 * 8 / 1000)
+    assert m["hd95"] > 0
+    same = segmentation_metrics(gt, gt)
+    assert same["dice"] == 1.0 and same["hd95"] == 0.0 and same["lesion_f1"] == 1.0
+    empty = np.zeros_like(gt)
+    both = segmentation_metrics(empty, empty)
+    assert both["dice"] == 1.0 and both["lesion_f1"] == 1.0
+    miss = segmentation_metrics(empty, gt)
+    assert miss["dice"] == 0.0 and math.isnan(miss["hd95"]) and miss["lesion_recall"] == 0.0
+    # HD95 in mm scales with the voxel spacing
+    shifted = np.roll(gt, 1, axis=0)
+    assert segmentation_metrics(shifted, gt, (3.0, 1.0, 1.0))["hd95"] == pytest.approx(
+        3 * segmentation_metrics(shifted, gt, (1.0, 1.0, 1.0))["hd95"])
