@@ -110,3 +110,13 @@ def test_plots_return_figures(tmp_path: Path) -> None:
         assert (tmp_path / "f.png").read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(InputError):
         plots.training_curves(tmp_path / "nope.csv")
+
+
+def test_cli_report(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from neuromoe.cli.main import main
+
+    out = tmp_path / "cli.html"
+    assert main(["report", str(run_dir), "--out", str(out), "--title", "CLI"]) == 0
+    assert "<h1>CLI</h1>" in out.read_text()
+    assert main(["report", str(tmp_path / "absent"), "--out", str(out)]) == 2
+    assert "run directory not found" in capsys.readouterr().err
