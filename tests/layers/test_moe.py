@@ -1,0 +1,264 @@
+"""MoE layer: the three dispatch paths agree, routing/gradient/capacity semantics, losses, bf16, usage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from neuromoe.errors import ConfigError
+from neuromoe.layers.moe import (
+    ExpertMLP,
+    ExpertUsage,
+    MoELayer,
+    TopKRouter,
+    capacity_keep_mask,
+    dispatch_experts,
+    load_balancing_loss,
+    router_z_loss,
+)
+
+D, E = 8, 4
+
+
+def mlp_factory(dim: int = D, hidden: int = 16) -> Callable[[int], nn.Module]:
+    def make(e: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    return make
+
+
+def make_layer(dispatch: str, grouped: bool, seed: int = 0, **kw) -> MoELayer:
+    torch.manual_seed(seed)
+    factory = None if grouped else mlp_factory()
+    return MoELayer(D, kw.pop("num_experts", E), factory, dispatch=dispatch, expert_hidden=16, **kw)
+
+
+def masked_dense(layer: MoELayer, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Independent oracle: every expert on every token, weighted by a (T, E) gate matrix built by hand."""
+    flat = x.reshape(-1, D)
+    r = layer.router(x, cond)
+    idx, w = r.topk_idx.reshape(-1, layer.k), r.topk_weights.reshape(-1, layer.k)
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for s in range(layer.k):
+            e = int(idx[t, s])
+            if isinstance(layer.experts, ExpertMLP):
+                y = layer.experts.forward_expert(e, flat[t : t + 1])[0]
+            else:
+                y = layer.experts[e](flat[t : t + 1])[0]
+            out[t] += w[t, s] * y
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, D), (7, D)])
+@pytest.mark.parametrize("cond_mode", [None, "concat", "add"])
+def test_paths_agree(grouped: bool, shape: tuple[int, ...], cond_mode: str | None) -> None:
+    kw = {} if cond_mode is None else {"cond_dim": 3, "cond_mode": cond_mode}
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    cond = None if cond_mode is None else torch.randn(shape[0], 3)  # per-sample, broadcast over tokens
+    outs = {}
+    for mode in ("sparse", "reference", "dense"):
+        layer = make_layer(mode, grouped, **kw)
+        outs[mode] = layer(x, cond).output
+        assert outs[mode].shape == x.shape
+    oracle = masked_dense(layer, x, cond)
+    for mode, out in outs.items():
+        torch.testing.assert_close(out, oracle, rtol=1e-5, atol=1e-6, msg=f"{mode} != oracle")
+
+
+def test_topk_equals_num_experts_is_dense_softmax_mixture() -> None:
+    layer = make_layer("sparse", grouped=False, k=E)
+    x = torch.randn(10, D)
+    probs = torch.softmax(layer.router.proj(x), dim=-1)
+    expected = sum(probs[:, e : e + 1] * layer.experts[e](x) for e in range(E))
+    torch.testing.assert_close(layer(x).output, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "reference", "dense"])
+def test_single_expert_is_that_expert(mode: str) -> None:
+    layer = make_layer(mode, grouped=False, num_experts=1, k=1)
+    x = torch.randn(2, 6, D)
+    out = layer(x)
+    torch.testing.assert_close(out.output, layer.experts[0](x))
+    assert out.balance_loss.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "reference"])
+def test_gradients_reach_router_and_selected_experts_only(mode: str) -> None:
+    layer = make_layer(mode, grouped=False, num_experts=6, k=1)
+    with torch.no_grad():  # force every token to expert 2 or 4 via the router bias
+        layer.router.proj.weight.mul_(0.01)
+        layer.router.proj.bias.copy_(torch.tensor([-5.0, -5.0, 5.0, -5.0, 4.9, -5.0]))
+    x = torch.randn(16, D)
+    out = layer(x)
+    (out.output.pow(2).sum() + out.aux_loss).backward()
+    used = set(out.stats.topk_idx.unique().tolist())
+    assert used <= {2, 4} and 2 in used
+    assert layer.router.proj.weight.grad is not None and layer.router.proj.weight.grad.abs().sum() > 0
+    for e, expert in enumerate(layer.experts):
+        grads = [p.grad for p in expert.parameters()]
+        if e in used:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None for g in grads)
+
+
+def test_grouped_experts_gradients_only_on_selected_rows() -> None:
+    layer = make_layer("sparse", grouped=True, k=1)
+    x = torch.randn(12, D)
+    out = layer(x)
+    out.output.sum().backward()
+    used = set(out.stats.topk_idx.unique().tolist())
+    for e in range(E):
+        assert (layer.experts.w1.grad[e].abs().sum() > 0) == (e in used)
+
+
+def test_balance_loss_minimal_at_uniform_and_larger_when_collapsed() -> None:
+    t = 64
+    uniform_probs = torch.full((t, E), 1.0 / E)
+    uniform_idx = torch.arange(t * 2).remainder(E).reshape(t, 2)
+    assert load_balancing_loss(uniform_probs, uniform_idx, E).item() == pytest.approx(1.0)
+    collapsed_probs = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).repeat(t, 1)
+    collapsed_idx = torch.zeros(t, 1, dtype=torch.long)
+    assert load_balancing_loss(collapsed_probs, collapsed_idx, E).item() == pytest.approx(E * 0.97)
+    random = torch.softmax(torch.randn(t, E) * 3, -1)
+    assert load_balancing_loss(random, random.topk(2, -1).indices, E).item() >= 1.0 - 1e-6
+
+
+def test_z_loss_nonnegative_and_grows_with_logit_scale() -> None:
+    logits = torch.randn(32, E)
+    small, big = router_z_loss(logits * 0.1), router_z_loss(logits * 10)
+    assert small.item() >= 0 and big.item() > small.item()
+    assert router_z_loss(torch.full((4, E), -100.0)).item() >= 0
+
+
+def test_capacity_drops_later_and_second_choice_slots() -> None:
+    # 4 items, k=2, E=2, capacity 2. First choices queue before second choices, then item order:
+    # expert 0 queue = items 0, 1 (kept), 2 (dropped), then item 3's 2nd choice (dropped);
+    # expert 1 queue = item 3's 1st choice (kept), then 2nd choices of items 0 (kept), 1 and 2 (dropped).
+    idx = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
+    keep = capacity_keep_mask(idx, 2, capacity=2)
+    expected = torch.tensor([[True, True], [True, False], [False, False], [True, False]])
+    assert torch.equal(keep, expected)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "reference", "dense"])
+def test_capacity_layer_zeroes_dropped_slots(mode: str) -> None:
+    layer = make_layer(mode, grouped=False, capacity_factor=0.5)
+    x = torch.randn(20, D)
+    out = layer(x)
+    r = layer.router(x)
+    keep = capacity_keep_mask(r.topk_idx, E, layer.capacity(20))
+    assert out.stats.dropped == int((~keep).sum()) > 0
+    ref = dispatch_experts(x, r.topk_idx, r.topk_weights * keep, layer.experts, "reference")
+    torch.testing.assert_close(out.output, ref)
+    per_expert = torch.bincount(r.topk_idx[keep], minlength=E)
+    assert per_expert.max() <= layer.capacity(20)
+
+
+def test_bf16_autocast_keeps_router_fp32() -> None:
+    layer = make_layer("sparse", grouped=True, cond_dim=3)
+    x, cond = torch.randn(4, 6, D), torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = layer.router(x, cond)
+        out = layer(x, cond)
+    assert r.logits.dtype == r.probs.dtype == r.topk_weights.dtype == torch.float32
+    assert out.output.dtype == torch.bfloat16 and torch.isfinite(out.output).all()
+    assert out.aux_loss.dtype == torch.float32
+    ref = layer(x, cond).output
+    torch.testing.assert_close(out.output.float(), ref, rtol=0.05, atol=0.05)
+    out.aux_loss.backward()
+    assert layer.router.proj.weight.grad is not None
+
+
+def test_deterministic_given_seed_with_noise_and_jitter() -> None:
+    def run() -> torch.Tensor:
+        layer = make_layer("sparse", grouped=False, noise_std=1.0, jitter=0.1, seed=3)
+        layer.train()
+        torch.manual_seed(4)
+        return layer(torch.randn(5, 3, D)).output
+
+    torch.testing.assert_close(run(), run(), rtol=0, atol=0)
+
+
+def test_noise_and_jitter_only_in_training() -> None:
+    router = TopKRouter(D, E, 2, noise_std=5.0, jitter=0.5).eval()
+    x = torch.randn(50, D)
+    a, b = router(x), router(x)
+    assert torch.equal(a.topk_idx, b.topk_idx) and torch.equal(a.probs, b.probs)
+    router.train()
+    assert not torch.equal(router(x).probs, router(x).probs)
+
+
+def test_router_weights_renormalised_and_stats() -> None:
+    layer = make_layer("sparse", grouped=False)
+    out = layer(torch.randn(6, 4, D))
+    assert out.stats.topk_idx.shape == (6, 4, 2)
+    torch.testing.assert_close(out.stats.topk_weights.sum(-1), torch.ones(6, 4))
+    assert out.stats.load.sum().item() == pytest.approx(1.0)
+    assert out.stats.importance.sum().item() == pytest.approx(1.0)
+    assert not out.stats.load.requires_grad and out.stats.dropped == 0
+
+
+def test_dispatch_on_images_for_case_level_experts() -> None:
+    """MoME-style: a router over pooled features picks expert CNNs that consume whole images."""
+    torch.manual_seed(0)
+    experts = nn.ModuleList(nn.Conv3d(1, 2, 3, padding=1) for _ in range(3))
+    imgs = torch.randn(4, 1, 6, 6, 6)
+    router = TopKRouter(1, 3, 2)
+    r = router(imgs.mean(dim=(2, 3, 4)))
+    sparse = dispatch_experts(imgs, r.topk_idx, r.topk_weights, experts, "sparse")
+    dense = dispatch_experts(imgs, r.topk_idx, r.topk_weights, experts, "dense")
+    assert sparse.shape == (4, 2, 6, 6, 6)
+    torch.testing.assert_close(sparse, dense)
+
+
+def test_bad_configuration_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="top-k"):
+        MoELayer(D, 2, k=3)
+    with pytest.raises(ConfigError, match="dispatch"):
+        MoELayer(D, 2, dispatch="fast")
+    with pytest.raises(ValueError, match="cond"):
+        MoELayer(D, 2, cond_dim=3)(torch.randn(2, D))
+
+
+def test_moe_layer_learns_a_piecewise_function() -> None:
+    """Two regimes (x0 > 0 vs < 0) with different linear maps: the routed MoE must fit them."""
+    torch.manual_seed(0)
+    layer = MoELayer(D, 4, k=1, expert_hidden=32, balance_coef=0.01)
+    a, b = torch.randn(D, D), torch.randn(D, D)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(256, D)
+    y = torch.where(x[:, :1] > 0, x @ a, x @ b)
+    first = None
+    for _ in range(150):
+        out = layer(x)
+        loss = nn.functional.mse_loss(out.output, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        (loss + out.aux_loss).backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_expert_usage_tables() -> None:
+    usage = ExpertUsage(3, ["a", "b", "c"])
+    usage.update(torch.tensor([[0, 1], [0, 2]]), condition="age")
+    usage.update(torch.tensor([[2, 1], [2, 0], [1, 0]]), condition=["ad", "pd", "ad"])
+    usage.update(torch.tensor([[0, 1]]), condition="age")
+    counts = usage.counts()
+    assert counts.loc["age"].tolist() == [3, 2, 1]
+    assert counts.loc["ad"].tolist() == [1, 2, 1] and counts.loc["pd"].tolist() == [1, 0, 1]
+    assert usage.fractions().loc["age"].sum() == pytest.approx(1.0)
+    layer = make_layer("sparse", grouped=False)
+    usage2 = ExpertUsage(E)
+    usage2.update(layer(torch.randn(5, D)).stats)
+    assert usage2.counts().loc["all"].sum() == 10
+    assert usage2.weights().loc["all"].sum() == pytest.approx(1.0)
+    fig = usage.plot()
+    assert len(fig.axes) == 2
