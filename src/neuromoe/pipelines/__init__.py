@@ -1,0 +1,1 @@
+"""Importable pipelines: one module per model family (pretrain/train/evaluate/predict/demo) and the core demo."""
