@@ -198,3 +198,21 @@ def test_save_requires_registered_model_and_known_meta(tmp_path: Path) -> None:
     with pytest.raises(ModelFormatError, match="not JSON"):
         save_model(model, tmp_path / "c", {"extra": {"obj": object()}})
     assert not (tmp_path / "c").exists()  # nothing half-written
+
+
+def test_from_pretrained_checks_class(saved: Path) -> None:
+    class Other(PretrainedMixin, nn.Module):
+        pass
+
+    with pytest.raises(ModelFormatError, match="holds a _TinyNet, not a Other"):
+        Other.from_pretrained(saved)
+
+
+def test_core_presets_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("simple_cnn_moe_tiny", num_experts=3).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    loaded, meta = load_model(save_model(model, tmp_path / "core", {"extra": {"target_mean": 60.0}}))
+    assert meta["family"] == "core" and meta["kwargs"] == {"num_experts": 3}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).prediction, model(x).prediction, rtol=0, atol=0)

@@ -247,9 +247,13 @@ def run(cohort_dir: str | Path, out_dir: str | Path, device: str = "auto", seed:
     usage = ExpertUsage(model.moe.num_experts, [f"E{e}" for e in range(model.moe.num_experts)])
     held_out = split != "train"
     bins = np.quantile(ages[train], [1 / 3, 2 / 3])
-    names = np.array([f"age < {bins[0]:.0f}", f"{bins[0]:.0f}–{bins[1]:.0f}", f"age ≥ {bins[1]:.0f}"])
-    usage.update(experts[torch.from_numpy(held_out)], list(names[np.digitize(ages[held_out], bins)]))
-    _report(out, metrics, frame, mean, usage)
+    names = [f"age < {bins[0]:.0f}", f"{bins[0]:.0f}–{bins[1]:.0f}", f"age ≥ {bins[1]:.0f}"]
+    group = np.digitize(ages, bins)
+    for g, name in enumerate(names):  # youngest first, so the heatmap rows read in age order
+        sel = held_out & (group == g)
+        if sel.any():
+            usage.update(experts[torch.from_numpy(sel)], name)
+    _report(out, metrics, frame, mean, usage, cfg.img_size)
     v = metrics["val"]
     print(f"core demo: validation MAE {v['mae']:.2f} y vs predict-the-training-mean baseline "
           f"{v['baseline_mae']:.2f} y (n={v['n']})"
@@ -258,7 +262,8 @@ def run(cohort_dir: str | Path, out_dir: str | Path, device: str = "auto", seed:
     return out
 
 
-def _report(out: Path, metrics: dict[str, Any], frame: pd.DataFrame, mean: float, usage: Any) -> None:
+def _report(out: Path, metrics: dict[str, Any], frame: pd.DataFrame, mean: float, usage: Any,
+            img_size: int) -> None:
     from neuromoe.eval.plots import pred_vs_true
     from neuromoe.eval.report import Report
 
@@ -266,7 +271,7 @@ def _report(out: Path, metrics: dict[str, Any], frame: pd.DataFrame, mean: float
     losses = metrics["train_loss_per_epoch"]
     section.add_text(
         f"A small strided 3D CNN with a residual top-k Mixture-of-Experts head, trained with the shared "
-        f"Trainer on {metrics['n_train']} synthetic T1 scans (whole brain at 32³) to predict age. The "
+        f"Trainer on {metrics['n_train']} T1 scans (whole brain resized to {img_size}³) to predict age. The "
         f"baseline predicts the training mean age ({mean:.1f} y) for everyone. Training Huber loss per "
         f"epoch: {losses[0]:.3f} → {losses[-1]:.3f}." if losses else ""
     )
