@@ -148,6 +148,8 @@ def _edit_config(saved: Path, **changes) -> None:
         ({"family": "denseformer"}, "does not match"),
         ({"kwargs": {"__class__": 1}}, "cannot rebuild"),
         ({"format_version": FORMAT_VERSION + 1}, "newer NeuroMoE"),
+        ({"tasks": ["age"]}, "list of objects"),
+        ({"extra": "x" * (17 * 2**20)}, "larger than 16 MiB"),
     ],
 )
 def test_bad_config_refused(saved: Path, changes: dict, message: str) -> None:

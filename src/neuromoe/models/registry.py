@@ -69,6 +69,7 @@ META_KEYS = ("family", "preprocessing", "tasks", "label_maps", "extra")
 # Anything torch/pickle could have produced. Refused by name and, for renamed files, by magic bytes.
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib", ".npy", ".npz"}
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container (a zip holding data.pkl)
+MAX_CONFIG_BYTES = 16 * 2**20  # a real config.json is a few kB; refuse to parse a huge one
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -258,6 +259,9 @@ def _check_directory(directory: Path) -> None:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelFormatError(f"config is larger than {MAX_CONFIG_BYTES // 2**20} MiB", path=path,
+                               fix="restore the config.json written by NeuroMoE")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -283,6 +287,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types_)
             raise ModelFormatError(f"config key '{key}' must be {expected}, got {type(value).__name__}",
                                    path=path, fix="restore the original file")
+    if not all(isinstance(t, dict) for t in config.get("tasks", [])):
+        raise ModelFormatError("config key 'tasks' must be a list of objects", path=path,
+                               fix="restore the original file")
     if version < 1:
         raise ModelFormatError(f"invalid format_version {version}", path=path, fix="restore the original file")
     config.setdefault("neuromoe_version", "unknown")
