@@ -23,6 +23,7 @@ Design points:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -194,9 +195,8 @@ def _broadcast_cond(cond: Tensor, lead: torch.Size, cond_dim: int) -> Tensor:
 class ExpertMLP(nn.Module):
     """E homogeneous MLP experts (Linear → activation → dropout → Linear) with stacked weights.
 
-    Indexing (``experts[e]``) is not supported; call :meth:`forward_expert` for one expert,
-    :meth:`forward_segments` for expert-sorted contiguous segments, :meth:`forward_all` for the dense
-    baseline (one batched matmul over all experts).
+    Dispatch uses :meth:`expert_fns` (one callable per expert, cheap backward); :meth:`forward_all` is the
+    dense baseline (one batched matmul over all experts); :meth:`forward_expert` runs one expert.
     """
 
     def __init__(
@@ -229,14 +229,21 @@ class ExpertMLP(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
-    def forward_expert(self, e: int, x: Tensor) -> Tensor:
-        h = self.drop(self.activation(torch.addmm(self.b1[e], x, self.w1[e])))
-        return torch.addmm(self.b2[e], h, self.w2[e])
+    def _mlp(self, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        return torch.addmm(b2, self.drop(self.activation(torch.addmm(b1, x, w1))), w2)
 
-    def forward_segments(self, x: Tensor, counts: Sequence[int]) -> Tensor:
-        """``x`` rows sorted by expert, ``counts[e]`` rows for expert ``e`` → outputs in the same order."""
-        outs = [self.forward_expert(e, seg) for e, seg in enumerate(x.split(list(counts))) if seg.shape[0]]
-        return torch.cat(outs) if outs else x.new_zeros(0, self.out_dim)
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert ``e`` alone (for one-off use; dispatch loops use :meth:`expert_fns`)."""
+        return self._mlp(x, self.w1[e], self.b1[e], self.w2[e], self.b2[e])
+
+    def expert_fns(self) -> list[Callable[[Tensor], Tensor]]:
+        """One callable per expert over weight views made with a single ``unbind`` per tensor.
+
+        Indexing ``w1[e]`` separately per expert would make backward materialise E full-size zero
+        gradients (O(E²) memory traffic); ``unbind`` stacks the per-expert gradients once.
+        """
+        views = zip(self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0))
+        return [functools.partial(self._mlp, w1=w1, b1=b1, w2=w2, b2=b2) for w1, b1, w2, b2 in views]
 
     def forward_all(self, x: Tensor) -> Tensor:
         """Every expert on every row: ``(T, dim)`` → ``(E, T, out_dim)``."""
@@ -252,8 +259,8 @@ class ExpertMLP(nn.Module):
 Experts = nn.ModuleList | ExpertMLP
 
 
-def _run_expert(experts: Experts, e: int, x: Tensor) -> Tensor:
-    return experts.forward_expert(e, x) if isinstance(experts, ExpertMLP) else experts[e](x)
+def _expert_fns(experts: Experts) -> Sequence[Callable[[Tensor], Tensor]]:
+    return experts.expert_fns() if isinstance(experts, ExpertMLP) else experts
 
 
 def capacity_keep_mask(topk_idx: Tensor, num_experts: int, capacity: int) -> Tensor:
@@ -295,11 +302,9 @@ def dispatch_experts(
     slots_sorted = slots[order]
     counts = torch.bincount(flat_e, minlength=num_experts).tolist()  # the one host sync of this path
     xs = x[slots_sorted // k]
-    if isinstance(experts, ExpertMLP):
-        ys = experts.forward_segments(xs, counts)
-    else:
-        pieces = [experts[e](seg) for e, seg in enumerate(xs.split(counts)) if seg.shape[0]]
-        ys = torch.cat(pieces) if pieces else x.new_zeros(0, *x.shape[1:])
+    fns = _expert_fns(experts)
+    pieces = [fns[e](seg) for e, seg in enumerate(xs.split(counts)) if seg.shape[0]]
+    ys = torch.cat(pieces) if pieces else x.new_zeros(0, *x.shape[1:])
     buf = ys.new_zeros(t * k, *ys.shape[1:]).index_copy(0, slots_sorted, ys)
     w = topk_weights.to(ys.dtype)
     if keep is not None:
@@ -312,18 +317,18 @@ def _dispatch_reference(
     x: Tensor, topk_idx: Tensor, topk_weights: Tensor, experts: Experts, keep: Tensor | None
 ) -> Tensor:
     out: Tensor | None = None
-    for e in range(len(experts)):
+    for e, fn in enumerate(_expert_fns(experts)):
         hit = topk_idx == e
         if keep is not None:
             hit = hit & keep
         tok, slot = hit.nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        y = _run_expert(experts, e, x[tok])
+        y = fn(x[tok])
         w = topk_weights[tok, slot].to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
         if out is None:
             out = y.new_zeros(x.shape[0], *y.shape[1:])
-        out = out.index_add(0, tok, y * w)
+        out.index_add_(0, tok, y * w)
     return out if out is not None else x.new_zeros(x.shape)
 
 
