@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from neuromoe.errors import ConfigError
@@ -262,3 +264,28 @@ def test_expert_usage_tables() -> None:
     assert usage2.weights().loc["all"].sum() == pytest.approx(1.0)
     fig = usage.plot()
     assert len(fig.axes) == 2
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    num_experts=st.integers(1, 6),
+    k_frac=st.floats(0.0, 1.0),
+    tokens=st.integers(1, 12),
+    capacity_factor=st.sampled_from([0.0, 0.5, 1.0, 1.5]),
+    grouped=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_equals_reference_property(
+    num_experts: int, k_frac: float, tokens: int, capacity_factor: float, grouped: bool, seed: int
+) -> None:
+    k = 1 + int(k_frac * (num_experts - 1))
+    torch.manual_seed(seed)
+    x = torch.randn(tokens, D)
+    outs = []
+    for mode in ("sparse", "reference", "dense"):
+        layer = make_layer(
+            mode, grouped, seed=seed, num_experts=num_experts, k=k, capacity_factor=capacity_factor
+        )
+        outs.append(layer(x).output)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-6)
