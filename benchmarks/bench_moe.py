@@ -9,7 +9,8 @@ the three dispatch paths measured in the same run on the same weights and tokens
 * ``dense``     — every expert on every token, combined with the same top-k weights.
 
 Targets (issue 3): sparse cost from E=4 to E=16 ≤ 1.2× while dense grows ≈ 4×; sparse ≥ 2× reference at
-E = 16. ``ratios`` in the JSON reports exactly these numbers. Experts are either E separate
+E = 16. ``ratios`` in the JSON reports exactly these numbers; every cell also reports its expert GFLOP/s
+as a fraction of a 2048² matmul measured in the same run (how much room any dispatch scheme has left). Experts are either E separate
 ``nn.Module`` MLPs from a factory (``--experts modules``, what model code usually passes) or one stacked
 :class:`ExpertMLP` (``--experts stacked``).
 
@@ -67,6 +68,20 @@ def step_seconds(layer: MoELayer, x: torch.Tensor, dtype: str) -> float:
     return time.perf_counter() - t0
 
 
+def matmul_gflops(dtype: str, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n×n matmul: the machine's practical ceiling, to read the MoE numbers against."""
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--tokens", type=int, default=4096)
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
 
+    peak = {dtype: matmul_gflops(dtype, device) for dtype in args.dtypes}
     results: list[dict[str, Any]] = []
     for experts in args.experts:
         for dtype in args.dtypes:
@@ -110,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         times[(e, path)].append(t)
             for e, path in cells:
                 best = min(times[(e, path)])
+                # expert FLOPs of fwd+bwd (backward = 2× forward): k slots per token, or all E experts
+                used = e if path == "dense" else args.k
+                flops = 3 * args.tokens * used * 2 * 2 * args.dim * args.hidden
                 results.append(
                     {
                         "experts": experts,
@@ -120,10 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "tokens_per_s": args.tokens / best,
                         "all_seconds": times[(e, path)],
                         "max_expert_load": max(loads[e]),
+                        "expert_gflops_per_s": flops / best / 1e9,
+                        "fraction_of_matmul_peak": flops / best / 1e9 / peak[dtype],
                     }
                 )
                 print(
-                    f"{experts:8s} {dtype} E={e:2d} {path:9s} {args.tokens / best:10.0f} tok/s",
+                    f"{experts:8s} {dtype} E={e:2d} {path:9s} {args.tokens / best:10.0f} tok/s "
+                    f"{flops / best / 1e9 / peak[dtype]:5.0%} of matmul peak",
                     file=sys.stderr,
                 )
             del layers
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "platform": platform.platform(),
+            "matmul_2048_gflops": peak,
         },
         "results": results,
         "ratios": ratios,
