@@ -192,6 +192,9 @@ def _broadcast_cond(cond: Tensor, lead: torch.Size, cond_dim: int) -> Tensor:
     raise ValueError(f"cond shape {tuple(cond.shape)} does not match input leading dims {tuple(lead)}")
 
 
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
 class ExpertMLP(nn.Module):
     """E homogeneous MLP experts (Linear → activation → dropout → Linear) with stacked weights.
 
@@ -205,13 +208,17 @@ class ExpertMLP(nn.Module):
         dim: int,
         hidden: int,
         out_dim: int | None = None,
-        activation: Callable[[Tensor], Tensor] = F.gelu,
+        activation: Literal["gelu", "relu", "silu"] = "gelu",
         dropout: float = 0.0,
     ):
         super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ConfigError(
+                f"unknown expert activation {activation!r}", fix=f"use one of {sorted(_ACTIVATIONS)}"
+            )
         out_dim = out_dim or dim
         self.num_experts, self.dim, self.hidden, self.out_dim = num_experts, dim, hidden, out_dim
-        self.activation = activation
+        self.activation = _ACTIVATIONS[activation]
         self.drop = nn.Dropout(dropout)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
