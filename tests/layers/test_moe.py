@@ -289,3 +289,16 @@ def test_sparse_equals_reference_property(
         outs.append(layer(x).output)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-6)
+
+
+def test_docstring_usage_runs() -> None:
+    """The module docstring's example is real code."""
+    moe = MoELayer(16, num_experts=8, k=2, cond_dim=4)
+    out = moe(torch.randn(2, 3, 16), cond=torch.randn(2, 4))
+    usage = ExpertUsage(8)
+    usage.update(out.stats, condition="age")
+    assert out.output.shape == (2, 3, 16) and usage.counts().loc["age"].sum() == 12
+    expert_unets = nn.ModuleList(nn.Conv3d(1, 2, 1) for _ in range(5))
+    route = TopKRouter(6, 5, k=2)(torch.randn(3, 6))
+    fused = dispatch_experts(torch.randn(3, 1, 4, 4, 4), route.topk_idx, route.topk_weights, expert_unets)
+    assert fused.shape == (3, 2, 4, 4, 4)

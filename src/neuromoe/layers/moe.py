@@ -19,6 +19,16 @@ Design points:
 * ``capacity_factor > 0`` caps the slots per expert at ``ceil(cf · items · k / E)``; first choices have
   priority over second choices, then earlier items; a dropped slot contributes 0 (the caller's residual
   connection carries the item). ``capacity_factor = 0`` is dropless.
+
+Usage::
+
+    moe = MoELayer(256, num_experts=8, k=2, cond_dim=32)      # stacked ExpertMLP experts
+    out = moe(tokens, cond=task_embedding)                    # tokens (B, N, 256) or (B, 256)
+    loss = task_loss + out.aux_loss
+    usage.update(out.stats, condition="age")                  # ExpertUsage → task × expert heatmap
+
+    route = TopKRouter(feat_dim, 5, k=2)(pooled_features)     # case-level routing (MoME)
+    fused = dispatch_experts(images, route.topk_idx, route.topk_weights, expert_unets)
 """
 
 from __future__ import annotations
