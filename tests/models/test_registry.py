@@ -64,7 +64,7 @@ def test_round_trip_identical_outputs(saved: Path) -> None:
     assert config["format_version"] == FORMAT_VERSION and config["family"] == "testfam"
     assert config["kwargs"] == {"hidden": 6, "tie": True}
     model, meta = load_model(saved)
-    assert not model.training
+    assert not model.training and model.neuromoe_meta == meta
     assert meta["label_maps"] == {"sex": ["F", "M"]} and meta["extra"]["n"] == 3
     torch.manual_seed(0)
     ref = create_model("test_registry_tiny", hidden=6, tie=True)

@@ -331,7 +331,10 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Pat
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model directory → ``(model in eval mode, config dict)``; reads only JSON + safetensors."""
+    """Load a model directory → ``(model in eval mode, config dict)``; reads only JSON + safetensors.
+
+    The config is also kept as ``model.neuromoe_meta`` (preprocessing to replay, tasks, label maps).
+    """
     directory = Path(directory)
     _check_directory(directory)
     config = _read_config(directory)
@@ -353,6 +356,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     _check_tensors(model, tensors, directory / WEIGHTS_NAME)
     model.load_state_dict(tensors, strict=True)
     model.to(map_location).eval()
+    model.neuromoe_meta = config
     return model, config
 
 
@@ -361,11 +365,10 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
-        model, meta = load_model(directory, map_location=map_location)
+        model, _ = load_model(directory, map_location=map_location)
         if not isinstance(model, cls):
             raise ModelFormatError(f"holds a {type(model).__name__}, not a {cls.__name__}", path=directory,
                                    fix=f"load it with neuromoe.models.load_model or {type(model).__name__}")
-        model.neuromoe_meta = meta
         return model
 
     def save_pretrained(self, directory: str | Path, **meta: Any) -> Path:
