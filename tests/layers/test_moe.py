@@ -302,3 +302,16 @@ def test_docstring_usage_runs() -> None:
     route = TopKRouter(6, 5, k=2)(torch.randn(3, 6))
     fused = dispatch_experts(torch.randn(3, 1, 4, 4, 4), route.topk_idx, route.topk_weights, expert_unets)
     assert fused.shape == (3, 2, 4, 4, 4)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "reference", "dense"])
+def test_experts_may_change_the_feature_size_and_run_in_bf16(mode: str) -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, lambda e: nn.Linear(D, 3), k=2, dispatch=mode)
+    x = torch.randn(2, 5, D)
+    out = layer(x).output
+    assert out.shape == (2, 5, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x).output
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), out, rtol=0.05, atol=0.05)
