@@ -42,7 +42,7 @@ class CoreDemoConfig:
     model: str = "simple_cnn_moe_demo"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: int = 32
-    epochs: int = 15
+    epochs: int = 30
     max_steps: int = 0  # 0 = no limit
     batch_size: int = 8
     lr: float = 3e-3
