@@ -218,3 +218,11 @@ def test_core_presets_round_trip(tmp_path: Path) -> None:
     assert meta["family"] == "core" and meta["kwargs"] == {"num_experts": 3}
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).prediction, model(x).prediction, rtol=0, atol=0)
+
+
+def test_directory_symlinks_are_not_followed(saved: Path, tmp_path: Path) -> None:
+    os.symlink(".", saved / "self")  # a loop inside the directory is harmless and not walked
+    load_model(saved)
+    os.symlink(tmp_path, saved / "sub")
+    with pytest.raises(ModelFormatError, match="symlink points outside"):
+        load_model(saved)

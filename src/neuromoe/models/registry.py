@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +240,8 @@ def _check_directory(directory: Path) -> None:
         raise ModelFormatError("not a model directory", path=directory,
                                fix=f"pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     root = directory.resolve()
-    for entry in sorted(directory.rglob("*")):
+    entries = [Path(d) / n for d, dirs, files in os.walk(directory, followlinks=False) for n in dirs + files]
+    for entry in sorted(entries):
         if entry.is_symlink():
             target = entry.resolve()
             if target != root and root not in target.parents:
