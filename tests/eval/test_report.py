@@ -28,7 +28,7 @@ def run_dir(tmp_path: Path) -> Path:
     run = tmp_path / "run_a"
     section = Report("test").section("Core demo: age")
     section.add_text("Trained on /very/secret/site/sub-0007/anat/sub-0007_T1w.nii.gz.\n\nSecond paragraph.")
-    section.add_metrics({"mae": 3.21, "mae_ci": [3.21, 2.9, 3.6], "val": {"r": 0.81, "n": 12},
+    section.add_metrics({"mae": 3.21, "mae_ci": [3.21, 2.9, 3.6], "val": {"r": 0.81, "n": 12}, "size": [32, 32, 32],
                          "cm": [[2, 1], [0, 3]]}, "Validation metrics")
     section.add_table(pd.DataFrame({"subject": ["sub-0001", "sub-0002"], "age": [61.5, np.nan]}), "preds")
     section.add_figure(plots.pred_vs_true(np.array([50, 60, 70.0]), np.array([52, 59, 73.0]), baseline=60),
@@ -54,6 +54,7 @@ def test_section_round_trip(run_dir: Path) -> None:
     assert kinds == ["text", "table", "table", "figure", "figure"]
     metrics = section.items[1]
     assert ["mae_ci", "3.21 [2.9, 3.6]"] in metrics["rows"] and ["val.r", "0.81"] in metrics["rows"]
+    assert ["size", "32, 32, 32"] in metrics["rows"] and ["cm", "[[2, 1], [0, 3]]"] in metrics["rows"]
     assert section.items[2]["rows"][1] == ["sub-0002", "NaN"]
     for item in section.items[3:]:
         assert (run_dir / "report" / item["file"]).read_bytes().startswith(PNG_MAGIC)

@@ -44,6 +44,16 @@ def scrub_paths(text: str) -> str:
     return _ABS_PATH.sub(lambda m: m.group(1) or "…", text)
 
 
+def _is_ci(value: Any) -> bool:
+    """``(estimate, lower, upper)`` as returned by ``bootstrap_ci`` (a tuple, or a list after JSON)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        return False
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        return False
+    v, lo, hi = value
+    return isinstance(value, tuple) or (lo <= v <= hi and lo < hi)
+
+
 def _cell(value: Any) -> str:
     """Readable, JSON-safe table cell: 4 significant digits, CIs as ``v [lo, hi]``, no absolute paths."""
     if value is None:
@@ -57,7 +67,7 @@ def _cell(value: Any) -> str:
         if math.isnan(v):
             return "NaN"
         return str(int(v)) if v.is_integer() and abs(v) < 1e9 else f"{v:.4g}"
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value):
+    if _is_ci(value):
         return f"{_cell(value[0])} [{_cell(value[1])}, {_cell(value[2])}]"
     if isinstance(value, Mapping):
         return ", ".join(f"{k}: {_cell(v)}" for k, v in value.items())
@@ -70,11 +80,9 @@ def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
     rows: list[tuple[str, Any]] = []
     for key, value in metrics.items():
         name = f"{prefix}{key}"
-        is_ci = isinstance(value, (list, tuple)) and len(value) == 3 and all(
-            isinstance(x, (int, float)) for x in value)
         if isinstance(value, Mapping):
             rows.extend(_flatten(value, f"{name}."))
-        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)) and not is_ci:
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)):
             rows.append((name, json.dumps(value)))  # e.g. a confusion matrix
         else:
             rows.append((name, value))
