@@ -1,0 +1,326 @@
+"""The training engine every model family subclasses: hooks, AdamW + warmup-cosine, exact resume, DDP.
+
+A family overrides :meth:`Trainer.training_step`, :meth:`Trainer.validation_step` and
+:meth:`Trainer.validation_end` (and optionally the other hooks); the engine owns the loop, mixed
+precision, accumulation, clipping, logging (``metrics.csv`` + TensorBoard), early stopping and
+checkpoints. Data order is a deterministic function of ``(seed, epoch)`` and the checkpoint stores the
+position inside the epoch, so an interrupted run resumed with ``fit(resume=True)`` ends with the same
+weights, bit for bit, as an uninterrupted one (same device and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from neuromoe.engine import distributed as dist_utils
+from neuromoe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from neuromoe.engine.schedule import WarmupCosine
+from neuromoe.engine.utils import resolve_device, seed_everything
+from neuromoe.errors import ConfigError
+from neuromoe.io.atomic import atomic_write_text
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every family (embedded as ``train:`` in family configs)."""
+
+    epochs: int = 10
+    max_steps: int = 0  # optimiser steps; 0 = no limit
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0  # max grad norm; 0 = off
+    accum_steps: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    val_every: int = 1  # epochs
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"  # min | max
+    patience: int = 0  # validations without improvement before stopping; 0 = off
+    ckpt_every: int = 0  # optimiser steps; 0 = only at the end of each epoch
+    num_workers: int = 0
+    log_every: int = 10  # optimiser steps
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    best_metric: float
+    best_step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision '{cfg.precision}' is not fp32 or bf16", fix="set train.precision=bf16")
+    if cfg.monitor_mode not in ("min", "max"):
+        raise ConfigError(f"train.monitor_mode '{cfg.monitor_mode}' is not min or max", fix="set min or max")
+    for name in ("epochs", "batch_size", "accum_steps", "val_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1", fix=f"set train.{name}=1 or more")
+
+
+class Trainer:
+    """Generic supervised/self-supervised loop; subclass and override the hooks."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_set: Dataset, val_set: Dataset | None = None,
+                 run_dir: str | Path = "runs/train", collate_fn: Callable[[list[Any]], Any] | None = None):
+        _check(cfg)
+        self.cfg, self.train_set, self.val_set, self.collate_fn = cfg, train_set, val_set, collate_fn
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = dist_utils.init_distributed()
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and self.world_size > 1:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.model = model.to(device)
+        self.history: list[dict[str, float]] = []
+        self.global_step = 0
+        self.epoch = 0
+        self._writer: Any = None
+
+    # ------------------------------------------------------------------------------------- hooks
+    def training_step(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError("a Trainer subclass must implement training_step(batch) -> (loss, logs)")
+
+    def validation_step(self, batch: Any) -> dict[str, Any]:
+        raise NotImplementedError("a Trainer subclass with a val_set must implement validation_step")
+
+    def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
+        """Default: mean of every numeric key over batches."""
+        keys = outputs[0].keys() if outputs else []
+        return {f"val_{k}": sum(float(o[k]) for o in outputs) / len(outputs) for k in keys}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each training epoch (after ``model.train()``), e.g. for curricula."""
+
+    def on_best(self, metrics: dict[str, float]) -> None:
+        """Called on rank 0 when the monitored metric improves, e.g. to save the model directory."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Default: weight decay on matrices, none on biases and norm/scale vectors."""
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def to_device(self, batch: Any) -> Any:
+        if isinstance(batch, Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self.to_device(v) for k, v in batch.items()}
+        if isinstance(batch, list | tuple):
+            return type(batch)(self.to_device(v) for v in batch) if not hasattr(batch, "_fields") else \
+                type(batch)(*(self.to_device(v) for v in batch))
+        return batch
+
+    # ------------------------------------------------------------------------------------- helpers
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.safetensors"
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _epoch_batches(self, dataset: Dataset, epoch: int, shuffle: bool) -> list[list[int]]:
+        """Index batches of one epoch: a function of (seed, epoch, rank) only, so resume can skip ahead."""
+        sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
+                                     seed=self.cfg.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        bs = self.cfg.batch_size
+        return [order[i:i + bs] for i in range(0, len(order), bs)]
+
+    def _loader(self, dataset: Dataset, batches: list[list[int]], epoch: int) -> DataLoader:
+        # An explicit generator keeps the DataLoader from drawing on the global RNG (exact resume).
+        gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate_fn,
+                          num_workers=self.cfg.num_workers, generator=gen,
+                          pin_memory=self.device.type == "cuda")
+
+    def _better(self, value: float, best: float) -> bool:
+        return value < best if self.cfg.monitor_mode == "min" else value > best
+
+    def _log(self, row: dict[str, float]) -> None:
+        """Append a row to the history; rank 0 rewrites metrics.csv atomically and writes TensorBoard."""
+        self.history.append(row)
+        if self.rank != 0:
+            return
+        keys: list[str] = []
+        for r in self.history:
+            keys.extend(k for k in r if k not in keys)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        for k, v in row.items():
+            if k not in ("step", "epoch"):
+                self._writer.add_scalar(k, v, int(row["step"]))
+        self._writer.flush()
+
+    def _sync_grads(self) -> None:
+        """Average gradients over ranks (what DistributedDataParallel does, without renaming the model's keys)."""
+        if self.world_size == 1:
+            return
+        for p in self.model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad /= self.world_size
+
+    def _broadcast_state(self) -> None:
+        """Start every rank from rank 0's parameters and keep buffers (BatchNorm stats) in step."""
+        if self.world_size == 1:
+            return
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            torch.distributed.broadcast(t.data, src=0)
+
+    # ------------------------------------------------------------------------------------- fit
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        self._broadcast_state()
+        steps_per_epoch = math.ceil(len(self._epoch_batches(self.train_set, 0, False)) / cfg.accum_steps)
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps > 0:
+            total = min(total, cfg.max_steps)
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = WarmupCosine(optimizer, total, cfg.warmup_frac, cfg.min_lr_ratio)
+        sign = 1.0 if cfg.monitor_mode == "min" else -1.0
+        best, best_step, bad, start_epoch, skip = sign * math.inf, -1, 0, 0, 0
+        if resume and self.ckpt_path.is_file():
+            state = load_checkpoint(self.ckpt_path)
+            self.model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            pos = state["position"]
+            self.global_step, start_epoch, skip = int(pos["global_step"]), int(pos["epoch"]), int(pos["batch"])
+            best, best_step, bad = float(pos["best"]), int(pos["best_step"]), int(pos["bad"])
+            self.history = list(state["history"])
+            set_rng_state(state["rng"])
+
+        def checkpoint(epoch: int, batch: int) -> None:
+            if self.rank == 0:
+                save_checkpoint(self.ckpt_path, {
+                    "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": self.history,
+                    "position": {"epoch": epoch, "batch": batch, "global_step": self.global_step, "best": best,
+                                 "best_step": best_step, "bad": bad}})
+            dist_utils.barrier()
+
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.global_step, desc="train", dynamic_ncols=True)
+        stop = self.global_step >= total
+        for epoch in range(start_epoch, cfg.epochs):
+            if stop:
+                break
+            self.epoch = epoch
+            self.model.train()
+            self.on_epoch_start(epoch)
+            batches = self._epoch_batches(self.train_set, epoch, True)
+            first = skip if epoch == start_epoch else 0
+            loader = self._loader(self.train_set, batches[first:], epoch)
+            optimizer.zero_grad(set_to_none=True)
+            running: dict[str, float] = {}
+            n_micro = 0
+            for i, batch in enumerate(loader, start=first):
+                # the last group of an epoch may be shorter than accum_steps; scale by its real size
+                group_start = (i // cfg.accum_steps) * cfg.accum_steps
+                group_size = min(cfg.accum_steps, len(batches) - group_start)
+                with self._autocast():
+                    loss, logs = self.training_step(self.to_device(batch))
+                if not torch.isfinite(loss.detach()):
+                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.global_step}")
+                (loss.float() / group_size).backward()
+                running["loss"] = running.get("loss", 0.0) + float(loss.detach())
+                for k, v in logs.items():
+                    running[k] = running.get(k, 0.0) + float(v)
+                n_micro += 1
+                if i + 1 - group_start < group_size:
+                    continue
+                self._sync_grads()
+                if cfg.grad_clip > 0:
+                    running["grad_norm"] = running.get("grad_norm", 0.0) + group_size * float(
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                self.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running['loss'] / n_micro:.4g}", lr=f"{lr:.2e}")
+                if self.global_step % cfg.log_every == 0 or self.global_step == total:
+                    row = {"step": self.global_step, "epoch": epoch, "lr": lr}
+                    row.update({f"train_{k}": dist_utils.all_reduce_mean(v / n_micro) for k, v in running.items()})
+                    self._log(row)
+                    running, n_micro = {}, 0
+                if cfg.ckpt_every and self.global_step % cfg.ckpt_every == 0:
+                    checkpoint(epoch, i + 1)
+                if self.global_step >= total:
+                    stop = True
+                    break
+            if self.val_set is not None and ((epoch + 1) % cfg.val_every == 0 or stop or epoch + 1 == cfg.epochs):
+                metrics = self.validate()
+                if cfg.monitor not in metrics:
+                    raise ConfigError(f"train.monitor '{cfg.monitor}' is not a validation metric",
+                                      fix=f"set train.monitor to one of {sorted(metrics)}")
+                value = metrics[cfg.monitor]
+                self._log({"step": self.global_step, "epoch": epoch, **metrics})
+                if self._better(value, best):
+                    best, best_step, bad = value, self.global_step, 0
+                    if self.rank == 0:
+                        self.on_best(metrics)
+                else:
+                    bad += 1
+                    if cfg.patience and bad >= cfg.patience:
+                        stop = True
+            checkpoint(epoch + 1, 0)
+        if bar is not None:
+            bar.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.val_set is None:
+            best = math.nan
+        return TrainResult(best_metric=best, best_step=best_step, history=self.history, run_dir=self.run_dir)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Run validation_step over this rank's share of val_set; metrics averaged over ranks."""
+        assert self.val_set is not None
+        self.model.eval()
+        batches = self._epoch_batches(self.val_set, 0, False)
+        outputs = []
+        for batch in self._loader(self.val_set, batches, 0):
+            with self._autocast():
+                outputs.append(self.validation_step(self.to_device(batch)))
+        metrics = {k: float(dist_utils.all_reduce_mean(float(v))) for k, v in self.validation_end(outputs).items()}
+        self.model.train()
+        return metrics

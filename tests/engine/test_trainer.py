@@ -1,0 +1,130 @@
+"""Trainer: learns, logs, resumes bit-exactly, stops early, writes checkpoints atomically."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from neuromoe.config import from_dict
+from neuromoe.engine import TrainConfig, Trainer, load_checkpoint, resolve_device
+from neuromoe.errors import ConfigError, ModelFormatError
+
+
+def _data(n: int = 40, seed: int = 0) -> TensorDataset:
+    """Noisy linear regression; ``seed`` changes the samples, never the target function."""
+    w = torch.randn(6, 1, generator=torch.Generator().manual_seed(99))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    return TensorDataset(x, x @ w + 0.05 * torch.randn(n, 1, generator=g))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 1))
+
+
+class MSETrainer(Trainer):
+    fail_at: int | None = None
+
+    def training_step(self, batch):
+        if self.fail_at is not None and self.global_step == self.fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        x, y = batch
+        loss = nn.functional.mse_loss(self.model(x), y)
+        return loss, {"mse": float(loss.detach())}
+
+    def validation_step(self, batch):
+        x, y = batch
+        return {"loss": float(nn.functional.mse_loss(self.model(x), y))}
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=4, batch_size=8, lr=1e-2, device="cpu", progress=False, log_every=1, ckpt_every=3,
+                accum_steps=2, warmup_frac=0.2, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_fit_learns_and_logs(tmp_path: Path) -> None:
+    tr = MSETrainer(_model(), _cfg(epochs=15, accum_steps=1), _data(), _data(16, 1), run_dir=tmp_path)
+    first = tr.validate()["val_loss"]
+    res = tr.fit()
+    assert res.best_metric < 0.3 * first
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert {"step", "lr", "train_loss", "val_loss"} <= set(rows[0]) | set(rows[-1])
+    assert any((tmp_path / "tb").iterdir())
+    assert (tmp_path / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_resume_is_bit_exact(tmp_path: Path) -> None:
+    full = MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path / "a")
+    full.fit()
+    part = MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path / "b")
+    part.fail_at = 7  # mid-epoch (3 steps/epoch), after the checkpoint at step 6
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")
+    assert state["position"]["global_step"] == 6
+    resumed = MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path / "b")
+    resumed.fit(resume=True)
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert resumed.global_step == full.global_step
+
+
+def test_early_stopping_and_on_best(tmp_path: Path) -> None:
+    calls: list[float] = []
+
+    class Stale(MSETrainer):
+        def validation_end(self, outputs):
+            return {"score": 1.0}
+
+        def on_best(self, metrics):
+            calls.append(metrics["score"])
+
+    tr = Stale(_model(), _cfg(epochs=10, monitor="score", monitor_mode="max", patience=2), _data(), _data(8),
+               run_dir=tmp_path)
+    res = tr.fit()
+    assert tr.epoch == 2 and res.best_metric == 1.0 and calls == [1.0]
+
+
+def test_kill_during_checkpoint_keeps_last_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = MSETrainer(_model(), _cfg(epochs=1, ckpt_every=1), _data(), run_dir=tmp_path)
+    tr.fit()
+    path = tmp_path / "checkpoints" / "last.safetensors"
+    before = path.read_bytes()
+    import neuromoe.engine.checkpoint as ck
+
+    def dying_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ck, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        MSETrainer(_model(), _cfg(epochs=1, ckpt_every=1), _data(), run_dir=tmp_path).fit()
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["position"]["global_step"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["last.safetensors"]
+
+
+def test_bf16_max_steps_and_config(tmp_path: Path) -> None:
+    cfg = from_dict(TrainConfig, {"precision": "bf16", "max_steps": 2, "device": "cpu", "progress": False,
+                                  "epochs": 5})
+    res = MSETrainer(_model(), cfg, _data(), run_dir=tmp_path).fit()
+    assert math.isnan(res.best_metric) and res.history[-1]["step"] == 2
+    with pytest.raises(ConfigError):
+        MSETrainer(_model(), _cfg(precision="fp8"), _data(), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="monitor"):
+        MSETrainer(_model(), _cfg(monitor="nope"), _data(), _data(8), run_dir=tmp_path / "m").fit()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError):
+            resolve_device("cuda")
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(ModelFormatError):
+        load_checkpoint(tmp_path / "bad.safetensors")
