@@ -27,6 +27,7 @@ is ours and is documented here and in ``docs/denseformer.md``:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from monai.networks.nets.densenet import _DenseBlock, _Transition
-from neuromoe.models.registry import register_model
 from torch import Tensor, nn
+
+from neuromoe.models.registry import register_model
 
 __all__ = [
     "PRESETS",
@@ -129,7 +131,7 @@ class DenseNetPatchStem(nn.Module):
         *,
         init_features: int = 16,
         growth_rate: int = 12,
-        block_layers: Sequence[int] = (2, 2),
+        block_layers: Sequence[int] = (4,),
         bn_size: int = 4,
         compression: float = 0.5,
         stem_stride: int = 2,
@@ -157,6 +159,12 @@ class DenseNetPatchStem(nn.Module):
         self.features = nn.Sequential(*layers)
         self.out_channels = ch
         self.final_size = patch_size // (stem_stride * 2**n_down)
+        if spatial_dims == 3 and self.final_size < 4:
+            warnings.warn(
+                f"DenseNet stem reaches a {self.final_size}³ map: torch's CPU bf16 conv3d weight gradient is "
+                "wrong on maps below 4³ (torch 2.13), so do not train this configuration with bf16 on CPU",
+                stacklevel=2,
+            )
         self.proj = nn.Linear(ch * self.final_size**spatial_dims, embed_dim)
 
     def forward(self, patches: Tensor) -> Tensor:
@@ -183,7 +191,7 @@ class DenseFormer(nn.Module):
         drop: float = 0.0,
         init_features: int = 16,
         growth_rate: int = 12,
-        block_layers: Sequence[int] = (2, 2),
+        block_layers: Sequence[int] = (4,),
         bn_size: int = 4,
         compression: float = 0.5,
         stem_stride: int = 2,
@@ -577,13 +585,13 @@ def layerwise_lr_groups(
 PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: 32³, 64 tokens
     "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, init_features=8,
-                 growth_rate=8, block_layers=(2, 2)),
+                 growth_rate=8, block_layers=(2,)),
     # CPU demo: 64³ at 3 mm (192 mm field of view), 512 tokens
     "demo": dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, init_features=16,
-                 growth_rate=12, block_layers=(2, 2)),
+                 growth_rate=12, block_layers=(4,)),
     # paper scale: 160×192×160 at 1 mm, patch 16 → 1200 tokens, ViT-B width
     "base": dict(img_size=(160, 192, 160), patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 init_features=32, growth_rate=16, block_layers=(4, 4, 4)),
+                 init_features=32, growth_rate=16, block_layers=(4, 4)),
 }
 MAE_DECODER = {
     "tiny": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),

@@ -840,8 +840,9 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     an ``age`` column, conformal ``brain_age_lo/hi``); ``<task>_experts`` = top-k experts used. A file that
     fails is reported and skipped (``strict=True`` re-raises the first failure).
     """
-    from neuromoe.data.preprocess import PreprocSpec
     from tqdm import tqdm
+
+    from neuromoe.data.preprocess import PreprocSpec
 
     model, meta = _load_multitask(model_dir)
     tasks = [TaskSpec(**t) for t in meta["tasks"]]
