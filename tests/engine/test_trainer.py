@@ -45,7 +45,7 @@ class MSETrainer(Trainer):
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=4, batch_size=8, lr=1e-2, device="cpu", progress=False, log_every=1, ckpt_every=3,
+    base = dict(epochs=4, batch_size=8, lr=1e-2, device="cpu", progress=False, log_every=1, ckpt_every=4,
                 accum_steps=2, warmup_frac=0.2, seed=3)
     base.update(kw)
     return TrainConfig(**base)
@@ -66,11 +66,11 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     full = MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path / "a")
     full.fit()
     part = MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path / "b")
-    part.fail_at = 7  # mid-epoch (3 steps/epoch), after the checkpoint at step 6
+    part.fail_at = 5  # 3 steps/epoch: killed in epoch 1 after the mid-epoch checkpoint at step 4
     with pytest.raises(KeyboardInterrupt):
         part.fit()
     state = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")
-    assert state["position"]["global_step"] == 6
+    assert (state["position"]["global_step"], state["position"]["epoch"], state["position"]["batch"]) == (4, 1, 2)
     resumed = MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path / "b")
     resumed.fit(resume=True)
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
