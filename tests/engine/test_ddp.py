@@ -31,6 +31,6 @@ def test_two_gloo_ranks_stay_in_sync(tmp_path: Path) -> None:
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.csv", "tb"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "tb"]
     assert len(list((run / "tb").iterdir())) == 1
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.safetensors"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -60,6 +61,7 @@ def test_fit_learns_and_logs(tmp_path: Path) -> None:
     assert {"step", "lr", "train_loss", "val_loss"} <= set(rows[0]) | set(rows[-1])
     assert any((tmp_path / "tb").iterdir())
     assert (tmp_path / "checkpoints" / "last.safetensors").is_file()
+    assert from_dict(TrainConfig, yaml.safe_load((tmp_path / "config.yaml").read_text())) == tr.cfg
 
 
 def test_resume_is_bit_exact(tmp_path: Path) -> None:

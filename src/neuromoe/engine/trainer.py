@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from neuromoe.config import save_config
 from neuromoe.engine import distributed as dist_utils
 from neuromoe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from neuromoe.engine.schedule import WarmupCosine
@@ -191,18 +192,20 @@ class Trainer:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
                 p.grad /= self.world_size
 
-    def _broadcast_state(self) -> None:
-        """Start every rank from rank 0's parameters and keep buffers (BatchNorm stats) in step."""
+    def _broadcast(self, tensors: list[Tensor]) -> None:
+        """Copy rank 0's values: parameters at the start, buffers (BatchNorm stats) after every step, like DDP."""
         if self.world_size == 1:
             return
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
+        for t in tensors:
             torch.distributed.broadcast(t.data, src=0)
 
     # ------------------------------------------------------------------------------------- fit
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
         seed_everything(cfg.seed)
-        self._broadcast_state()
+        self._broadcast(list(self.model.parameters()) + list(self.model.buffers()))
+        if self.rank == 0 and not (self.run_dir / "config.yaml").exists():
+            save_config(cfg, self.run_dir)  # families usually save their full config first
         steps_per_epoch = math.ceil(len(self._epoch_batches(self.train_set, 0, False)) / cfg.accum_steps)
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps > 0:
@@ -270,6 +273,7 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                self._broadcast(list(self.model.buffers()))
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 self.global_step += 1
