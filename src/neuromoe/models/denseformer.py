@@ -196,7 +196,7 @@ class DenseFormer(nn.Module):
         compression: float = 0.5,
         stem_stride: int = 2,
         spatial_dims: int = 3,
-        pool: Literal["cls", "mean"] = "cls",
+        pool: Literal["cls", "mean"] = "mean",
         num_outputs: int = 0,
     ):
         super().__init__()
