@@ -1,0 +1,118 @@
+"""MoME / MoME+ model tests on tiny 2D/3D inputs (the architecture is dimension-agnostic)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuromoe.errors import ConfigError
+from neuromoe.models import create_model, load_model, save_model
+from neuromoe.models.mome import MoME, curriculum_weight, deep_supervision_weights, mome_loss
+
+
+def _mome(**kw) -> MoME:
+    torch.manual_seed(0)
+    return create_model("mome_tiny", spatial_dims=2, **kw)
+
+
+def test_fused_logits_are_gate_weighted_sum_of_experts_at_every_scale() -> None:
+    m = _mome().eval()
+    with torch.no_grad():
+        out = m(torch.randn(2, 1, 32, 32))
+    assert len(out.logits) == len(out.gates) == 2
+    for s, (fused, gate) in enumerate(zip(out.logits, out.gates, strict=True)):
+        assert gate.shape == (2, 5, *fused.shape[2:])
+        torch.testing.assert_close(gate.sum(1), torch.ones_like(gate[:, 0]))
+        manual = sum(gate[:, k:k + 1] * out.expert_logits[k][s] for k in range(5))
+        torch.testing.assert_close(fused, manual)
+
+
+def test_raw_gate_is_not_normalised() -> None:
+    with torch.no_grad():
+        out = _mome(gate_norm="raw").eval()(torch.randn(1, 1, 32, 32))
+    assert not torch.allclose(out.gates[0].sum(1), torch.ones_like(out.gates[0][:, 0]))
+
+
+def test_3d_forward_shapes() -> None:
+    torch.manual_seed(0)
+    m = create_model("mome_tiny", modalities=("t1", "flair")).eval()
+    with torch.no_grad():
+        out = m(torch.randn(1, 1, 16, 16, 16))
+    assert out.logits[0].shape == (1, 2, 16, 16, 16)
+    assert out.logits[1].shape == (1, 2, 8, 8, 8)
+
+
+def test_mome_plus_dispatch_identity_for_present_and_mixture_of_present_for_missing() -> None:
+    m = _mome(multimodal=True)
+    avail = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0]])
+    D = m.dispatch_matrix(avail)
+    for b in range(2):
+        for e in range(5):
+            if avail[b, e]:
+                torch.testing.assert_close(D[b, e], torch.eye(5)[e])
+            else:
+                assert torch.all(D[b, e][avail[b] == 0] == 0)
+                torch.testing.assert_close(D[b, e].sum(), torch.tensor(1.0))
+    x = torch.randn(2, 5, 32, 32)
+    xin, _ = m.expert_inputs(x, avail)
+    # a missing modality's content never leaks into any expert input
+    x2 = x.clone()
+    x2[0, 1] += 100.0
+    torch.testing.assert_close(m.expert_inputs(x2, avail)[0], xin)
+    with pytest.raises(ValueError):
+        m.dispatch_matrix(torch.zeros(1, 5))
+
+
+def test_sparse_runs_only_top_k_experts_and_trains_the_router() -> None:
+    m = _mome(multimodal=True, top_k=2)
+    out = m(torch.randn(1, 5, 32, 32), torch.tensor([[1, 1, 0, 1, 0]]))
+    assert len(out.expert_logits) == 2 and out.selected.shape == (1, 2)
+    unused = [k for k in range(5) if k not in out.expert_logits]
+    assert torch.all(out.gates[0][:, unused] < 1e-6)
+    loss, _ = mome_loss(out, torch.zeros(1, 1, 32, 32), None, 0.0)
+    loss.backward()
+    assert m.router.proj.weight.grad is not None and m.router.proj.weight.grad.abs().sum() > 0
+
+
+def test_curriculum_schedules() -> None:
+    assert curriculum_weight(0, 10) == 1.0 and curriculum_weight(10, 10) == 0.0
+    assert curriculum_weight(5, 10) == pytest.approx(0.25)
+    assert curriculum_weight(5, 10, "linear") == pytest.approx(0.5)
+    assert curriculum_weight(7, 10, "constant") == pytest.approx(0.2)
+    with pytest.raises(ConfigError):
+        curriculum_weight(1, 10, "cosine")
+    assert sum(deep_supervision_weights(4)) == pytest.approx(1.0)
+
+
+def test_mome_learns_a_toy_segmentation() -> None:
+    """A few Adam steps on bright squares must reduce the curriculum loss substantially."""
+    torch.manual_seed(0)
+    m = _mome(modalities=("a", "b"))
+    x = torch.randn(4, 1, 16, 16) * 0.1
+    y = torch.zeros(4, 1, 16, 16)
+    x[:, :, 4:9, 5:11] += 2.0
+    y[:, :, 4:9, 5:11] = 1
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    mod = torch.tensor([0, 1, 0, 1])
+    first = None
+    for step in range(30):
+        loss, _ = mome_loss(m(x), y, mod, curriculum_weight(step, 30))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert float(loss) < 0.5 * first
+
+
+def test_registry_roundtrip_and_presets(tmp_path) -> None:
+    m = _mome(multimodal=True, top_k=1)
+    save_model(m, tmp_path / "m", {"family": "mome"})
+    m2, meta = load_model(tmp_path / "m")
+    x = torch.randn(1, 5, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x).logits[0], m2(x).logits[0])
+    assert meta["architecture"] == "mome_tiny"
+    unet = create_model("unet_tiny", spatial_dims=2)
+    assert [t.shape[1] for t in unet(torch.randn(1, 1, 16, 16))] == [2, 2]
+    with pytest.raises(ConfigError):
+        create_model("mome_tiny", top_k=9)
