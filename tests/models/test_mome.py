@@ -101,7 +101,7 @@ def test_mome_learns_a_toy_segmentation() -> None:
         loss.backward()
         opt.step()
         first = first if first is not None else loss.item()
-    assert float(loss) < 0.5 * first
+    assert loss.item() < 0.5 * first
 
 
 def test_registry_roundtrip_and_presets(tmp_path) -> None:
