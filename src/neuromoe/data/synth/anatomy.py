@@ -1,0 +1,81 @@
+"""MNI152 2009 anatomy resampled to the cohort grid (bundled with nilearn, works offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy import ndimage
+
+# MNI bounding box (mm) that holds the whole head of the 2009 template.
+_BOX_MIN = np.array([-90.0, -126.0, -72.0])
+_BOX_MAX = np.array([90.0, 90.0, 108.0])
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Template T1 and tissue probabilities on a grid of ``spacing`` mm (RAS affine)."""
+
+    affine: np.ndarray
+    t1: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+    brain: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.t1.shape  # type: ignore[return-value]
+
+    def mm_grid(self) -> np.ndarray:
+        """(3, X, Y, Z) MNI coordinates of every voxel centre, for coordinate-defined regions."""
+        idx = np.indices(self.shape).reshape(3, -1)
+        xyz = self.affine[:3, :3] @ idx + self.affine[:3, 3:4]
+        return xyz.reshape((3, *self.shape))
+
+    def region(self, centre: tuple[float, float, float], radii: tuple[float, float, float]) -> np.ndarray:
+        """Soft ellipsoid weight (1 inside, smooth edge) around an MNI coordinate."""
+        g = self.mm_grid()
+        d2 = sum(((g[i] - centre[i]) / radii[i]) ** 2 for i in range(3))
+        return np.exp(-0.5 * d2**2).astype(np.float32)
+
+
+@lru_cache(maxsize=4)
+def load_anatomy(spacing: float = 3.0) -> Anatomy:
+    """Resample the nilearn MNI152 T1 and GM/WM/CSF maps; cached because every subject starts here."""
+    from nilearn import datasets, image
+
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = _BOX_MIN
+    shape = tuple(int(np.ceil((_BOX_MAX - _BOX_MIN)[i] / spacing)) + 1 for i in range(3))
+
+    def res(img) -> np.ndarray:
+        out = image.resample_img(img, target_affine=affine, target_shape=shape, interpolation="continuous",
+                                 force_resample=True, copy_header=True)
+        return np.nan_to_num(np.asarray(out.get_fdata(), dtype=np.float32))
+
+    t1 = res(datasets.load_mni152_template(resolution=2))
+    gm = np.clip(res(datasets.load_mni152_gm_template(resolution=2)), 0, 1)
+    wm = np.clip(res(datasets.load_mni152_wm_template(resolution=2)), 0, 1)
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing((gm + wm) > 0.2, iterations=2))
+    csf = np.clip(brain.astype(np.float32) - gm - wm, 0, 1)
+    t1 = t1 / max(float(np.percentile(t1[brain], 99)), 1e-6)
+    return Anatomy(affine, t1, gm, wm, csf, brain.astype(bool))
+
+
+def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float) -> np.ndarray:
+    """Unit-variance low-frequency random field (deformations, bias fields)."""
+    sigma_vox = min(sigma_vox, min(shape) / 4.0)  # keep some variation on coarse test grids
+    f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="wrap")
+    f -= f.mean()
+    return f / max(float(f.std()), 1e-6)
+
+
+def warp(vol: np.ndarray, disp: np.ndarray, scale: float, order: int = 1) -> np.ndarray:
+    """Resample ``vol`` under a global scale about the centre plus a smooth displacement (voxels)."""
+    shape = vol.shape
+    c = (np.array(shape) - 1) / 2.0
+    idx = np.indices(shape).astype(np.float32)
+    coords = [(idx[i] - c[i]) / scale + c[i] + disp[i] for i in range(3)]
+    return ndimage.map_coordinates(vol, coords, order=order, mode="constant").astype(vol.dtype)

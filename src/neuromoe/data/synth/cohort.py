@@ -1,0 +1,216 @@
+"""Write a whole synthetic cohort in the BIDS-like layout of docs/design.md ("Synthetic cohorts")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from neuromoe.data.synth import fmri as fm
+from neuromoe.data.synth.anatomy import load_anatomy
+from neuromoe.data.synth.lesions import DATASETS, MODALITIES, synth_lesion_case
+from neuromoe.data.synth.structural import SITES, synth_t1
+from neuromoe.errors import InputError
+from neuromoe.io.atomic import atomic_path, atomic_write_json, atomic_write_text
+
+KINDS = ("structural", "lesion", "fmri")
+_FILE_SUFFIX = {"t1": "T1w", "t1c": "ce-gd_T1w", "t2": "T2w", "flair": "FLAIR", "dwi": "DWI"}
+STRUCT_COLS = ["subject", "t1", "age", "sex", "dx_ad", "dx_pd", "cohort", "site", "split"]
+LESION_COLS = ["subject", "t1", "t1c", "t2", "flair", "dwi", "mask", "lesion_type", "dataset", "site", "split"]
+FMRI_COLS = ["subject", "session", "state", "timeseries", "bold", "cohort", "phenotype", "sex", "age", "site",
+             "split"]
+
+
+def _save_nii(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
+
+
+def _write_csv(path: Path, cols: list[str], rows: Iterable[dict]) -> None:
+    lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def stratified_split(strata: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) -> list[str]:
+    """Deterministic train/val/test per stratum so every label is present in every split when possible."""
+    rng = np.random.default_rng([seed, 99])
+    out = [""] * len(strata)
+    for s in sorted(set(strata)):
+        idx = [i for i, v in enumerate(strata) if v == s]
+        rng.shuffle(idx)
+        n = len(idx)
+        n_val = round(fractions[1] * n) if n >= 3 else 0
+        n_test = round(fractions[2] * n) if n >= 3 else 0
+        for j, i in enumerate(idx):
+            out[i] = "val" if j < n_val else "test" if j < n_val + n_test else "train"
+    return out
+
+
+def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int = 60, n_fmri: int = 120,
+                 seed: int = 0, spacing: float = 3.0, modalities: tuple[str, ...] = MODALITIES,
+                 kinds: tuple[str, ...] = KINDS, n_rois: int = 264, bold: bool = False,
+                 progress: bool = True, n_timepoints: int = 160, tr: float = 2.0) -> dict:
+    """Generate the cohort; returns paths of the manifests, participants.tsv and ground_truth.json."""
+    out = Path(out_dir)
+    bad = [m for m in modalities if m not in MODALITIES]
+    if bad:
+        raise InputError(f"unknown modalities {bad}; choose from {','.join(MODALITIES)}")
+    badk = [k for k in kinds if k not in KINDS]
+    if badk:
+        raise InputError(f"unknown kinds {badk}; choose from {','.join(KINDS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    anat = load_anatomy(float(spacing))
+    sites = sorted(SITES)
+    participants: list[dict] = []
+    truth: dict = {"seed": seed, "spacing": spacing, "modalities": list(modalities), "subjects": {}}
+    result: dict = {}
+    counter = 0
+
+    def next_id() -> str:
+        nonlocal counter
+        counter += 1
+        return f"sub-{counter:04d}"
+
+    if "structural" in kinds and n_structural > 0:
+        rows = []
+        for i in tqdm(range(n_structural), desc="structural", disable=not progress):
+            rng = np.random.default_rng([seed, 1, i])
+            sub = next_id()
+            cohort = ["ukb", "adni", "ppmi"][i % 3]
+            sex = "F" if rng.random() < 0.5 else "M"
+            dx_ad = dx_pd = ""
+            if cohort == "ukb":
+                age = rng.uniform(45, 80)
+            elif cohort == "adni":
+                dx_ad = ["CN", "MCI", "AD"][int(rng.integers(3))]
+                age = rng.uniform(60, 88)
+            else:
+                dx_pd = "PD" if rng.random() < 0.5 else "HC"
+                age = rng.uniform(50, 80)
+            site = sites[int(rng.integers(len(sites)))]
+            img = synth_t1(anat, rng, age=age, sex=sex, dx_ad=dx_ad, dx_pd=dx_pd, site=site)
+            rel = f"{sub}/anat/{sub}_T1w.nii.gz"
+            _save_nii(out / rel, img, anat.affine)
+            row = {"subject": sub, "t1": rel, "age": round(float(age), 2), "sex": sex, "dx_ad": dx_ad,
+                   "dx_pd": dx_pd, "cohort": cohort, "site": site}
+            rows.append(row)
+            participants.append({"participant_id": sub, "kind": "structural", "age": row["age"], "sex": sex})
+            truth["subjects"][sub] = {"kind": "structural", "age": float(age), "dx_ad": dx_ad, "dx_pd": dx_pd}
+        strata = [f"{r['cohort']}-{r['dx_ad'] or r['dx_pd'] or r['sex']}" for r in rows]
+        for r, s in zip(rows, stratified_split(strata, seed), strict=True):
+            r["split"] = s
+        result["structural"] = out / "manifests" / "structural.csv"
+        _write_csv(result["structural"], STRUCT_COLS, rows)
+
+    if "lesion" in kinds and n_lesion > 0:
+        rows = []
+        types = list(DATASETS)
+        for i in tqdm(range(n_lesion), desc="lesion", disable=not progress):
+            rng = np.random.default_rng([seed, 2, i])
+            sub = next_id()
+            lt = types[i % len(types)]
+            dataset, have = DATASETS[lt]
+            mods = tuple(m for m in have if m in modalities) or (modalities[0],)
+            images, mask = synth_lesion_case(anat, rng, lt, mods)
+            row = {"subject": sub, "lesion_type": lt, "dataset": dataset,
+                   "site": sites[int(rng.integers(len(sites)))]}
+            for mod, img in images.items():
+                rel = f"{sub}/anat/{sub}_{_FILE_SUFFIX[mod]}.nii.gz"
+                _save_nii(out / rel, img, anat.affine)
+                row[mod] = rel
+            rel = f"derivatives/lesions/{sub}/anat/{sub}_desc-lesion_mask.nii.gz"
+            _save_nii(out / rel, mask, anat.affine, dtype=np.uint8)
+            row["mask"] = rel
+            rows.append(row)
+            participants.append({"participant_id": sub, "kind": "lesion"})
+            truth["subjects"][sub] = {"kind": "lesion", "lesion_type": lt, "lesion_voxels": int(mask.sum()),
+                                      "modalities": list(images)}
+        for r, s in zip(rows, stratified_split([r["lesion_type"] for r in rows], seed), strict=True):
+            r["split"] = s
+        result["lesion"] = out / "manifests" / "lesion.csv"
+        _write_csv(result["lesion"], LESION_COLS, rows)
+
+    if "fmri" in kinds and n_fmri > 0:
+        d = fm.design(n_rois, seed)
+        coords = d["coords"]
+        atlas = out / "atlas" / "rois.tsv"
+        atlas.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(atlas, "name\tx\ty\tz\n" + "".join(
+            f"roi-{i + 1:03d}\t{c[0]:g}\t{c[1]:g}\t{c[2]:g}\n" for i, c in enumerate(coords)))
+        rows = []
+        subj_rows: list[list[dict]] = []
+        n_pre = n_fmri // 2
+        for i in tqdm(range(n_fmri), desc="fmri", disable=not progress):
+            rng = np.random.default_rng([seed, 3, i])
+            sub = next_id()
+            cohort = "pretrain" if i < n_pre else "downstream"
+            sex = "F" if rng.random() < 0.5 else "M"
+            age = float(rng.uniform(20, 70))
+            site = sites[int(rng.integers(len(sites)))]
+            patient = cohort == "downstream" and (i - n_pre) % 2 == 1
+            states = fm.STATES if cohort == "pretrain" else (fm.INFORMATIVE_STATE,)
+            these = []
+            for st in states:
+                ts = fm.synth_timeseries(d, rng, state=st, patient=patient, sex=sex, age=age, n_t=n_timepoints,
+                                         tr=tr, site_noise=0.3 + 0.2 * sites.index(site))
+                rel = f"{sub}/func/{sub}_task-{st}_timeseries.npy"
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(out / rel, suffix=".npy") as tmp:
+                    np.save(tmp, ts)
+                rel_bold = ""
+                if bold:
+                    rel_bold = f"{sub}/func/{sub}_task-{st}_bold.nii.gz"
+                    _save_nii(out / rel_bold, bold_image(anat, coords, ts, rng), anat.affine)
+                these.append({"subject": sub, "session": "ses-1", "state": st, "timeseries": rel, "bold": rel_bold,
+                              "cohort": cohort, "phenotype": ("patient" if patient else "control")
+                              if cohort == "downstream" else "", "sex": sex, "age": round(age, 2), "site": site})
+            subj_rows.append(these)
+            participants.append({"participant_id": sub, "kind": "fmri", "age": round(age, 2), "sex": sex})
+            truth["subjects"][sub] = {"kind": "fmri", "cohort": cohort, "patient": patient, "age": age}
+        strata = [f"{r[0]['cohort']}-{r[0]['phenotype']}" for r in subj_rows]
+        for these, s in zip(subj_rows, stratified_split(strata, seed), strict=True):
+            for r in these:
+                r["split"] = s
+                rows.append(r)
+        truth["fmri"] = {"states": list(fm.STATES), "informative_state": fm.INFORMATIVE_STATE,
+                         "downstream_state": fm.INFORMATIVE_STATE, "tr": tr, "n_timepoints": n_timepoints,
+                         "network": d["network"].tolist(), "patient_edges": d["patient_edges"],
+                         "sex_edges": d["sex_edges"], "task_networks": fm.TASK_NETWORKS}
+        result["fmri"] = out / "manifests" / "fmri.csv"
+        result["atlas"] = atlas
+        _write_csv(result["fmri"], FMRI_COLS, rows)
+
+    cols = ["participant_id", "kind", "age", "sex"]
+    atomic_write_text(out / "participants.tsv", "\t".join(cols) + "\n" + "".join(
+        "\t".join(str(p.get(c, "n/a")) for c in cols) + "\n" for p in participants))
+    atomic_write_json(out / "dataset_description.json", {
+        "Name": "NeuroMoE synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+        "GeneratedBy": [{"Name": "neuromoe synth", "Description": f"seed={seed} spacing={spacing}"}]})
+    atomic_write_json(out / "ground_truth.json", truth)
+    result["participants"] = out / "participants.tsv"
+    result["ground_truth"] = out / "ground_truth.json"
+    return {k: str(v) for k, v in result.items()}
+
+
+def bold_image(anat, coords: np.ndarray, ts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """4D BOLD: each ROI signal fills a 6 mm sphere on the grid around its MNI coordinate, plus noise."""
+    n_t = ts.shape[0]
+    vol = np.zeros((*anat.shape, n_t), np.float32)
+    inv = np.linalg.inv(anat.affine)
+    g = anat.mm_grid()
+    for i, c in enumerate(coords):
+        v = np.round(inv[:3, :3] @ c + inv[:3, 3]).astype(int)
+        lo = np.maximum(v - 3, 0)
+        hi = np.minimum(v + 4, anat.shape)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        d2 = sum((g[k][sl] - c[k]) ** 2 for k in range(3))
+        vol[sl][d2 <= 36.0] = ts[:, i]
+    vol += 0.5 * rng.standard_normal(vol.shape).astype(np.float32)
+    return 100.0 + 10.0 * vol * anat.brain[..., None]

@@ -1,0 +1,124 @@
+"""SynthSeg-style multi-modal lesion cases: random per-tissue contrasts and typed lesions with masks."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from neuromoe.data.synth.anatomy import Anatomy, smooth_field, warp
+
+MODALITIES = ("t1", "t1c", "t2", "flair", "dwi")
+# Dataset per lesion type and the modalities such datasets provide.
+DATASETS = {
+    "tumour": ("brats", ("t1", "t1c", "t2", "flair")),
+    "stroke_chronic": ("atlas", ("t1",)),
+    "stroke_acute": ("isles", ("dwi", "flair")),
+    "wmh": ("wmh", ("t1", "flair")),
+    "ms": ("msseg", ("t1", "t1c", "t2", "flair")),
+}
+# Intensity ranges (lo, hi) for tissue classes per modality, chosen so the physical ordering holds:
+# classes: wm, gm, csf, core(necrosis/cavity), rim(enhancing), oedema/lesion.
+_RANGES = {
+    "t1": {"wm": (0.85, 1.0), "gm": (0.55, 0.7), "csf": (0.1, 0.25)},
+    "t1c": {"wm": (0.85, 1.0), "gm": (0.55, 0.7), "csf": (0.1, 0.25)},
+    "t2": {"wm": (0.3, 0.4), "gm": (0.45, 0.55), "csf": (0.9, 1.0)},
+    "flair": {"wm": (0.35, 0.45), "gm": (0.5, 0.6), "csf": (0.05, 0.15)},
+    "dwi": {"wm": (0.4, 0.5), "gm": (0.5, 0.6), "csf": (0.1, 0.2)},
+}
+# Lesion-compartment intensities relative to the modality (multiplier range on the WM level).
+_LESION = {
+    "oedema": {"t1": (0.6, 0.7), "t1c": (0.6, 0.7), "t2": (2.2, 2.6), "flair": (2.0, 2.4), "dwi": (1.1, 1.2)},
+    "core": {"t1": (0.25, 0.35), "t1c": (0.25, 0.35), "t2": (2.6, 2.9), "flair": (0.5, 0.8), "dwi": (0.5, 0.6)},
+    "enh": {"t1": (0.65, 0.75), "t1c": (1.5, 1.8), "t2": (1.8, 2.1), "flair": (1.8, 2.1), "dwi": (1.0, 1.1)},
+    "acute": {"t1": (0.75, 0.85), "t1c": (0.75, 0.85), "t2": (1.8, 2.2), "flair": (1.6, 2.0), "dwi": (2.2, 2.8)},
+    "cavity": {"t1": (0.12, 0.25), "t1c": (0.12, 0.25), "t2": (2.4, 2.8), "flair": (0.2, 0.4), "dwi": (0.3, 0.4)},
+    "plaque": {"t1": (0.6, 0.75), "t1c": (0.6, 0.75), "t2": (2.0, 2.4), "flair": (2.0, 2.4), "dwi": (1.0, 1.1)},
+    "plaque_enh": {"t1": (0.6, 0.75), "t1c": (1.4, 1.7), "t2": (2.0, 2.4), "flair": (2.0, 2.4), "dwi": (1.0, 1.1)},
+}
+
+
+def _blob(anat: Anatomy, rng: np.random.Generator, centre_vox: np.ndarray, radius_mm: float,
+          rough: float = 0.3) -> np.ndarray:
+    """Irregular ellipsoid: distance threshold perturbed by a smooth field."""
+    sp = float(anat.affine[0, 0])
+    idx = np.indices(anat.shape).astype(np.float32)
+    axes = radius_mm / sp * rng.uniform(0.7, 1.3, 3)
+    d = np.sqrt(sum(((idx[i] - centre_vox[i]) / axes[i]) ** 2 for i in range(3)))
+    return d < 1.0 + rough * smooth_field(rng, anat.shape, 2.0)
+
+
+def _pick(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    vox = np.argwhere(mask)
+    return vox[rng.integers(len(vox))].astype(np.float32)
+
+
+def lesion_compartments(anat: Anatomy, rng: np.random.Generator, lesion_type: str) -> dict[str, np.ndarray]:
+    """Boolean maps of each lesion compartment, all inside the brain."""
+    sp = float(anat.affine[0, 0])
+    wm_deep = ndimage.binary_erosion(anat.wm > 0.5, iterations=max(1, round(4 / sp)))
+    periv = ndimage.binary_dilation(anat.csf > 0.5, iterations=max(1, round(6 / sp))) & (anat.wm > 0.4)
+    brain = anat.brain
+    out: dict[str, np.ndarray] = {}
+    if lesion_type == "tumour":
+        c = _pick(rng, wm_deep)
+        r = rng.uniform(14, 24)
+        whole = _blob(anat, rng, c, r * 1.6) & brain
+        tumour = _blob(anat, rng, c, r) & brain
+        core = _blob(anat, rng, c, r * 0.55, 0.2) & tumour
+        out = {"oedema": whole & ~tumour, "enh": tumour & ~core, "core": core}
+    elif lesion_type == "stroke_acute":
+        # Vascular-territory shape: wedge from the MCA stem outwards, within one hemisphere.
+        side = rng.choice([-1, 1])
+        g = anat.mm_grid()
+        ang = np.arctan2(g[2] - 5.0, side * g[0])
+        centre_ang = rng.uniform(-0.6, 0.6)
+        wedge = (np.abs(ang - centre_ang) < rng.uniform(0.25, 0.5)) & (side * g[0] > rng.uniform(20, 40))
+        ybox = np.abs(g[1] - rng.uniform(-40, 10)) < rng.uniform(15, 30)
+        out = {"acute": wedge & ybox & brain & (anat.gm + anat.wm > 0.5)}
+    elif lesion_type == "stroke_chronic":
+        c = _pick(rng, (anat.gm > 0.4) & ndimage.binary_erosion(brain, iterations=max(1, round(6 / sp))))
+        out = {"cavity": _blob(anat, rng, c, rng.uniform(10, 20), 0.4) & brain}
+    elif lesion_type in ("wmh", "ms"):
+        n = rng.integers(4, 9) if lesion_type == "wmh" else rng.integers(5, 11)
+        plaques = np.zeros(anat.shape, bool)
+        enh = np.zeros(anat.shape, bool)
+        for _ in range(n):
+            site = periv if rng.random() < 0.7 else wm_deep
+            b = _blob(anat, rng, _pick(rng, site), rng.uniform(6, 11), 0.2) & brain & (anat.wm > 0.2)
+            if lesion_type == "ms" and rng.random() < 0.3:
+                enh |= b
+            else:
+                plaques |= b
+        out = {"plaque": plaques & ~enh, "plaque_enh": enh}
+    else:
+        raise ValueError(lesion_type)
+    return out
+
+
+def synth_lesion_case(anat: Anatomy, rng: np.random.Generator, lesion_type: str, modalities: tuple[str, ...]
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Images for the modalities this case has (∩ requested) and the binary lesion mask."""
+    comps = lesion_compartments(anat, rng, lesion_type)
+    mask = np.zeros(anat.shape, bool)
+    for m in comps.values():
+        mask |= m
+    scale = 1.0 + 0.03 * rng.standard_normal()
+    disp = np.stack([1.0 * smooth_field(rng, anat.shape, 20.0 / anat.affine[0, 0]) for _ in range(3)])
+    head = anat.t1 * ~anat.brain
+    images: dict[str, np.ndarray] = {}
+    for mod in modalities:
+        lv = {k: rng.uniform(*v) for k, v in _RANGES[mod].items()}
+        img = anat.wm * lv["wm"] + anat.gm * lv["gm"] + anat.csf * lv["csf"]
+        if mod in ("t2", "flair"):
+            img = img + head * 0.5
+        else:
+            img = img + head
+        for comp, m in comps.items():
+            val = lv["wm"] * rng.uniform(*_LESION[comp][mod])
+            soft = ndimage.gaussian_filter(m.astype(np.float32), 0.5)
+            img = img * (1 - soft) + val * soft
+        img = img * np.exp(0.1 * smooth_field(rng, anat.shape, 25.0))
+        img = img + 0.02 * np.abs(rng.standard_normal(anat.shape))
+        images[mod] = warp(img.astype(np.float32), disp, scale)
+    mask_w = warp(mask.astype(np.float32), disp, scale, order=0) > 0.5
+    return images, mask_w

@@ -1,0 +1,71 @@
+"""Structural T1 subjects: head size by sex, age atrophy, AD/MCI/PD regional patterns, site effects."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from neuromoe.data.synth.anatomy import Anatomy, smooth_field, warp
+
+# MNI centres (mm) and radii of the regions the diagnosis patterns act on, both hemispheres.
+MEDIAL_TEMPORAL = [((s * 26.0, -22.0, -14.0), (7.0, 14.0, 8.0)) for s in (-1, 1)] + \
+    [((s * 22.0, -4.0, -20.0), (7.0, 7.0, 7.0)) for s in (-1, 1)] + \
+    [((s * 24.0, -8.0, -32.0), (7.0, 10.0, 6.0)) for s in (-1, 1)]
+VENTRICLES = [((s * 14.0, -8.0, 16.0), (9.0, 28.0, 10.0)) for s in (-1, 1)]
+TEMPORAL_HORNS = [((s * 30.0, -18.0, -10.0), (5.0, 12.0, 5.0)) for s in (-1, 1)]
+PD_REGIONS = [((s * 25.0, 2.0, 2.0), (7.0, 12.0, 8.0)) for s in (-1, 1)] + \
+    [((s * 10.0, -18.0, -12.0), (5.0, 6.0, 5.0)) for s in (-1, 1)]
+AD_SEVERITY = {"CN": 0.0, "MCI": 0.5, "AD": 1.0}
+
+# Site effects: (bias strength, noise sd, gamma, blur sigma in voxels).
+SITES = {"site-A": (0.08, 0.02, 1.0, 0.0), "site-B": (0.15, 0.04, 0.9, 0.5), "site-C": (0.12, 0.03, 1.15, 0.3)}
+
+
+def _union(anat: Anatomy, regions) -> np.ndarray:
+    return np.clip(sum(anat.region(c, r) for c, r in regions), 0, 1)
+
+
+def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, dx_ad: str, dx_pd: str,
+             site: str) -> np.ndarray:
+    """One subject's T1 (float32, template grid); effects act on tissue maps before contrast is applied."""
+    gm, wm, csf = anat.gm.copy(), anat.wm.copy(), anat.csf.copy()
+    cortex = (gm > 0.3) & ~ndimage.binary_erosion(anat.brain, iterations=max(1, round(9 / float(anat.affine[0, 0]))))
+    age_z = (age - 45.0) / 30.0  # 0 at 45 y, 1 at 75 y
+    # Age: cortical thinning, WM loss, ventricle growth (per-subject variability in rate).
+    rate = max(0.0, 1.0 + 0.25 * rng.standard_normal())
+    thin = 0.22 * age_z * rate * cortex
+    lost_gm = gm * np.clip(thin, -0.2, 0.6)
+    vent = _union(anat, VENTRICLES) * anat.brain
+    lost_wm = wm * np.clip(0.5 * age_z * rate, -0.2, 0.7) * vent
+    lost_wm += wm * np.clip(0.06 * age_z * rate, -0.1, 0.2)
+    # AD-like: medial temporal GM loss + ventricle / temporal horn enlargement.
+    sev = AD_SEVERITY.get(dx_ad, 0.0) * max(0.3, 1.0 + 0.2 * rng.standard_normal())
+    mtl = _union(anat, MEDIAL_TEMPORAL)
+    lost_gm += gm * np.clip(0.45 * sev * mtl, 0, 0.8)
+    lost_wm += wm * np.clip(0.35 * sev * (vent + _union(anat, TEMPORAL_HORNS)), 0, 0.8)
+    gm, wm = gm - lost_gm, wm - lost_wm
+    csf = csf + lost_gm + lost_wm
+    # PD-like: subtle putamen/SN signal change (iron, neuronal loss) without volume change.
+    pd_w = _union(anat, PD_REGIONS) * (0.18 if dx_pd == "PD" else 0.0)
+    # Tissue contrast with small per-subject jitter.
+    i_wm, i_gm, i_csf = 1.0 + 0.03 * rng.standard_normal(), 0.62 + 0.03 * rng.standard_normal(), 0.18
+    brain = wm * i_wm + gm * i_gm * (1.0 - pd_w) + csf * i_csf
+    head = anat.t1 * (~anat.brain) + brain * anat.brain
+    # Anatomy: sex-dependent head size and a smooth random deformation.
+    scale = (1.04 if sex == "M" else 0.97) * (1.0 + 0.025 * rng.standard_normal())
+    sig = 20.0 / anat.affine[0, 0]
+    disp = np.stack([1.2 * smooth_field(rng, anat.shape, sig) for _ in range(3)])
+    img = warp(head.astype(np.float32), disp, scale)
+    return apply_site(img, rng, site)
+
+
+def apply_site(img: np.ndarray, rng: np.random.Generator, site: str) -> np.ndarray:
+    """Scanner effects: bias field, blur, contrast gamma, Rician-like noise."""
+    bias, noise, gamma, blur = SITES[site]
+    img = img * np.exp(bias * smooth_field(rng, img.shape, 25.0))
+    if blur > 0:
+        img = ndimage.gaussian_filter(img, blur)
+    img = np.clip(img, 0, None) ** gamma
+    re = img + noise * rng.standard_normal(img.shape)
+    im = noise * rng.standard_normal(img.shape)
+    return np.sqrt(re**2 + im**2).astype(np.float32)

@@ -1,0 +1,113 @@
+"""Layout, determinism, lesion masks and effect directions of the synthetic cohort (6 mm grid)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from neuromoe.data.synth import quicklook, synth_cohort
+from neuromoe.data.synth.anatomy import load_anatomy
+from neuromoe.data.synth.cohort import FMRI_COLS, LESION_COLS, STRUCT_COLS
+from neuromoe.data.synth.lesions import DATASETS
+from neuromoe.errors import InputError
+
+KW = dict(n_structural=6, n_lesion=5, n_fmri=4, spacing=6.0, n_rois=24, progress=False, n_timepoints=60)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("c")
+    synth_cohort(out, **KW)
+    return out
+
+
+def _rows(p: Path) -> list[dict]:
+    with p.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_layout_and_columns(cohort: Path) -> None:
+    for name, cols in (("structural", STRUCT_COLS), ("lesion", LESION_COLS), ("fmri", FMRI_COLS)):
+        rows = _rows(cohort / "manifests" / f"{name}.csv")
+        assert list(rows[0]) == cols
+        assert {r["split"] for r in rows} <= {"train", "val", "test"}
+    s = _rows(cohort / "manifests" / "structural.csv")
+    assert {r["sex"] for r in s} <= {"F", "M"} and {r["cohort"] for r in s} <= {"ukb", "adni", "ppmi"}
+    assert {r["dx_ad"] for r in s} <= {"", "CN", "MCI", "AD"} and {r["dx_pd"] for r in s} <= {"", "HC", "PD"}
+    f = _rows(cohort / "manifests" / "fmri.csv")
+    assert {r["cohort"] for r in f} == {"pretrain", "downstream"}
+    assert all(r["phenotype"] in ("control", "patient") for r in f if r["cohort"] == "downstream")
+    ts = np.load(cohort / f[0]["timeseries"])
+    assert ts.shape == (60, 24) and ts.dtype == np.float32
+    gt = json.loads((cohort / "ground_truth.json").read_text())
+    assert gt["fmri"]["informative_state"] == "wm" and gt["fmri"]["patient_edges"]
+    assert (cohort / "participants.tsv").exists() and (cohort / "atlas" / "rois.tsv").exists()
+
+
+def test_lesion_masks_and_modalities(cohort: Path) -> None:
+    anat = load_anatomy(6.0)
+    for r in _rows(cohort / "manifests" / "lesion.csv"):
+        mask = nib.load(cohort / r["mask"])
+        m = np.asarray(mask.dataobj) > 0
+        assert m.sum() > 0 and np.allclose(mask.affine, anat.affine)
+        # a warp moves the brain slightly; the mask must still lie (almost) inside a dilated brain
+        assert (m & ~anat.brain).sum() <= 0.2 * m.sum()
+        have = {k for k in ("t1", "t1c", "t2", "flair", "dwi") if r[k]}
+        assert have == set(DATASETS[r["lesion_type"]][1])
+        for k in have:
+            assert nib.load(cohort / r[k]).shape == m.shape
+
+
+def test_deterministic(tmp_path: Path, cohort: Path) -> None:
+    synth_cohort(tmp_path, **KW)
+    for p in ("manifests/structural.csv", "manifests/lesion.csv", "manifests/fmri.csv", "ground_truth.json"):
+        assert (tmp_path / p).read_bytes() == (cohort / p).read_bytes()
+    r = _rows(cohort / "manifests" / "lesion.csv")[0]
+    a = np.asarray(nib.load(cohort / r["t1"]).dataobj)
+    b = np.asarray(nib.load(tmp_path / r["t1"]).dataobj)
+    assert np.array_equal(a, b)
+
+
+def test_modalities_restricted(tmp_path: Path) -> None:
+    synth_cohort(tmp_path, **{**KW, "kinds": ("lesion",), "modalities": ("t1", "flair")})
+    for r in _rows(tmp_path / "manifests" / "lesion.csv"):
+        assert not (r["t1c"] or r["t2"] or r["dwi"])
+    with pytest.raises(InputError):
+        synth_cohort(tmp_path, **{**KW, "modalities": ("pet",)})
+
+
+def test_quicklook_png(cohort: Path, tmp_path: Path) -> None:
+    png = quicklook(cohort, tmp_path / "q.png", n=1)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_effect_directions() -> None:
+    from neuromoe.data.synth import fmri as fm
+    from neuromoe.data.synth.structural import MEDIAL_TEMPORAL, _union, synth_t1
+
+    anat = load_anatomy(6.0)
+    mtl = _union(anat, MEDIAL_TEMPORAL) > 0.5
+
+    def mtl_mean(dx: str, i: int) -> float:
+        img = synth_t1(anat, np.random.default_rng(i), age=70, sex="F", dx_ad=dx, dx_pd="", site="site-A")
+        return float(img[mtl].mean())
+
+    assert np.mean([mtl_mean("AD", i) for i in range(3)]) < np.mean([mtl_mean("CN", i) for i in range(3)])
+    d = fm.design(40, 0)
+    i, j = d["patient_edges"][0]
+
+    def edge(state: str, patient: bool) -> float:
+        vals = []
+        for s in range(6):
+            ts = fm.synth_timeseries(d, np.random.default_rng(s), state=state, patient=patient, sex="F", age=40,
+                                     n_t=150, tr=2.0, site_noise=0.3)
+            vals.append(np.corrcoef(ts[:, i], ts[:, j])[0, 1])
+        return float(np.mean(vals))
+
+    assert edge("wm", True) - edge("wm", False) > 0.15
+    assert abs(edge("rest", True) - edge("rest", False)) < 0.1
