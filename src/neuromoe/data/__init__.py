@@ -1,0 +1,1 @@
+"""Data: preprocessing, registration, datasets and synthetic cohorts."""

@@ -1,0 +1,262 @@
+"""Preprocessing built from MONAI transforms, an on-disk cache, and a parallel, shardable cohort runner.
+
+The output affine of every step is tracked (MONAI ``MetaTensor``) so a prediction on the preprocessed
+grid can be put back on the input grid with :func:`neuromoe.io.nifti.resample_to_grid`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import MetaTensor
+from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing
+
+from neuromoe.errors import ConfigError, InputError
+from neuromoe.io.atomic import atomic_path
+from neuromoe.io.nifti import Image, load_nifti, resample_to_grid
+
+IMAGE_ROLES = ("t1", "t1c", "t2", "flair", "dwi")
+
+
+@dataclass
+class PreprocSpec:
+    """What is done to every volume; stored in each model's config.json so prediction replays it."""
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
+    crop_foreground: bool = True
+    crop_margin: int = 2
+    norm: str = "zscore"  # "zscore" within the foreground, "percentile" clip+scale to [0, 1], or "none"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    shape: tuple[int, int, int] | None = (64, 64, 64)
+    register: bool = False
+
+    def __post_init__(self) -> None:
+        if self.orientation != "RAS":
+            raise ConfigError(f"orientation {self.orientation!r} unsupported", fix="use 'RAS'")
+        if self.norm not in ("zscore", "percentile", "none"):
+            raise ConfigError(f"norm {self.norm!r} unknown", fix="use zscore, percentile or none")
+        self.spacing = None if self.spacing is None else tuple(float(s) for s in self.spacing)
+        self.shape = None if self.shape is None else tuple(int(s) for s in self.shape)
+        self.percentiles = tuple(float(p) for p in self.percentiles)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}", fix=f"use only {sorted(known)}")
+        return cls(**d)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Preprocessed:
+    """Channels-first array on the output grid and the affine mapping that grid to world."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+
+def _spatial(mt: MetaTensor, spec: PreprocSpec, mode: str, bbox: tuple | None) -> MetaTensor:
+    if spec.spacing is not None:
+        mt = Spacing(pixdim=spec.spacing, mode=mode, padding_mode="zeros")(mt)
+    if bbox is not None:
+        start, end = bbox
+        sl = tuple(slice(int(s), int(e)) for s, e in zip(start, end, strict=True))
+        shift = np.eye(4)
+        shift[:3, 3] = [s.start for s in sl]
+        mt = MetaTensor(mt.as_tensor()[(slice(None), *sl)].clone(), affine=torch.as_tensor(np.asarray(mt.affine) @ shift))
+    if spec.shape is not None:
+        mt = ResizeWithPadOrCrop(spec.shape)(mt)
+    return mt
+
+
+def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Preprocessed:
+    """Run ``spec`` on one image, or on several roles at once (on the first role's grid; ``mask`` nearest)."""
+    images = image if isinstance(image, dict) else {"image": image}
+    roles = list(images)
+    ref = images[roles[0]]
+    if spec.register:
+        from neuromoe.data.registration import register_to_mni
+
+        ref_aff = register_to_mni(ref)
+    else:
+        ref_aff = ref.affine
+    chans = []
+    for role in roles:
+        img = images[role]
+        same = img.data.shape[:3] == ref.data.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-4)
+        arr = img.data if same else resample_to_grid(img.data, img.affine, ref.data.shape, ref.affine,
+                                                      order=0 if role == "mask" else 1)
+        chans.append(arr)
+    affine = torch.as_tensor(ref_aff, dtype=torch.float64)
+    imgs = [i for i, r in enumerate(roles) if r != "mask"]
+    masks = [i for i, r in enumerate(roles) if r == "mask"]
+    out: dict[int, np.ndarray] = {}
+    out_aff = None
+    bbox = None
+    for group, mode in ((imgs, "bilinear"), (masks, "nearest")):
+        if not group:
+            continue
+        mt = MetaTensor(torch.as_tensor(np.stack([chans[i] for i in group])), affine=affine)
+        if spec.crop_foreground and bbox is None:
+            spaced = Spacing(pixdim=spec.spacing, mode=mode)(mt) if spec.spacing else mt
+            bbox = _foreground_box(spaced.as_tensor()[0].numpy(), spec.crop_margin)
+        mt = _spatial(mt, spec, mode, bbox if spec.crop_foreground else None)
+        arr = mt.as_tensor().numpy().astype(np.float32)
+        if mode == "bilinear":
+            arr = np.stack([_normalise(c, spec) for c in arr])
+        for k, i in enumerate(group):
+            out[i] = arr[k]
+        out_aff = np.asarray(mt.affine, dtype=np.float64)
+    return Preprocessed(np.stack([out[i] for i in range(len(roles))]), out_aff)
+
+
+def _foreground_box(ref: np.ndarray, margin: int) -> tuple[list[int], list[int]] | None:
+    """Bounding box of the non-zero voxels plus ``margin``, clipped to the array."""
+    nz = np.argwhere(ref > 0)
+    if nz.size == 0:
+        return None
+    start = np.maximum(nz.min(0) - margin, 0)
+    end = np.minimum(nz.max(0) + 1 + margin, ref.shape)
+    return start.tolist(), end.tolist()
+
+
+def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
+    t = torch.as_tensor(chan[None])
+    if spec.norm == "zscore":
+        t = NormalizeIntensity(nonzero=True)(t)
+    elif spec.norm == "percentile":
+        lo, hi = spec.percentiles
+        t = ScaleIntensityRangePercentiles(lo, hi, 0.0, 1.0, clip=True)(t)
+    return np.asarray(t[0], dtype=np.float32)
+
+
+class PreprocCache:
+    """On-disk cache of preprocessed cases keyed by (path, size, mtime_ns, header hash, spec hash)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, paths: dict[str, str], spec: PreprocSpec) -> str:
+        h = hashlib.sha256(spec.digest().encode())
+        for role in sorted(paths):
+            p = Path(paths[role])
+            try:
+                st = p.stat()
+                with open(p, "rb") as fh:
+                    head = fh.read(4096)
+            except OSError:
+                raise InputError("file not found or unreadable", path=p, fix="check the path") from None
+            h.update(f"{role}|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+            h.update(hashlib.sha256(head).digest())
+        return h.hexdigest()[:32]
+
+    def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
+        if not (npy.exists() and meta.exists()):
+            return None
+        try:
+            return np.load(npy), json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, data: np.ndarray, meta: dict[str, Any]) -> None:
+        with atomic_path(self.root / f"{key}.npy") as tmp:
+            np.save(tmp, data)
+        with atomic_path(self.root / f"{key}.json") as tmp:
+            tmp.write_text(json.dumps(meta))
+
+
+class CaseResult(dict):
+    """Role → array on the common output grid, with the grid's ``affine``."""
+
+    affine: np.ndarray
+
+
+def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCache | None = None) -> CaseResult:
+    """Load and preprocess every role of one case onto one grid (reference = first role), cached."""
+    paths = {r: str(p) for r, p in paths.items()}
+    key = cache.key(paths, spec) if cache is not None else None
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        cache.hits += 1
+        data, meta = hit
+    else:
+        pre = preprocess_image({r: load_nifti(p) for r, p in paths.items()}, spec)
+        data, meta = pre.data, {"roles": list(paths), "affine": pre.affine.tolist(), "paths": paths}
+        if cache is not None:
+            cache.misses += 1
+            cache.put(key, data, meta)
+    res = CaseResult({r: data[i] for i, r in enumerate(meta["roles"])})
+    res.affine = np.asarray(meta["affine"])
+    return res
+
+
+def shard_rows(table: pd.DataFrame, shard: tuple[int, int]) -> pd.DataFrame:
+    """Rows of shard ``i`` of ``n``: by a stable hash of the subject id, independent of row order."""
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"shard {i}/{n} invalid", fix="use --shard i/n with 0 <= i < n")
+    keep = [zlib.crc32(str(s).encode()) % n == i for s in table["subject"]]
+    return table[keep]
+
+
+def _row_paths(row: pd.Series) -> dict[str, str]:
+    return {r: row[r] for r in (*IMAGE_ROLES, "mask") if r in row and isinstance(row[r], str) and row[r]}
+
+
+def _work(paths: dict[str, str], spec: PreprocSpec, cache_dir: str) -> str:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    cache = PreprocCache(cache_dir)
+    preprocess_case(paths, spec, cache)
+    return "cached" if cache.hits else "done"
+
+
+def preprocess_cohort(table: pd.DataFrame, spec: PreprocSpec, cache_dir: str | Path, *, workers: int = 1,
+                      shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict[str, Any]:
+    """Preprocess every row into the cache; failures go to ``failures.csv`` and the rest finish."""
+    from rich.progress import Progress
+
+    rows = shard_rows(table, shard)
+    counts = {"done": 0, "cached": 0, "failed": 0}
+    failures: list[dict[str, str]] = []
+    jobs = [(str(r["subject"]), _row_paths(r)) for _, r in rows.iterrows()]
+    with Progress(disable=not progress) as bar, ProcessPoolExecutor(max(1, workers)) as pool:
+        task = bar.add_task("preprocess", total=len(jobs))
+        futs = {pool.submit(_work, paths, spec, str(cache_dir)): subj for subj, paths in jobs if paths}
+        for subj, paths in jobs:
+            if not paths:
+                counts["failed"] += 1
+                failures.append({"subject": subj, "error": "no image columns"})
+        for fut in as_completed(futs):
+            try:
+                counts[fut.result()] += 1
+            except Exception as exc:  # one bad file must not stop the cohort
+                counts["failed"] += 1
+                failures.append({"subject": futs[fut], "error": str(exc)})
+            bar.advance(task)
+    fail_csv = Path(cache_dir) / "failures.csv"
+    if failures:
+        with atomic_path(fail_csv) as tmp:
+            pd.DataFrame(failures).sort_values("subject").to_csv(tmp, index=False)
+    return {**counts, "failures_csv": str(fail_csv) if failures else ""}

@@ -1,0 +1,142 @@
+"""NIfTI-1/-2 loading and saving with header guards, RAS+ reorientation and world-space resampling.
+
+Header problems (dims, declared size, affine) are caught *before* the data is read so a corrupt or
+hostile file never allocates memory; every user-fixable problem becomes an :class:`InputError`.
+Scaling: nibabel applies ``scl_slope``/``scl_inter``; a slope of 0 or NaN means "no scaling" (NIfTI spec).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt
+from scipy import ndimage
+
+from neuromoe.errors import InputError
+from neuromoe.io.atomic import atomic_path
+
+MAX_VOXELS = 512**3
+_IDENTIFYING = ("descrip", "aux_file", "db_name", "intent_name")
+
+
+@dataclass
+class Image:
+    """A RAS+ float32 volume plus what is needed to write results back on the original grid."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    orig_affine: np.ndarray
+    orig_shape: tuple[int, ...]
+    orig_ornt: np.ndarray
+    header: Any = None
+    path: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_header(path: Path) -> nib.Nifti1Image:
+    if not path.exists():
+        raise InputError("file not found", path=path, fix="check the path")
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise InputError("not a NIfTI file name", path=path, fix="give a .nii or .nii.gz file")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"cannot read NIfTI header ({type(exc).__name__})", path=path,
+                         fix="re-export the image as NIfTI-1/-2") from None
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
+        raise InputError("not a NIfTI image", path=path, fix="convert it to NIfTI (e.g. dcm2niix)")
+    return img
+
+
+def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: int) -> None:
+    shape = img.header.get_data_shape()
+    if len(shape) not in (3, 4) or (len(shape) == 4 and not allow_4d and shape[3] != 1):
+        want = "3D or 4D" if allow_4d else "3D"
+        raise InputError(f"image has {len(shape)} dimensions {shape}, expected {want}", path=path,
+                         fix="give a single 3D volume" if not allow_4d else "give a 3D/4D volume")
+    if any(int(s) <= 0 for s in shape):
+        raise InputError(f"zero or negative dimension in {shape}", path=path, fix="repair the header dims")
+    if int(np.prod([int(s) for s in shape], dtype=np.int64)) > max_voxels:
+        raise InputError(f"declared size {shape} exceeds {max_voxels} voxels", path=path,
+                         fix="crop/downsample the image or raise max_voxels")
+    aff = img.affine
+    if aff is None or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise InputError("affine is non-finite or singular", path=path, fix="repair the sform/qform")
+
+
+def inspect_nifti(path: str | Path, *, allow_4d: bool = True, max_voxels: int = MAX_VOXELS) -> dict[str, Any]:
+    """Header facts without reading the data: shape, spacing, orientation codes, dtype, version."""
+    path = Path(path)
+    img = _open_header(path)
+    _check_header(img, path, allow_4d, max_voxels)
+    zooms = img.header.get_zooms()
+    return {
+        "path": str(path), "version": "NIfTI-2" if isinstance(img, nib.Nifti2Image) else "NIfTI-1",
+        "shape": [int(s) for s in img.shape], "spacing": [round(float(z), 6) for z in zooms[:3]],
+        "orientation": "".join(nib.aff2axcodes(img.affine)), "dtype": str(img.get_data_dtype()),
+    }
+
+
+def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MAX_VOXELS) -> Image:
+    """Load a NIfTI as a RAS+ float32 :class:`Image`; every bad input raises :class:`InputError`."""
+    path = Path(path)
+    img = _open_header(path)
+    _check_header(img, path, allow_4d, max_voxels)
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(f"data block unreadable or truncated ({type(exc).__name__})", path=path,
+                         fix="re-copy or re-export the file") from None
+    if data.ndim == 4 and not allow_4d:
+        data = data[..., 0]
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{int((~np.isfinite(data)).sum())} NaN/Inf voxels", path=path,
+                         fix="replace non-finite voxels (e.g. fslmaths -nan)")
+    if not np.any(data):
+        raise InputError("image is all zeros", path=path, fix="check the export; the volume is empty")
+    start = ornt.io_orientation(img.affine)
+    ras = ornt.apply_orientation(data, start)
+    affine = img.affine @ ornt.inv_ornt_aff(start, data.shape)
+    header = img.header.copy()
+    for key in _IDENTIFYING:
+        if key in header:  # NIfTI-2 has no db_name
+            header[key] = b""
+    return Image(np.ascontiguousarray(ras, dtype=np.float32), affine, img.affine.copy(), tuple(data.shape),
+                 start, header, str(path))
+
+
+def save_nifti(data: np.ndarray, path: str | Path, *, like: Image | None = None,
+               affine: np.ndarray | None = None, dtype: Any = None) -> Path:
+    """Write ``data`` (RAS+, on ``like``'s grid or with ``affine``) atomically in the original orientation."""
+    path = Path(path)
+    arr = np.asarray(data)
+    if like is not None:
+        back = ornt.ornt_transform(ornt.axcodes2ornt(("R", "A", "S")), like.orig_ornt)
+        arr = ornt.apply_orientation(arr, back)
+        out_aff = like.orig_affine
+    elif affine is not None:
+        out_aff = np.asarray(affine, dtype=np.float64)
+    else:
+        raise InputError("save_nifti needs like= or affine=", path=path, fix="pass the source Image")
+    img = nib.Nifti1Image(np.asarray(arr, dtype=dtype or arr.dtype), out_aff)
+    img.header.set_sform(out_aff, code=1)
+    img.header.set_qform(out_aff, code=1)
+    if like is not None and like.header is not None:
+        img.header.set_xyzt_units(*like.header.get_xyzt_units())
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, ...],
+                     dst_affine: np.ndarray, order: int = 1) -> np.ndarray:
+    """Resample ``data`` (voxel→world ``src_affine``) onto ``dst_shape``/``dst_affine`` in world space."""
+    vox = np.linalg.inv(src_affine) @ dst_affine
+    return ndimage.affine_transform(np.asarray(data, dtype=np.float32), vox[:3, :3], vox[:3, 3],
+                                    output_shape=tuple(dst_shape[:3]), order=order, mode="constant", cval=0.0)

@@ -1,0 +1,119 @@
+"""Subject tables from a manifest (CSV/TSV) or a BIDS folder, and their validation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from neuromoe.errors import InputError
+
+ROLES = ("t1", "t1c", "t2", "flair", "dwi", "bold", "mask", "timeseries")
+_ENTITY = re.compile(r"(sub|ses|task|ce)-([A-Za-z0-9]+)")
+
+
+def _bids_role(name: str) -> str | None:
+    stem = name.split(".")[0]
+    if name.endswith(("_timeseries.npy", "_timeseries.tsv")):
+        return "timeseries"
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    suffix = stem.rsplit("_", 1)[-1]
+    if suffix == "T1w":
+        return "t1c" if "_ce-" in stem else "t1"
+    return {"T2w": "t2", "FLAIR": "flair", "dwi": "dwi", "DWI": "dwi", "bold": "bold", "mask": "mask"}.get(suffix)
+
+
+def _load_bids(root: Path) -> pd.DataFrame:
+    rows: dict[tuple[str, str, str], dict[str, str]] = {}
+    for f in sorted(root.glob("sub-*/**/*")):
+        role = _bids_role(f.name)
+        if role is None or f.parent.name not in ("anat", "func", "dwi"):
+            continue
+        ent = dict(_ENTITY.findall(f.name))
+        key = (f"sub-{ent.get('sub', '')}", f"ses-{ent['ses']}" if "ses" in ent else "", ent.get("task", ""))
+        rows.setdefault(key, {})[role] = str(f.resolve())
+    if not rows:
+        raise InputError("no BIDS images found (sub-*/[ses-*/]anat|func)", path=root,
+                         fix="point --data at a BIDS root or a manifest CSV")
+    df = pd.DataFrame([{"subject": s, "session": ses, "state": task, **r} for (s, ses, task), r in rows.items()])
+    for col in ("session", "state"):
+        if not df[col].astype(bool).any():
+            df = df.drop(columns=col)
+    part = root / "participants.tsv"
+    if part.exists():
+        labels = pd.read_csv(part, sep="\t", dtype=str, keep_default_na=False).rename(
+            columns={"participant_id": "subject"})
+        df = df.merge(labels, on="subject", how="left")
+    df.attrs["labels_missing"] = not part.exists()
+    return df
+
+
+def _coerce(df: pd.DataFrame) -> pd.DataFrame:
+    for col in df.columns:
+        if col in ROLES or col in ("subject", "session", "state"):
+            continue
+        num = pd.to_numeric(df[col], errors="coerce")
+        if num.notna().sum() == df[col].notna().sum():
+            df[col] = num
+    return df
+
+
+def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per subject(+session/state): role columns hold absolute paths, empty cell = missing."""
+    source = Path(source)
+    if source.is_dir():
+        df = _load_bids(source)
+    elif source.suffix in (".csv", ".tsv") and source.exists():
+        try:
+            df = pd.read_csv(source, sep="\t" if source.suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        except Exception as exc:
+            raise InputError(f"cannot parse manifest ({type(exc).__name__})", path=source,
+                             fix="save it as a plain CSV/TSV with a header row") from None
+        if "subject" not in df.columns:
+            raise InputError("manifest has no 'subject' column", path=source, fix="add a subject column")
+        for col in (c for c in df.columns if c in ROLES):
+            df[col] = [str((source.parent / p).resolve()) if p else "" for p in df[col]]
+    else:
+        raise InputError("not a manifest (.csv/.tsv) or a BIDS folder", path=source,
+                         fix="give a manifest CSV/TSV or a BIDS root folder")
+    df = _coerce(df.replace("", np.nan))
+    df.attrs.setdefault("labels_missing", False)
+    df.attrs["source"] = str(source)
+    if roles is not None:
+        validate_table(df, roles=roles, check_grids=False)
+    return df
+
+
+def validate_table(df: pd.DataFrame, *, roles: Sequence[str] = ("t1",), labels: Sequence[str] = (),
+                   check_grids: bool = True) -> None:
+    """Raise one clear :class:`InputError` for the first problem: columns, duplicates, files, grids."""
+    from neuromoe.io.nifti import inspect_nifti
+
+    src = df.attrs.get("source")
+    for col in (*roles, *labels):
+        if col not in df.columns:
+            missing_lab = col in labels and df.attrs.get("labels_missing")
+            raise InputError(f"required column '{col}' is missing" + (" (no participants.tsv)" if missing_lab else ""),
+                             path=src, fix=f"add a '{col}' column" + (" to participants.tsv" if missing_lab else ""))
+    keys = [c for c in ("subject", "session", "state") if c in df.columns]
+    dup = df.duplicated(subset=keys, keep=False)
+    if dup.any():
+        raise InputError(f"duplicated subject {df.loc[dup, 'subject'].iloc[0]}", path=src,
+                         fix="keep one row per subject (and session)")
+    for _, row in df.iterrows():
+        grids = {}
+        for role in roles:
+            p = row[role]
+            if not isinstance(p, str) or not Path(p).exists():
+                raise InputError(f"subject {row['subject']}: {role} file missing ({p})", path=src,
+                                 fix="fix the path or remove the subject")
+            if p.endswith((".nii", ".nii.gz")):
+                info = inspect_nifti(p)
+                grids[role] = (tuple(info["shape"][:3]), np.round(info["spacing"], 4).tolist())
+        if check_grids and len({str(g) for g in grids.values()}) > 1:
+            raise InputError(f"subject {row['subject']}: modalities on different grids {grids}", path=src,
+                             fix="co-register/resample all modalities of a subject onto one grid")

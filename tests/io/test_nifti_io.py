@@ -1,0 +1,127 @@
+"""NIfTI loading: real nibabel test headers, RAS round trips (LPS, oblique), header guards."""
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.testing import data_path
+
+from neuromoe.errors import InputError
+from neuromoe.io.nifti import inspect_nifti, load_nifti, resample_to_grid, save_nifti
+
+REAL = ["anatomical.nii", "functional.nii", "example4d.nii.gz", "example_nifti2.nii.gz"]
+
+
+def _variant(tmp_path, name, kind):
+    src = nib.load(os.path.join(data_path, "anatomical.nii"))
+    data = np.asarray(src.get_fdata(), dtype=np.float32)
+    aff = src.affine.copy()
+    if kind == "lps":
+        aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff
+    elif kind == "oblique":
+        c, s = np.cos(0.3), np.sin(0.3)
+        aff = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]) @ aff
+    out = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(data, aff), out)
+    return out
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_headers_round_trip_affine_exactly(tmp_path, name):
+    path = os.path.join(data_path, name)
+    img = load_nifti(path, allow_4d=True)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    out = save_nifti(img.data, tmp_path / "rt.nii.gz", like=img)
+    back, orig = nib.load(out), nib.load(path)
+    assert np.array_equal(back.affine, orig.affine)
+    np.testing.assert_allclose(back.get_fdata(), orig.get_fdata(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lps", "oblique"])
+def test_lps_and_oblique_round_trip(tmp_path, kind):
+    path = _variant(tmp_path, kind, kind)
+    img = load_nifti(path)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    back = nib.load(save_nifti(img.data, tmp_path / "o.nii.gz", like=img))
+    assert np.array_equal(back.affine, nib.load(path).affine)
+    np.testing.assert_array_equal(back.get_fdata(), nib.load(path).get_fdata())
+
+
+def test_identifying_fields_are_not_copied(tmp_path):
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    img.header["descrip"] = b"John Doe 1970"
+    nib.save(img, tmp_path / "a.nii")
+    loaded = load_nifti(tmp_path / "a.nii")
+    back = nib.load(save_nifti(loaded.data, tmp_path / "b.nii", like=loaded))
+    assert b"John" not in back.header["descrip"].tobytes()
+
+
+def test_scl_slope_applied_and_zero_slope_means_unscaled(tmp_path):
+    img = nib.Nifti1Image(np.full((4, 4, 4), 3, np.int16), np.eye(4))
+    img.header.set_slope_inter(2.0, 1.0)
+    nib.save(img, tmp_path / "s.nii")
+    assert np.all(load_nifti(tmp_path / "s.nii").data == 7.0)
+    img.header.set_slope_inter(np.nan, np.nan)
+    nib.save(img, tmp_path / "z.nii")
+    assert np.all(load_nifti(tmp_path / "z.nii").data == 3.0)
+
+
+def _bad(tmp_path, kind):
+    p = tmp_path / f"{kind}.nii.gz"
+    if kind == "magic":
+        p.write_bytes(gzip.compress(b"x" * 400))
+    elif kind == "truncated":
+        nib.save(nib.Nifti1Image(np.random.rand(16, 16, 16).astype(np.float32), np.eye(4)), p)
+        p.write_bytes(p.read_bytes()[:600])
+    elif kind == "2d":
+        nib.save(nib.Nifti1Image(np.ones((4, 4), np.float32), np.eye(4)), p)
+    elif kind == "5d":
+        nib.save(nib.Nifti1Image(np.ones((2, 2, 2, 2, 2), np.float32), np.eye(4)), p)
+    elif kind == "4d":
+        nib.save(nib.Nifti1Image(np.ones((2, 2, 2, 3), np.float32), np.eye(4)), p)
+    elif kind == "singular":
+        img = nib.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4))
+        hdr = img.header
+        hdr.set_qform(None, code=0)
+        hdr["sform_code"], hdr["srow_y"] = 1, [0.0, 0.0, 0.0, 0.0]
+        hdr["vox_offset"] = 352
+        p.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + np.ones(8, np.float32).tobytes()))
+    elif kind == "nan":
+        d = np.ones((2, 2, 2), np.float32)
+        d[0, 0, 0] = np.nan
+        nib.save(nib.Nifti1Image(d, np.eye(4)), p)
+    elif kind == "zeros":
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), p)
+    elif kind == "huge":
+        img = nib.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4))
+        img.header.set_data_shape((4000, 4000, 4000))
+        raw = img.header.binaryblock + b"\0" * 4 + b"\0" * 32
+        p.write_bytes(gzip.compress(raw))
+    elif kind == "missing":
+        pass
+    return p
+
+
+@pytest.mark.parametrize("kind", ["magic", "truncated", "2d", "5d", "4d", "singular", "nan", "zeros", "huge",
+                                  "missing"])
+def test_bad_inputs_raise_input_error(tmp_path, kind):
+    with pytest.raises(InputError) as err:
+        load_nifti(_bad(tmp_path, kind))
+    assert "\n" not in str(err.value) and "fix:" in str(err.value)
+
+
+def test_4d_allowed_on_request_and_inspect_reads_no_data(tmp_path):
+    assert load_nifti(_bad(tmp_path, "4d"), allow_4d=True).data.shape == (2, 2, 2, 3)
+    info = inspect_nifti(os.path.join(data_path, "example_nifti2.nii.gz"))
+    assert info["version"] == "NIfTI-2" and len(info["spacing"]) == 3
+
+
+def test_resample_identity_and_flip():
+    data = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    np.testing.assert_allclose(resample_to_grid(data, aff, data.shape, aff, order=0), data)
+    flip = aff.copy()
+    flip[0, 0], flip[0, 3] = -2.0, 8.0
+    np.testing.assert_allclose(resample_to_grid(data, aff, data.shape, flip, order=0), data[::-1])
