@@ -1,0 +1,46 @@
+"""``neuromoe info`` / ``neuromoe preprocess`` through the real dispatcher: output and bad inputs."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from neuromoe.cli.main import main
+
+
+@pytest.fixture
+def t1(tmp_path):
+    d = np.zeros((16, 16, 16), np.float32)
+    d[4:12, 4:12, 4:12] = 100
+    p = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(d, np.diag([-2.0, 2.0, 2.0, 1.0])), p)
+    return p
+
+
+def test_info_json_and_warn(t1, capsys):
+    assert main(["info", str(t1), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["orientation"] == "LAS" and info["verdict"] == "WARN" and info["max"] == 100
+
+
+def test_info_bad_file_fails_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.nii"
+    bad.write_bytes(b"xx")
+    assert main(["info", str(bad)]) == 2
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_preprocess_manifest_and_bad_inputs(tmp_path, t1, capsys):
+    (tmp_path / "m.csv").write_text(f"subject,t1\ns1,{t1.name}\n")
+    out = tmp_path / "cache"
+    assert main(["preprocess", "--data", str(tmp_path / "m.csv"), "--out", str(out), "--shape", "16", "16", "16",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["done"] == 1
+    assert len(list(out.glob("*.npy"))) == 1
+    for argv in (["--data", str(tmp_path / "none.csv")], ["--data", str(tmp_path / "m.csv"), "--shard", "x"],
+                 ["--data", str(tmp_path / "m.csv"), "--shard", "3/2"]):
+        assert main(["preprocess", *argv, "--out", str(tmp_path / "o2")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("neuromoe: error:") and "Traceback" not in err and err.count("\n") == 1
+        assert not (tmp_path / "o2").exists()

@@ -1,0 +1,51 @@
+"""Subject tables from manifests and BIDS folders, and their validation messages."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from neuromoe.errors import InputError
+from neuromoe.io.table import load_table, validate_table
+
+
+def _img(path, shape=(8, 8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), path)
+    return path
+
+
+def test_bids_roles_states_and_participants(tmp_path):
+    _img(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    _img(tmp_path / "sub-01/anat/sub-01_ce-gd_T1w.nii.gz")
+    _img(tmp_path / "sub-01/anat/sub-01_FLAIR.nii.gz")
+    _img(tmp_path / "sub-02/anat/sub-02_T1w.nii.gz")
+    df = load_table(tmp_path)
+    assert set(df["subject"]) == {"sub-01", "sub-02"}
+    row = df.set_index("subject").loc["sub-01"]
+    assert row["t1c"].endswith("ce-gd_T1w.nii.gz") and row["flair"].endswith("FLAIR.nii.gz")
+    with pytest.raises(InputError, match=r"participants\.tsv"):
+        validate_table(df, roles=["t1"], labels=["age"])
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\nsub-02\t41.5\n")
+    df = load_table(tmp_path)
+    validate_table(df, roles=["t1"], labels=["age"])
+    assert df["age"].dtype.kind == "f"
+
+
+def test_manifest_relative_paths_duplicates_and_grids(tmp_path):
+    _img(tmp_path / "a.nii.gz")
+    _img(tmp_path / "b.nii.gz", shape=(9, 8, 8))
+    (tmp_path / "m.csv").write_text("subject,t1,flair,age\ns1,a.nii.gz,a.nii.gz,3\ns2,a.nii.gz,,\n")
+    df = load_table(tmp_path / "m.csv")
+    assert df.loc[0, "t1"] == str((tmp_path / "a.nii.gz").resolve()) and df["flair"].isna()[1]
+    validate_table(df, roles=["t1"])
+    (tmp_path / "d.csv").write_text("subject,t1\ns1,a.nii.gz\ns1,a.nii.gz\n")
+    with pytest.raises(InputError, match="duplicated subject s1"):
+        validate_table(load_table(tmp_path / "d.csv"))
+    (tmp_path / "g.csv").write_text("subject,t1,flair\ns1,a.nii.gz,b.nii.gz\n")
+    with pytest.raises(InputError, match="different grids"):
+        validate_table(load_table(tmp_path / "g.csv"), roles=["t1", "flair"])
+    (tmp_path / "x.csv").write_text("subject,t1\ns1,nope.nii.gz\n")
+    with pytest.raises(InputError, match="s1: t1 file missing"):
+        validate_table(load_table(tmp_path / "x.csv"))
+    with pytest.raises(InputError, match="required column 'dwi'"):
+        validate_table(df, roles=["dwi"])
