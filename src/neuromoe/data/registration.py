@@ -26,8 +26,8 @@ def register_to_mni(image: Image, *, iterations: int = 100) -> np.ndarray:
     tpl = load_mni152_template(resolution=2)
     fixed = _to_sitk(np.asarray(tpl.get_fdata(), dtype=np.float32), tpl.affine)
     moving = _to_sitk(image.data, image.affine)
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    tx = sitk.AffineTransform(sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS))
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -37,13 +37,12 @@ def register_to_mni(image: Image, *, iterations: int = 100) -> np.ndarray:
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-    reg.SetInitialTransform(init, inPlace=False)
-    tx = reg.Execute(fixed, moving)
-    # tx maps fixed (MNI, LPS) points to moving points; invert to map moving → MNI.
-    affine_tx = sitk.AffineTransform(tx.GetInverse() if hasattr(tx, "GetInverse") else tx)
+    reg.SetInitialTransform(tx, inPlace=True)
+    reg.Execute(fixed, moving)
+    # tx maps fixed (MNI, LPS) points to moving points; its inverse maps the image's world into MNI.
     m = np.eye(4)
-    m[:3, :3] = np.asarray(affine_tx.GetMatrix()).reshape(3, 3)
-    c = np.asarray(affine_tx.GetCenter())
-    m[:3, 3] = np.asarray(affine_tx.GetTranslation()) + c - m[:3, :3] @ c
+    m[:3, :3] = np.asarray(tx.GetMatrix()).reshape(3, 3)
+    c = np.asarray(tx.GetCenter())
+    m[:3, 3] = np.asarray(tx.GetTranslation()) + c - m[:3, :3] @ c
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ m @ flip @ image.affine
+    return flip @ np.linalg.inv(m) @ flip @ image.affine
