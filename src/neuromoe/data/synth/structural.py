@@ -32,8 +32,8 @@ def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, d
     cortex = (gm > 0.3) & ~ndimage.binary_erosion(anat.brain, iterations=max(1, round(9 / float(anat.affine[0, 0]))))
     age_z = (age - 45.0) / 30.0  # 0 at 45 y, 1 at 75 y
     # Age: cortical thinning, WM loss, ventricle growth (per-subject variability in rate).
-    rate = max(0.0, 1.0 + 0.25 * rng.standard_normal())
-    thin = 0.22 * age_z * rate * cortex
+    rate = max(0.0, 1.0 + 0.15 * rng.standard_normal())
+    thin = 0.3 * age_z * rate * cortex
     lost_gm = gm * np.clip(thin, -0.2, 0.6)
     vent = _union(anat, VENTRICLES) * anat.brain
     lost_wm = wm * np.clip(0.5 * age_z * rate, -0.2, 0.7) * vent
@@ -41,8 +41,8 @@ def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, d
     # AD-like: medial temporal GM loss + ventricle / temporal horn enlargement.
     sev = AD_SEVERITY.get(dx_ad, 0.0) * max(0.3, 1.0 + 0.2 * rng.standard_normal())
     mtl = _union(anat, MEDIAL_TEMPORAL)
-    lost_gm += gm * np.clip(0.45 * sev * mtl, 0, 0.8)
-    lost_wm += wm * np.clip(0.35 * sev * (vent + _union(anat, TEMPORAL_HORNS)), 0, 0.8)
+    lost_gm += gm * np.clip(0.6 * sev * mtl, 0, 0.85)
+    lost_wm += wm * np.clip(0.12 * sev * vent + 0.5 * sev * _union(anat, TEMPORAL_HORNS), 0, 0.8)
     gm, wm = gm - lost_gm, wm - lost_wm
     csf = csf + lost_gm + lost_wm
     # PD-like: subtle putamen/SN signal change (iron, neuronal loss) without volume change.
@@ -52,7 +52,7 @@ def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, d
     brain = wm * i_wm + gm * i_gm * (1.0 - pd_w) + csf * i_csf
     head = anat.t1 * (~anat.brain) + brain * anat.brain
     # Anatomy: sex-dependent head size and a smooth random deformation.
-    scale = (1.04 if sex == "M" else 0.97) * (1.0 + 0.025 * rng.standard_normal())
+    scale = (1.04 if sex == "M" else 0.97) * (1.0 + 0.05 * rng.standard_normal())
     sig = 20.0 / anat.affine[0, 0]
     disp = np.stack([1.2 * smooth_field(rng, anat.shape, sig) for _ in range(3)])
     img = warp(head.astype(np.float32), disp, scale)
