@@ -42,7 +42,7 @@ def test_layout_and_columns(cohort: Path) -> None:
     f = _rows(cohort / "manifests" / "fmri.csv")
     assert {r["cohort"] for r in f} == {"pretrain", "downstream"}
     assert all(r["phenotype"] in ("control", "patient") for r in f if r["cohort"] == "downstream")
-    ts = np.load(cohort / f[0]["timeseries"])
+    ts = np.load(cohort / "manifests" / f[0]["timeseries"])
     assert ts.shape == (60, 24) and ts.dtype == np.float32
     gt = json.loads((cohort / "ground_truth.json").read_text())
     assert gt["fmri"]["informative_state"] == "wm" and gt["fmri"]["patient_edges"]
@@ -52,7 +52,7 @@ def test_layout_and_columns(cohort: Path) -> None:
 def test_lesion_masks_and_modalities(cohort: Path) -> None:
     anat = load_anatomy(6.0)
     for r in _rows(cohort / "manifests" / "lesion.csv"):
-        mask = nib.load(cohort / r["mask"])
+        mask = nib.load(cohort / "manifests" / r["mask"])
         m = np.asarray(mask.dataobj) > 0
         assert m.sum() > 0 and np.allclose(mask.affine, anat.affine)
         # a warp moves the brain slightly; the mask must still lie (almost) inside a dilated brain
@@ -60,7 +60,7 @@ def test_lesion_masks_and_modalities(cohort: Path) -> None:
         have = {k for k in ("t1", "t1c", "t2", "flair", "dwi") if r[k]}
         assert have == set(DATASETS[r["lesion_type"]][1])
         for k in have:
-            assert nib.load(cohort / r[k]).shape == m.shape
+            assert nib.load(cohort / "manifests" / r[k]).shape == m.shape
 
 
 def test_deterministic(tmp_path: Path, cohort: Path) -> None:
@@ -68,8 +68,8 @@ def test_deterministic(tmp_path: Path, cohort: Path) -> None:
     for p in ("manifests/structural.csv", "manifests/lesion.csv", "manifests/fmri.csv", "ground_truth.json"):
         assert (tmp_path / p).read_bytes() == (cohort / p).read_bytes()
     r = _rows(cohort / "manifests" / "lesion.csv")[0]
-    a = np.asarray(nib.load(cohort / r["t1"]).dataobj)
-    b = np.asarray(nib.load(tmp_path / r["t1"]).dataobj)
+    a = np.asarray(nib.load(cohort / "manifests" / r["t1"]).dataobj)
+    b = np.asarray(nib.load(tmp_path / "manifests" / r["t1"]).dataobj)
     assert np.array_equal(a, b)
 
 
@@ -88,10 +88,10 @@ def test_quicklook_png(cohort: Path, tmp_path: Path) -> None:
 
 def test_effect_directions() -> None:
     from neuromoe.data.synth import fmri as fm
-    from neuromoe.data.synth.structural import MEDIAL_TEMPORAL, _union, synth_t1
+    from neuromoe.data.synth.structural import MEDIAL_TEMPORAL, region_union, synth_t1
 
     anat = load_anatomy(6.0)
-    mtl = _union(anat, MEDIAL_TEMPORAL) > 0.5
+    mtl = region_union(anat, MEDIAL_TEMPORAL) > 0.5
 
     def mtl_mean(dx: str, i: int) -> float:
         img = synth_t1(anat, np.random.default_rng(i), age=70, sex="F", dx_ad=dx, dx_pd="", site="site-A")

@@ -32,8 +32,17 @@ def _save_nii(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32
         nib.save(img, tmp)
 
 
+_PATH_COLS = {"t1", "t1c", "t2", "flair", "dwi", "mask", "timeseries", "bold"}
+
+
 def _write_csv(path: Path, cols: list[str], rows: Iterable[dict]) -> None:
-    lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
+    """Manifest rows; file paths are written relative to the manifest's folder (docs/design.md)."""
+
+    def cell(r: dict, c: str) -> str:
+        v = str(r.get(c, ""))
+        return f"../{v}" if c in _PATH_COLS and v else v
+
+    lines = [",".join(cols)] + [",".join(cell(r, c) for c in cols) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines) + "\n")
 

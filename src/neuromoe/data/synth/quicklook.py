@@ -30,14 +30,14 @@ def quicklook(cohort_dir: str | Path, out_png: str | Path, n: int = 3) -> Path:
     if man.exists():
         for r in list(csv.DictReader(man.open()))[:n]:
             panels.append((f"{r['subject']} T1 age {float(r['age']):.0f} {r['dx_ad'] or r['dx_pd']}",
-                           nib.load(root / r["t1"]).get_fdata(), None))
+                           nib.load(man.parent / r["t1"]).get_fdata(), None))
     man = root / "manifests" / "lesion.csv"
     if man.exists():
         for r in list(csv.DictReader(man.open()))[:n]:
-            mask = nib.load(root / r["mask"]).get_fdata() > 0
+            mask = nib.load(man.parent / r["mask"]).get_fdata() > 0
             for mod in ("t1", "t1c", "t2", "flair", "dwi"):
                 if r.get(mod):
-                    panels.append((f"{r['subject']} {mod} {r['lesion_type']}", nib.load(root / r[mod]).get_fdata(),
+                    panels.append((f"{r['subject']} {mod} {r['lesion_type']}", nib.load(man.parent / r[mod]).get_fdata(),
                                    mask))
     if not panels:
         raise InputError(f"{root}: no structural or lesion manifest; run `neuromoe synth --out {root}` first")
