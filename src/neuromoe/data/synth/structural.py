@@ -21,7 +21,7 @@ AD_SEVERITY = {"CN": 0.0, "MCI": 0.5, "AD": 1.0}
 SITES = {"site-A": (0.08, 0.02, 1.0, 0.0), "site-B": (0.15, 0.04, 0.9, 0.5), "site-C": (0.12, 0.03, 1.15, 0.3)}
 
 
-def _union(anat: Anatomy, regions) -> np.ndarray:
+def region_union(anat: Anatomy, regions) -> np.ndarray:
     return np.clip(sum(anat.region(c, r) for c, r in regions), 0, 1)
 
 
@@ -35,18 +35,18 @@ def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, d
     rate = max(0.0, 1.0 + 0.15 * rng.standard_normal())
     thin = 0.3 * age_z * rate * cortex
     lost_gm = gm * np.clip(thin, -0.2, 0.6)
-    vent = _union(anat, VENTRICLES) * anat.brain
+    vent = region_union(anat, VENTRICLES) * anat.brain
     lost_wm = wm * np.clip(0.5 * age_z * rate, -0.2, 0.7) * vent
     lost_wm += wm * np.clip(0.06 * age_z * rate, -0.1, 0.2)
     # AD-like: medial temporal GM loss + ventricle / temporal horn enlargement.
     sev = AD_SEVERITY.get(dx_ad, 0.0) * max(0.3, 1.0 + 0.2 * rng.standard_normal())
-    mtl = _union(anat, MEDIAL_TEMPORAL)
+    mtl = region_union(anat, MEDIAL_TEMPORAL)
     lost_gm += gm * np.clip(0.6 * sev * mtl, 0, 0.85)
-    lost_wm += wm * np.clip(0.12 * sev * vent + 0.5 * sev * _union(anat, TEMPORAL_HORNS), 0, 0.8)
+    lost_wm += wm * np.clip(0.12 * sev * vent + 0.5 * sev * region_union(anat, TEMPORAL_HORNS), 0, 0.8)
     gm, wm = gm - lost_gm, wm - lost_wm
     csf = csf + lost_gm + lost_wm
     # PD-like: subtle putamen/SN signal change (iron, neuronal loss) without volume change.
-    pd_w = _union(anat, PD_REGIONS) * (0.18 if dx_pd == "PD" else 0.0)
+    pd_w = region_union(anat, PD_REGIONS) * (0.18 if dx_pd == "PD" else 0.0)
     # Tissue contrast with small per-subject jitter.
     i_wm, i_gm, i_csf = 1.0 + 0.03 * rng.standard_normal(), 0.62 + 0.03 * rng.standard_normal(), 0.18
     brain = wm * i_wm + gm * i_gm * (1.0 - pd_w) + csf * i_csf
