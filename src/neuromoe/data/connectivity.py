@@ -1,0 +1,390 @@
+"""Functional connectivity (FC) from ROI time series: Pearson, partial and tangent, batched.
+
+Why our own code rather than ``nilearn.connectome.ConnectivityMeasure``: BrainMoE computes FC for
+thousands of scans at every pretraining/fine-tuning run, and nilearn loops over scans in Python
+(one scikit-learn estimator fit, one ``scipy.linalg`` call per scan). Here every kind is a handful of
+stacked ``matmul``/``eigh`` calls over a batch of scans, with results equal to nilearn's:
+
+* ``pearson`` equals ``ConnectivityMeasure(kind="correlation", cov_estimator=EmpiricalCovariance())``
+  (plain sample correlation; nilearn's default estimator would shrink it), Fisher z = ``arctanh``.
+* ``partial`` equals ``kind="partial correlation"`` with its default Ledoit-Wolf estimator
+  (scikit-learn's ``ledoit_wolf`` shrinkage formula, vectorised over the batch).
+* ``tangent`` equals ``kind="tangent"``: Ledoit-Wolf covariances whitened by the geometric mean of the
+  group's covariances (same Riemannian gradient descent), then the matrix logarithm. The group mean is
+  a model parameter: :func:`tangent_reference` computes it on training scans and ``reference=`` reuses it
+  for new scans, so one scan can be embedded alone at predict time.
+
+Correlation kinds have a zero diagonal (a region's link to itself carries no information and
+``arctanh(1)`` is infinite). Fisher z only applies to correlation kinds; tangent values are not
+correlations and are returned as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuromoe.errors import InputError
+from neuromoe.io.atomic import atomic_path
+
+KINDS = ("pearson", "partial", "tangent")
+MIN_TIMEPOINTS = 3
+_CLIP = 1.0 - 1e-7  # arctanh(±(1-1e-7)) ≈ ±8.4: identical ROIs stay finite
+_CHUNK = 128  # scans per stacked computation: bounds float64 temporaries to ~70 MB at M=264
+
+
+def _name(sources: Sequence[str] | None, i: int) -> str:
+    return str(sources[i]) if sources is not None else f"scan {i}"
+
+
+def check_timeseries(
+    x: np.ndarray, *, source: str | Path | None = None, allow_constant: bool = False
+) -> np.ndarray:
+    """Validate one T×M series (2D, finite, T ≥ 3, no constant ROI) and return it as float64.
+
+    Every problem is an :class:`InputError` naming ``source`` and the ROI or time point at fault, so a
+    user with thousands of scans learns which file to fix.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise InputError(
+            f"time series must be 2D (timepoints × ROIs), got shape {x.shape}",
+            path=source,
+            fix="save one scan as a T×M array (rows = volumes, columns = ROIs)",
+        )
+    if not np.issubdtype(x.dtype, np.number):
+        raise InputError(f"time series is not numeric ({x.dtype})", path=source, fix="save numbers only")
+    t, m = x.shape
+    if t < MIN_TIMEPOINTS:
+        raise InputError(
+            f"only {t} timepoints (need ≥ {MIN_TIMEPOINTS}) for {m} ROIs",
+            path=source,
+            fix="check the orientation (rows = volumes) or drop this too-short scan",
+        )
+    if m < 2:
+        raise InputError(
+            f"only {m} ROI; connectivity needs ≥ 2",
+            path=source,
+            fix="check the orientation (columns = ROIs) or the atlas",
+        )
+    x = x.astype(np.float64, copy=False)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        ti, ri = np.argwhere(bad)[0]
+        raise InputError(
+            f"{int(bad.sum())} NaN/Inf values (first at timepoint {ti}, ROI {ri})",
+            path=source,
+            fix="clean the series (interpolate censored volumes or drop the ROI) before FC",
+        )
+    if not allow_constant:
+        const = np.flatnonzero(np.ptp(x, axis=0) == 0)
+        if const.size:
+            more = f" (and {const.size - 1} more)" if const.size > 1 else ""
+            raise InputError(
+                f"ROI {int(const[0])}{more} is constant (zero variance)",
+                path=source,
+                fix="use an atlas whose ROIs lie inside the brain/field of view, or pass "
+                "on_constant='zero' to give such ROIs zero connectivity",
+            )
+    return x
+
+
+def _as_list(ts: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(ts, np.ndarray):
+        if ts.ndim == 2:
+            return [ts]
+        if ts.ndim != 3:
+            raise InputError(
+                f"expected (B, T, M) or a list of (T, M) arrays, got shape {ts.shape}",
+                fix="stack scans as (scans, timepoints, ROIs)",
+            )
+        return list(ts)
+    out = list(ts)
+    if not out:
+        raise InputError("no scans given", fix="pass at least one T×M time series")
+    return out
+
+
+def _validated(
+    ts: np.ndarray | Sequence[np.ndarray], sources: Sequence[str] | None, allow_constant: bool
+) -> list[np.ndarray]:
+    scans = _as_list(ts)
+    if sources is not None and len(sources) != len(scans):
+        raise InputError(f"{len(sources)} source names for {len(scans)} scans", fix="give one name per scan")
+    out = [
+        check_timeseries(x, source=_name(sources, i), allow_constant=allow_constant)
+        for i, x in enumerate(scans)
+    ]
+    m0 = out[0].shape[1]
+    for i, x in enumerate(out):
+        if x.shape[1] != m0:
+            raise InputError(
+                f"{x.shape[1]} ROIs, but {_name(sources, 0)} has {m0}",
+                path=_name(sources, i),
+                fix="extract every scan with the same atlas",
+            )
+    return out
+
+
+def _groups(scans: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(indices, stacked (b, T, M)) per distinct length T, in chunks of at most ``_CHUNK`` scans."""
+    lengths = np.array([x.shape[0] for x in scans])
+    out = []
+    for t in np.unique(lengths):
+        idx = np.flatnonzero(lengths == t)
+        for start in range(0, idx.size, _CHUNK):
+            sel = idx[start : start + _CHUNK]
+            out.append((sel, np.stack([scans[i] for i in sel])))
+    return out
+
+
+def _centred_scatter(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centred series and their empirical covariance X̃ᵀX̃ / T (what scikit-learn calls emp_cov)."""
+    xc = x - x.mean(axis=1, keepdims=True)
+    return xc, np.matmul(xc.transpose(0, 2, 1), xc) / x.shape[1]
+
+
+def _ledoit_wolf(x: np.ndarray) -> np.ndarray:
+    """Batched Ledoit-Wolf covariance, term for term scikit-learn's ``ledoit_wolf`` (assume_centered=False)."""
+    n, p = x.shape[1], x.shape[2]
+    xc, emp = _centred_scatter(x)
+    x2 = xc**2
+    trace = x2.sum(axis=1) / n  # (b, p) diagonal of emp
+    mu = trace.sum(axis=1) / p
+    beta_ = (x2.sum(axis=2) ** 2).sum(axis=1)  # sum of all entries of X2ᵀX2 without forming it
+    delta_ = (emp**2).sum(axis=(1, 2))
+    beta = (beta_ / n - delta_) / (p * n)
+    delta = (delta_ - 2.0 * mu * trace.sum(axis=1) + p * mu**2) / p
+    beta = np.minimum(beta, delta)
+    shrink = np.where(beta == 0, 0.0, beta / np.where(delta == 0, 1.0, delta))
+    if p == 1:
+        shrink = np.zeros_like(shrink)
+    cov = (1.0 - shrink)[:, None, None] * emp
+    cov[:, np.arange(p), np.arange(p)] += (shrink * mu)[:, None]
+    return cov
+
+
+def _cov_to_corr(cov: np.ndarray) -> np.ndarray:
+    d = np.sqrt(np.einsum("bii->bi", cov))
+    d = np.where(d > 0, d, np.inf)  # a constant ROI gets zero correlation with everything
+    return cov / d[:, :, None] / d[:, None, :]
+
+
+def _eig_map(fn: Callable[[np.ndarray], np.ndarray], mats: np.ndarray) -> np.ndarray:
+    """f(A) for a stack of symmetric matrices, through their eigen-decomposition."""
+    w, v = np.linalg.eigh(mats)
+    return np.matmul(v * fn(w)[..., None, :], np.swapaxes(v, -1, -2))
+
+
+def _geometric_mean(covs: np.ndarray, max_iter: int = 30, tol: float = 1e-7) -> np.ndarray:
+    """Riemannian (log-Euclidean gradient) mean of SPD matrices, the algorithm nilearn's tangent uses."""
+    gmean = covs.mean(axis=0)
+    norm_old, step, norm = np.inf, 1.0, np.inf
+    for _ in range(max_iter):
+        w, v = np.linalg.eigh(gmean)
+        inv_sqrt = (v / np.sqrt(w)) @ v.T
+        logs_mean = np.zeros_like(gmean)
+        for start in range(0, len(covs), _CHUNK):
+            white = inv_sqrt @ covs[start : start + _CHUNK] @ inv_sqrt
+            logs_mean += _eig_map(np.log, white).sum(axis=0)
+        logs_mean /= len(covs)
+        if np.isnan(logs_mean).any():
+            raise InputError(
+                "tangent reference: NaN after the matrix logarithm",
+                fix="check the scans for near-constant ROIs or use kind='partial'",
+            )
+        norm = float(np.linalg.norm(logs_mean))
+        sqrt = (v * np.sqrt(w)) @ v.T
+        gmean = sqrt @ _eig_map(np.exp, logs_mean * step) @ sqrt
+        if norm < norm_old:
+            norm_old = norm
+        elif norm > norm_old:
+            step /= 2.0
+            norm = norm_old
+        if norm / gmean.size < tol:
+            break
+    return gmean
+
+
+def _check_reference(reference: np.ndarray, m: int) -> np.ndarray:
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.shape != (m, m) or not np.allclose(ref, ref.T, atol=1e-8) or np.linalg.eigvalsh(ref)[0] <= 0:
+        raise InputError(
+            f"tangent reference must be a symmetric positive definite {m}×{m} matrix, got shape {ref.shape}",
+            fix="pass the matrix from tangent_reference() on training scans",
+        )
+    return ref
+
+
+def _lw_all(scans: list[np.ndarray]) -> np.ndarray:
+    m = scans[0].shape[1]
+    covs = np.empty((len(scans), m, m))
+    for idx, x in _groups(scans):
+        covs[idx] = _ledoit_wolf(x)
+    return covs
+
+
+def _warn_short(scans: list[np.ndarray], kind: str, sources: Sequence[str] | None) -> None:
+    short = [i for i, x in enumerate(scans) if x.shape[0] < x.shape[1]]
+    if short:
+        warnings.warn(
+            f"{kind} FC: {len(short)} scan(s) have fewer timepoints than ROIs (first: "
+            f"{_name(sources, short[0])}, T={scans[short[0]].shape[0]}, M={scans[short[0]].shape[1]}); "
+            "the covariance is only invertible thanks to Ledoit-Wolf shrinkage, so these "
+            "estimates lean heavily on it",
+            stacklevel=3,
+        )
+
+
+def tangent_reference(
+    ts: np.ndarray | Sequence[np.ndarray], *, on_constant: str = "error", sources: Sequence[str] | None = None
+) -> np.ndarray:
+    """Geometric mean (M×M, float64) of the scans' Ledoit-Wolf covariances: store it with a model."""
+    scans = _validated(ts, sources, allow_constant=on_constant == "zero")
+    return _geometric_mean(_lw_all(scans))
+
+
+def connectivity(
+    ts: np.ndarray | Sequence[np.ndarray],
+    kind: str = "pearson",
+    *,
+    fisher_z: bool = True,
+    reference: np.ndarray | None = None,
+    on_constant: str = "error",
+    sources: Sequence[str] | None = None,
+) -> np.ndarray:
+    """FC matrices (B, M, M) float32 from a (B, T, M) array or a list of (T_i, M) arrays.
+
+    ``reference`` (tangent only) is the stored group mean from :func:`tangent_reference`; without it the
+    mean of the given scans is used (needs ≥ 2 scans, like nilearn). ``on_constant="zero"`` accepts
+    constant ROIs (e.g. outside the field of view) and gives them zero correlation instead of refusing.
+    ``sources`` names the scans (file paths) in error messages.
+    """
+    if kind not in KINDS:
+        raise InputError(f"unknown connectivity kind '{kind}'", fix=f"use one of {', '.join(KINDS)}")
+    if on_constant not in ("error", "zero"):
+        raise InputError(
+            f"on_constant must be 'error' or 'zero', got '{on_constant}'", fix="use 'error' or 'zero'"
+        )
+    if reference is not None and kind != "tangent":
+        raise InputError(f"reference= only applies to kind='tangent', not '{kind}'", fix="drop reference=")
+    scans = _validated(ts, sources, allow_constant=on_constant == "zero")
+    m = scans[0].shape[1]
+    out = np.empty((len(scans), m, m), dtype=np.float32)
+    if kind == "pearson":
+        for idx, x in _groups(scans):
+            out[idx] = _cov_to_corr(_centred_scatter(x)[1])
+    elif kind == "partial":
+        _warn_short(scans, kind, sources)
+        for idx, x in _groups(scans):
+            out[idx] = -_cov_to_corr(np.linalg.inv(_ledoit_wolf(x)))
+    else:
+        _warn_short(scans, kind, sources)
+        covs = _lw_all(scans)
+        if reference is None:
+            if len(scans) < 2:
+                raise InputError(
+                    "tangent FC of a single scan needs the training group's reference",
+                    fix="pass reference=tangent_reference(training scans) (stored with the model)",
+                )
+            ref = _geometric_mean(covs)
+        else:
+            ref = _check_reference(reference, m)
+        white = _eig_map(lambda w: 1.0 / np.sqrt(w), ref)
+        for start in range(0, len(covs), _CHUNK):
+            out[start : start + _CHUNK] = _eig_map(np.log, white @ covs[start : start + _CHUNK] @ white)
+        return out
+    diag = np.arange(m)
+    if fisher_z:
+        np.arctanh(np.clip(out, -_CLIP, _CLIP), out=out)
+    out[:, diag, diag] = 0.0
+    return out
+
+
+def upper_triangle(fc: np.ndarray) -> np.ndarray:
+    """(B, M(M-1)/2) edge vectors (strict upper triangle, row-major), e.g. for an SVM or an MLP."""
+    fc = np.asarray(fc)
+    if fc.ndim == 2:
+        fc = fc[None]
+    if fc.ndim != 3 or fc.shape[1] != fc.shape[2]:
+        raise InputError(
+            f"expected (B, M, M) matrices, got shape {fc.shape}", fix="pass connectivity() output"
+        )
+    iu = np.triu_indices(fc.shape[1], k=1)
+    return fc[:, iu[0], iu[1]]
+
+
+def file_digest(path: str | Path) -> str:
+    """Content hash of a file (streamed sha256), the part of a cache key that survives copies."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FCCache:
+    """Per-scan on-disk cache of arrays derived from one input file (ROI series, FC matrices).
+
+    A key covers (file size, mtime_ns, content hash, what was computed and with which options): editing,
+    replacing or touching the file, or changing an option, computes again. Entries are ``<key>.npy``
+    written atomically, so a killed job never leaves a half-written entry that would be read back.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+        self._digests: dict[tuple[str, int, int], str] = {}
+
+    def key(self, path: str | Path, **options: Any) -> str:
+        p = Path(path)
+        try:
+            st = p.stat()
+        except OSError:
+            raise InputError("file not found or unreadable", path=p, fix="check the path") from None
+        stamp = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if stamp not in self._digests:  # hash each file once per process
+            self._digests[stamp] = file_digest(p)
+        blob = json.dumps(
+            {
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "sha256": self._digests[stamp],
+                "options": options,
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> np.ndarray | None:
+        f = self.root / f"{key}.npy"
+        if not f.exists():
+            return None
+        try:
+            return np.load(f, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, arr: np.ndarray) -> None:
+        with atomic_path(self.root / f"{key}.npy") as tmp:
+            np.save(tmp, np.asarray(arr), allow_pickle=False)
+
+    def fetch(self, path: str | Path, compute: Callable[[], np.ndarray], **options: Any) -> np.ndarray:
+        """The cached array for (``path``, ``options``), or ``compute()`` stored under that key."""
+        key = self.key(path, **options)
+        hit = self.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        arr = compute()
+        self.put(key, arr)
+        return arr
