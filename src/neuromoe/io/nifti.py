@@ -2,7 +2,8 @@
 
 Header problems (dims, declared size, affine) are caught *before* the data is read so a corrupt or
 hostile file never allocates memory; every user-fixable problem becomes an :class:`InputError`.
-Scaling: nibabel applies ``scl_slope``/``scl_inter``; a slope of 0 or NaN means "no scaling" (NIfTI spec).
+Scaling: nibabel applies ``scl_slope``/``scl_inter``; a slope of 0 or NaN means "no scaling" (NIfTI spec);
+an infinite slope or intercept is a corrupt header and is refused.
 """
 
 from __future__ import annotations
@@ -44,11 +45,15 @@ def _open_header(path: Path) -> nib.Nifti1Image:
         raise InputError("file not found", path=path, fix="check the path")
     if not path.name.endswith((".nii", ".nii.gz")):
         raise InputError("not a NIfTI file name", path=path, fix="give a .nii or .nii.gz file")
+    quiet = nib.imageglobals.logger.disabled
+    nib.imageglobals.logger.disabled = True  # nibabel logs its silent header "fixes" to stderr
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(f"cannot read NIfTI header ({type(exc).__name__})", path=path,
                          fix="re-export the image as NIfTI-1/-2") from None
+    finally:
+        nib.imageglobals.logger.disabled = quiet
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
         raise InputError("not a NIfTI image", path=path, fix="convert it to NIfTI (e.g. dcm2niix)")
     return img
@@ -65,6 +70,22 @@ def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: 
     if int(np.prod([int(s) for s in shape], dtype=np.int64)) > max_voxels:
         raise InputError(f"declared size {shape} exceeds {max_voxels} voxels", path=path,
                          fix="crop/downsample the image or raise max_voxels")
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise InputError(f"voxel type {dtype} is not a real scalar (complex/RGB)", path=path,
+                         fix="convert it to a real-valued scalar image (e.g. magnitude or one channel)")
+    # nibabel silently "fixes" some header fields on load (inf slope -> NaN, pixdim 0 -> 1 mm): check raw ones
+    with nib.openers.ImageOpener(str(path)) as fh:
+        raw = type(img.header).from_fileobj(fh, check=False)
+    slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
+    if np.isinf(slope) or (np.isfinite(slope) and slope != 0 and not np.isfinite(inter)):
+        raise InputError(f"scaling scl_slope={slope}, scl_inter={inter} is not finite", path=path,
+                         fix="set scl_slope to 1 (or 0/NaN for no scaling) and scl_inter to 0")
+    if int(raw["sform_code"]) == 0:  # the affine then comes from qform/pixdim
+        zooms = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+        if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+            raise InputError(f"voxel size pixdim[1:4]={zooms.tolist()} is zero, negative or non-finite", path=path,
+                             fix="write the true voxel size into the header (or set an sform)")
     aff = img.affine
     if aff is None or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
         raise InputError("affine is non-finite or singular", path=path, fix="repair the sform/qform")
