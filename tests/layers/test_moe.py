@@ -315,3 +315,18 @@ def test_experts_may_change_the_feature_size_and_run_in_bf16(mode: str) -> None:
         low = layer(x).output
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), out, rtol=0.05, atol=0.05)
+
+
+def test_grouped_matmul_equals_per_expert_segments_with_empty_experts() -> None:
+    torch.manual_seed(3)
+    experts = ExpertMLP(5, D, 16)
+    counts = [3, 0, 4, 1, 0]
+    xs = torch.randn(sum(counts), D, requires_grad=True)
+    grouped = experts.forward_grouped(xs, counts)
+    fns = experts.expert_fns()
+    segmented = torch.cat([fns[e](seg) for e, seg in enumerate(xs.split(counts)) if seg.shape[0]])
+    torch.testing.assert_close(grouped, segmented)
+    g1 = torch.autograd.grad(grouped.square().sum(), [xs, experts.w1, experts.b2])
+    g2 = torch.autograd.grad(segmented.square().sum(), [xs, experts.w1, experts.b2])
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
