@@ -83,9 +83,29 @@ def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.
     df = _coerce(df.replace("", np.nan))
     df.attrs.setdefault("labels_missing", False)
     df.attrs["source"] = str(source)
+    _check_rows(df, source)
     if roles is not None:
         validate_table(df, roles=roles, check_grids=False)
     return df
+
+
+def _check_rows(df: pd.DataFrame, source: Path) -> None:
+    """Problems no command can work around: no rows, no image column, duplicated subjects, bad splits."""
+    if df.empty:
+        raise InputError("manifest has no subject rows", path=source, fix="add one row per subject")
+    if not any(c in df.columns for c in ROLES):
+        raise InputError(f"no image column (one of {', '.join(ROLES)})", path=source,
+                         fix="add a column per image role holding file paths, e.g. t1")
+    keys = [c for c in ("subject", "session", "state") if c in df.columns]
+    dup = df.duplicated(subset=keys, keep=False)
+    if dup.any():
+        raise InputError(f"duplicated subject {df.loc[dup, 'subject'].iloc[0]}", path=source,
+                         fix="keep one row per subject (and session)")
+    if "split" in df.columns:
+        bad = sorted(set(df["split"].dropna().astype(str)) - {"train", "val", "test"})
+        if bad:
+            raise InputError(f"split column has values {bad}", path=source,
+                             fix="use train, val or test (or leave the cell empty)")
 
 
 def validate_table(df: pd.DataFrame, *, roles: Sequence[str] = ("t1",), labels: Sequence[str] = (),
