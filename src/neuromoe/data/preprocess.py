@@ -101,6 +101,9 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
     chans = []
     for role in roles:
         img = images[role]
+        _check_content(role, img)
+        if role != roles[0]:
+            _check_overlap(img, ref, role, roles[0])
         same = img.data.shape[:3] == ref.data.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-4)
         arr = img.data if same else resample_to_grid(img.data, img.affine, ref.data.shape, ref.affine,
                                                       order=0 if role == "mask" else 1)
@@ -126,6 +129,37 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
             out[i] = arr[k]
         out_aff = np.asarray(mt.affine, dtype=np.float64)
     return Preprocessed(np.stack([out[i] for i in range(len(roles))]), out_aff)
+
+
+def _check_content(role: str, img: Image) -> None:
+    """A mask must be binary; an image must not be constant (nothing to normalise or learn from)."""
+    lo, hi = float(img.data.min()), float(img.data.max())
+    if role == "mask":
+        labels = np.unique(img.data)
+        if not np.isin(labels, (0.0, 1.0)).all():
+            raise InputError(f"mask has labels {labels[:6].tolist()}{' …' if labels.size > 6 else ''}, expected 0/1",
+                             path=img.path, fix="binarise the mask (e.g. fslmaths mask -bin mask_bin)")
+    elif lo == hi:
+        raise InputError(f"image is constant (every voxel = {lo:g})", path=img.path,
+                         fix="check the export; the volume holds no image")
+
+
+def _world_box(img: Image) -> tuple[np.ndarray, np.ndarray]:
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in img.data.shape[:3]], indexing="ij")).reshape(3, -1)
+    world = img.affine[:3, :3] @ corners + img.affine[:3, 3:]
+    return world.min(1), world.max(1)
+
+
+def _check_overlap(img: Image, ref: Image, role: str, ref_role: str, min_fraction: float = 0.5) -> None:
+    """Roles are resampled onto the reference grid in world space; that only makes sense if they are
+    co-registered, i.e. their fields of view largely overlap."""
+    (a0, a1), (b0, b1) = _world_box(img), _world_box(ref)
+    inter = np.prod(np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None))
+    frac = float(inter / max(min(np.prod(a1 - a0), np.prod(b1 - b0)), 1e-9))
+    if frac < min_fraction:
+        raise InputError(f"{role} field of view overlaps the {ref_role} by {frac:.0%} in world space: "
+                         "the modalities are on different grids and not co-registered", path=img.path,
+                         fix=f"co-register/resample the {role} onto the {ref_role} (e.g. FSL FLIRT, ANTs)")
 
 
 def _foreground_box(ref: np.ndarray, margin: int) -> tuple[list[int], list[int]] | None:
