@@ -12,13 +12,13 @@ import pandas as pd
 from neuromoe.errors import InputError
 
 ROLES = ("t1", "t1c", "t2", "flair", "dwi", "bold", "mask", "timeseries")
-_ENTITY = re.compile(r"(sub|ses|task|ce)-([A-Za-z0-9]+)")
+_ENTITY = re.compile(r"(sub|ses|task|run|ce)-([A-Za-z0-9]+)")
 
 
 def _bids_role(name: str) -> str | None:
     stem = name.split(".")[0]
     if name.endswith(("_timeseries.npy", "_timeseries.tsv")):
-        return "timeseries"
+        return None if "_desc-confounds" in name else "timeseries"  # fMRIPrep confounds are not ROI series
     if not name.endswith((".nii", ".nii.gz")):
         return None
     suffix = stem.rsplit("_", 1)[-1]
@@ -28,19 +28,21 @@ def _bids_role(name: str) -> str | None:
 
 
 def _load_bids(root: Path) -> pd.DataFrame:
-    rows: dict[tuple[str, str, str], dict[str, str]] = {}
+    rows: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for f in sorted(root.glob("sub-*/**/*")):
         role = _bids_role(f.name)
         if role is None or f.parent.name not in ("anat", "func", "dwi"):
             continue
         ent = dict(_ENTITY.findall(f.name))
-        key = (f"sub-{ent.get('sub', '')}", f"ses-{ent['ses']}" if "ses" in ent else "", ent.get("task", ""))
+        key = (f"sub-{ent.get('sub', '')}", f"ses-{ent['ses']}" if "ses" in ent else "", ent.get("task", ""),
+               ent.get("run", ""))
         rows.setdefault(key, {})[role] = str(f.resolve())
     if not rows:
         raise InputError("no BIDS images found (sub-*/[ses-*/]anat|func)", path=root,
                          fix="point --data at a BIDS root or a manifest CSV")
-    df = pd.DataFrame([{"subject": s, "session": ses, "state": task, **r} for (s, ses, task), r in rows.items()])
-    for col in ("session", "state"):
+    df = pd.DataFrame([{"subject": s, "session": ses, "state": task, "run": run, **r}
+                       for (s, ses, task, run), r in rows.items()])
+    for col in ("session", "state", "run"):
         if not df[col].astype(bool).any():
             df = df.drop(columns=col)
     part = root / "participants.tsv"
@@ -54,7 +56,7 @@ def _load_bids(root: Path) -> pd.DataFrame:
 
 def _coerce(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
-        if col in ROLES or col in ("subject", "session", "state"):
+        if col in ROLES or col in ("subject", "session", "state", "run"):
             continue
         num = pd.to_numeric(df[col], errors="coerce")
         if num.notna().sum() == df[col].notna().sum():
@@ -96,7 +98,7 @@ def _check_rows(df: pd.DataFrame, source: Path) -> None:
     if not any(c in df.columns for c in ROLES):
         raise InputError(f"no image column (one of {', '.join(ROLES)})", path=source,
                          fix="add a column per image role holding file paths, e.g. t1")
-    keys = [c for c in ("subject", "session", "state") if c in df.columns]
+    keys = [c for c in ("subject", "session", "state", "run") if c in df.columns]
     dup = df.duplicated(subset=keys, keep=False)
     if dup.any():
         raise InputError(f"duplicated subject {df.loc[dup, 'subject'].iloc[0]}", path=source,
@@ -119,7 +121,7 @@ def validate_table(df: pd.DataFrame, *, roles: Sequence[str] = ("t1",), labels: 
             missing_lab = col in labels and df.attrs.get("labels_missing")
             raise InputError(f"required column '{col}' is missing" + (" (no participants.tsv)" if missing_lab else ""),
                              path=src, fix=f"add a '{col}' column" + (" to participants.tsv" if missing_lab else ""))
-    keys = [c for c in ("subject", "session", "state") if c in df.columns]
+    keys = [c for c in ("subject", "session", "state", "run") if c in df.columns]
     dup = df.duplicated(subset=keys, keep=False)
     if dup.any():
         raise InputError(f"duplicated subject {df.loc[dup, 'subject'].iloc[0]}", path=src,
