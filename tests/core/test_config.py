@@ -77,5 +77,5 @@ def test_save_roundtrip(tmp_path):
 def test_bad_yaml_names_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
         load_config(Outer, "none", bad)

@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in VERB_ALIASES:
             argv[0] = VERB_ALIASES[argv[0]]
-        if not argv or argv[0] not in PLAIN_COMMANDS and argv[0] not in FAMILY_VERBS:
+        if not argv or (argv[0] not in PLAIN_COMMANDS and argv[0] not in FAMILY_VERBS):
             _top_parser().parse_args(argv or ["--help"])
             return 2
         command, rest = argv[0], argv[1:]

@@ -3,8 +3,10 @@
 This is the smallest end-to-end check that the shared core works on real-looking data: registry →
 ``MoELayer`` → ``Trainer`` → safe model directory → report section. It reports the validation (and test)
 MAE next to the MAE of predicting the training mean, because a brain-age MAE means nothing without
-that baseline (the spread of the cohort's ages). Whole brains are reduced to 32³ (≈ 6 mm voxels), so
-the model sees global atrophy (ventricles, overall brain size), the dominant age signal.
+that baseline (the spread of the cohort's ages). Scans go through the shared preprocessing
+(:class:`~neuromoe.data.preprocess.PreprocSpec`: RAS, 6 mm voxels, brain crop, z-score, 32³), stored in
+the model directory like every family's, so the model sees global atrophy (ventricles, overall brain
+size), the dominant age signal.
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from monai.transforms import CropForeground, NormalizeIntensity, Resize
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from neuromoe.config import save_config
-from neuromoe.data.structural import TaskSpec, assign_splits, encode_labels
+from neuromoe.data.preprocess import PreprocCache, PreprocSpec
+from neuromoe.data.structural import TaskSpec, assign_splits, encode_labels, load_t1
 from neuromoe.errors import InputError
 from neuromoe.eval.metrics import bootstrap_ci, regression_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json
 
-__all__ = ["CoreDemoConfig", "preprocess_t1", "run"]
+__all__ = ["CoreDemoConfig", "preprocessing_spec", "run"]
 
 FAMILY = "core"
 AGE = TaskSpec(name="age", type="regression", column="age")
@@ -42,6 +44,7 @@ class CoreDemoConfig:
     model: str = "simple_cnn_moe_demo"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: int = 32
+    spacing: float = 6.0  # mm; 32 voxels of 6 mm hold a whole adult brain
     epochs: int = 30
     max_steps: int = 0  # 0 = no limit
     batch_size: int = 8
@@ -53,20 +56,9 @@ class CoreDemoConfig:
     n_bootstrap: int = 500
 
 
-def preprocess_t1(data: np.ndarray, img_size: int) -> np.ndarray:
-    """RAS+ T1 → brain bounding box → z-score over non-zero voxels → area-downsampled ``(1, S, S, S)``."""
-    img = data[None].astype(np.float32)
-    img = CropForeground(select_fn=lambda x: x > 0, margin=1)(img)
-    img = NormalizeIntensity(nonzero=True)(img)
-    img = Resize((img_size,) * 3, mode="area")(img)
-    return np.asarray(img, dtype=np.float32)
-
-
-def preprocessing_spec(img_size: int) -> dict[str, Any]:
-    """What :func:`preprocess_t1` does, stored in the model's config.json so prediction can replay it."""
-    return {"pipeline": "neuromoe.pipelines.core_demo.preprocess_t1", "orientation": "RAS",
-            "crop": "foreground > 0, margin 1", "normalize": "z-score over non-zero voxels",
-            "resize": [img_size] * 3, "resize_mode": "area"}
+def preprocessing_spec(cfg: CoreDemoConfig) -> PreprocSpec:
+    """The shared preprocessing at the demo's coarse grid (stored in the model's config.json)."""
+    return PreprocSpec(spacing=(cfg.spacing,) * 3, shape=(cfg.img_size,) * 3, norm="zscore")
 
 
 class _AgeSet(Dataset):
@@ -110,18 +102,26 @@ def _make_trainer_class() -> type:
             out = self.model(batch["image"])
             main = F.smooth_l1_loss(out.prediction.squeeze(1).float(), batch["target"].float())
             self._running.append(float(main.detach()))
-            return main + out.aux_loss.float(), {"huber": float(main.detach()), "aux": float(out.aux_loss.detach())}
+            return main + out.aux_loss.float(), {
+                "huber": float(main.detach()),
+                "aux": float(out.aux_loss.detach()),
+            }
 
         def validation_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
             out = self.model(batch["image"])
             pred = out.prediction.squeeze(1).float() * self.std + self.mean
-            return {"abs_err": float((pred - batch["age"].float()).abs().sum()), "n": int(batch["age"].numel())}
+            return {
+                "abs_err": float((pred - batch["age"].float()).abs().sum()),
+                "n": int(batch["age"].numel()),
+            }
 
         def validation_end(self, outputs: list[dict[str, float]]) -> dict[str, float]:
             mae = sum(o["abs_err"] for o in outputs) / max(sum(o["n"] for o in outputs), 1)
             if mae < self.best_mae:
                 self.best_mae = mae
-                self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+                self.best_state = copy.deepcopy(
+                    {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+                )
             return {"val_mae": mae}
 
     return AgeTrainer
@@ -133,15 +133,19 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load_cohort(cohort_dir: Path, img_size: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, str]:
+def _load_cohort(
+    cohort_dir: Path, cfg: CoreDemoConfig, seed: int, cache_dir: Path | None
+) -> tuple[pd.DataFrame, np.ndarray, str]:
     """Subjects with a T1 and an age, their split, and their preprocessed volumes."""
-    from neuromoe.io.nifti import load_nifti
     from neuromoe.io.table import load_table
 
     manifest = cohort_dir / "manifests" / "structural.csv" if cohort_dir.is_dir() else cohort_dir
     if not manifest.is_file():
-        raise InputError("no structural manifest", path=manifest,
-                         fix="pass a cohort folder made by 'neuromoe synth' or a structural manifest CSV")
+        raise InputError(
+            "no structural manifest",
+            path=manifest,
+            fix="pass a cohort folder made by 'neuromoe synth' or a structural manifest CSV",
+        )
     table = load_table(manifest)
     for col in ("subject", "t1", "age"):
         if col not in table.columns:
@@ -152,20 +156,32 @@ def _load_cohort(cohort_dir: Path, img_size: int, seed: int) -> tuple[pd.DataFra
     table["split"] = assign_splits(table, seed=seed).to_numpy()
     for split in ("train", "val"):
         if (table["split"] == split).sum() < 2:
-            raise InputError(f"fewer than 2 '{split}' subjects with a T1 and an age", path=manifest,
-                             fix="add subjects or fix the split column")
-    images = np.stack([preprocess_t1(load_nifti(p).data, img_size) for p in table["t1"]])
+            raise InputError(
+                f"fewer than 2 '{split}' subjects with a T1 and an age",
+                path=manifest,
+                fix="add subjects or fix the split column",
+            )
+    spec = preprocessing_spec(cfg)
+    cache = PreprocCache(cache_dir) if cache_dir is not None else None
+    images = np.stack([load_t1(p, spec, spec.shape, cache) for p in table["t1"]])
     return table, images, manifest.name
 
 
 @torch.no_grad()
-def _predict(model: torch.nn.Module, images: np.ndarray, mean: float, std: float, device: torch.device,
-             precision: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _predict(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    mean: float,
+    std: float,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Predicted ages (years) and the top-k experts chosen for each subject."""
     model.eval().to(device)
     preds, experts = [], []
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).to(device)
+        x = torch.from_numpy(images[start : start + batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x)
         preds.append(out.prediction.squeeze(1).float().cpu().numpy() * std + mean)
@@ -173,7 +189,9 @@ def _predict(model: torch.nn.Module, images: np.ndarray, mean: float, std: float
     return np.concatenate(preds), torch.cat(experts)
 
 
-def _split_metrics(y: np.ndarray, pred: np.ndarray, baseline: float, n_boot: int, seed: int) -> dict[str, Any]:
+def _split_metrics(
+    y: np.ndarray, pred: np.ndarray, baseline: float, n_boot: int, seed: int
+) -> dict[str, Any]:
     """Model and mean-baseline metrics of one split, with bootstrap CIs of both MAEs."""
 
     def mae(t: np.ndarray, p: np.ndarray) -> float:
@@ -181,14 +199,22 @@ def _split_metrics(y: np.ndarray, pred: np.ndarray, baseline: float, n_boot: int
 
     base = np.full_like(y, baseline)
     return {
-        "n": len(y), **regression_metrics(y, pred),
+        "n": len(y),
+        **regression_metrics(y, pred),
         "mae_ci": bootstrap_ci(mae, y, pred, n_boot=n_boot, seed=seed),
-        "baseline_mae": mae(y, base), "baseline_mae_ci": bootstrap_ci(mae, y, base, n_boot=n_boot, seed=seed),
+        "baseline_mae": mae(y, base),
+        "baseline_mae_ci": bootstrap_ci(mae, y, base, n_boot=n_boot, seed=seed),
     }
 
 
-def run(cohort_dir: str | Path, out_dir: str | Path, device: str = "auto", seed: int = 0,
-        cfg: CoreDemoConfig | None = None) -> Path:
+def run(
+    cohort_dir: str | Path,
+    out_dir: str | Path,
+    device: str = "auto",
+    seed: int = 0,
+    cfg: CoreDemoConfig | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
     """Train the tiny CNN + MoE age model on ``cohort_dir`` into ``out_dir`` and return ``out_dir``.
 
     Writes ``config.yaml``, the Trainer's logs (``metrics.csv``...), ``model/`` (config.json +
@@ -200,7 +226,9 @@ def run(cohort_dir: str | Path, out_dir: str | Path, device: str = "auto", seed:
 
     cfg = cfg or CoreDemoConfig()
     out = Path(out_dir)
-    table, images, source = _load_cohort(Path(cohort_dir), cfg.img_size, seed)
+    table, images, source = _load_cohort(
+        Path(cohort_dir), cfg, seed, None if cache_dir is None else Path(cache_dir)
+    )
     split = table["split"].to_numpy()
     ages = table["age"].to_numpy(float)
     train = split == "train"
@@ -210,14 +238,29 @@ def run(cohort_dir: str | Path, out_dir: str | Path, device: str = "auto", seed:
     torch.manual_seed(seed)
     model = create_model(cfg.model, **cfg.model_kwargs)
     train_cfg = TrainConfig(
-        epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, warmup_frac=cfg.warmup_frac, grad_clip=cfg.grad_clip,
-        precision=cfg.precision, device=device, seed=seed, val_every=1, monitor="val_mae",
-        monitor_mode="min", progress=False,
+        epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_frac=cfg.warmup_frac,
+        grad_clip=cfg.grad_clip,
+        precision=cfg.precision,
+        device=device,
+        seed=seed,
+        val_every=1,
+        monitor="val_mae",
+        monitor_mode="min",
+        progress=False,
     )
     trainer = _make_trainer_class()(
-        model, train_cfg, _AgeSet(images[train], ages[train], mean, std),
-        _AgeSet(images[split == "val"], ages[split == "val"], mean, std), run_dir=out, mean=mean, std=std,
+        model,
+        train_cfg,
+        _AgeSet(images[train], ages[train], mean, std),
+        _AgeSet(images[split == "val"], ages[split == "val"], mean, std),
+        run_dir=out,
+        mean=mean,
+        std=std,
     )
     trainer.fit()
     trainer.flush_epoch_loss()
@@ -227,8 +270,11 @@ def run(cohort_dir: str | Path, out_dir: str | Path, device: str = "auto", seed:
     dev = _device(device)
     pred, experts = _predict(model, images, mean, std, dev, cfg.precision, 4 * cfg.batch_size)
     model.cpu()
-    metrics: dict[str, Any] = {"n_train": int(train.sum()), "train_mean_age": mean,
-                               "train_loss_per_epoch": trainer.epoch_losses}
+    metrics: dict[str, Any] = {
+        "n_train": int(train.sum()),
+        "train_mean_age": mean,
+        "train_loss_per_epoch": trainer.epoch_losses,
+    }
     for name in ("val", "test"):
         sel = split == name
         if sel.any():
@@ -237,12 +283,23 @@ def run(cohort_dir: str | Path, out_dir: str | Path, device: str = "auto", seed:
     frame = pd.DataFrame({"subject": table["subject"], "split": split, "age": ages, "predicted_age": pred})
     with atomic_path(out / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    save_model(model, out / "model", {
-        "family": FAMILY, "preprocessing": preprocessing_spec(cfg.img_size),
-        "tasks": [asdict(AGE)],
-        "extra": {"target_mean": mean, "target_std": std, "img_size": cfg.img_size, "source": source,
-                  "val_mae": metrics["val"]["mae"], "baseline_val_mae": metrics["val"]["baseline_mae"]},
-    })
+    save_model(
+        model,
+        out / "model",
+        {
+            "family": FAMILY,
+            "preprocessing": preprocessing_spec(cfg).to_dict(),
+            "tasks": [asdict(AGE)],
+            "extra": {
+                "target_mean": mean,
+                "target_std": std,
+                "img_size": cfg.img_size,
+                "source": source,
+                "val_mae": metrics["val"]["mae"],
+                "baseline_val_mae": metrics["val"]["baseline_mae"],
+            },
+        },
+    )
 
     usage = ExpertUsage(model.moe.num_experts, [f"E{e}" for e in range(model.moe.num_experts)])
     held_out = split != "train"
@@ -253,17 +310,23 @@ def run(cohort_dir: str | Path, out_dir: str | Path, device: str = "auto", seed:
         sel = held_out & (group == g)
         if sel.any():
             usage.update(experts[torch.from_numpy(sel)], name)
-    _report(out, metrics, frame, mean, usage, cfg.img_size)
+    _report(out, metrics, frame, mean, usage, cfg)
     v = metrics["val"]
-    print(f"core demo: validation MAE {v['mae']:.2f} y vs predict-the-training-mean baseline "
-          f"{v['baseline_mae']:.2f} y (n={v['n']})"
-          + (f"; test MAE {metrics['test']['mae']:.2f} y vs {metrics['test']['baseline_mae']:.2f} y"
-             if "test" in metrics else ""))
+    print(
+        f"core demo: validation MAE {v['mae']:.2f} y vs predict-the-training-mean baseline "
+        f"{v['baseline_mae']:.2f} y (n={v['n']})"
+        + (
+            f"; test MAE {metrics['test']['mae']:.2f} y vs {metrics['test']['baseline_mae']:.2f} y"
+            if "test" in metrics
+            else ""
+        )
+    )
     return out
 
 
-def _report(out: Path, metrics: dict[str, Any], frame: pd.DataFrame, mean: float, usage: Any,
-            img_size: int) -> None:
+def _report(
+    out: Path, metrics: dict[str, Any], frame: pd.DataFrame, mean: float, usage: Any, cfg: CoreDemoConfig
+) -> None:
     from neuromoe.eval.plots import pred_vs_true
     from neuromoe.eval.report import Report
 
@@ -271,22 +334,44 @@ def _report(out: Path, metrics: dict[str, Any], frame: pd.DataFrame, mean: float
     losses = metrics["train_loss_per_epoch"]
     section.add_text(
         f"A small strided 3D CNN with a residual top-k Mixture-of-Experts head, trained with the shared "
-        f"Trainer on {metrics['n_train']} T1 scans (whole brain resized to {img_size}³) to predict age. The "
+        f"Trainer on {metrics['n_train']} T1 scans (brain at {cfg.spacing:g} mm in a {cfg.img_size}³ grid) to predict age. The "
         f"baseline predicts the training mean age ({mean:.1f} y) for everyone. Training Huber loss per "
-        f"epoch: {losses[0]:.3f} → {losses[-1]:.3f}." if losses else ""
+        f"epoch: {losses[0]:.3f} → {losses[-1]:.3f}."
+        if losses
+        else ""
     )
     rows = []
     for name in ("val", "test"):
         if name in metrics:
             m = metrics[name]
-            rows.append({"split": name, "n": m["n"], "model MAE (y)": m["mae_ci"],
-                         "baseline MAE (y)": m["baseline_mae_ci"], "r": m["r"], "R²": m["r2"]})
-    section.add_table(rows, "Mean absolute error with 95 % bootstrap CIs; the baseline predicts the training mean.")
+            rows.append(
+                {
+                    "split": name,
+                    "n": m["n"],
+                    "model MAE (y)": m["mae_ci"],
+                    "baseline MAE (y)": m["baseline_mae_ci"],
+                    "r": m["r"],
+                    "R²": m["r2"],
+                }
+            )
+    section.add_table(
+        rows, "Mean absolute error with 95 % bootstrap CIs; the baseline predicts the training mean."
+    )
     shown = frame[frame["split"] == ("test" if "test" in metrics else "val")]
-    section.add_figure(pred_vs_true(shown["age"], shown["predicted_age"], xlabel="age (y)",
-                                    ylabel="predicted age (y)", title=f"{shown['split'].iloc[0]} subjects",
-                                    baseline=mean), "Predicted vs true age; dashed: the mean baseline.")
-    section.add_figure(usage.plot("Expert usage by age tertile (held-out subjects)"),
-                       "Share of each age group's top-k routing slots per expert: specialisation shows up "
-                       "as rows that differ.")
+    section.add_figure(
+        pred_vs_true(
+            shown["age"],
+            shown["predicted_age"],
+            xlabel="age (y)",
+            ylabel="predicted age (y)",
+            title=f"{shown['split'].iloc[0]} subjects",
+            baseline=mean,
+        ),
+        "Predicted vs true age; dashed: the mean baseline.",
+    )
+    section.add_figure(
+        usage.plot("Expert usage by age tertile (held-out subjects)"),
+        "Share of each age group's top-k routing slots per expert: specialisation shows up "
+        "as rows that differ.",
+    )
     section.save(out)
