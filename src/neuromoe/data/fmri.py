@@ -248,12 +248,13 @@ def extract_timeseries(
         out[:, valid] = sig
     empty = np.flatnonzero(~valid)
     flat = np.flatnonzero(valid & (np.ptp(out, axis=0) == 0))
-    if empty.size or flat.size:
-        warnings.warn(
-            f"{path}: {empty.size} of {len(valid)} ROI {what} (first {empty[:5].tolist()}) and "
-            f"{flat.size} with a constant signal (first {flat[:5].tolist()}); their columns are zero",
-            stacklevel=2,
-        )
+    parts = [
+        f"{len(idx)} of {len(valid)} ROI {why} (first {idx[:5].tolist()})"
+        for idx, why in ((empty, what), (flat, "with a constant signal"))
+        if idx.size
+    ]
+    if parts:
+        warnings.warn(f"{path}: {'; '.join(parts)}; their columns are zero", stacklevel=2)
     valid = valid & (np.ptp(out, axis=0) > 0)
     return (out, valid) if return_mask else out
 
