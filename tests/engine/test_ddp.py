@@ -29,7 +29,10 @@ def test_two_gloo_ranks_stay_in_sync(tmp_path: Path) -> None:
     w1 = load_file(str(tmp_path / "weights_rank1.safetensors"))
     assert w0.keys() == w1.keys()
     for k in w0:
-        assert torch.equal(w0[k], w1[k]), k
+        if not k.startswith("init."):
+            assert torch.equal(w0[k], w1[k]), k
+    # the expert only rank 1 uses was trained on both ranks (rank 0 contributed zeros, no hang)
+    assert not torch.equal(w0["expert.weight"], w0["init.expert.weight"])
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "tb"]
     assert len(list((run / "tb").iterdir())) == 1

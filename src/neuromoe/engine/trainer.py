@@ -184,13 +184,25 @@ class Trainer:
         self._writer.flush()
 
     def _sync_grads(self) -> None:
-        """Average gradients over ranks (what DistributedDataParallel does, without renaming the model's keys)."""
+        """Average gradients over ranks in one flat all-reduce (DistributedDataParallel's reduction).
+
+        Done here rather than by wrapping the model so family hooks keep calling ``self.model`` and its
+        attributes, and state-dict keys stay free of ``module.``. A parameter without a gradient on this
+        rank (an expert no local item was routed to) contributes zeros: every rank must reduce the same
+        tensors, or the collective would hang.
+        """
         if self.world_size == 1:
             return
-        for p in self.model.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-                p.grad /= self.world_size
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
 
     def _broadcast(self, tensors: list[Tensor]) -> None:
         """Copy rank 0's values: parameters at the start, buffers (BatchNorm stats) after every step, like DDP."""
