@@ -25,6 +25,9 @@ def describe(path: str) -> dict[str, Any]:
         img = load_nifti(path, allow_4d=True)
     except InputError as exc:
         return {"path": path, "verdict": "FAIL", "reasons": [str(exc)]}
+    if img.data.min() == img.data.max():
+        msg = f"{path}: image is constant (every voxel = {img.data.min():g}) — fix: check the export"
+        return {"path": path, "verdict": "FAIL", "reasons": [msg]}
     reasons = []
     sp = info["spacing"]
     if max(sp) / min(sp) > 3:
