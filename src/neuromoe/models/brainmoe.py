@@ -46,7 +46,7 @@ ExpertKind = Literal["fc_mae", "jepa", "state_clf"]
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "dim": 32,
-        "depth": 1,
+        "depth": 0,
         "heads": 2,
         "hidden": 32,
         "adapter_depth": 1,
@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "demo": {
         "dim": 64,
-        "depth": 2,
+        "depth": 1,
         "heads": 4,
         "hidden": 64,
         "adapter_depth": 2,
@@ -94,7 +94,10 @@ class FCEncoder(nn.Module):
         self.n_rois = n_rois
         self.proj = nn.Linear(n_rois, dim)
         self.roi_embed = nn.Parameter(torch.randn(1, n_rois, dim) * 0.02)
-        self.blocks = _encoder(dim, depth, heads, dropout)
+        # depth 0 = no attention, a per-ROI MLP only (cheap experts for tests and CPU demos)
+        self.blocks = (
+            _encoder(dim, depth, heads, dropout) if depth else nn.Sequential(nn.GELU(), nn.Linear(dim, dim))
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, fc: Tensor, replace: Tensor | None = None, token: Tensor | None = None) -> Tensor:

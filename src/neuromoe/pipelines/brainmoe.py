@@ -1,0 +1,1094 @@
+"""BrainMoE pipelines: ``pretrain`` (per-state experts + the pooled baseline expert), ``train``
+(router + adapter fine-tuning), ``evaluate`` (stratified k-fold: BrainMoE vs pooled expert + MLP / SVM),
+``predict``, ``embed`` and ``demo``.
+
+Conventions:
+
+* Data is a cohort folder (its ``manifests/fmri.csv``), a manifest ``.csv``/``.tsv`` or a BIDS folder
+  whose rows are scans (``subject``, ``state``, ``timeseries`` or ``bold``, labels). Rows with a
+  ``cohort`` of ``pretrain`` (or, without that column, rows lacking the phenotype label) pretrain the
+  experts; labelled rows are the downstream task.
+* Every scan becomes an FC matrix (``neuromoe.data.connectivity``); the FC kind, Fisher z flag, atlas
+  size and (for tangent FC) the reference matrix are stored in each model's ``config.json`` so
+  ``predict``/``embed`` replay the same pipeline on new scans.
+* Experts are frozen by default; their embeddings are then computed once per scan and cached in memory
+  for fine-tuning (the router still chooses which k of them the adapter sees).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from neuromoe.config import load_config, save_config
+from neuromoe.engine import TrainConfig, Trainer
+from neuromoe.errors import InputError, ModelFormatError
+from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.models.brainmoe import BrainMoE, BrainMoEOutput, Expert, JEPAExpert
+
+FAMILY = "brainmoe"
+POOLED = "pooled"
+EXPERTS_FILE = "experts.json"
+
+__all__ = [
+    "BrainMoEConfig",
+    "DataSection",
+    "EvalSection",
+    "ExpertSection",
+    "ModelSection",
+    "demo",
+    "embed",
+    "evaluate",
+    "load_brainmoe_config",
+    "predict",
+    "pretrain",
+    "train",
+]
+
+
+@dataclass
+class DataSection:
+    """Which scans and how they become FC matrices."""
+
+    fc_kind: Literal["pearson", "partial", "tangent"] = "pearson"
+    fisher_z: bool = True
+    states: list[str] = field(default_factory=list)  # empty = every state of the pretraining scans
+    phenotype: str = "phenotype"  # label column of the downstream task
+
+
+@dataclass
+class ExpertSection:
+    kind: Literal["fc_mae", "jepa", "state_clf"] = "state_clf"
+    preset: Literal["tiny", "demo", "base"] = "demo"
+    mask_ratio: float = 0.5  # fc_mae (ROIs) and jepa (windows)
+    window: int = 16  # jepa: TRs per token
+    n_windows: int = 8  # jepa: tokens per crop (needs window·n_windows TRs)
+    ema: float = 0.99  # jepa target encoder
+    pooled: bool = True  # also pretrain the all-states expert used by the baselines
+
+
+@dataclass
+class ModelSection:
+    preset: Literal["tiny", "demo", "base"] = "demo"
+    top_k: int = 2
+    router_noise: float = 0.5  # noisy top-k in training, so unchosen experts get tried
+    dropout: float = 0.1
+    unfreeze_experts: bool = False
+    sex_weight: float = 0.5
+    age_weight: float = 0.5  # on the standardised age (MSE)
+
+
+@dataclass
+class EvalSection:
+    folds: int = 5
+    svm_c: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
+    mlp_hidden: int = 64
+
+
+@dataclass
+class BrainMoEConfig:
+    data: DataSection = field(default_factory=DataSection)
+    expert: ExpertSection = field(default_factory=ExpertSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+    seed: int = 0
+
+
+def load_brainmoe_config(
+    preset: str | Path | None = "demo",
+    overrides: list[str] | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> BrainMoEConfig:
+    """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs)."""
+    cfg = load_config(BrainMoEConfig, FAMILY, preset, overrides)
+    if seed is not None:
+        cfg.seed = seed
+    for tc in (cfg.pretrain, cfg.train):
+        tc.seed = cfg.seed
+        if device is not None:
+            tc.device = device
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def load_scans(data: str | Path) -> pd.DataFrame:
+    """Scan table (one row per run) from a cohort folder, a manifest or a BIDS folder."""
+    from neuromoe.data.fmri import fmri_table
+
+    data = Path(data)
+    if data.is_dir() and (data / "manifests" / "fmri.csv").is_file():
+        data = data / "manifests" / "fmri.csv"
+    if not data.exists():
+        raise InputError(
+            "data not found", path=data, fix="pass a cohort folder, a manifest CSV/TSV or a BIDS folder"
+        )
+    table = fmri_table(data)
+    if table.empty:
+        raise InputError(
+            "no fMRI scans found", path=data, fix="point --data at an fMRI manifest or BIDS folder"
+        )
+    return table.reset_index(drop=True)
+
+
+def _is_labelled(table: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in table.columns:
+        return np.zeros(len(table), dtype=bool)
+    return table[column].fillna("").astype(str).str.strip().ne("").to_numpy()
+
+
+def pretrain_rows(table: pd.DataFrame, phenotype: str) -> np.ndarray:
+    if "cohort" in table.columns and table["cohort"].astype(str).eq("pretrain").any():
+        return table["cohort"].astype(str).eq("pretrain").to_numpy()
+    return ~_is_labelled(table, phenotype)
+
+
+@dataclass
+class FCSpec:
+    """How a time series becomes the model's input; stored in every model's config.json."""
+
+    kind: str
+    fisher_z: bool
+    n_rois: int
+    n_timepoints: int = 0  # jepa crop length (0 = FC only)
+    reference: list[list[float]] | None = None  # tangent reference
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _timeseries(table: pd.DataFrame) -> list[np.ndarray]:
+    from neuromoe.data.fmri import scan_timeseries
+
+    return [scan_timeseries(row) for _, row in table.iterrows()]
+
+
+def _fc(ts: list[np.ndarray], spec: FCSpec) -> np.ndarray:
+    from neuromoe.data.connectivity import connectivity
+
+    ref = None if spec.reference is None else np.asarray(spec.reference, dtype=np.float64)
+    return np.asarray(
+        connectivity(ts, kind=spec.kind, fisher_z=spec.fisher_z, reference=ref), dtype=np.float32
+    )
+
+
+def _check_rois(ts: list[np.ndarray], spec: FCSpec, where: Any) -> None:
+    bad = [i for i, x in enumerate(ts) if x.shape[1] != spec.n_rois]
+    if bad:
+        raise InputError(
+            f"scan has {ts[bad[0]].shape[1]} ROIs, the model expects {spec.n_rois}",
+            path=where,
+            fix="extract ROI signals with the atlas the model was trained on",
+        )
+
+
+def _crop(ts: list[np.ndarray], n: int, where: Any, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(N, n, M): a window of ``n`` TRs per scan (centre, or random with ``rng``), z-scored per ROI."""
+    short = [x.shape[0] for x in ts if x.shape[0] < n]
+    if short:
+        raise InputError(
+            f"scan has {short[0]} time points; the JEPA expert needs at least {n}",
+            path=where,
+            fix="use longer runs or lower expert.window/expert.n_windows",
+        )
+    out = []
+    for x in ts:
+        start = (x.shape[0] - n) // 2 if rng is None else int(rng.integers(0, x.shape[0] - n + 1))
+        w = x[start : start + n].astype(np.float32)
+        out.append((w - w.mean(0)) / (w.std(0) + 1e-6))
+    return np.stack(out)
+
+
+class ScanSet(Dataset):
+    """In-memory tensors per scan: ``fc`` (M, M), optional ``ts``/``emb``/labels; indexable subsets."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+    def subset(self, rows: np.ndarray) -> ScanSet:
+        idx = torch.as_tensor(np.flatnonzero(rows) if rows.dtype == bool else rows, dtype=torch.long)
+        return ScanSet({k: v[idx] for k, v in self.tensors.items()})
+
+
+# ------------------------------------------------------------------------------------------ pretrain
+
+
+class ExpertTrainer(Trainer):
+    """Pretraining of one expert; keeps the best-validation weights (``best_state``)."""
+
+    best_state: dict[str, Tensor] | None = None
+
+    def training_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        if isinstance(self.model, JEPAExpert):  # EMA step after the previous optimiser step
+            self.model.update_target()
+        return self.model.loss(batch["fc"], batch.get("ts"), batch.get("target"))
+
+    def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(1234)
+        torch.manual_seed(1234)  # the same masks every validation
+        mask = (
+            self.model.random_mask(len(batch["fc"]), batch["fc"].device, gen)
+            if hasattr(self.model, "random_mask")
+            else None
+        )
+        loss, logs = self.model.loss(batch["fc"], batch.get("ts"), batch.get("target"), mask=mask)
+        return {"loss": float(loss), "n": len(batch["fc"]), **logs}
+
+    def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
+        n = sum(o["n"] for o in outputs)
+        return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
+
+    def on_best(self, metrics: dict[str, float]) -> None:
+        self.best_state = copy.deepcopy(self.model.state_dict())
+
+
+def _fit(trainer: ExpertTrainer | FinetuneTrainer) -> Any:
+    result = trainer.fit()
+    if trainer.best_state is not None:
+        trainer.model.load_state_dict(trainer.best_state)
+    return result
+
+
+def _val_rows(groups: np.ndarray, labels: np.ndarray, seed: int, frac: float = 0.2) -> np.ndarray:
+    """Bool mask of a stratified, subject-grouped validation share (at least one group)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, min(round(1 / frac), len(np.unique(groups))))
+    try:
+        _, val = next(
+            StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels, groups)
+        )
+    except ValueError:  # too few members of a class for stratification
+        rng = np.random.default_rng(seed)
+        uniq = rng.permutation(np.unique(groups))
+        val = np.flatnonzero(np.isin(groups, uniq[: max(1, len(uniq) // n_splits)]))
+    mask = np.zeros(len(groups), dtype=bool)
+    mask[val] = True
+    return mask
+
+
+def _expert_kwargs(cfg: BrainMoEConfig) -> dict[str, Any]:
+    e = cfg.expert
+    if e.kind == "fc_mae":
+        return {"mask_ratio": e.mask_ratio}
+    if e.kind == "jepa":
+        return {"mask_ratio": e.mask_ratio, "window": e.window, "n_windows": e.n_windows, "ema": e.ema}
+    return {}
+
+
+def _states(table: pd.DataFrame, cfg: BrainMoEConfig, states: Sequence[str] | None) -> list[str]:
+    if "state" not in table.columns:
+        raise InputError(
+            "scans have no 'state' column", fix="add the cognitive state (BIDS task-<state>) per scan"
+        )
+    present = sorted(table["state"].astype(str).unique())
+    wanted = list(states or cfg.data.states or present)
+    missing = [s for s in wanted if s not in present]
+    if missing:
+        raise InputError(f"no pretraining scans for state(s) {missing}", fix=f"choose from {present}")
+    return wanted
+
+
+def pretrain(
+    data: str | Path,
+    out: str | Path,
+    cfg: BrainMoEConfig | None = None,
+    *,
+    states: Sequence[str] | None = None,
+    pooled: bool | None = None,
+) -> Path:
+    """One expert per cognitive state (``out/experts/<state>``) plus, by default, the expert pretrained
+    on all states pooled (``out/experts/pooled``, for the baselines); ``out/experts.json`` lists them."""
+    from neuromoe.models.registry import create_model, save_model
+
+    cfg = cfg or load_brainmoe_config()
+    out = Path(out)
+    table = load_scans(data)
+    table = table[pretrain_rows(table, cfg.data.phenotype)].reset_index(drop=True)
+    if table.empty:
+        raise InputError(
+            "no pretraining scans (cohort 'pretrain' or unlabelled rows)",
+            path=data,
+            fix="add unlabelled scans of the cognitive states",
+        )
+    all_states = _states(table, cfg, None)
+    todo = _states(table, cfg, states)
+    ts = _timeseries(table)
+    n_rois = ts[0].shape[1]
+    spec = FCSpec(cfg.data.fc_kind, cfg.data.fisher_z, n_rois)
+    if cfg.expert.kind == "jepa":
+        spec.n_timepoints = cfg.expert.window * cfg.expert.n_windows
+    _check_rois(ts, spec, data)
+    if spec.kind == "tangent":
+        from neuromoe.data.connectivity import tangent_reference
+
+        spec.reference = np.asarray(tangent_reference(ts), dtype=np.float64).tolist()
+    tensors = {"fc": torch.from_numpy(_fc(ts, spec))}
+    if spec.n_timepoints:
+        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data))
+    state_of = table["state"].astype(str).to_numpy()
+    groups = table["subject"].astype(str).to_numpy()
+    scans = ScanSet(tensors)
+    save_config(cfg, out)
+    jobs = [(s, state_of == s) for s in todo]
+    if pooled if pooled is not None else cfg.expert.pooled:
+        jobs.append((POOLED, np.ones(len(table), dtype=bool)))
+    manifest = _read_experts(out) if (out / EXPERTS_FILE).is_file() else {"states": [], "pooled": None}
+    for name, rows in jobs:
+        kw = _expert_kwargs(cfg)
+        data_rows = rows
+        if cfg.expert.kind == "state_clf":
+            data_rows, target = _state_clf_rows(name, rows, state_of, all_states, cfg.seed)
+            kw["n_states"] = len(all_states) if name == POOLED else 2
+        sub = scans.subset(data_rows)
+        if cfg.expert.kind == "state_clf":
+            sub.tensors["target"] = torch.as_tensor(target, dtype=torch.long)
+        val = _val_rows(groups[data_rows], state_of[data_rows], cfg.seed)
+        torch.manual_seed(cfg.seed)
+        expert = create_model(
+            f"brainmoe_expert_{cfg.expert.preset}", kind=cfg.expert.kind, n_rois=n_rois, **kw
+        )
+        run = out / "experts" / name
+        trainer = ExpertTrainer(
+            expert, cfg.pretrain, sub.subset(~val), sub.subset(val), run_dir=run / "train"
+        )
+        result = _fit(trainer)
+        extra = {
+            "kind": "expert",
+            "expert_kind": cfg.expert.kind,
+            "state": name,
+            "states": all_states if name == POOLED else [name],
+            "fc": spec.to_dict(),
+            "n_scans": int(data_rows.sum()),
+            "best_val_loss": result.best_metric,
+        }
+        save_model(expert.cpu(), run, {"family": FAMILY, "extra": extra})
+        if name == POOLED:
+            manifest["pooled"] = name
+        elif name not in manifest["states"]:
+            manifest["states"].append(name)
+    manifest.update({"kind": cfg.expert.kind, "fc": spec.to_dict()})
+    atomic_write_json(out / EXPERTS_FILE, manifest)
+    return out
+
+
+def _state_clf_rows(
+    name: str, rows: np.ndarray, state_of: np.ndarray, all_states: list[str], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced "this state vs the others" rows (negatives subsampled) or all rows for the pooled expert."""
+    if name == POOLED:
+        return rows, np.array([all_states.index(s) for s in state_of])
+    rng = np.random.default_rng(seed)
+    neg = rng.permutation(np.flatnonzero(~rows))[: int(rows.sum())]
+    keep = rows.copy()
+    keep[neg] = True
+    return keep, rows[keep].astype(int)
+
+
+def _read_experts(out: Path) -> dict[str, Any]:
+    path = Path(out) / EXPERTS_FILE
+    if not path.is_file():
+        raise InputError(
+            "not a BrainMoE pretraining folder (no experts.json)",
+            path=out,
+            fix="pass the --out folder of 'neuromoe pretrain --family brainmoe'",
+        )
+    return json.loads(path.read_text())
+
+
+def _load_expert(path: Path) -> tuple[Expert, dict[str, Any]]:
+    from neuromoe.models.registry import load_model
+
+    model, meta = load_model(path)
+    if meta.get("extra", {}).get("kind") != "expert":
+        raise ModelFormatError(
+            "not a BrainMoE expert model directory",
+            path=path,
+            fix="pass a folder written by 'neuromoe pretrain --family brainmoe'",
+        )
+    return model, meta
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class Downstream:
+    """Labelled scans as tensors + label maps (phenotype / sex class names, age mean/std)."""
+
+    table: pd.DataFrame
+    scans: ScanSet
+    classes: list[str]
+    sex_classes: list[str]
+    has_age: bool
+
+
+def _downstream(
+    data: str | Path,
+    cfg: BrainMoEConfig,
+    spec: FCSpec,
+    classes: list[str] | None = None,
+    sex_classes: list[str] | None = None,
+) -> Downstream:
+    table = load_scans(data)
+    col = cfg.data.phenotype
+    table = table[_is_labelled(table, col)].reset_index(drop=True)
+    if table.empty:
+        raise InputError(
+            f"no scans with a '{col}' label", path=data, fix="set data.phenotype to the label column"
+        )
+    ts = _timeseries(table)
+    _check_rois(ts, spec, data)
+    tensors = {"fc": torch.from_numpy(_fc(ts, spec))}
+    if spec.n_timepoints:
+        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data))
+    classes = classes or sorted(table[col].astype(str).unique())
+    if len(classes) < 2:
+        raise InputError(f"'{col}' has one class only ({classes})", path=data, fix="use a labelled cohort")
+    tensors["phenotype"] = torch.tensor(
+        [classes.index(v) if v in classes else -1 for v in table[col].astype(str)]
+    )
+    sex = table["sex"].fillna("").astype(str) if "sex" in table.columns else pd.Series([""] * len(table))
+    sex_classes = sex_classes if sex_classes is not None else sorted(v for v in sex.unique() if v)
+    tensors["sex"] = torch.tensor([sex_classes.index(v) if v in sex_classes else -1 for v in sex])
+    age = (
+        pd.to_numeric(table["age"], errors="coerce")
+        if "age" in table.columns
+        else pd.Series(np.nan, index=table.index)
+    )
+    tensors["age"] = torch.tensor(age.to_numpy(dtype=np.float32))
+    return Downstream(table, ScanSet(tensors), classes, sex_classes, bool(np.isfinite(age).sum() >= 3))
+
+
+def finetune_loss(
+    out: BrainMoEOutput, batch: dict[str, Tensor], age_stats: tuple[float, float], m: ModelSection
+) -> tuple[Tensor, dict[str, float]]:
+    """Phenotype CE + weighted sex CE + weighted MSE of standardised age, each on the scans that have it."""
+    o = out.outputs
+    y = batch["phenotype"]
+    have = y >= 0
+    loss = F.cross_entropy(o["phenotype"][have].float(), y[have]) if have.any() else o["phenotype"].sum() * 0
+    logs = {"pheno_ce": float(loss.detach())}
+    if "sex" in o and (batch["sex"] >= 0).any():
+        s = batch["sex"] >= 0
+        sl = F.cross_entropy(o["sex"][s].float(), batch["sex"][s])
+        loss = loss + m.sex_weight * sl
+        logs["sex_ce"] = float(sl.detach())
+    if "age" in o and torch.isfinite(batch["age"]).any():
+        a = torch.isfinite(batch["age"])
+        al = F.mse_loss(o["age"][a].float(), (batch["age"][a] - age_stats[0]) / age_stats[1])
+        loss = loss + m.age_weight * al
+        logs["age_mse"] = float(al.detach())
+    return loss, logs
+
+
+class FinetuneTrainer(Trainer):
+    """Router + adapter training on cached (frozen) expert embeddings; keeps the best-validation weights."""
+
+    best_state: dict[str, Tensor] | None = None
+
+    def __init__(self, *args: Any, age_stats: tuple[float, float], msec: ModelSection, **kwargs: Any):
+        self.age_stats, self.msec = age_stats, msec
+        super().__init__(*args, **kwargs)
+
+    def _forward(self, batch: dict[str, Tensor]) -> BrainMoEOutput:
+        return self.model(batch["fc"], batch.get("ts"), batch.get("emb"))
+
+    def training_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return finetune_loss(self._forward(batch), batch, self.age_stats, self.msec)
+
+    def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        loss, _ = finetune_loss(self._forward(batch), batch, self.age_stats, self.msec)
+        return {"loss": float(loss), "n": len(batch["fc"])}
+
+    def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
+        n = sum(o["n"] for o in outputs)
+        return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
+
+    def on_best(self, metrics: dict[str, float]) -> None:
+        self.best_state = copy.deepcopy(self.model.state_dict())
+
+
+def _experts_for(experts_dir: Path) -> tuple[list[str], list[Expert], dict[str, Any], FCSpec]:
+    """Per-state experts (in experts.json order), the kind/kwargs to rebuild them, and the FC spec."""
+    manifest = _read_experts(experts_dir)
+    names = list(manifest["states"])
+    if not names:
+        raise InputError(
+            "no per-state experts in this folder",
+            path=experts_dir,
+            fix="run 'neuromoe pretrain --family brainmoe --states all'",
+        )
+    experts, kw = [], None
+    for n in names:
+        e, meta = _load_expert(experts_dir / "experts" / n)
+        experts.append(e)
+        kw = kw or meta["kwargs"]
+    spec = FCSpec(**manifest["fc"])
+    return names, experts, dict(kw or {}), spec
+
+
+def _build_moe(
+    experts_dir: Path, cfg: BrainMoEConfig, down: Downstream
+) -> tuple[BrainMoE, list[str], FCSpec]:
+    from neuromoe.models.registry import create_model
+
+    names, experts, ekw, spec = _experts_for(experts_dir)
+    m = cfg.model
+    arch = {k: ekw[k] for k in ("dim", "depth", "heads") if k in ekw}
+    extra = {k: v for k, v in ekw.items() if k not in ("dim", "depth", "heads", "kind", "n_rois")}
+    torch.manual_seed(cfg.seed)
+    model = create_model(
+        f"brainmoe_{m.preset}",
+        n_rois=spec.n_rois,
+        n_experts=len(names),
+        expert_kind=ekw["kind"],
+        expert_kwargs=extra,
+        top_k=min(m.top_k, len(names)),
+        router_noise=m.router_noise,
+        dropout=m.dropout,
+        n_classes=len(down.classes),
+        n_sex=len(down.sex_classes),
+        age=down.has_age,
+        freeze_experts=not m.unfreeze_experts,
+        **arch,
+    )
+    for target, source in zip(model.experts, experts, strict=True):
+        target.load_state_dict(source.state_dict())
+    return model, names, spec
+
+
+@torch.no_grad()
+def _embeddings(model: BrainMoE, scans: ScanSet, batch_size: int = 32) -> Tensor:
+    model.eval()
+    out = []
+    for s in range(0, len(scans), batch_size):
+        b = scans.subset(np.arange(s, min(s + batch_size, len(scans))))
+        out.append(model.expert_embeddings(b.tensors["fc"], b.tensors.get("ts")))
+    return torch.cat(out)
+
+
+def _age_stats(down: Downstream, rows: np.ndarray) -> tuple[float, float]:
+    a = down.scans.tensors["age"].numpy()[rows]
+    a = a[np.isfinite(a)]
+    return (float(a.mean()), float(a.std() or 1.0)) if a.size >= 2 else (0.0, 1.0)
+
+
+def _fit_moe(
+    model: BrainMoE, down: Downstream, train_rows: np.ndarray, cfg: BrainMoEConfig, run_dir: Path
+) -> tuple[BrainMoE, tuple[float, float], Any]:
+    """Train router + adapter on ``train_rows`` (inner stratified validation split for early stopping)."""
+    scans = down.scans
+    if model.freeze_experts:
+        scans = ScanSet({**scans.tensors, "emb": _embeddings(model, scans)})
+    idx = np.flatnonzero(train_rows)
+    groups = down.table["subject"].astype(str).to_numpy()[idx]
+    y = scans.tensors["phenotype"].numpy()[idx]
+    val = _val_rows(groups, y, cfg.seed)
+    age_stats = _age_stats(down, idx[~val])
+    trainer = FinetuneTrainer(
+        model,
+        cfg.train,
+        scans.subset(idx[~val]),
+        scans.subset(idx[val]),
+        run_dir=run_dir,
+        age_stats=age_stats,
+        msec=cfg.model,
+    )
+    result = _fit(trainer)
+    return model.cpu().eval(), age_stats, result
+
+
+def _meta(
+    down: Downstream,
+    names: list[str],
+    spec: FCSpec,
+    age_stats: tuple[float, float],
+    cfg: BrainMoEConfig,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "family": FAMILY,
+        "label_maps": {"phenotype": down.classes, "sex": down.sex_classes},
+        "tasks": [
+            {"name": "phenotype", "type": "classification", "column": cfg.data.phenotype},
+            *([{"name": "sex", "type": "classification", "column": "sex"}] if down.sex_classes else []),
+            *([{"name": "age", "type": "regression", "column": "age"}] if down.has_age else []),
+        ],
+        "extra": {
+            "kind": "brainmoe",
+            "experts": names,
+            "fc": spec.to_dict(),
+            "age_stats": list(age_stats),
+            **extra,
+        },
+    }
+
+
+def train(
+    data: str | Path, out: str | Path, cfg: BrainMoEConfig | None = None, *, experts: str | Path
+) -> Path:
+    """Fine-tune router + adapter (experts frozen unless ``model.unfreeze_experts``) → ``out/model``."""
+    from neuromoe.models.registry import save_model
+
+    cfg = cfg or load_brainmoe_config()
+    out, experts = Path(out), Path(experts)
+    _, _, _, spec = _experts_for(experts)
+    down = _downstream(data, cfg, spec)
+    model, names, spec = _build_moe(experts, cfg, down)
+    save_config(cfg, out)
+    rows = np.ones(len(down.table), dtype=bool)
+    if "split" in down.table.columns and down.table["split"].astype(str).isin(["train", "val"]).any():
+        rows = down.table["split"].astype(str).isin(["train", "val"]).to_numpy()
+    model, age_stats, result = _fit_moe(model, down, rows, cfg, out)
+    save_model(
+        model,
+        out / "model",
+        _meta(
+            down,
+            names,
+            spec,
+            age_stats,
+            cfg,
+            n_train=int(rows.sum()),
+            best_val_loss=result.best_metric,
+            experts_dir=str(experts),
+        ),
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+@torch.no_grad()
+def _run_moe(
+    model: BrainMoE, scans: ScanSet, age_stats: Sequence[float], batch_size: int = 32
+) -> dict[str, np.ndarray]:
+    """Probabilities, de-standardised age, top-k experts/weights, router probs and joint embedding per scan."""
+    model.eval()
+    res: dict[str, list[np.ndarray]] = {}
+    for s in range(0, len(scans), batch_size):
+        b = scans.subset(np.arange(s, min(s + batch_size, len(scans)))).tensors
+        emb = b.get("emb")
+        if emb is None:
+            emb = model.expert_embeddings(b["fc"], b.get("ts"))
+        o = model(b["fc"], b.get("ts"), emb)
+        chosen = emb.gather(1, o.route.topk_idx[..., None].expand(-1, -1, emb.shape[-1]))
+        parts = {
+            "phenotype": o.outputs["phenotype"].softmax(-1),
+            "topk_idx": o.route.topk_idx,
+            "topk_w": o.route.topk_weights,
+            "router_probs": o.route.probs,
+            "joint": (chosen * o.route.topk_weights[..., None]).sum(1),
+            "emb": emb,
+        }
+        if "sex" in o.outputs:
+            parts["sex"] = o.outputs["sex"].softmax(-1)
+        if "age" in o.outputs:
+            parts["age"] = o.outputs["age"] * age_stats[1] + age_stats[0]
+        for k, v in parts.items():
+            res.setdefault(k, []).append(v.cpu().numpy() if k == "topk_idx" else v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in res.items()}
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def _sklearn_baselines(
+    x_tr: np.ndarray, x_te: np.ndarray, y_tr: dict[str, np.ndarray], ev: EvalSection, seed: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """Pooled-expert embedding + MLP and + SVM (linear/RBF, C by inner CV): class probabilities / ages."""
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC, SVR
+
+    out: dict[str, dict[str, np.ndarray]] = {"mlp": {}, "svm": {}}
+    grid = [{"svc__kernel": ["linear", "rbf"], "svc__C": ev.svm_c}]
+    for task, y in y_tr.items():
+        have = np.isfinite(y) if task == "age" else y >= 0
+        if have.sum() < 4 or (task != "age" and len(np.unique(y[have])) < 2):
+            continue
+        xt, yt = x_tr[have], y[have]
+        if task == "age":
+            mlp = make_pipeline(
+                StandardScaler(),
+                MLPRegressor(hidden_layer_sizes=(ev.mlp_hidden,), max_iter=2000, random_state=seed),
+            )
+            svm = GridSearchCV(
+                make_pipeline(StandardScaler(), SVR()),
+                [{"svr__kernel": ["linear", "rbf"], "svr__C": ev.svm_c}],
+                cv=3,
+                scoring="neg_mean_squared_error",
+            )
+            out["mlp"][task] = mlp.fit(xt, yt).predict(x_te)
+            out["svm"][task] = svm.fit(xt, yt).predict(x_te)
+            continue
+        n_cls = int(y.max()) + 1
+        mlp = make_pipeline(
+            StandardScaler(),
+            MLPClassifier(hidden_layer_sizes=(ev.mlp_hidden,), max_iter=2000, random_state=seed),
+        )
+        mlp.fit(xt, yt.astype(int))
+        p = np.zeros((len(x_te), n_cls))
+        p[:, mlp.classes_] = mlp.predict_proba(x_te)
+        out["mlp"][task] = p
+        cv = max(2, min(3, int(np.bincount(yt.astype(int)).min())))
+        svm = GridSearchCV(make_pipeline(StandardScaler(), SVC()), grid, cv=cv, scoring="f1_macro")
+        out["svm"][task] = np.eye(n_cls)[
+            svm.fit(xt, yt.astype(int)).predict(x_te)
+        ]  # one-hot: F1/accuracy only
+    return out
+
+
+def _fold_metrics(pred: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict[str, float]:
+    from neuromoe.eval.metrics import classification_metrics, regression_metrics
+
+    res: dict[str, float] = {}
+    for task in ("phenotype", "sex"):
+        if task in pred:
+            have = y[task] >= 0
+            m = classification_metrics(y[task][have], pred[task][have])
+            res[f"{task}_f1_macro"], res[f"{task}_accuracy"] = m["f1_macro"], m["accuracy"]
+    if "age" in pred:
+        have = np.isfinite(y["age"])
+        m = regression_metrics(y["age"][have], pred["age"][have])
+        res["age_mae"], res["age_mse"] = m["mae"], m["rmse"] ** 2
+    return res
+
+
+def evaluate(
+    experts: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: BrainMoEConfig | None = None,
+    *,
+    section: Any = None,
+) -> Path:
+    """Stratified k-fold over labelled subjects: BrainMoE vs pooled expert + MLP vs pooled expert + SVM.
+
+    Writes ``out/metrics.json`` (per fold and mean ± std), ``out/predictions.csv`` (out-of-fold) and the
+    report section (metrics table, router-preference histogram, expert-embedding correlation matrix).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    cfg = cfg or load_brainmoe_config()
+    out, experts = Path(out), Path(experts)
+    manifest = _read_experts(experts)
+    _, _, _, spec = _experts_for(experts)
+    down = _downstream(data, cfg, spec)
+    t = down.scans.tensors
+    y = {"phenotype": t["phenotype"].numpy(), "sex": t["sex"].numpy(), "age": t["age"].numpy()}
+    groups = down.table["subject"].astype(str).to_numpy()
+    n_groups = len(np.unique(groups))
+    folds = min(cfg.eval.folds, n_groups, int(np.bincount(y["phenotype"][y["phenotype"] >= 0]).min()))
+    if folds < 2:
+        raise InputError(
+            f"too few labelled subjects for cross-validation ({n_groups})",
+            path=data,
+            fix="add labelled subjects or lower eval.folds",
+        )
+    pooled = None
+    if manifest.get("pooled"):
+        pe, _ = _load_expert(experts / "experts" / POOLED)
+        pooled = _embeddings_single(pe, down.scans)
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=cfg.seed)
+    per_fold: dict[str, list[dict[str, float]]] = {"BrainMoE": [], "pooled+MLP": [], "pooled+SVM": []}
+    oof: dict[str, np.ndarray] = {}
+    names: list[str] = []
+    for f, (tr, te) in enumerate(splitter.split(y["phenotype"], y["phenotype"], groups)):
+        model, names, _ = _build_moe(experts, cfg, down)
+        train_rows = np.zeros(len(groups), dtype=bool)
+        train_rows[tr] = True
+        model, age_stats, _ = _fit_moe(model, down, train_rows, cfg, out / "folds" / f"fold{f}")
+        res = _run_moe(model, down.scans.subset(te), age_stats)
+        for k, v in res.items():
+            oof.setdefault(k, np.zeros((len(groups), *v.shape[1:]), dtype=v.dtype))[te] = v
+        yte = {k: v[te] for k, v in y.items()}
+        per_fold["BrainMoE"].append(
+            _fold_metrics({k: res[k] for k in ("phenotype", "sex", "age") if k in res}, yte)
+        )
+        if pooled is not None:
+            base = _sklearn_baselines(
+                pooled[tr], pooled[te], {k: v[tr] for k, v in y.items()}, cfg.eval, cfg.seed
+            )
+            per_fold["pooled+MLP"].append(_fold_metrics(base["mlp"], yte))
+            per_fold["pooled+SVM"].append(_fold_metrics(base["svm"], yte))
+    per_fold = {k: v for k, v in per_fold.items() if v}
+    summary = {
+        m: {k: [float(np.nanmean([f[k] for f in v])), float(np.nanstd([f[k] for f in v]))] for k in v[0]}
+        for m, v in per_fold.items()
+    }
+    combos = Counter("+".join(sorted(names[i] for i in row)) for row in oof["topk_idx"])
+    share = {n: float((oof["topk_idx"] == i).any(1).mean()) for i, n in enumerate(names)}
+    weight = {
+        n: float(np.where(oof["topk_idx"] == i, oof["topk_w"], 0).sum(1).mean()) for i, n in enumerate(names)
+    }
+    corr = _embedding_correlation(oof["emb"])
+    metrics = {
+        "folds": folds,
+        "n_scans": len(groups),
+        "n_subjects": n_groups,
+        "classes": down.classes,
+        "experts": names,
+        "expert_kind": manifest.get("kind"),
+        "fc": {"kind": spec.kind, "fisher_z": spec.fisher_z},
+        "summary": summary,
+        "per_fold": per_fold,
+        "router": {
+            "combinations": dict(combos.most_common()),
+            "selected_share": share,
+            "mean_weight": weight,
+        },
+        "expert_embedding_correlation": corr.tolist(),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    frame = pd.DataFrame(
+        {
+            "subject": down.table["subject"],
+            "state": down.table.get("state"),
+            "phenotype": down.table[cfg.data.phenotype],
+        }
+    )
+    for ci, c in enumerate(down.classes):
+        frame[f"phenotype_p_{c}"] = oof["phenotype"][:, ci]
+    frame["top_experts"] = [" ".join(names[i] for i in row) for row in oof["topk_idx"]]
+    with atomic_path(out / "predictions.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    own = section is None
+    section = _new_section("BrainMoE: k-fold evaluation") if own else section
+    _add_evaluation(section, metrics, combos, names, corr)
+    if own:
+        section.save(out)
+    return out
+
+
+@torch.no_grad()
+def _embeddings_single(expert: Expert, scans: ScanSet, batch_size: int = 32) -> np.ndarray:
+    expert.eval()
+    t = scans.tensors
+    return torch.cat(
+        [
+            expert.embed(t["fc"][s : s + batch_size], None if "ts" not in t else t["ts"][s : s + batch_size])
+            for s in range(0, len(scans), batch_size)
+        ]
+    ).numpy()
+
+
+def _embedding_correlation(emb: np.ndarray) -> np.ndarray:
+    """E × E correlation between experts' scan-similarity structures (RSA: each expert's scan × scan
+    correlation matrix, upper triangle, correlated across experts), comparable across embedding spaces."""
+    n, e, _ = emb.shape
+    iu = np.triu_indices(n, 1)
+    sims = []
+    for i in range(e):
+        z = emb[:, i]
+        z = (z - z.mean(0)) / (z.std(0) + 1e-8)
+        sims.append(np.corrcoef(z)[iu])
+    return np.corrcoef(np.nan_to_num(np.stack(sims)))
+
+
+def _new_section(title: str) -> Any:
+    from neuromoe.eval.report import Report
+
+    return Report("BrainMoE").section(title)
+
+
+def _fmt(v: Sequence[float]) -> str:
+    return f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
+def _add_evaluation(
+    section: Any, metrics: dict[str, Any], combos: Counter, names: list[str], corr: np.ndarray
+) -> None:
+    from neuromoe.eval.plots import bar_chart, heatmap
+
+    s = metrics["summary"]
+    section.add_text(
+        f"Stratified {metrics['folds']}-fold cross-validation over {metrics['n_subjects']} labelled subjects "
+        f"({metrics['n_scans']} scans). BrainMoE = frozen per-state {metrics['expert_kind']} experts "
+        f"({', '.join(names)}) + FC router (top-{len(next(iter(combos)).split('+'))}) + transformer adapter; "
+        "baselines = the expert pretrained on all states pooled, with an MLP head or an SVM (linear/RBF, C by "
+        "inner CV), fitted on the same folds."
+    )
+    keys = list(next(iter(s.values())))
+    section.add_table(
+        [{"metric": k, **{m: _fmt(s[m][k]) for m in s if k in s[m]}} for k in keys],
+        "Mean ± std over folds (macro-F1/accuracy: higher is better; age MAE/MSE in years).",
+    )
+    total = sum(combos.values())
+    section.add_figure(
+        bar_chart(
+            {k: v / total for k, v in combos.most_common(10)},
+            title="dominant expert combination (router preference)",
+            ylabel="share of scans",
+        ),
+        "Share of out-of-fold scans routed to each top-k expert combination.",
+    )
+    section.add_figure(
+        heatmap(corr, names, names, title="expert-embedding correlation (RSA)", cbar_label="r"),
+        "Correlation between experts' scan-similarity structures on the downstream scans.",
+    )
+
+
+# ------------------------------------------------------------------------------------ predict / embed
+
+
+def _load_moe(model_dir: str | Path) -> tuple[BrainMoE | Expert, dict[str, Any]]:
+    from neuromoe.models.registry import load_model
+
+    model, meta = load_model(model_dir)
+    if meta["family"] != FAMILY or meta.get("extra", {}).get("kind") not in ("brainmoe", "expert"):
+        raise ModelFormatError(
+            "not a BrainMoE model directory",
+            path=model_dir,
+            fix="pass RUN/model from 'neuromoe train --family brainmoe' (or an expert folder)",
+        )
+    return model, meta
+
+
+def _input_scans(source: str | Path) -> pd.DataFrame:
+    """Scan table from a single time-series file, a folder of them, a manifest, a BIDS or cohort folder."""
+    from neuromoe.data.fmri import fmri_table
+
+    source = Path(source)
+    if (
+        source.is_file()
+        and source.suffix.lower() in (".npy", ".tsv", ".txt", ".csv")
+        and not _is_manifest(source)
+    ):
+        return pd.DataFrame({"subject": [source.name.split(".")[0]], "timeseries": [str(source)]})
+    if source.is_dir() and not (source / "manifests").is_dir() and not list(source.glob("sub-*")):
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".npy", ".tsv"))
+        if files:
+            return pd.DataFrame(
+                {"subject": [f.name.split(".")[0] for f in files], "timeseries": [str(f) for f in files]}
+            )
+    if source.is_dir() and (source / "manifests" / "fmri.csv").is_file():
+        source = source / "manifests" / "fmri.csv"
+    if not source.exists():
+        raise InputError(
+            "input not found", path=source, fix="pass a time-series file, folder, manifest or BIDS folder"
+        )
+    return fmri_table(source)
+
+
+def _is_manifest(path: Path) -> bool:
+    if path.suffix.lower() not in (".csv", ".tsv"):
+        return False
+    head = path.read_text(errors="replace").splitlines()[:1]
+    return bool(head) and "subject" in head[0]
+
+
+def _scans_for(model: BrainMoE | Expert, meta: dict[str, Any], table: pd.DataFrame, where: Any) -> ScanSet:
+    spec = FCSpec(**meta["extra"]["fc"])
+    ts = _timeseries(table)
+    _check_rois(ts, spec, where)
+    tensors = {"fc": torch.from_numpy(_fc(ts, spec))}
+    if spec.n_timepoints:
+        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, where))
+    return ScanSet(tensors)
+
+
+def predict(model_dir: str | Path, inputs: str | Path, output: str | Path) -> pd.DataFrame:
+    """Per scan: phenotype class + probabilities, sex, age, top experts with router weights → CSV."""
+    model, meta = _load_moe(model_dir)
+    if not isinstance(model, BrainMoE):
+        raise ModelFormatError(
+            "an expert cannot predict phenotypes",
+            path=model_dir,
+            fix="pass RUN/model from 'neuromoe train --family brainmoe'",
+        )
+    table = _input_scans(inputs)
+    res = _run_moe(model, _scans_for(model, meta, table, inputs), meta["extra"]["age_stats"])
+    names, lm = meta["extra"]["experts"], meta["label_maps"]
+    frame = pd.DataFrame({"subject": table["subject"].astype(str).to_numpy()})
+    if "state" in table.columns:
+        frame["state"] = table["state"].to_numpy()
+    frame["phenotype"] = [lm["phenotype"][i] for i in res["phenotype"].argmax(1)]
+    for ci, c in enumerate(lm["phenotype"]):
+        frame[f"phenotype_p_{c}"] = res["phenotype"][:, ci]
+    if "sex" in res:
+        frame["sex"] = [lm["sex"][i] for i in res["sex"].argmax(1)]
+        frame[f"sex_p_{lm['sex'][-1]}"] = res["sex"][:, -1]
+    if "age" in res:
+        frame["age"] = res["age"]
+    frame["top_experts"] = [" ".join(names[i] for i in row) for row in res["topk_idx"]]
+    frame["top_weights"] = [" ".join(f"{w:.3f}" for w in row) for row in res["topk_w"]]
+    with atomic_path(output) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame
+
+
+def embed(model_dir: str | Path, data: str | Path, out: str | Path) -> Path:
+    """Joint embeddings (router-weighted top-k expert embeddings; or one expert's embedding) per scan.
+
+    ``out`` ending in ``.npy`` writes the (N, D) array plus ``<stem>_subjects.csv``; otherwise a CSV with
+    subject (state) and ``e0..e{D-1}`` columns.
+    """
+    model, meta = _load_moe(model_dir)
+    table = _input_scans(data)
+    scans = _scans_for(model, meta, table, data)
+    if isinstance(model, BrainMoE):
+        vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]
+    else:
+        vectors = _embeddings_single(model, scans)
+    ids = pd.DataFrame({"subject": table["subject"].astype(str).to_numpy()})
+    if "state" in table.columns:
+        ids["state"] = table["state"].to_numpy()
+    out = Path(out)
+    if out.suffix.lower() == ".npy":
+        with atomic_path(out, suffix=".npy") as tmp:
+            np.save(tmp, vectors.astype(np.float32))
+        with atomic_path(out.with_name(out.stem + "_subjects.csv")) as tmp:
+            ids.to_csv(tmp, index=False)
+    else:
+        frame = pd.concat(
+            [ids, pd.DataFrame(vectors, columns=[f"e{i}" for i in range(vectors.shape[1])])], axis=1
+        )
+        with atomic_path(out) as tmp:
+            frame.to_csv(tmp, index=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def demo(
+    cohort_dir: str | Path, out_dir: str | Path, *, device: str = "auto", seed: int = 0, preset: str = "demo"
+) -> Path:
+    """Pretrain per-state experts (+ pooled) → fine-tune → k-fold evaluation → report section."""
+    out = Path(out_dir)
+    cfg = load_brainmoe_config(preset, seed=seed, device=device)
+    pretrain(cohort_dir, out / "pretrain", cfg)
+    train(cohort_dir, out / "train", cfg, experts=out / "pretrain")
+    section = _new_section("BrainMoE (fMRI): per-state experts → FC router → transformer adapter")
+    evaluate(out / "pretrain", cohort_dir, out / "evaluate", cfg, section=section)
+    section.save(out)
+    print(f"brainmoe demo: report section in {out}", file=sys.stderr)
+    return out
