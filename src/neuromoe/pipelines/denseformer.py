@@ -153,6 +153,14 @@ def _resolve_table(data: str | Path) -> tuple[pd.DataFrame, str]:
     return table, str(data)
 
 
+def _require_labels(table: pd.DataFrame, source: str) -> None:
+    """Training and evaluation need labels; a BIDS folder keeps them in participants.tsv."""
+    if table.attrs.get("labels_missing"):
+        raise InputError("BIDS folder has no participants.tsv, so no subject has labels",
+                         path=Path(source) / "participants.tsv",
+                         fix="add participants.tsv (participant_id, age, sex, dx_ad, ...) to the BIDS root")
+
+
 def _spec(cfg: DenseFormerConfig) -> Any:
     from neuromoe.data.preprocess import PreprocSpec
 
@@ -400,6 +408,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     out = Path(out)
     ft = cfg.finetune
     table, source = _resolve_table(data)
+    _require_labels(table, source)
     split = assign_splits(table, seed=cfg.seed).to_numpy()
     spec = _spec(cfg)
     dataset = StructuralDataset(table, ft.tasks, spec, _img_size(cfg), cache=_cache(cfg), source=source)
@@ -616,6 +625,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     tasks = [TaskSpec(**t) for t in meta["tasks"]]
     extra = meta["extra"]
     table, source = _resolve_table(data)
+    _require_labels(table, source)
     splits = assign_splits(table, seed=seed).to_numpy()
     rows = splits == split
     if not rows.any():
@@ -838,7 +848,8 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     Columns: per classification task the predicted class, class probabilities and conformal set; per
     regression task the value (``brain_age``, ``brain_age_corrected``, ``brain_age_gap`` when the input has
     an ``age`` column, conformal ``brain_age_lo/hi``); ``<task>_experts`` = top-k experts used. A file that
-    fails is reported and skipped (``strict=True`` re-raises the first failure).
+    fails is reported, skipped and listed in ``<output>_failures.csv`` (subject, t1, error); ``strict=True``
+    re-raises the first failure; when every scan fails an InputError is raised and nothing is written.
     """
     from tqdm import tqdm
 
@@ -863,27 +874,40 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
             rows.append({**base, **_prediction_row(res, i, tasks, extra, base.get("age"))})
         pending.clear()
 
+    failed_rows: list[dict[str, str]] = []
     for _, r in tqdm(table.iterrows(), total=len(table), disable=not progress, desc="predict", unit="scan",
                      file=sys.stderr):
+        base = {"subject": r["subject"], "t1": r["t1"]}
         try:
             arr = load_t1(r["t1"], spec, extra["img_size"], cache)
+            age = r.get("age")
+            if age is not None and not (isinstance(age, float) and math.isnan(age)) and str(age).strip():
+                try:
+                    base["age"] = float(age)
+                except ValueError:
+                    raise InputError(f"subject {r['subject']}: age {age!r} is not a number", path=inputs,
+                                     fix="write a number or leave the cell empty") from None
         except Exception as exc:
             if strict:
                 raise
             failures.append((str(r["t1"]), str(exc)))
-            print(f"neuromoe: skipped {r['t1']}: {exc}", file=sys.stderr)
+            failed_rows.append({"subject": str(r["subject"]), "t1": str(r["t1"]), "error": str(exc)})
+            print(f"neuromoe: skipped {r['subject']}: {exc}", file=sys.stderr)
             continue
-        age = r.get("age")
-        base = {"subject": r["subject"], "t1": r["t1"]}
-        if age is not None and not (isinstance(age, float) and math.isnan(age)) and str(age).strip():
-            base["age"] = float(age)
         pending.append((base, arr))
         if len(pending) >= batch_size:
             flush()
     flush()
+    if failures and not rows:  # nothing to write: refuse like a single bad input, leave no output
+        raise InputError(f"no scan could be predicted ({len(failures)} failed); first: {failures[0][1]}",
+                         path=inputs, fix="fix the listed file(s)")
     frame = pd.DataFrame(rows)
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
+    if failed_rows:  # the batch finished; the failures table says what to fix
+        out = Path(output)
+        with atomic_path(out.with_name(f"{out.name.split('.')[0]}_failures.csv")) as tmp:
+            pd.DataFrame(failed_rows).to_csv(tmp, index=False)
     return frame, failures
 
 
