@@ -33,11 +33,18 @@ from neuromoe.models.mome import DEFAULT_MODALITIES
 
 __all__ = ["LesionCase", "LesionPatchDataset", "augmentation", "load_lesion_cases", "sample_patch"]
 
-LesionCase = dict[str, Any]  # {"images": {modality: (*S) float32}, "mask": (*S) uint8, "meta": {...}}
+LesionCase = dict[
+    str, Any
+]  # {"images": {modality: (*S) float32}, "mask": (*S) uint8, "meta": {...}, "affine"}
 
 
-def load_lesion_cases(table: pd.DataFrame, spec: Any, modalities: Sequence[str] = DEFAULT_MODALITIES,
-                      cache: Any = None, source: str = "table") -> list[LesionCase]:
+def load_lesion_cases(
+    table: pd.DataFrame,
+    spec: Any,
+    modalities: Sequence[str] = DEFAULT_MODALITIES,
+    cache: Any = None,
+    source: str = "table",
+) -> list[LesionCase]:
     """Preprocess every row's available modalities and mask onto one grid (A's ``preprocess_case``)."""
     from neuromoe.data.preprocess import preprocess_case
 
@@ -45,16 +52,24 @@ def load_lesion_cases(table: pd.DataFrame, spec: Any, modalities: Sequence[str] 
         raise InputError("no 'mask' column", path=source, fix="add a mask column with lesion-mask paths")
     cases = []
     for _, row in table.iterrows():
-        paths = {m: str(row[m]) for m in modalities if m in row and isinstance(row[m], str | Path) and str(row[m])}
+        paths = {
+            m: str(row[m]) for m in modalities if m in row and isinstance(row[m], str | Path) and str(row[m])
+        }
         if not paths:
-            raise InputError(f"subject {row.get('subject', '?')} has none of {list(modalities)}", path=source,
-                             fix="fill at least one modality column")
+            raise InputError(
+                f"subject {row.get('subject', '?')} has none of {list(modalities)}",
+                path=source,
+                fix="fill at least one modality column",
+            )
         out = preprocess_case({**paths, "mask": str(row["mask"])}, spec, cache=cache)
-        cases.append({
-            "images": {m: np.asarray(out[m], dtype=np.float32) for m in paths},
-            "mask": (np.asarray(out["mask"]) > 0.5).astype(np.uint8),
-            "meta": {k: row[k] for k in ("subject", "lesion_type", "dataset", "site") if k in row},
-        })
+        cases.append(
+            {
+                "images": {m: np.asarray(out[m], dtype=np.float32) for m in paths},
+                "mask": (np.asarray(out["mask"]) > 0.5).astype(np.uint8),
+                "meta": {k: row[k] for k in ("subject", "lesion_type", "dataset", "site") if k in row},
+                "affine": np.asarray(out.affine, dtype=np.float64),
+            }
+        )
     return cases
 
 
@@ -62,29 +77,44 @@ def augmentation(spatial_dims: int = 3, seed: int = 0) -> Compose:
     """Joint image/mask augmentation (the issue's list; masks use nearest interpolation)."""
     keys = ["image", "mask"]
     rot = 0.26  # ±15°
-    t = Compose([
-        RandFlipd(keys, prob=0.5, spatial_axis=0),
-        RandRotated(keys, range_x=rot, range_y=rot if spatial_dims == 3 else 0.0,
-                    range_z=rot if spatial_dims == 3 else 0.0, prob=0.2, mode=("bilinear", "nearest")),
-        RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("bilinear", "nearest")),
-        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
-        RandGaussianNoised("image", prob=0.15, std=0.1),
-        RandBiasFieldd("image", prob=0.15, coeff_range=(0.0, 0.2)),
-    ])
+    t = Compose(
+        [
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandRotated(
+                keys,
+                range_x=rot,
+                range_y=rot if spatial_dims == 3 else 0.0,
+                range_z=rot if spatial_dims == 3 else 0.0,
+                prob=0.2,
+                mode=("bilinear", "nearest"),
+            ),
+            RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("bilinear", "nearest")),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+            RandGaussianNoised("image", prob=0.15, std=0.1),
+            RandBiasFieldd("image", prob=0.15, coeff_range=(0.0, 0.2)),
+        ]
+    )
     t.set_random_state(seed=seed)
     return t
 
 
-def sample_patch(image: np.ndarray, mask: np.ndarray, patch: Sequence[int], rng: np.random.Generator,
-                 fg_fraction: float = 1 / 3) -> tuple[np.ndarray, np.ndarray]:
+def sample_patch(
+    image: np.ndarray,
+    mask: np.ndarray,
+    patch: Sequence[int],
+    rng: np.random.Generator,
+    fg_fraction: float = 1 / 3,
+) -> tuple[np.ndarray, np.ndarray]:
     """Crop ``image (C, *S)`` / ``mask (*S)`` to ``patch``; foreground-centred with prob ``fg_fraction``."""
     padded = SpatialPadd(["image", "mask"], spatial_size=tuple(patch))({"image": image, "mask": mask[None]})
     img, msk = np.asarray(padded["image"]), np.asarray(padded["mask"])[0]
     fg = np.argwhere(msk > 0)
     if len(fg) and rng.random() < fg_fraction:
         centre = fg[rng.integers(len(fg))]
-        start = [int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
-                 for c, p, s in zip(centre, patch, msk.shape, strict=True)]
+        start = [
+            int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
+            for c, p, s in zip(centre, patch, msk.shape, strict=True)
+        ]
         sl = tuple(slice(a, a + p) for a, p in zip(start, patch, strict=True))
         return img[(slice(None), *sl)], msk[sl]
     crop = RandSpatialCropd(["image", "mask"], roi_size=tuple(patch), random_size=False)
@@ -102,10 +132,19 @@ class LesionPatchDataset(Dataset):
     of each present modality with prob ``modality_dropout`` (at least one kept).
     """
 
-    def __init__(self, cases: Sequence[LesionCase], patch_size: Sequence[int], *,
-                 modalities: Sequence[str] = DEFAULT_MODALITIES, multimodal: bool = False,
-                 fg_fraction: float = 1 / 3, augment: bool = False, modality_dropout: float = 0.0,
-                 samples_per_epoch: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        cases: Sequence[LesionCase],
+        patch_size: Sequence[int],
+        *,
+        modalities: Sequence[str] = DEFAULT_MODALITIES,
+        multimodal: bool = False,
+        fg_fraction: float = 1 / 3,
+        augment: bool = False,
+        modality_dropout: float = 0.0,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+    ):
         self.cases, self.patch = list(cases), tuple(patch_size)
         self.modalities, self.multimodal = tuple(modalities), multimodal
         self.fg_fraction, self.modality_dropout = fg_fraction, modality_dropout
@@ -131,8 +170,12 @@ class LesionPatchDataset(Dataset):
             if not keep.any():
                 keep[rng.choice(np.flatnonzero(present))] = True
             shape = case["mask"].shape
-            image = np.stack([case["images"][m] if k else np.zeros(shape, np.float32)
-                              for m, k in zip(self.modalities, keep, strict=True)])
+            image = np.stack(
+                [
+                    case["images"][m] if k else np.zeros(shape, np.float32)
+                    for m, k in zip(self.modalities, keep, strict=True)
+                ]
+            )
             modality = -1
         else:
             ci, mod = self.pairs[index % len(self.pairs)]
@@ -146,9 +189,11 @@ class LesionPatchDataset(Dataset):
             img, msk = np.asarray(out["image"]), np.asarray(out["mask"])[0]
             if keep is not None:  # augmentation must not bring a dropped modality back
                 img = img * keep.reshape(-1, *([1] * len(self.patch)))
-        item = {"image": torch.as_tensor(np.ascontiguousarray(img), dtype=torch.float32),
-                "mask": torch.as_tensor(np.ascontiguousarray(msk > 0.5)[None], dtype=torch.float32),
-                "modality": torch.tensor(modality)}
+        item = {
+            "image": torch.as_tensor(np.ascontiguousarray(img), dtype=torch.float32),
+            "mask": torch.as_tensor(np.ascontiguousarray(msk > 0.5)[None], dtype=torch.float32),
+            "modality": torch.tensor(modality),
+        }
         if keep is not None:
             item["available"] = torch.as_tensor(keep, dtype=torch.float32)
         return item
