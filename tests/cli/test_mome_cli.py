@@ -1,0 +1,190 @@
+"""``neuromoe segment``: masks on the exact input grid for real-header inputs, clean failures, batch mode."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.orientations import axcodes2ornt, ornt_transform
+
+from neuromoe.cli.main import main
+from neuromoe.data.preprocess import PreprocSpec
+from neuromoe.models import create_model
+from neuromoe.models.registry import save_model
+
+MODS = ["t1", "t2", "flair"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two OpenMP threads on a loaded 2-core machine spin instead of working; one is 10-100× faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """An untrained tiny MoME saved like 'train' does (geometry, not accuracy, is under test)."""
+    torch.manual_seed(0)
+    model = create_model("mome_tiny", modalities=MODS)
+    spec = PreprocSpec(spacing=(6.0, 6.0, 6.0), shape=(16, 24, 16))
+    out = tmp_path_factory.mktemp("model") / "model"
+    extra = {
+        "kind": "mome",
+        "modalities": MODS,
+        "patch_size": [16, 16, 16],
+        "multimodal": False,
+        "threshold": 0.5,
+    }
+    save_model(model, out, {"family": "mome", "preprocessing": spec.to_dict(), "extra": extra})
+    return str(out)
+
+
+def _rotation(deg: float) -> np.ndarray:
+    a = np.deg2rad(deg)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    return rot
+
+
+def _lps_oblique(img: nib.Nifti1Image, path, deg: float = 12.0) -> str:
+    """Reorient to LPS and give the result an oblique (rotated) affine, as scanners write them."""
+    now = nib.orientations.io_orientation(img.affine)
+    lps = img.as_reoriented(ornt_transform(now, axcodes2ornt(("L", "P", "S"))))
+    data = np.asarray(lps.dataobj, dtype=np.float32)
+    out = nib.Nifti1Image(data, _rotation(deg) @ lps.affine)
+    nib.save(out, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def anatomical(tmp_path_factory) -> str:
+    from nibabel.testing import data_path
+
+    img = nib.load(os.path.join(data_path, "anatomical.nii"))
+    return _lps_oblique(img, tmp_path_factory.mktemp("in") / "anat_lps_oblique.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def mni(tmp_path_factory) -> str:
+    from nilearn.datasets import load_mni152_template
+
+    img = load_mni152_template(resolution=2)
+    return _lps_oblique(
+        nib.Nifti1Image(img.get_fdata(), img.affine), tmp_path_factory.mktemp("in") / "mni.nii.gz"
+    )
+
+
+@pytest.mark.parametrize("which", ["anatomical", "mni"])
+def test_segment_writes_mask_on_the_exact_input_grid(
+    which, model_dir, anatomical, mni, tmp_path, capsys
+) -> None:
+    src = {"anatomical": anatomical, "mni": mni}[which]
+    out = tmp_path / "mask.nii.gz"
+    rc = main(
+        [
+            "segment",
+            "--model",
+            model_dir,
+            "--t1",
+            src,
+            "--flair",
+            src,
+            "--output",
+            str(out),
+            "--probabilities",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    ref, mask = nib.load(src), nib.load(str(out))
+    assert mask.shape == ref.shape
+    np.testing.assert_allclose(mask.affine, ref.affine, atol=1e-6)
+    assert nib.aff2axcodes(mask.affine) == ("L", "P", "S")
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    prob = nib.load(str(tmp_path / "mask_prob.nii.gz"))
+    assert prob.shape == ref.shape and 0.0 <= prob.get_fdata().min() <= prob.get_fdata().max() <= 1.0
+    import json
+
+    side = json.loads((tmp_path / "mask.json").read_text())
+    assert side["shape"] == list(ref.shape)
+    voxel_ml = abs(np.linalg.det(ref.affine[:3, :3])) / 1000
+    assert side["lesion_volume_ml"] == pytest.approx(np.asarray(mask.dataobj).sum() * voxel_ml, rel=1e-3)
+    assert set(side["gate_share"]) == set(MODS) and sum(side["gate_share"].values()) == pytest.approx(
+        1, abs=1e-3
+    )
+    assert side["n_components"] >= 0
+
+
+def test_mismatched_grids_exit_2_with_one_line_and_no_output(
+    model_dir, anatomical, mni, tmp_path, capsys
+) -> None:
+    out = tmp_path / "mask.nii.gz"
+    rc = main(
+        [
+            "segment",
+            "--model",
+            model_dir,
+            "--t1",
+            anatomical,
+            "--flair",
+            mni,
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "anat_lps_oblique" in err and "mni.nii.gz" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_modality_and_missing_inputs_are_clean_errors(
+    model_dir, anatomical, tmp_path, capsys
+) -> None:
+    rc = main(["segment", "--model", model_dir, "--dwi", anatomical, "--output", str(tmp_path / "m.nii.gz")])
+    assert rc == 2 and "dwi" in capsys.readouterr().err
+    rc = main(["segment", "--model", model_dir, "--output", str(tmp_path / "m.nii.gz")])
+    assert rc == 2 and "--input" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_batch_mode_finishes_good_cases_and_lists_failures(
+    model_dir, anatomical, mni, tmp_path, capsys
+) -> None:
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(
+        "subject,t1,flair\n"
+        f"good1,{anatomical},{anatomical}\n"
+        f"bad,{anatomical},{mni}\n"
+        f"good2,{mni},\n"
+        f"missing,{tmp_path / 'nope.nii.gz'},\n"
+    )
+    out = tmp_path / "masks"
+    rc = main(
+        ["segment", "--model", model_dir, "--input", str(manifest), "--output", str(out), "--device", "cpu"]
+    )
+    assert rc == 1
+    assert (out / "good1_mask.nii.gz").is_file() and (out / "good2_mask.nii.gz").is_file()
+    assert nib.load(str(out / "good2_mask.nii.gz")).shape == nib.load(mni).shape
+    assert not (out / "bad_mask.nii.gz").exists() and not (out / "missing_mask.nii.gz").exists()
+    failures = (out / "failures.csv").read_text()
+    assert "bad" in failures and "missing" in failures
+    assert "2 failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "train-experts", "train", "evaluate", "segment"])
+def test_help_has_an_example(verb, capsys) -> None:
+    argv = [verb, "--help"] if verb == "segment" else [verb, "--family", "mome", "--help"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "example" in capsys.readouterr().out
