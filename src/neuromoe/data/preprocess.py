@@ -61,6 +61,11 @@ class PreprocSpec:
             raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}", fix=f"use only {sorted(known)}")
         return cls(**d)
 
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any] | None) -> PreprocSpec:
+        """The defaults with a family config's ``preprocessing:`` keys on top (what each family stores)."""
+        return cls.from_dict({**cls().to_dict(), **(overrides or {})})
+
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
