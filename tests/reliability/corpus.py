@@ -82,7 +82,58 @@ def _labels(i: int) -> dict[str, object]:
     return {"age": 60 + i, "sex": "FM"[i % 2], "dx_ad": ["CN", "AD"][i % 2]}
 
 
+SPLITS = ("train", "train", "train", "train", "val", "val", "test", "test")
+
+
+def lesion_mask(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> np.ndarray:
+    """A small binary 'lesion' inside the blob (never empty)."""
+    m = np.zeros(shape[:3], np.float32)
+    c = np.array(shape[:3]) // 2 + np.random.default_rng(seed).integers(-2, 3, 3)
+    m[c[0] - 2 : c[0] + 2, c[1] - 2 : c[1] + 2, c[2] - 2 : c[2] + 2] = 1
+    return m
+
+
+def cohort_rows(root: Path, n: int = len(SPLITS)) -> list[dict[str, object]]:
+    """Rows of a small valid cohort (T1, FLAIR, binary mask, labels, split) written once under ``root``.
+
+    Manifest kinds are this cohort plus one defect, so a command refuses them for the defect and not
+    because the cohort is too small to split into train/val/test.
+    """
+    rows = []
+    for i in range(n):
+        sub = f"sub-{i:02d}"
+        d = root / sub
+        paths = {"t1": d / "t1.nii.gz", "flair": d / "flair.nii.gz", "mask": d / "mask.nii.gz"}
+        if not all(q.exists() for q in paths.values()):
+            write(paths["t1"], brain(seed=i))
+            write(paths["flair"], brain(seed=50 + i))
+            write(paths["mask"], lesion_mask(seed=i))
+        rows.append(
+            {
+                "subject": sub,
+                **{k: str(v) for k, v in paths.items()},
+                "age": 55 + 3 * i,
+                "sex": "FM"[i % 2],
+                "dx_ad": ("CN", "MCI", "AD")[i % 3],
+                "dx_pd": ("HC", "PD")[i % 2],
+                "lesion_type": ("tumour", "wmh")[i % 2],
+                "split": SPLITS[i % len(SPLITS)],
+            }
+        )
+    return rows
+
+
+def _cohort(folder: Path) -> list[dict[str, object]]:
+    return cohort_rows(folder.parent / "_cohort")
+
+
+def _bad_row(rows: list[dict[str, object]], **values: object) -> list[dict[str, object]]:
+    """The cohort plus a training subject ``sub-bad`` whose files/labels are overridden by ``values``."""
+    return [*rows, {**rows[0], "subject": "sub-bad", "split": "train", **values}]
+
+
 # --- image-level kinds -------------------------------------------------------------------------------------
+
 
 def k_truncated_gz(root: Path) -> Case:
     good = _img(root, "ok.nii.gz")
@@ -158,9 +209,16 @@ def k_constant(root: Path) -> Case:
     return Case("constant_image", "image", p, True, p)
 
 
-def k_scl_slope_nan(root: Path) -> Case:
+def k_scl_slope_nan_valid(root: Path) -> Case:
+    # NaN is how nibabel itself writes "no scaling": the raw values must come back unscaled.
     p = _patch_header(_img(root, "slope_nan.nii", brain().astype(np.int16)), scl_slope=np.nan, scl_inter=0)
-    return Case("scl_slope_nan", "image", p, True, p)
+    return Case("scl_slope_nan_valid", "image", p, False, p)
+
+
+def k_scl_slope_zero_valid(root: Path) -> Case:
+    # NIfTI-1: "if scl_slope is nonzero, scale" -> 0 means the raw values are used as they are.
+    p = _patch_header(_img(root, "slope_zero.nii", brain().astype(np.int16)), scl_slope=0, scl_inter=5)
+    return Case("scl_slope_zero_valid", "image", p, False, p)
 
 
 def k_scl_slope_inf(root: Path) -> Case:
@@ -175,8 +233,12 @@ def k_gigantic(root: Path) -> Case:
 
 def k_singular_affine(root: Path) -> Case:
     p = _patch_header(
-        _img(root, "singular.nii"), srow_x=[0, 0, 0, 0], srow_y=[0, 0, 0, 0], srow_z=[0, 0, 0, 0],
-        sform_code=1, qform_code=0,
+        _img(root, "singular.nii"),
+        srow_x=[0, 0, 0, 0],
+        srow_y=[0, 0, 0, 0],
+        srow_z=[0, 0, 0, 0],
+        sform_code=1,
+        qform_code=0,
     )
     return Case("singular_affine", "image", p, True, p)
 
@@ -190,6 +252,18 @@ def k_nonfinite_affine(root: Path) -> Case:
 def k_zero_pixdim(root: Path) -> Case:
     p = _patch_header(_img(root, "pixdim0.nii"), pixdim=[1, 0, 0, 0, 1, 1, 1, 1], qform_code=1, sform_code=0)
     return Case("zero_pixdim", "image", p, True, p)
+
+
+def k_rgb_dtype(root: Path) -> Case:
+    rgb = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = 100
+    p = _img(root, "rgb.nii.gz", rgb)
+    return Case("rgb_dtype", "image", p, True, p)
+
+
+def k_vox_offset_past_end(root: Path) -> Case:
+    p = _patch_header(_img(root, "offset.nii"), vox_offset=4_000_000)
+    return Case("vox_offset_past_end", "image", p, True, p)
 
 
 def k_complex_dtype(root: Path) -> Case:
@@ -219,6 +293,7 @@ def k_nonascii_path_valid(root: Path) -> Case:
 
 
 # --- 4D BOLD and time series --------------------------------------------------------------------------------
+
 
 def k_bold_too_short(root: Path) -> Case:
     p = _img(root, "bold_short.nii.gz", brain((*SHAPE, 3)))
@@ -258,51 +333,67 @@ def k_timeseries_pickle(root: Path) -> Case:
 
 # --- manifests, BIDS, folders --------------------------------------------------------------------------------
 
+
 def k_grid_mismatch(root: Path) -> Case:
+    # a FLAIR whose field of view lies 300 mm away from the T1: not co-registered, cannot be resampled
     t1 = _img(root, "gm_t1.nii.gz")
-    fl = _img(root, "gm_flair.nii.gz", brain((24, 24, 20)))
-    m = _manifest(root, [{"subject": "sub-01", "t1": t1, "flair": fl, **_labels(0)}], "grid_mismatch.csv")
+    aff = _affine()
+    aff[:3, 3] += 300
+    fl = _img(root, "gm_flair.nii.gz", brain((24, 24, 20)), affine=aff)
+    m = _manifest(root, _bad_row(_cohort(root), t1=t1, flair=fl), "grid_mismatch.csv")
     return Case("modalities_on_different_grids", "manifest", m, True, fl)
 
 
-def k_affine_mismatch(root: Path) -> Case:
+def k_resolution_mismatch_valid(root: Path) -> Case:
+    # same physical space, different voxel size: resampled onto the T1 grid (not an error)
     t1 = _img(root, "am_t1.nii.gz")
-    fl = _img(root, "am_flair.nii.gz", affine=_affine(3.0))
-    m = _manifest(root, [{"subject": "sub-01", "t1": t1, "flair": fl, **_labels(0)}], "affine_mismatch.csv")
-    return Case("modalities_with_different_affines", "manifest", m, True, fl)
+    fl = _img(root, "am_flair.nii.gz", brain((16, 19, 16)), affine=_affine(5.0))
+    m = _manifest(root, _bad_row(_cohort(root), t1=t1, flair=fl), "resolution_mismatch.csv")
+    return Case("modalities_different_resolution_valid", "manifest", m, False, m)
 
 
 def k_mask_labels(root: Path) -> Case:
-    t1 = _img(root, "ml_t1.nii.gz")
     mask = _img(root, "ml_mask.nii.gz", np.random.default_rng(0).integers(0, 7, SHAPE).astype(np.float32))
-    m = _manifest(root, [{"subject": "sub-01", "t1": t1, "mask": mask, **_labels(0)}], "mask_labels.csv")
+    m = _manifest(root, _bad_row(_cohort(root), mask=mask), "mask_labels.csv")
     return Case("mask_unexpected_labels", "manifest", m, True, mask)
 
 
 def k_manifest_missing_column(root: Path) -> Case:
-    t1 = _img(root, "mc_t1.nii.gz")
-    m = _manifest(root, [{"t1": t1, **_labels(0)}], "no_subject_column.csv")
+    rows = [{k: v for k, v in r.items() if k != "subject"} for r in _cohort(root)]
+    m = _manifest(root, rows, "no_subject_column.csv")
     return Case("manifest_missing_subject_column", "manifest", m, True, m)
 
 
 def k_manifest_no_images(root: Path) -> Case:
-    m = _manifest(root, [{"subject": "sub-01", **_labels(0)}], "no_image_column.csv")
+    rows = [{k: v for k, v in r.items() if k not in ("t1", "flair", "mask")} for r in _cohort(root)]
+    m = _manifest(root, rows, "no_image_column.csv")
     return Case("manifest_without_image_columns", "manifest", m, True, m)
 
 
 def k_manifest_duplicates(root: Path) -> Case:
-    t1 = _img(root, "dup_t1.nii.gz")
-    rows = [{"subject": "sub-01", "t1": t1, **_labels(0)}, {"subject": "sub-01", "t1": t1, **_labels(1)}]
-    m = _manifest(root, rows, "duplicates.csv")
+    rows = _cohort(root)
+    m = _manifest(root, [*rows, {**rows[1], "split": "train"}], "duplicates.csv")
     return Case("manifest_duplicated_subjects", "manifest", m, True, m)
 
 
 def k_manifest_missing_file(root: Path) -> Case:
-    missing = root / "gone" / "sub-02_T1w.nii.gz"
-    t1 = _img(root, "mf_t1.nii.gz")
-    rows = [{"subject": "sub-01", "t1": t1, **_labels(0)}, {"subject": "sub-02", "t1": missing, **_labels(1)}]
-    m = _manifest(root, rows, "missing_file.csv")
+    missing = root / "gone" / "sub-bad_T1w.nii.gz"
+    m = _manifest(root, _bad_row(_cohort(root), t1=missing), "missing_file.csv")
     return Case("manifest_points_to_missing_file", "manifest", m, True, missing)
+
+
+def k_manifest_folder_as_image(root: Path) -> Case:
+    folder = root / "scan_folder"
+    folder.mkdir(parents=True, exist_ok=True)
+    m = _manifest(root, _bad_row(_cohort(root), t1=folder), "folder_as_image.csv")
+    return Case("manifest_folder_as_image", "manifest", m, True, folder)
+
+
+def k_manifest_bad_split(root: Path) -> Case:
+    rows = _cohort(root)
+    rows[0] = {**rows[0], "split": "training"}
+    m = _manifest(root, rows, "bad_split.csv")
+    return Case("manifest_unknown_split_value", "manifest", m, True, m)
 
 
 def k_manifest_empty(root: Path) -> Case:
@@ -318,33 +409,31 @@ def k_manifest_binary(root: Path) -> Case:
 
 
 def k_manifest_bad_label(root: Path) -> Case:
-    t1 = _img(root, "bl_t1.nii.gz")
-    rows = [{"subject": f"sub-0{i}", "t1": t1, **_labels(i), "age": "old" if i == 1 else 60} for i in range(2)]
-    m = _manifest(root, rows, "bad_label.csv")
+    m = _manifest(root, _bad_row(_cohort(root), age="old"), "bad_label.csv")
     return Case("manifest_non_numeric_age", "manifest", m, True, m)
 
 
 def k_manifest_relative_valid(root: Path) -> Case:
     sub = root / "relative"
-    for i in range(2):
-        _img(sub / "images", f"sub-0{i}_T1w.nii.gz")
-    rows = [{"subject": f"sub-0{i}", "t1": f"images/sub-0{i}_T1w.nii.gz", **_labels(i)} for i in range(2)]
+    rows = cohort_rows(sub / "images")
+    for r in rows:
+        for role in ("t1", "flair", "mask"):
+            r[role] = str(Path(str(r[role])).relative_to(sub))
     m = _manifest(sub, rows, "relative.csv")
     return Case("manifest_relative_paths_valid", "manifest", m, False, m)
 
 
 def k_manifest_nonascii_valid(root: Path) -> Case:
     sub = root / "données patients"
-    paths = [_img(sub / "IRM ü", f"sujet ñ {i}.nii.gz") for i in range(2)]
-    rows = [{"subject": f"sub-0{i}", "t1": p, **_labels(i)} for i, p in enumerate(paths)]
+    rows = cohort_rows(sub / "IRM ü sujets")
     m = _manifest(sub, rows, "patients é.csv")
     return Case("manifest_nonascii_spaces_valid", "manifest", m, False, m)
 
 
 def k_bids_no_participants(root: Path) -> Case:
     bids = root / "bids_no_participants"
-    for i in range(2):
-        _img(bids / f"sub-0{i}" / "anat", f"sub-0{i}_T1w.nii.gz")
+    for i in range(len(SPLITS)):
+        _img(bids / f"sub-0{i}" / "anat", f"sub-0{i}_T1w.nii.gz", brain(seed=i))
     return Case("bids_without_participants_tsv", "bids", bids, True, bids / "participants.tsv")
 
 
@@ -361,21 +450,14 @@ def k_empty_folder(root: Path) -> Case:
     return Case("empty_folder", "folder", d, True, d)
 
 
-KINDS: list[Callable[[Path], Case]] = [
-    k_truncated_gz, k_wrong_magic, k_empty_file, k_text_as_nifti, k_zero_dim, k_negative_dim, k_image_2d,
-    k_image_5d, k_4d_as_structural, k_nan_voxels, k_inf_voxels, k_all_zero, k_constant, k_scl_slope_nan,
-    k_scl_slope_inf, k_gigantic, k_singular_affine, k_nonfinite_affine, k_zero_pixdim, k_complex_dtype,
-    k_directory_as_file, k_missing_file, k_nifti2_valid, k_nonascii_path_valid, k_bold_too_short, k_bold_3d,
-    k_timeseries_nan, k_timeseries_1d, k_timeseries_short, k_timeseries_pickle, k_grid_mismatch,
-    k_affine_mismatch, k_mask_labels, k_manifest_missing_column, k_manifest_no_images, k_manifest_duplicates,
-    k_manifest_missing_file, k_manifest_empty, k_manifest_binary, k_manifest_bad_label,
-    k_manifest_relative_valid, k_manifest_nonascii_valid, k_bids_no_participants, k_bids_empty, k_empty_folder,
-]
+# every k_* function, in definition order
+KINDS: list[Callable[[Path], Case]] = [f for name, f in list(globals().items()) if name.startswith("k_")]
 
 
 def build(root: Path) -> list[Case]:
     """Write every kind under ``root`` (one sub-folder each) and return the cases."""
     cases = []
+    root = root.resolve()
     for make in KINDS:
         folder = root / make.__name__[2:]
         folder.mkdir(parents=True, exist_ok=True)
