@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from neuromoe.data.lesion import LesionPatchDataset, sample_patch
 from neuromoe.models import create_model
 from neuromoe.models.mome import mome_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two OpenMP threads on a loaded 2-core machine spin instead of working; one is 10-100× faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _cases(n: int = 3, shape=(24, 24, 24)) -> list[dict]:
@@ -16,8 +26,11 @@ def _cases(n: int = 3, shape=(24, 24, 24)) -> list[dict]:
     for i in range(n):
         mask = np.zeros(shape, np.uint8)
         mask[10:13, 10:13, 10:13] = 1
-        images = {m: (rng.normal(size=shape) * 0.1 + mask * (1 + j)).astype(np.float32)
-                  for j, m in enumerate(("t1", "flair", "dwi")) if not (i == 0 and m == "dwi")}
+        images = {
+            m: (rng.normal(size=shape) * 0.1 + mask * (1 + j)).astype(np.float32)
+            for j, m in enumerate(("t1", "flair", "dwi"))
+            if not (i == 0 and m == "dwi")
+        }
         cases.append({"images": images, "mask": mask, "meta": {"subject": f"s{i}"}})
     return cases
 
@@ -25,7 +38,9 @@ def _cases(n: int = 3, shape=(24, 24, 24)) -> list[dict]:
 def test_foreground_oversampling_rate_is_about_one_third() -> None:
     case = _cases(1, shape=(48, 48, 48))[0]
     rng = np.random.default_rng(1)
-    hits = [sample_patch(case["images"]["t1"][None], case["mask"], (8, 8, 8), rng)[1].any() for _ in range(300)]
+    hits = [
+        sample_patch(case["images"]["t1"][None], case["mask"], (8, 8, 8), rng)[1].any() for _ in range(300)
+    ]
     # a uniform 8³ crop of 48³ hits the 3³ lesion with p ≈ 0.015, so the rate is ≈ 1/3 + 2/3·0.015
     assert 0.26 < np.mean(hits) < 0.43
 
@@ -40,8 +55,15 @@ def test_single_modality_items_cover_every_available_pair() -> None:
 
 
 def test_multimodal_dropout_keeps_one_and_zero_fills_missing() -> None:
-    ds = LesionPatchDataset(_cases(), (16, 16, 16), modalities=("t1", "flair", "dwi"), multimodal=True,
-                            modality_dropout=0.7, samples_per_epoch=30, augment=True)
+    ds = LesionPatchDataset(
+        _cases(),
+        (16, 16, 16),
+        modalities=("t1", "flair", "dwi"),
+        multimodal=True,
+        modality_dropout=0.7,
+        samples_per_epoch=30,
+        augment=True,
+    )
     for i in range(30):
         item = ds[i]
         assert item["available"].sum() >= 1
@@ -70,12 +92,86 @@ def test_trainer_learns_and_evaluation_table_has_metrics_and_gate_shares(tmp_pat
     ds = LesionPatchDataset(cases, (16, 16, 16), modalities=mods, fg_fraction=1.0, samples_per_epoch=8)
     torch.manual_seed(0)
     model = create_model("mome_tiny", modalities=mods)
-    cfg = TrainConfig(epochs=6, batch_size=4, lr=1e-2, weight_decay=0.0, device="cpu", progress=False,
-                      val_every=100, warmup_frac=0.0)
+    cfg = TrainConfig(
+        epochs=6,
+        batch_size=4,
+        lr=1e-2,
+        weight_decay=0.0,
+        device="cpu",
+        progress=False,
+        val_every=100,
+        warmup_frac=0.0,
+    )
     MoMETrainer(model, cfg, ds, run_dir=tmp_path / "run").fit()
     table = evaluate_cases(model, cases, mods, (16, 16, 16))
-    assert len(table) == 8 and {"dice", "hd95", "lesion_f1", "abs_volume_diff_ml", "gate_t1"} <= set(table.columns)
+    assert len(table) == 8 and {"dice", "hd95", "lesion_f1", "abs_volume_diff_ml", "gate_t1"} <= set(
+        table.columns
+    )
     assert table["dice"].mean() > 0.5  # bright 3³ cubes are learnable in a few steps
     np.testing.assert_allclose(table[["gate_t1", "gate_flair", "gate_dwi"]].sum(1), 1.0, rtol=1e-4)
-    prob, _ = predict_volume(model, cases[1]["images"]["t1"][None], (16, 16, 16), tta=True)
-    assert prob.shape == (16, 16, 16) and prob.min() >= 0.0 and prob.max() <= 1.0
+    pred = predict_volume(model, cases[1]["images"]["t1"][None], (16, 16, 16), tta=True)
+    assert pred.prob.shape == (16, 16, 16) and pred.prob.min() >= 0.0 and pred.prob.max() <= 1.0
+    assert pred.gate.shape == (3, 16, 16, 16) and pred.expert_prob.shape == (3, 16, 16, 16)
+    # every expert is its own U-Net: alone each segments the cube too (expert_dice_* columns)
+    assert table[["expert_dice_t1", "expert_dice_flair", "expert_dice_dwi"]].notna().all().all()
+
+
+def _mini_cohort(root, n: int = 6, shape=(24, 28, 24)) -> None:
+    """T1 (dark lesion) / FLAIR (bright lesion) cases at 6 mm with a manifest like ``neuromoe synth`` writes."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    affine[:3, 3] = [-72, -90, -72]
+    rows = ["subject,t1,flair,mask,lesion_type,dataset,split"]
+    for i in range(n):
+        mask = np.zeros(shape, np.uint8)
+        c = rng.integers(6, 16, 3)
+        mask[c[0] : c[0] + 4, c[1] : c[1] + 4, c[2] : c[2] + 3] = 1
+        brain = 1.0 + 0.1 * rng.normal(size=shape)
+        sub = f"sub-{i:02d}"
+        (root / sub).mkdir(parents=True)
+        nib.save(
+            nib.Nifti1Image((brain - 0.6 * mask).astype(np.float32), affine), str(root / sub / "t1.nii.gz")
+        )
+        has_flair = i % 2 == 0
+        if has_flair:
+            flair = (brain + 0.8 * mask).astype(np.float32)
+            nib.save(nib.Nifti1Image(flair, affine), str(root / sub / "flair.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, affine), str(root / sub / "mask.nii.gz"))
+        split = ["train"] * 4 + ["val", "test"]
+        rows.append(
+            f"{sub},../{sub}/t1.nii.gz,{f'../{sub}/flair.nii.gz' if has_flair else ''},"
+            f"../{sub}/mask.nii.gz,{['ms', 'wmh'][i % 2]},{['msseg', 'wmh'][i % 2]},{split[i]}"
+        )
+    (root / "manifests").mkdir()
+    (root / "manifests" / "lesion.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> None:
+    import json
+
+    import nibabel as nib
+
+    from neuromoe.eval.report import load_section
+    from neuromoe.pipelines import mome
+
+    _mini_cohort(tmp_path / "cohort")
+    run = mome.demo(tmp_path / "cohort", tmp_path / "demo", device="cpu", preset="tiny")
+    section = load_section(run)
+    kinds = [item["kind"] for item in section.items]
+    assert kinds.count("figure") == 1 and kinds.count("table") >= 4
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert {"by_modality", "by_lesion_type", "by_dataset", "expert_dice"} <= set(metrics)
+    assert metrics["n_cases"] == 1 and metrics["n_predictions"] == 1  # the test case has T1 only
+    assert 0.0 <= metrics["mean"]["dice"] <= 1.0
+    cfg = json.loads((run / "train" / "model" / "config.json").read_text())
+    assert cfg["preprocessing"]["spacing"] == [6.0, 6.0, 6.0]
+    # stage-1 experts exist for the modalities with training images and were copied into the MoME
+    assert cfg["extra"]["experts_loaded"] == ["t1", "flair"]
+    t1 = tmp_path / "cohort" / "sub-00" / "t1.nii.gz"
+    sidecars, failures = mome.segment(
+        run / "train" / "model", {"t1": t1}, tmp_path / "m.nii.gz", device="cpu"
+    )
+    assert not failures and nib.load(str(tmp_path / "m.nii.gz")).shape == (24, 28, 24)
+    assert sidecars[0]["lesion_volume_ml"] >= 0 and len(sidecars[0]["gate_share"]) == 5
