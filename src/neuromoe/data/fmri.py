@@ -22,7 +22,7 @@ import pandas as pd
 
 from neuromoe.data.connectivity import MIN_TIMEPOINTS, FCCache, check_timeseries, connectivity, file_digest
 from neuromoe.errors import InputError
-from neuromoe.io.nifti import Image, load_nifti, resample_to_grid
+from neuromoe.io.nifti import MAX_VOXELS, Image, load_nifti, resample_to_grid
 from neuromoe.io.table import load_table
 
 Atlas = str | Path | np.ndarray | None
@@ -180,6 +180,7 @@ def extract_timeseries(
     t_r: float | None = None,
     high_variance_confounds: bool = False,
     min_volumes: int = 10,
+    max_voxels: int = 16 * MAX_VOXELS,
     return_mask: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """ROI series (T×M float32) of a 4D BOLD image with nilearn maskers and their confound options.
@@ -187,13 +188,14 @@ def extract_timeseries(
     ``atlas``: None → Power-264 coordinates; an (M, 3) array or a TSV/CSV with x, y, z → spheres of
     ``radius_mm`` (NiftiSpheresMasker); a label NIfTI → NiftiLabelsMasker (labels resampled to the BOLD
     grid, nearest neighbour). Columns of ROIs with no voxel or no signal in the image are zero and
-    reported; ``return_mask=True`` also returns the (M,) boolean mask of valid ROIs.
+    reported; ``return_mask=True`` also returns the (M,) boolean mask of valid ROIs. ``max_voxels``
+    (x·y·z·t) defaults to 16 × the 3D limit, ~2.1 G voxels (a full 1,200-volume HCP run at 2 mm is 1.08 G).
     """
     from nilearn.maskers import NiftiLabelsMasker, NiftiSpheresMasker
 
     path = Path(bold_path)
     min_volumes = max(int(min_volumes), MIN_TIMEPOINTS)
-    img = load_nifti(path, allow_4d=True)
+    img = load_nifti(path, allow_4d=True, max_voxels=max_voxels)
     if img.data.ndim != 4:
         raise InputError(
             f"3D image {img.data.shape}; ROI time series need a 4D BOLD run",
