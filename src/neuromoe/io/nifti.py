@@ -86,9 +86,39 @@ def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: 
         if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
             raise InputError(f"voxel size pixdim[1:4]={zooms.tolist()} is zero, negative or non-finite", path=path,
                              fix="write the true voxel size into the header (or set an sform)")
+    need = int(img.dataobj.offset) + int(np.prod([int(x) for x in shape], dtype=np.int64)) * dtype.itemsize
+    have = _gz_size(path, need) if path.name.endswith(".gz") else path.stat().st_size
+    if have < need:  # refuse before nibabel allocates the declared size
+        raise InputError(f"file holds {have} bytes but its header declares {need} (truncated file or corrupt "
+                         "dims/datatype/vox_offset)", path=path, fix="re-copy or re-export the file")
     aff = img.affine
     if aff is None or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
         raise InputError("affine is non-finite or singular", path=path, fix="repair the sform/qform")
+
+
+def _gz_size(path: Path, need: int, chunk: int = 1 << 20) -> int:
+    """Uncompressed size of a .gz, at least up to ``need`` bytes, in bounded memory.
+
+    The gzip trailer (ISIZE, size mod 2**32) answers at once for an intact file; when it says "too short"
+    (truncated file, multi-member or bgzip files whose last member is small) the stream is counted.
+    """
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        if fh.tell() >= 4:
+            fh.seek(-4, 2)
+            if need < 2**32 and int.from_bytes(fh.read(4), "little") >= need:
+                return need
+    count = 0
+    try:
+        with gzip.open(path, "rb") as gz:
+            while count < need:
+                block = gz.read(min(chunk, need - count))
+                if not block:
+                    break
+                count += len(block)
+    except (EOFError, OSError, zlib.error):
+        pass
+    return count
 
 
 def inspect_nifti(path: str | Path, *, allow_4d: bool = True, max_voxels: int = MAX_VOXELS) -> dict[str, Any]:
