@@ -78,6 +78,10 @@ def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.
         if "subject" not in df.columns:
             raise InputError("manifest has no 'subject' column", path=source, fix="add a subject column")
         for col in (c for c in df.columns if c in ROLES):
+            bad = [p for p in df[col] if "\x00" in p]
+            if bad:
+                raise InputError(f"column '{col}' holds a path with a NUL byte ({bad[0]!r})", path=source,
+                                 fix="re-export the manifest as plain text")
             df[col] = [str((source.parent / p).resolve()) if p else "" for p in df[col]]
     else:
         raise InputError("not a manifest (.csv/.tsv) or a BIDS folder", path=source,
