@@ -79,7 +79,10 @@ def upper_tri_index(n_rois: int) -> tuple[Tensor, Tensor]:
     return torch.triu_indices(n_rois, n_rois, offset=1).unbind(0)
 
 
-def _encoder(dim: int, depth: int, heads: int, dropout: float) -> nn.TransformerEncoder:
+def _encoder(dim: int, depth: int, heads: int, dropout: float) -> nn.Module:
+    """Pre-norm transformer encoder; ``depth=0`` = a per-token MLP, no attention (cheap CPU experts)."""
+    if depth == 0:
+        return nn.Sequential(nn.GELU(), nn.Linear(dim, dim))
     layer = nn.TransformerEncoderLayer(
         dim, heads, 2 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
     )
@@ -94,10 +97,7 @@ class FCEncoder(nn.Module):
         self.n_rois = n_rois
         self.proj = nn.Linear(n_rois, dim)
         self.roi_embed = nn.Parameter(torch.randn(1, n_rois, dim) * 0.02)
-        # depth 0 = no attention, a per-ROI MLP only (cheap experts for tests and CPU demos)
-        self.blocks = (
-            _encoder(dim, depth, heads, dropout) if depth else nn.Sequential(nn.GELU(), nn.Linear(dim, dim))
-        )
+        self.blocks = _encoder(dim, depth, heads, dropout)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, fc: Tensor, replace: Tensor | None = None, token: Tensor | None = None) -> Tensor:

@@ -357,6 +357,15 @@ def pretrain(
     if pooled if pooled is not None else cfg.expert.pooled:
         jobs.append((POOLED, np.ones(len(table), dtype=bool)))
     manifest = _read_experts(out) if (out / EXPERTS_FILE).is_file() else {"states": [], "pooled": None}
+    if (
+        manifest.get("kind", cfg.expert.kind) != cfg.expert.kind
+        or manifest.get("fc", spec.to_dict()) != spec.to_dict()
+    ):
+        raise InputError(
+            f"this folder holds {manifest['kind']} experts with other FC settings or kind",
+            path=out,
+            fix="pretrain into a new --out folder, or use the same --expert-kind and FC settings",
+        )
     for name, rows in jobs:
         kw = _expert_kwargs(cfg)
         data_rows = rows

@@ -1,0 +1,132 @@
+"""BrainMoE model: router top-k and gradients, adapter shapes, frozen experts, expert kinds learn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuromoe.models import create_model, load_model, save_model
+from neuromoe.models.brainmoe import BrainMoE, JEPAExpert
+
+M = 12
+
+
+def _fc(b: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 40, M, generator=g)
+    x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+    fc = torch.einsum("btm,btn->bmn", x, x) / 39
+    fc.diagonal(dim1=1, dim2=2).zero_()
+    return fc
+
+
+def _moe(**kw) -> BrainMoE:
+    torch.manual_seed(0)
+    return create_model("brainmoe_tiny", n_rois=M, n_experts=4, top_k=2, dropout=0.0, **kw)
+
+
+def test_router_picks_top_k_and_gradients_reach_router():
+    model = _moe()
+    fc = _fc(6)
+    out = model(fc)
+    probs = out.route.probs
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones(6))
+    expected = probs.topk(2, dim=-1).indices
+    assert torch.equal(out.route.topk_idx, expected)
+    torch.testing.assert_close(out.route.topk_weights.sum(-1), torch.ones(6))
+    assert out.stats.load.sum().item() == pytest.approx(1.0)
+    loss = out.outputs["phenotype"].logsumexp(-1).sum() + out.outputs["age"].pow(2).sum()
+    loss.backward()
+    assert model.router.proj.weight.grad is not None and model.router.proj.weight.grad.abs().sum() > 0
+    assert model.router_mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_adapter_output_shapes_and_precomputed_embeddings_match():
+    model = _moe(n_classes=3).eval()
+    fc = _fc(5)
+    out = model(fc)
+    assert out.outputs["phenotype"].shape == (5, 3)
+    assert out.outputs["sex"].shape == (5, 2)
+    assert out.outputs["age"].shape == (5,)
+    emb = model.expert_embeddings(fc)
+    assert emb.shape == (5, 4, model.dim)
+    cached = model(fc, expert_emb=emb)
+    torch.testing.assert_close(cached.outputs["phenotype"], out.outputs["phenotype"])
+
+
+def test_frozen_experts_get_no_gradients_unless_unfrozen():
+    frozen = _moe()
+    frozen.train()
+    assert not any(e.training for e in frozen.experts)
+    out = frozen(_fc(4))
+    out.outputs["phenotype"].sum().backward()
+    assert all(p.grad is None for p in frozen.experts.parameters())
+    unfrozen = _moe(freeze_experts=False)
+    out = unfrozen(_fc(4))
+    out.outputs["phenotype"].sum().backward()
+    used = out.route.topk_idx.unique().tolist()
+    grads = [p.grad for p in unfrozen.experts[used[0]].parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def _train(expert, fc, ts=None, target=None, steps=40):
+    opt = torch.optim.Adam([p for p in expert.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        if isinstance(expert, JEPAExpert):
+            expert.update_target()
+        loss, _ = expert.loss(fc, ts, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+def test_fc_mae_expert_learns_to_reconstruct_hidden_rois():
+    torch.manual_seed(0)
+    expert = create_model("brainmoe_expert_tiny", kind="fc_mae", n_rois=M, dropout=0.0)
+    fc = _fc(16)
+    gen = torch.Generator().manual_seed(1)
+    mask = expert.random_mask(16, fc.device, gen)
+    before = float(expert.loss(fc, mask=mask)[0].detach())
+    _train(expert, fc, steps=60)
+    after = float(expert.loss(fc, mask=mask)[0].detach())
+    assert after < 0.7 * before
+
+
+def test_state_clf_expert_separates_states():
+    torch.manual_seed(0)
+    expert = create_model("brainmoe_expert_tiny", kind="state_clf", n_rois=M, dropout=0.0)
+    fc = _fc(24)
+    target = torch.arange(24) % 2
+    fc[target == 1, :4, :4] += 0.5  # state 1 couples ROIs 0-3 more strongly
+    _train(expert, fc, target=target, steps=40)
+    _, logs = expert.loss(fc, target=target)
+    assert logs["state_acc"] > 0.9
+
+
+def test_jepa_expert_ema_target_and_latent_loss():
+    torch.manual_seed(0)
+    expert = create_model(
+        "brainmoe_expert_tiny", kind="jepa", n_rois=M, window=4, n_windows=4, ema=0.5, dropout=0.0
+    )
+    ts = torch.randn(8, 16, M)
+    before = [p.clone() for p in expert.target.parameters()]
+    losses = _train(expert, None, ts, steps=30)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, expert.target.parameters()))
+    assert not any(p.requires_grad for p in expert.target.parameters())
+    assert expert.embed(None, ts).shape == (8, expert.dim)
+    with pytest.raises(ValueError, match="expected ts"):
+        expert.embed(None, torch.randn(2, 10, M))
+
+
+def test_model_directory_round_trip(tmp_path):
+    model = _moe().eval()
+    fc = _fc(3)
+    save_model(model, tmp_path / "m", {"family": "brainmoe", "extra": {"kind": "brainmoe"}})
+    loaded, meta = load_model(tmp_path / "m")
+    assert isinstance(loaded, BrainMoE) and meta["architecture"] == "brainmoe_tiny"
+    torch.testing.assert_close(loaded(fc).outputs["phenotype"], model(fc).outputs["phenotype"])

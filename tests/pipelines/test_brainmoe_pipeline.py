@@ -1,0 +1,118 @@
+"""BrainMoE pipeline on a tiny synthetic fMRI cohort: pretrain → train → predict → embed → evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from neuromoe.data.synth import synth_cohort
+from neuromoe.errors import InputError
+from neuromoe.models import load_model
+from neuromoe.pipelines import brainmoe as bm
+
+N_ROIS = 20
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bm_cohort")
+    synth_cohort(out, n_structural=0, n_lesion=0, n_fmri=24, n_rois=N_ROIS, n_timepoints=48, progress=False)
+    return out
+
+
+def _cfg(**over):
+    cfg = bm.load_brainmoe_config("tiny", device="cpu", seed=0)
+    for key, value in over.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pretrained(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bm_pre")
+    return bm.pretrain(cohort, out, _cfg())
+
+
+def test_pretrain_writes_one_expert_per_state_and_the_pooled_one(pretrained):
+    manifest = json.loads((pretrained / "experts.json").read_text())
+    assert manifest["states"] == ["emotion", "language", "motor", "rest", "wm"]
+    assert manifest["pooled"] == "pooled" and manifest["kind"] == "state_clf"
+    assert manifest["fc"]["n_rois"] == N_ROIS and manifest["fc"]["kind"] == "pearson"
+    model, meta = load_model(pretrained / "experts" / "wm")
+    assert meta["extra"]["state"] == "wm" and model.n_states == 2
+    pooled, meta = load_model(pretrained / "experts" / "pooled")
+    assert pooled.n_states == 5 and meta["extra"]["states"] == manifest["states"]
+
+
+def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
+    run = bm.train(cohort, tmp_path / "ft", _cfg(), experts=pretrained)
+    model, meta = load_model(run / "model")  # rebuilt from config.json + safetensors only
+    assert meta["extra"]["experts"] == ["emotion", "language", "motor", "rest", "wm"]
+    assert meta["label_maps"]["phenotype"] == ["control", "patient"]
+    assert model.freeze_experts and len(model.experts) == 5
+
+    frame = bm.predict(run / "model", cohort, tmp_path / "pred.csv")
+    saved = pd.read_csv(tmp_path / "pred.csv")
+    assert len(saved) == len(frame) == len(bm.load_scans(cohort))
+    probs = saved[["phenotype_p_control", "phenotype_p_patient"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert set(saved["phenotype"]) <= {"control", "patient"} and saved["age"].notna().all()
+    assert all(len(t.split()) == 2 for t in saved["top_experts"])
+
+    one = sorted(cohort.glob("sub-*/func/*_timeseries.npy"))[0]
+    single = bm.predict(run / "model", one, tmp_path / "one.csv")
+    assert len(single) == 1
+
+    csv = bm.embed(run / "model", cohort / "manifests" / "fmri.csv", tmp_path / "emb.csv")
+    emb = pd.read_csv(csv)
+    assert list(emb.columns[:2]) == ["subject", "state"] and emb.shape[1] == 2 + model.dim
+    npy = bm.embed(pretrained / "experts" / "rest", cohort, tmp_path / "emb.npy")
+    arr = np.load(npy)
+    ids = pd.read_csv(tmp_path / "emb_subjects.csv")
+    assert arr.shape == (len(ids), model.dim) and np.isfinite(arr).all()
+
+
+def test_evaluate_reports_brainmoe_and_pooled_baselines(cohort, pretrained, tmp_path):
+    out = bm.evaluate(pretrained, cohort, tmp_path / "eval", _cfg())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["summary"]) == {"BrainMoE", "pooled+MLP", "pooled+SVM"}
+    for model in metrics["summary"].values():
+        f1, sd = model["phenotype_f1_macro"]
+        assert 0.0 <= f1 <= 1.0 and sd >= 0.0
+        assert "age_mae" in model and "sex_accuracy" in model
+    assert metrics["folds"] == 2 and len(metrics["per_fold"]["BrainMoE"]) == 2
+    assert sum(metrics["router"]["combinations"].values()) == metrics["n_scans"]
+    corr = np.asarray(metrics["expert_embedding_correlation"])
+    assert corr.shape == (5, 5) and np.allclose(np.diag(corr), 1.0)
+    section = json.loads((out / "report" / "section.json").read_text())
+    assert sum(item["kind"] == "figure" for item in section["items"]) == 2
+    assert len(pd.read_csv(out / "predictions.csv")) == metrics["n_scans"]
+
+
+@pytest.mark.parametrize("kind", ["fc_mae", "jepa"])
+def test_single_state_pretraining_of_the_other_expert_kinds(cohort, tmp_path, kind):
+    cfg = _cfg(expert__kind=kind)
+    out = bm.pretrain(cohort, tmp_path / kind, cfg, states=["rest"], pooled=False)
+    manifest = json.loads((out / "experts.json").read_text())
+    assert manifest["states"] == ["rest"] and manifest["pooled"] is None
+    _, meta = load_model(out / "experts" / "rest")
+    assert meta["extra"]["expert_kind"] == kind and np.isfinite(meta["extra"]["best_val_loss"])
+    if kind == "jepa":
+        assert manifest["fc"]["n_timepoints"] == cfg.expert.window * cfg.expert.n_windows
+    with pytest.raises(InputError, match="other FC settings or kind"):
+        bm.pretrain(cohort, out, _cfg(), states=["wm"], pooled=False)
+
+
+def test_bad_inputs_are_input_errors(cohort, pretrained, tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        bm.pretrain(tmp_path / "missing", tmp_path / "x", _cfg())
+    with pytest.raises(InputError, match="no pretraining scans for state"):
+        bm.pretrain(cohort, tmp_path / "x", _cfg(), states=["sleep"])
+    with pytest.raises(InputError, match=r"experts\.json"):
+        bm.train(cohort, tmp_path / "y", _cfg(), experts=tmp_path)
+    with pytest.raises(InputError, match="JEPA expert needs at least"):
+        bm.pretrain(cohort, tmp_path / "z", _cfg(expert__kind="jepa", expert__n_windows=20), states=["rest"])
