@@ -11,6 +11,15 @@ from neuromoe.models.brainmoe import BrainMoE, JEPAExpert
 M = 12
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two OpenMP threads on a loaded 2-core machine spin instead of working."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _fc(b: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 40, M, generator=g)

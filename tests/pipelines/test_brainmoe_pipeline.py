@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from neuromoe.data.synth import synth_cohort
 from neuromoe.errors import InputError
@@ -14,6 +15,15 @@ from neuromoe.models import load_model
 from neuromoe.pipelines import brainmoe as bm
 
 N_ROIS = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two OpenMP threads on a loaded 2-core machine spin instead of working."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "demo": {
         "dim": 64,
-        "depth": 1,
+        "depth": 0,
         "heads": 4,
         "hidden": 64,
         "adapter_depth": 2,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -278,9 +279,11 @@ def _val_rows(groups: np.ndarray, labels: np.ndarray, seed: int, frac: float = 0
 
     n_splits = max(2, min(round(1 / frac), len(np.unique(groups))))
     try:
-        _, val = next(
-            StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels, groups)
-        )
+        with warnings.catch_warnings():  # a class smaller than n_splits only weakens the stratification
+            warnings.simplefilter("ignore", UserWarning)
+            _, val = next(
+                StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels, groups)
+            )
     except ValueError:  # too few members of a class for stratification
         rng = np.random.default_rng(seed)
         uniq = rng.permutation(np.unique(groups))

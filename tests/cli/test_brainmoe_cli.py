@@ -1,0 +1,133 @@
+"""``neuromoe <verb> --family brainmoe``: help with examples, exit codes, one-line errors, a real run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from neuromoe.cli.brainmoe import VERBS
+from neuromoe.cli.main import main
+from neuromoe.data.synth import synth_cohort
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two OpenMP threads on a loaded 2-core machine spin instead of working."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_help_has_an_example(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([verb, "--family", "brainmoe", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out and "neuromoe " in out
+
+
+def _one_line_error(capsys, argv: list[str], needle: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("neuromoe: error:") and needle in err[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    _one_line_error(
+        capsys,
+        ["pretrain", "--family", "brainmoe", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+        "data not found",
+    )
+    _one_line_error(
+        capsys,
+        [
+            "train",
+            "--family",
+            "brainmoe",
+            "--data",
+            str(tmp_path),
+            "--experts",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        "",
+    )
+    _one_line_error(
+        capsys,
+        [
+            "predict",
+            "--family",
+            "brainmoe",
+            "--model",
+            str(tmp_path / "nomodel"),
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "p.csv"),
+        ],
+        "model directory",
+    )
+    _one_line_error(
+        capsys,
+        ["embed", "--model", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "e.txt")],
+        ".csv or .npy",
+    )
+    _one_line_error(
+        capsys,
+        [
+            "pretrain",
+            "--family",
+            "brainmoe",
+            "--config",
+            "tiny",
+            "--set",
+            "expert.kind=bogus",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        "expert.kind",
+    )
+
+
+def test_pretrain_one_state_then_embed(tmp_path, capsys):
+    cohort = tmp_path / "cohort"
+    synth_cohort(cohort, n_structural=0, n_lesion=0, n_fmri=10, n_rois=12, n_timepoints=40, progress=False)
+    out = tmp_path / "pre"
+    assert (
+        main(
+            [
+                "pretrain",
+                "--family",
+                "brainmoe",
+                "--config",
+                "tiny",
+                "--data",
+                str(cohort),
+                "--state",
+                "rest",
+                "--no-pooled",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (out / "experts" / "rest" / "model.safetensors").is_file()
+    assert not (out / "experts" / "pooled").exists()
+    emb = tmp_path / "emb.npy"
+    assert (
+        main(["embed", "--model", str(out / "experts" / "rest"), "--data", str(cohort), "--out", str(emb)])
+        == 0
+    )
+    arr = np.load(emb)
+    ids = pd.read_csv(tmp_path / "emb_subjects.csv")
+    assert arr.shape[0] == len(ids) == 10 * 5 // 2 + 10 // 2 and np.isfinite(arr).all()
