@@ -1,0 +1,207 @@
+"""MoME / MoME+ acceptance experiments on a synthetic lesion cohort (held-out test split).
+
+Steps (each writes ``OUT/<step>/`` and can run in its own process; ``summary`` reads what exists):
+
+* ``experts``   stage 1: one expert U-Net per modality (``pretrain``)
+* ``mome``      MoME from the stage-1 experts, softmax gate (default), quadratic curriculum
+* ``mome_raw``  the same with raw (un-normalised) gate weights, like the reference code
+* ``unet``      one U-Net trained on all modalities pooled, for as many passes over the data as stage 1 +
+  stage 2 together
+* ``mome_plus`` MoME+ (all modalities at once, modality dropout) from the stage-1 experts; evaluated with
+  all modalities present and with a seeded random non-empty subset missing per case
+* ``summary``   tables (markdown) + ``OUT/summary.json``
+
+Usage::
+
+    OMP_NUM_THREADS=1 nice -n 5 python scripts/exp_mome.py --cohort runs/mome/cohort60 --out runs/mome/exp \\
+        --steps experts mome unet mome_raw mome_plus summary [--set train.epochs=6 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neuromoe.data.preprocess import PreprocSpec
+from neuromoe.io.atomic import atomic_write_json
+from neuromoe.models.registry import load_model
+from neuromoe.pipelines import mome
+
+
+def _cfg(args: argparse.Namespace, extra: list[str] | None = None) -> mome.MoMEConfig:
+    cfg = mome.load_mome_config(args.preset, [*args.overrides, *(extra or [])], seed=args.seed, device="cpu")
+    cfg.cache_dir = args.cache
+    return cfg
+
+
+def _timed(out: Path, fn: Any) -> None:
+    start = time.perf_counter()
+    fn()
+    atomic_write_json(out / "time.json", {"wall_s": time.perf_counter() - start})
+
+
+def _train_eval(args: argparse.Namespace, name: str, extra: list[str], experts: bool) -> None:
+    out = Path(args.out) / name
+    cfg = _cfg(args, extra)
+
+    def run() -> None:
+        mome.train(args.cohort, out, cfg, experts=Path(args.out) / "experts" if experts else None)
+        mome.evaluate(
+            out / "model", args.cohort, out / "eval", seed=args.seed, cache_dir=args.cache, device="cpu"
+        )
+
+    _timed(out, run)
+
+
+def _missing_modalities(args: argparse.Namespace) -> None:
+    """MoME+ Dice with all modalities vs a seeded random non-empty subset removed (cases with ≥ 2)."""
+    out = Path(args.out) / "mome_plus"
+    model, meta = load_model(out / "model")
+    extra = meta["extra"]
+    cfg = _cfg(args)
+    cases = mome._split_cases(args.cohort, cfg, PreprocSpec.from_dict(meta["preprocessing"]), ("test",))[
+        "test"
+    ]
+    rng = np.random.default_rng(args.seed)
+    multi = [c for c in cases if len(c["images"]) >= 2]
+    dropped = []
+    for c in multi:
+        mods = list(c["images"])
+        n_drop = int(rng.integers(1, len(mods)))
+        gone = set(rng.choice(mods, n_drop, replace=False).tolist())
+        dropped.append({**c, "images": {m: v for m, v in c["images"].items() if m not in gone}})
+    kw = {"multimodal": True, "device": "cpu"}
+    full = mome.evaluate_cases(model, multi, extra["modalities"], extra["patch_size"], **kw)
+    part = mome.evaluate_cases(model, dropped, extra["modalities"], extra["patch_size"], **kw)
+    frame = pd.DataFrame(
+        {
+            "subject": full["subject"],
+            "lesion_type": full["lesion_type"],
+            "present": full["modality"],
+            "kept": part["modality"],
+            "dice_all": full["dice"],
+            "dice_missing": part["dice"],
+        }
+    )
+    frame.to_csv(out / "missing_modalities.csv", index=False)
+    atomic_write_json(
+        out / "missing_modalities.json",
+        {
+            "n_cases": len(frame),
+            "dice_all": float(frame["dice_all"].mean()),
+            "dice_missing": float(frame["dice_missing"].mean()),
+            "drop": float(frame["dice_all"].mean() - frame["dice_missing"].mean()),
+        },
+    )
+
+
+def _summary(args: argparse.Namespace) -> None:
+    root = Path(args.out)
+    res: dict[str, Any] = {"seed": args.seed, "preset": args.preset, "overrides": args.overrides}
+    per_mod = {}
+    for name in ("mome", "mome_raw", "unet", "mome_plus"):
+        f = root / name / "eval" / "metrics.json"
+        if not f.is_file():
+            continue
+        m = json.loads(f.read_text())
+        t = (
+            json.loads((root / name / "time.json").read_text())["wall_s"]
+            if (root / name / "time.json").is_file()
+            else None
+        )
+        res[name] = {
+            "mean": m["mean"],
+            "n_predictions": m["n_predictions"],
+            "wall_s": t,
+            "by_lesion_type": {k: v["dice"] for k, v in m.get("by_lesion_type", {}).items()},
+        }
+        if name != "mome_plus":
+            per_mod[name] = {k: v["dice"] for k, v in m["by_modality"].items()}
+        if "expert_dice" in m:
+            res[name]["expert_dice"] = m["expert_dice"]
+    if (root / "mome_plus" / "missing_modalities.json").is_file():
+        res["mome_plus_missing"] = json.loads((root / "mome_plus" / "missing_modalities.json").read_text())
+    res["per_modality_dice"] = per_mod
+    atomic_write_json(root / "summary.json", res)
+    lines = [
+        "| variant | mean Dice | HD95 (mm) | lesion F1 | abs vol diff (mL) | predictions | wall (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("mome", "mome_raw", "unet", "mome_plus"):
+        if name in res:
+            r = res[name]["mean"]
+            lines.append(
+                f"| {name} | {r['dice']:.3f} | {r['hd95']:.1f} | {r['lesion_f1']:.3f} | "
+                f"{r['abs_volume_diff_ml']:.2f} | {res[name]['n_predictions']} | "
+                f"{res[name]['wall_s'] or float('nan'):.0f} |"
+            )
+    if per_mod:
+        mods = sorted({m for v in per_mod.values() for m in v})
+        lines += ["", "| modality | " + " | ".join(per_mod) + " |", "|---|" + "---|" * len(per_mod)]
+        lines += [
+            f"| {m} | " + " | ".join(f"{per_mod[v].get(m, float('nan')):.3f}" for v in per_mod) + " |"
+            for m in mods
+        ]
+    if "mome" in res and "expert_dice" in res["mome"]:
+        ed = res["mome"]["expert_dice"]
+        experts = list(ed)
+        images = list(next(iter(ed.values())))
+        lines += ["", "| image \\ expert | " + " | ".join(experts) + " |", "|---|" + "---|" * len(experts)]
+        lines += [
+            f"| {i} | " + " | ".join(f"{ed[e].get(i, float('nan')):.3f}" for e in experts) + " |"
+            for i in images
+        ]
+    print("\n".join(lines))
+    print(json.dumps({k: res[k] for k in res if k.startswith("mome_plus_missing")}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cohort", required=True, help="synthetic cohort folder (neuromoe synth)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default="runs/mome/cache")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument(
+        "--steps", nargs="+", default=["experts", "mome", "unet", "mome_raw", "mome_plus", "summary"]
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for step in args.steps:
+        print(f"== {step}", flush=True)
+        if step == "experts":
+            _timed(
+                Path(args.out) / "experts",
+                lambda: mome.pretrain(args.cohort, Path(args.out) / "experts", _cfg(args)),
+            )
+        elif step == "mome":
+            _train_eval(args, "mome", [], experts=True)
+        elif step == "mome_raw":
+            _train_eval(args, "mome_raw", ["model.gate_norm=raw"], experts=True)
+        elif step == "unet":
+            c = _cfg(args)
+            _train_eval(
+                args,
+                "unet",
+                ["model.kind=unet", f"train.epochs={c.pretrain.epochs + c.train.epochs}"],
+                experts=False,
+            )
+        elif step == "mome_plus":
+            _train_eval(args, "mome_plus", ["model.multimodal=true"], experts=True)
+            _missing_modalities(args)
+        elif step == "summary":
+            _summary(args)
+        else:
+            raise SystemExit(f"unknown step {step}")
+
+
+if __name__ == "__main__":
+    main()
