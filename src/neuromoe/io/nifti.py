@@ -94,6 +94,9 @@ def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: 
     aff = img.affine
     if aff is None or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
         raise InputError("affine is non-finite or singular", path=path, fix="repair the sform/qform")
+    if np.isnan(ornt.io_orientation(aff)).any():  # e.g. one axis 1e38 × the others: no RAS+ reorientation
+        raise InputError("affine is degenerate (axes have no unique orientation)", path=path,
+                         fix="repair the sform/qform")
 
 
 def _gz_size(path: Path, need: int, chunk: int = 1 << 20) -> int:
