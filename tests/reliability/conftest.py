@@ -1,8 +1,7 @@
 """Shared fixtures of the reliability suite: the generated corpus, the harness, one tiny trained model.
 
-``corpus.py`` and ``harness.py`` are plain modules next to the tests; they are registered as
-``reliability_corpus`` / ``reliability_harness`` so tests (run with ``--import-mode=importlib``) and
-``scripts`` can import them.
+``corpus.py``, ``harness.py`` and ``crash_child.py`` are plain modules next to the tests; they are
+registered as ``reliability_<name>`` so the tests (run with ``--import-mode=importlib``) can import them.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ def _register(name: str, file: str) -> None:
 
 _register("reliability_corpus", "corpus.py")
 _register("reliability_harness", "harness.py")
+_register("reliability_crash_child", "crash_child.py")
 
 from reliability_corpus import build  # noqa: E402
 from reliability_harness import Env, prepare_models  # noqa: E402
