@@ -126,3 +126,27 @@ def test_bad_inputs_are_input_errors(cohort, pretrained, tmp_path):
         bm.train(cohort, tmp_path / "y", _cfg(), experts=tmp_path)
     with pytest.raises(InputError, match="JEPA expert needs at least"):
         bm.pretrain(cohort, tmp_path / "z", _cfg(expert__kind="jepa", expert__n_windows=20), states=["rest"])
+
+
+def test_real_headers_go_through_extraction_fc_and_embed_or_are_refused(tmp_path):
+    """nibabel's bundled EPI: example4d has 2 volumes (refused as too short); functional.nii reaches FC."""
+    import os
+
+    from nibabel.testing import data_path
+
+    from neuromoe.data.fmri import extract_timeseries
+    from neuromoe.models import create_model, save_model
+
+    with pytest.warns(UserWarning, match="without voxels"):
+        ts, valid = extract_timeseries(os.path.join(data_path, "functional.nii"), return_mask=True)
+    expert = create_model("brainmoe_expert_tiny", kind="state_clf", n_rois=int(valid.sum()))
+    fc = bm.FCSpec("pearson", True, int(valid.sum()))
+    save_model(
+        expert, tmp_path / "expert", {"family": "brainmoe", "extra": {"kind": "expert", "fc": fc.to_dict()}}
+    )
+    with pytest.raises(InputError, match="too short"):
+        bm.embed(tmp_path / "expert", os.path.join(data_path, "example4d.nii.gz"), tmp_path / "e.csv")
+    np.save(tmp_path / "functional.npy", ts[:, valid])
+    out = bm.embed(tmp_path / "expert", tmp_path / "functional.npy", tmp_path / "emb.csv")
+    emb = pd.read_csv(out)
+    assert emb.shape == (1, 1 + expert.dim) and np.isfinite(emb.iloc[0, 1:].to_numpy(float)).all()

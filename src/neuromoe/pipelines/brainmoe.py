@@ -985,10 +985,12 @@ def _load_moe(model_dir: str | Path) -> tuple[BrainMoE | Expert, dict[str, Any]]
 
 
 def _input_scans(source: str | Path) -> pd.DataFrame:
-    """Scan table from a single time-series file, a folder of them, a manifest, a BIDS or cohort folder."""
+    """Scan table from one series file or 4D BOLD NIfTI, a folder of series, a manifest, a BIDS or cohort folder."""
     from neuromoe.data.fmri import fmri_table
 
     source = Path(source)
+    if source.is_file() and source.name.lower().endswith((".nii", ".nii.gz")):  # 4D BOLD → default atlas
+        return pd.DataFrame({"subject": [source.name.split(".")[0]], "bold": [str(source)]})
     if (
         source.is_file()
         and source.suffix.lower() in (".npy", ".tsv", ".txt", ".csv")
