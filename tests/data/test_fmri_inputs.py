@@ -209,7 +209,9 @@ def test_synthetic_bold_cohort_end_to_end(tmp_path: Path) -> None:
     )
     df = fmri_table(out["fmri"])
     assert len(df) == 6 and set(df["state"]) == {"rest", "wm", "motor", "language", "emotion"}
-    assert len(fmri_table(tmp_path / "c")) == 6
+    assert (
+        fmri_table(tmp_path / "c")["phenotype"].tolist() == df["phenotype"].tolist()
+    )  # cohort dir → manifest
     cache = FCCache(tmp_path / "cache")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

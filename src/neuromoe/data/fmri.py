@@ -266,8 +266,12 @@ def fmri_table(source: str | Path) -> pd.DataFrame:
 
     ``source`` is a manifest CSV/TSV or a BIDS folder (``func/sub-*_task-<state>_{bold.nii.gz,
     timeseries.npy|tsv}``; the ``task-`` entity is the cognitive state; labels from participants.tsv).
-    ``state`` is missing (NaN) where a manifest does not give it.
+    ``state`` is missing (NaN) where a manifest does not give it. A ``neuromoe synth`` cohort folder is
+    read through its ``manifests/fmri.csv``, which carries the labels (phenotype, split, ...).
     """
+    source = Path(source)
+    if source.is_dir() and (source / "manifests" / "fmri.csv").is_file():
+        source = source / "manifests" / "fmri.csv"
     df = load_table(source)
     src = df.attrs.get("source", str(source))
     roles = [c for c in ("timeseries", "bold") if c in df.columns]
@@ -278,7 +282,7 @@ def fmri_table(source: str | Path) -> pd.DataFrame:
             fix="add a timeseries (T×M .npy/.tsv) or bold (4D NIfTI) column",
         )
     has = df[roles].notna().any(axis=1)
-    if Path(source).is_dir():
+    if source.is_dir():
         df = df[has].copy()  # BIDS anat-only rows are not scans
         df = df.drop(
             columns=[c for c in df.columns if df[c].isna().all() and c not in ("timeseries", "bold")]
