@@ -29,7 +29,7 @@ _register("reliability_harness", "harness.py")
 _register("reliability_crash_child", "crash_child.py")
 
 from reliability_corpus import build  # noqa: E402
-from reliability_harness import Env, prepare_models  # noqa: E402
+from reliability_harness import Env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +40,5 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
-    """Good cohort, shared preprocessing cache and tiny models trained once per session."""
-    env = Env.create(tmp_path_factory.mktemp("harness"))
-    prepare_models(env)
-    return env
+    """Good cohort, shared preprocessing cache; tiny models are trained on first use, once per session."""
+    return Env.create(tmp_path_factory.mktemp("harness"))

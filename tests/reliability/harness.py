@@ -51,6 +51,18 @@ class Env:
     cohort: list[dict[str, object]]
     models: dict[str, Path] = field(default_factory=dict)
 
+    def model(self, family: str) -> Path:
+        """A tiny model of ``family`` trained once, through the real CLI, on the good cohort."""
+        if family not in self.models:
+            manifest = self.root / "cohort.csv"
+            pd.DataFrame(self.cohort).to_csv(manifest, index=False)
+            run = self.root / "models" / family
+            rc, _, err = run_inprocess(_family("train", family)(manifest, self, run))
+            if rc != 0:
+                raise RuntimeError(f"tiny {family} training failed: {err[-500:]}")
+            self.models[family] = run / "model"
+        return self.models[family]
+
     @classmethod
     def create(cls, root: Path) -> Env:
         root = root.resolve()
@@ -81,7 +93,8 @@ class Command:
     message_stream: str = "stderr"
     ok_kinds: dict[str, str] = field(default_factory=dict)  # kinds this command does not read → why
     image_role: str = "t1"  # the manifest column an image kind is put in
-    trains: bool = False  # a valid input starts a (tiny) training run
+    trains: bool = False  # costly: a valid input trains, or the command needs a trained tiny model
+    other_reason: dict[str, str] = field(default_factory=dict)  # refused, rightly, for another defect
 
     def available(self) -> bool:
         try:
@@ -106,13 +119,12 @@ class Outcome:
         return not self.problems
 
 
-def _cpu(argv: list[str]) -> list[str]:
-    return [*argv, "--device", "cpu"]
-
-
 _T1_ONLY = {
     "modalities_on_different_grids": "reads only the T1 (the FLAIR is not used)",
     "mask_unexpected_labels": "reads only the T1 (the mask is not used)",
+}
+_MASKS_NEEDED = {  # MoME training/evaluation is supervised by lesion masks; this BIDS folder has none
+    "bids_without_participants_tsv": "no lesion masks in the folder",
 }
 _NO_LABELS = {
     "bids_without_participants_tsv": "needs no labels",
@@ -120,27 +132,45 @@ _NO_LABELS = {
 }
 
 
-def _df(verb: str, *extra: str) -> Callable[[Path, Env, Path], list[str]]:
+# MoME's tiny preset still trains a full epoch and validates; one step is enough to exercise the inputs.
+TINY_OVERRIDES = {
+    ("mome", "pretrain"): ("--set", "pretrain.max_steps=1"),
+    ("mome", "train"): ("--set", "train.max_steps=1"),
+}
+
+
+def _family(verb: str, family: str) -> Callable[[Path, Env, Path], list[str]]:
+    """argv of ``neuromoe <verb> --family <family>`` with the tiny preset, the shared cache, on CPU."""
+
     def argv(data: Path, env: Env, out: Path) -> list[str]:
-        base = [verb, "--family", "denseformer", "--config", "tiny", "--cache", str(env.cache)]
+        base = [
+            verb,
+            "--family",
+            family,
+            "--config",
+            "tiny",
+            "--cache",
+            str(env.cache),
+            "--device",
+            "cpu",
+            *TINY_OVERRIDES.get((family, verb), ()),
+        ]
         if verb in ("pretrain", "train"):
-            return _cpu([*base, "--data", str(data), "--out", str(out), *extra])
+            return [*base, "--data", str(data), "--out", str(out)]
+        model = ["--model", str(env.model(family))]
         if verb == "evaluate":
-            return _cpu(
-                [*base, "--model", str(env.models["denseformer"]), "--data", str(data), "--out", str(out)]
-            )
-        return _cpu(
-            [
-                *base,
-                "--model",
-                str(env.models["denseformer"]),
-                "--input",
-                str(data),
-                "--output",
-                str(out / "predictions.csv"),
-                "--no-progress",
-            ]
-        )
+            return [*base, *model, "--data", str(data), "--out", str(out)]
+        if verb == "segment":
+            return [*base, *model, "--input", str(data), "--output", str(out)]
+        return [
+            *base,
+            *model,
+            "--input",
+            str(data),
+            "--output",
+            str(out / "predictions.csv"),
+            "--no-progress",
+        ]
 
     return argv
 
@@ -183,7 +213,7 @@ COMMANDS: list[Command] = [
     Command(
         "denseformer pretrain",
         frozenset({"image", "manifest", "bids", "folder"}),
-        _df("pretrain"),
+        _family("pretrain", "denseformer"),
         "neuromoe.cli.denseformer",
         outputs=lambda out: [out / "model" / "model.safetensors"],
         ok_kinds={**_T1_ONLY, **_NO_LABELS},
@@ -192,7 +222,7 @@ COMMANDS: list[Command] = [
     Command(
         "denseformer train",
         frozenset({"image", "manifest", "bids", "folder"}),
-        _df("train"),
+        _family("train", "denseformer"),
         "neuromoe.cli.denseformer",
         outputs=lambda out: [out / "model" / "model.safetensors"],
         ok_kinds=_T1_ONLY,
@@ -201,7 +231,7 @@ COMMANDS: list[Command] = [
     Command(
         "denseformer evaluate",
         frozenset({"image", "manifest", "bids", "folder"}),
-        _df("evaluate"),
+        _family("evaluate", "denseformer"),
         "neuromoe.cli.denseformer",
         outputs=lambda out: [out / "metrics.json"],
         ok_kinds=_T1_ONLY,
@@ -209,12 +239,57 @@ COMMANDS: list[Command] = [
     Command(
         "denseformer predict",
         frozenset({"image", "manifest", "bids", "folder"}),
-        _df("predict"),
+        _family("predict", "denseformer"),
         "neuromoe.cli.denseformer",
         batch=True,
         failures=lambda out: out / "predictions_failures.csv",
         outputs=lambda out: [out / "predictions.csv"],
         ok_kinds={**_T1_ONLY, "bids_without_participants_tsv": "needs no labels"},
+    ),
+    Command(
+        "mome pretrain",
+        frozenset({"image", "manifest", "bids", "folder"}),
+        _family("pretrain", "mome"),
+        "neuromoe.cli.mome",
+        outputs=lambda out: [out / "experts"],
+        ok_kinds={"manifest_non_numeric_age": "reads no labels"},
+        other_reason=_MASKS_NEEDED,
+        trains=True,
+    ),
+    Command(
+        "mome train",
+        frozenset({"image", "manifest", "bids", "folder"}),
+        _family("train", "mome"),
+        "neuromoe.cli.mome",
+        outputs=lambda out: [out / "model" / "model.safetensors"],
+        ok_kinds={"manifest_non_numeric_age": "reads no labels"},
+        other_reason=_MASKS_NEEDED,
+        trains=True,
+    ),
+    Command(
+        "mome evaluate",
+        frozenset({"image", "manifest", "bids", "folder"}),
+        _family("evaluate", "mome"),
+        "neuromoe.cli.mome",
+        outputs=lambda out: [out / "metrics.json"],
+        ok_kinds={"manifest_non_numeric_age": "reads no labels"},
+        other_reason=_MASKS_NEEDED,
+        trains=True,
+    ),
+    Command(
+        "mome segment",
+        frozenset({"image", "manifest", "bids", "folder"}),
+        _family("segment", "mome"),
+        "neuromoe.cli.mome",
+        batch=True,
+        failures=lambda out: out / "failures.csv",
+        outputs=lambda out: [out / "segment.csv"],
+        ok_kinds={
+            "bids_without_participants_tsv": "needs no labels or masks",
+            "mask_unexpected_labels": "reads no masks",
+            **_NO_LABELS,
+        },
+        trains=True,
     ),
 ]
 
@@ -292,7 +367,8 @@ def judge(
         msg = "\n".join(lines)
         if cmd.message_stream == "stderr" and not msg.startswith("neuromoe: error:"):
             problems.append("message does not start with 'neuromoe: error:'")
-        if not any(n in msg for n in _names(case.culprit)) and BAD_SUBJECT not in msg:
+        named = (*_names(case.culprit), *(_names(case.path) if case.kind in cmd.other_reason else ()))
+        if not any(n in msg for n in named) and BAD_SUBJECT not in msg:
             problems.append(f"message does not name {case.culprit.name}")
         if "fix:" not in msg:
             problems.append("message gives no fix")
@@ -343,18 +419,6 @@ def run_case(cmd: Command, case: Case, env: Env, *, subprocess_: bool = False) -
     argv = cmd.argv(data, env, out)
     rc, stdout, stderr = (run_subprocess if subprocess_ else run_inprocess)(argv)
     return judge(cmd, case, env, out, rc, stdout, stderr, want)
-
-
-def prepare_models(env: Env) -> None:
-    """Train the tiny models that evaluate/predict-style commands need, once, through the real CLI."""
-    manifest = env.root / "cohort.csv"
-    pd.DataFrame(env.cohort).to_csv(manifest, index=False)
-    if Command("", frozenset(), _df("train"), "neuromoe.cli.denseformer").available():
-        run = env.root / "models" / "denseformer"
-        rc, _, err = run_inprocess(_df("train")(manifest, env, run))
-        if rc != 0:
-            raise RuntimeError(f"tiny DenseFormer training failed: {err[-500:]}")
-        env.models["denseformer"] = run / "model"
 
 
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
