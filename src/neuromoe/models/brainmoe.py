@@ -332,6 +332,10 @@ class BrainMoE(nn.Module):
         self.expert_input = self.experts[0].input_kind
         if freeze_experts:
             self.experts.requires_grad_(False)
+        # Per-expert standardisation of the embeddings (fitted on the training scans, saved with the model):
+        # frozen experts' embeddings differ between scans by small offsets around a large shared mean.
+        self.register_buffer("emb_mean", torch.zeros(n_experts, dim))
+        self.register_buffer("emb_std", torch.ones(n_experts, dim))
         iu, ju = upper_tri_index(n_rois)
         self.register_buffer("tri_i", iu, persistent=False)
         self.register_buffer("tri_j", ju, persistent=False)
@@ -370,6 +374,12 @@ class BrainMoE(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_experts):
             return torch.stack([e.embed(fc, ts) for e in self.experts], dim=1)
 
+    @torch.no_grad()
+    def set_embedding_stats(self, emb: Tensor) -> None:
+        """Fit the standardisation on training-scan embeddings ``(N, E, D)``."""
+        self.emb_mean.copy_(emb.mean(0))
+        self.emb_std.copy_(emb.std(0).clamp_min(1e-4) if len(emb) > 1 else torch.ones_like(self.emb_std))
+
     def route(self, fc: Tensor) -> RouterOutput:
         return self.router(self.router_mlp(fc[:, self.tri_i, self.tri_j].float()))
 
@@ -387,6 +397,7 @@ class BrainMoE(nn.Module):
                     emb = self.experts[e].embed(fc[rows], None if ts is None else ts[rows])
                 expert_emb = expert_emb.index_put((rows, torch.full_like(rows, e)), emb.to(expert_emb.dtype))
         chosen = expert_emb.gather(1, idx[..., None].expand(-1, -1, expert_emb.shape[-1]))
+        chosen = (chosen - self.emb_mean[idx].to(chosen.dtype)) / self.emb_std[idx].to(chosen.dtype)
         tokens = self.expert_proj(chosen) * w[..., None].to(chosen.dtype) + self.expert_id(idx)
         tgt = torch.cat([tokens, self.queries.expand(b, -1, -1)], dim=1)
         memory = self.fc_proj(fc) + self.roi_embed

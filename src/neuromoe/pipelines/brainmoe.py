@@ -614,12 +614,14 @@ def _fit_moe(
 ) -> tuple[BrainMoE, tuple[float, float], Any]:
     """Train router + adapter on ``train_rows`` (inner stratified validation split for early stopping)."""
     scans = down.scans
-    if model.freeze_experts:
-        scans = ScanSet({**scans.tensors, "emb": _embeddings(model, scans)})
+    emb = _embeddings(model, scans)
+    if model.freeze_experts:  # cached: fine-tuning then costs router + adapter only
+        scans = ScanSet({**scans.tensors, "emb": emb})
     idx = np.flatnonzero(train_rows)
     groups = down.table["subject"].astype(str).to_numpy()[idx]
     y = scans.tensors["phenotype"].numpy()[idx]
     val = _val_rows(groups, y, cfg.seed)
+    model.set_embedding_stats(emb[idx[~val]])
     age_stats = _age_stats(down, idx[~val])
     trainer = FinetuneTrainer(
         model,
