@@ -86,6 +86,8 @@ def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: 
         if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
             raise InputError(f"voxel size pixdim[1:4]={zooms.tolist()} is zero, negative or non-finite", path=path,
                              fix="write the true voxel size into the header (or set an sform)")
+    if int(img.dataobj.offset) < 0:
+        raise InputError(f"vox_offset {img.dataobj.offset} is negative", path=path, fix="repair the header")
     need = int(img.dataobj.offset) + int(np.prod([int(x) for x in shape], dtype=np.int64)) * dtype.itemsize
     have = _gz_size(path, need) if path.name.endswith(".gz") else path.stat().st_size
     if have < need:  # refuse before nibabel allocates the declared size
