@@ -45,11 +45,29 @@ def brain(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> np.ndarray:
     return vol.astype(np.float32)
 
 
-def write(path: Path, data: np.ndarray, affine: np.ndarray | None = None, nifti2: bool = False) -> Path:
+# Identifying header fields planted in every cohort image; no output may ever contain them.
+PRIVATE = {
+    "descrip": b"PRIVdescrip7f3a",
+    "aux_file": b"PRIVaux7f3a",
+    "db_name": b"PRIVdb7f3a",
+    "intent_name": b"PRIVintent7f3a",
+}
+
+
+def write(
+    path: Path,
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    nifti2: bool = False,
+    private: bool = False,
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
     img = cls(data, _affine() if affine is None else affine)
     img.header.set_xyzt_units("mm", "sec")
+    if private:
+        for key, value in PRIVATE.items():
+            img.header[key] = value
     nib.save(img, path)
     return path
 
@@ -105,9 +123,9 @@ def cohort_rows(root: Path, n: int = len(SPLITS)) -> list[dict[str, object]]:
         d = root / sub
         paths = {"t1": d / "t1.nii.gz", "flair": d / "flair.nii.gz", "mask": d / "mask.nii.gz"}
         if not all(q.exists() for q in paths.values()):
-            write(paths["t1"], brain(seed=i))
-            write(paths["flair"], brain(seed=50 + i))
-            write(paths["mask"], lesion_mask(seed=i))
+            write(paths["t1"], brain(seed=i), private=True)
+            write(paths["flair"], brain(seed=50 + i), private=True)
+            write(paths["mask"], lesion_mask(seed=i), private=True)
         rows.append(
             {
                 "subject": sub,
