@@ -2,72 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from typing import NamedTuple
-
 import pytest
 import torch
-from torch import nn
 
-
-def _missing(name: str) -> bool:
-    if name in sys.modules:
-        return False
-    try:
-        return importlib.util.find_spec(name) is None
-    except ModuleNotFoundError:
-        return True
-
-
-def _install_standins() -> None:
-    """Minimal stand-ins for the registry and MoE layer (design.md contracts) until those parts land."""
-    if _missing("neuromoe.models.registry"):
-        reg = types.ModuleType("neuromoe.models.registry")
-        reg.register_model = lambda name, family=None: (lambda f: f)
-        sys.modules["neuromoe.models.registry"] = reg
-    if _missing("neuromoe.layers.moe"):
-        class Stats(NamedTuple):
-            load: torch.Tensor
-            importance: torch.Tensor
-            topk_idx: torch.Tensor
-            topk_weights: torch.Tensor
-
-        class Out(NamedTuple):
-            output: torch.Tensor
-            aux_loss: torch.Tensor
-            balance_loss: torch.Tensor
-            z_loss: torch.Tensor
-            stats: Stats
-
-        class MoELayer(nn.Module):
-            def __init__(self, dim, num_experts, expert_factory, k=2, balance_coef=0.01, z_coef=0.001,
-                         cond_dim=0, cond_mode="concat", noise_std=0.0, **_):
-                super().__init__()
-                self.k, self.e, self.bc = k, num_experts, balance_coef
-                self.gate = nn.Linear(dim + cond_dim, num_experts)
-                self.experts = nn.ModuleList(expert_factory() for _ in range(num_experts))
-
-            def forward(self, x, cond=None):
-                logits = self.gate(torch.cat([x, cond], -1))
-                probs = logits.float().softmax(-1)
-                w, idx = probs.topk(self.k, -1)
-                w = w / w.sum(-1, keepdim=True)
-                y = torch.stack([ex(x) for ex in self.experts], 1)
-                y = (y.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])) * w[..., None]).sum(1)
-                load = torch.zeros(self.e).scatter_add_(0, idx.flatten(), torch.ones(idx.numel())) / idx.numel()
-                bal = self.e * (load * probs.mean(0)).sum()
-                return Out(y, self.bc * bal, bal, bal * 0, Stats(load, probs.mean(0), idx, w))
-
-        moe = types.ModuleType("neuromoe.layers.moe")
-        moe.MoELayer = MoELayer
-        sys.modules["neuromoe.layers.moe"] = moe
-
-
-_install_standins()
-
-from neuromoe.models.denseformer import (  # noqa: E402
+from neuromoe.models.denseformer import (
     PRESETS,
     DenseFormer,
     DenseFormerMAE,

@@ -681,9 +681,10 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
             if base is not None:
                 entry["tbv_baseline"] = _classification_metrics(y[have], base[have], n_bootstrap, seed)
             pos = _positive_vs_reference(t)
-            if pos is not None and t.num_outputs > 2:  # e.g. AD vs CN on a CN/MCI/AD head
+            pos = pos if pos is not None and t.num_outputs > 2 else None  # e.g. AD vs CN on a CN/MCI/AD head
+            sel = have & np.isin(y, list(pos or ()))
+            if pos is not None and len(np.unique(y[sel])) == 2:  # both classes must be in the split
                 ref, tgt = pos
-                sel = have & np.isin(y, [ref, tgt])
                 score = p[sel, tgt] / (p[sel, tgt] + p[sel, ref] + 1e-12)
                 entry[f"auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = _bootstrap(
                     _auc, (y[sel] == tgt).astype(int), score, n=n_bootstrap, seed=seed)
