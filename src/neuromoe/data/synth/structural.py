@@ -18,7 +18,7 @@ PD_REGIONS = [((s * 25.0, 2.0, 2.0), (7.0, 12.0, 8.0)) for s in (-1, 1)] + \
 AD_SEVERITY = {"CN": 0.0, "MCI": 0.5, "AD": 1.0}
 
 # Site effects: (bias strength, noise sd, gamma, blur sigma in voxels).
-SITES = {"site-A": (0.08, 0.02, 1.0, 0.0), "site-B": (0.15, 0.04, 0.9, 0.5), "site-C": (0.12, 0.03, 1.15, 0.3)}
+SITES = {"site-A": (0.05, 0.02, 1.0, 0.0), "site-B": (0.08, 0.04, 0.9, 0.5), "site-C": (0.06, 0.03, 1.1, 0.3)}
 
 
 def region_union(anat: Anatomy, regions) -> np.ndarray:
@@ -32,23 +32,23 @@ def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, d
     cortex = (gm > 0.3) & ~ndimage.binary_erosion(anat.brain, iterations=max(1, round(9 / float(anat.affine[0, 0]))))
     age_z = (age - 45.0) / 30.0  # 0 at 45 y, 1 at 75 y
     # Age: cortical thinning, WM loss, ventricle growth (per-subject variability in rate).
-    rate = max(0.0, 1.0 + 0.15 * rng.standard_normal())
-    thin = 0.3 * age_z * rate * cortex
+    rate = max(0.0, 1.0 + 0.1 * rng.standard_normal())
+    thin = 0.45 * age_z * rate * cortex
     lost_gm = gm * np.clip(thin, -0.2, 0.6)
     vent = region_union(anat, VENTRICLES) * anat.brain
-    lost_wm = wm * np.clip(0.5 * age_z * rate, -0.2, 0.7) * vent
+    lost_wm = wm * np.clip(0.9 * age_z * rate, -0.2, 0.9) * vent
     lost_wm += wm * np.clip(0.06 * age_z * rate, -0.1, 0.2)
     # AD-like: medial temporal GM loss + ventricle / temporal horn enlargement.
     sev = AD_SEVERITY.get(dx_ad, 0.0) * max(0.3, 1.0 + 0.2 * rng.standard_normal())
     mtl = region_union(anat, MEDIAL_TEMPORAL)
-    lost_gm += gm * np.clip(0.6 * sev * mtl, 0, 0.85)
-    lost_wm += wm * np.clip(0.12 * sev * vent + 0.5 * sev * region_union(anat, TEMPORAL_HORNS), 0, 0.8)
+    lost_gm += gm * np.clip(0.8 * sev * mtl, 0, 0.9)
+    lost_wm += wm * np.clip(0.12 * sev * vent + 0.7 * sev * region_union(anat, TEMPORAL_HORNS), 0, 0.9)
     gm, wm = gm - lost_gm, wm - lost_wm
     csf = csf + lost_gm + lost_wm
     # PD-like: subtle putamen/SN signal change (iron, neuronal loss) without volume change.
-    pd_w = region_union(anat, PD_REGIONS) * (0.18 if dx_pd == "PD" else 0.0)
+    pd_w = region_union(anat, PD_REGIONS) * (0.25 if dx_pd == "PD" else 0.0)
     # Tissue contrast with small per-subject jitter.
-    i_wm, i_gm, i_csf = 1.0 + 0.03 * rng.standard_normal(), 0.62 + 0.03 * rng.standard_normal(), 0.18
+    i_wm, i_gm, i_csf = 1.0 + 0.015 * rng.standard_normal(), 0.62 + 0.015 * rng.standard_normal(), 0.18
     brain = wm * i_wm + gm * i_gm * (1.0 - pd_w) + csf * i_csf
     head = anat.t1 * (~anat.brain) + brain * anat.brain
     # Anatomy: sex-dependent head size and a smooth random deformation.
