@@ -9,6 +9,7 @@ Steps (each writes ``OUT/<step>/`` and can run in its own process; ``summary`` r
   stage 2 together
 * ``mome_plus`` MoME+ (all modalities at once, modality dropout) from the stage-1 experts; evaluated with
   all modalities present and with a seeded random non-empty subset missing per case
+* ``sparse_plus`` MoME+ with the sparse case-level top-2 router, vs ``mome_plus`` (dense)
 * ``summary``   tables (markdown) + ``OUT/summary.json``
 
 Usage::
@@ -106,7 +107,7 @@ def _summary(args: argparse.Namespace) -> None:
     root = Path(args.out)
     res: dict[str, Any] = {"seed": args.seed, "preset": args.preset, "overrides": args.overrides}
     per_mod = {}
-    for name in ("mome", "mome_raw", "unet", "mome_plus"):
+    for name in ("mome", "mome_raw", "unet", "mome_plus", "sparse_plus"):
         f = root / name / "eval" / "metrics.json"
         if not f.is_file():
             continue
@@ -122,7 +123,7 @@ def _summary(args: argparse.Namespace) -> None:
             "wall_s": t,
             "by_lesion_type": {k: v["dice"] for k, v in m.get("by_lesion_type", {}).items()},
         }
-        if name != "mome_plus":
+        if not name.endswith("_plus"):
             per_mod[name] = {k: v["dice"] for k, v in m["by_modality"].items()}
         if "expert_dice" in m:
             res[name]["expert_dice"] = m["expert_dice"]
@@ -134,7 +135,7 @@ def _summary(args: argparse.Namespace) -> None:
         "| variant | mean Dice | HD95 (mm) | lesion F1 | abs vol diff (mL) | predictions | wall (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in ("mome", "mome_raw", "unet", "mome_plus"):
+    for name in ("mome", "mome_raw", "unet", "mome_plus", "sparse_plus"):
         if name in res:
             r = res[name]["mean"]
             lines.append(
@@ -197,6 +198,8 @@ def main() -> None:
         elif step == "mome_plus":
             _train_eval(args, "mome_plus", ["model.multimodal=true"], experts=True)
             _missing_modalities(args)
+        elif step == "sparse_plus":
+            _train_eval(args, "sparse_plus", ["model.multimodal=true", "model.top_k=2"], experts=True)
         elif step == "summary":
             _summary(args)
         else:
