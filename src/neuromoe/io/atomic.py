@@ -15,6 +15,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; a finished output gets the mode a plain open() would have given it
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success fsync it and rename it onto ``final``.
@@ -34,6 +44,11 @@ def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        try:
+            mode = final.stat().st_mode & 0o7777  # replacing a file keeps its permissions
+        except FileNotFoundError:
+            mode = _NEW_FILE_MODE
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
     except BaseException:
