@@ -97,6 +97,20 @@ def test_spheres_recover_planted_signals_and_report_empty_rois(tmp_path: Path) -
     )
 
 
+def test_roi_without_signal_is_flagged_and_zeroed(tmp_path: Path) -> None:
+    _bold(tmp_path / "bold.nii.gz")
+    img = nib.load(tmp_path / "bold.nii.gz")
+    data = np.asarray(img.dataobj)
+    data[:4, :4, :4] = 50.0  # a corner with a constant signal (e.g. outside the brain after masking)
+    nib.save(nib.Nifti1Image(data, AFFINE), tmp_path / "flat.nii.gz")
+    corner = nib.affines.apply_affine(AFFINE, [1.5, 1.5, 1.5])
+    with pytest.warns(UserWarning, match=r"1 of 2 ROI with a constant signal \(first \[1\]\)"):
+        ts, valid = extract_timeseries(
+            tmp_path / "flat.nii.gz", np.vstack([SEEDS[:1], corner]), standardize=False, return_mask=True
+        )
+    assert valid.tolist() == [True, False] and np.all(ts[:, 1] == 0) and ts[:, 0].std() > 0
+
+
 def test_label_atlas_and_band_pass(tmp_path: Path) -> None:
     sig = _bold(tmp_path / "bold.nii.gz", n_t=60)
     # label atlas on a finer, larger 2 mm grid; label 9 lies outside the BOLD field of view

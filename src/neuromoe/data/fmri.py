@@ -224,17 +224,17 @@ def extract_timeseries(
     if coords is not None:
         valid = _sphere_valid(coords, img.data.shape, img.affine, radius_mm)
         what = "sphere(s) without voxels in the field of view"
-        make = lambda: NiftiSpheresMasker(coords[valid], radius=radius_mm, allow_overlap=True, **clean)  # noqa: E731
+        masker = NiftiSpheresMasker(coords[valid], radius=radius_mm, allow_overlap=True, **clean)
     else:
         labels_img, valid = _label_atlas(Path(atlas), img)
         what = "label(s) absent from the BOLD grid"
-        make = lambda: NiftiLabelsMasker(labels_img, background_label=0, **clean)  # noqa: E731
+        masker = NiftiLabelsMasker(labels_img, background_label=0, **clean)
     out = np.zeros((n_vol, len(valid)), np.float32)
     if valid.any():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", (UserWarning, DeprecationWarning, FutureWarning))
-                sig = make().fit_transform(nii)
+                sig = masker.fit_transform(nii)
         except ValueError as exc:
             raise InputError(
                 f"nilearn could not extract ROI signals: {exc}".splitlines()[0],
@@ -257,7 +257,8 @@ def extract_timeseries(
     ]
     if parts:
         warnings.warn(f"{path}: {'; '.join(parts)}; their columns are zero", stacklevel=2)
-    valid = valid & (np.ptp(out, axis=0) > 0)
+    out[:, flat] = 0.0
+    valid[flat] = False
     return (out, valid) if return_mask else out
 
 
