@@ -154,6 +154,8 @@ def _groups(scans: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 def _centred_scatter(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centred series and their empirical covariance X̃ᵀX̃ / T (what scikit-learn calls emp_cov)."""
     xc = x - x.mean(axis=1, keepdims=True)
+    # a constant ROI must centre to exact zeros (the mean of T equal floats can be off by an ulp)
+    xc *= x.max(axis=1, keepdims=True) != x.min(axis=1, keepdims=True)
     emp = np.matmul(xc.transpose(0, 2, 1), xc)
     emp /= x.shape[1]
     return xc, emp
@@ -172,8 +174,6 @@ def _ledoit_wolf(x: np.ndarray) -> np.ndarray:
     delta = (delta_ - 2.0 * mu * trace.sum(axis=1) + p * mu**2) / p
     beta = np.minimum(beta, delta)
     shrink = np.where(beta == 0, 0.0, beta / np.where(delta == 0, 1.0, delta))
-    if p == 1:
-        shrink = np.zeros_like(shrink)
     emp *= (1.0 - shrink)[:, None, None]  # in place: these stacks are the memory-bound part
     emp[:, np.arange(p), np.arange(p)] += (shrink * mu)[:, None]
     return emp
@@ -226,7 +226,7 @@ def _eig_map(fn: Callable[[np.ndarray], np.ndarray], mats: np.ndarray) -> np.nda
 
 
 def _geometric_mean(covs: np.ndarray, max_iter: int = 30, tol: float = 1e-7) -> np.ndarray:
-    """Riemannian (log-Euclidean gradient) mean of SPD matrices, the algorithm nilearn's tangent uses."""
+    """Riemannian (Karcher) mean of SPD matrices by gradient descent: nilearn's tangent algorithm, batched."""
     gmean = covs.mean(axis=0)
     norm_old, step, norm = np.inf, 1.0, np.inf
     for _ in range(max_iter):
@@ -252,6 +252,10 @@ def _geometric_mean(covs: np.ndarray, max_iter: int = 30, tol: float = 1e-7) -> 
             norm = norm_old
         if norm / gmean.size < tol:
             break
+    else:
+        warnings.warn(
+            f"tangent reference: {max_iter} iterations without reaching tolerance {tol}", stacklevel=3
+        )
     return gmean
 
 
