@@ -339,7 +339,7 @@ def k_timeseries_1d(root: Path) -> Case:
 
 def k_timeseries_short(root: Path) -> Case:
     p = root / "ts_short.npy"
-    np.save(p, np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32))
+    np.save(p, np.random.default_rng(0).normal(size=(2, 16)).astype(np.float32))
     return Case("timeseries_too_short", "timeseries", p, True, p)
 
 

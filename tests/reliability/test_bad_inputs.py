@@ -89,3 +89,17 @@ def test_subprocess_sample(command: str, corpus: dict, env) -> None:
     kinds = ["truncated_gz", "manifest_duplicated_subjects" if command != "info" else "nifti2_valid"]
     for kind in kinds:
         _check(run_case(cmd, corpus[kind], env, subprocess_=True))
+
+
+def test_fmri_kinds_refused_by_the_brainmoe_loaders(corpus: dict) -> None:
+    """Library level until the BrainMoE commands are wired into the harness (see docs/reliability.md)."""
+    from neuromoe.data.fmri import extract_timeseries, load_timeseries
+    from neuromoe.errors import InputError
+
+    for case in corpus.values():
+        if case.role not in ("timeseries", "bold"):
+            continue
+        load = load_timeseries if case.role == "timeseries" else extract_timeseries
+        with pytest.raises(InputError) as err:
+            load(case.path)
+        assert case.culprit.name in str(err.value) and "fix:" in str(err.value) and "\n" not in str(err.value)
