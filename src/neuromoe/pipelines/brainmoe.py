@@ -612,7 +612,12 @@ def _age_stats(down: Downstream, rows: np.ndarray) -> tuple[float, float]:
 def _fit_moe(
     model: BrainMoE, down: Downstream, train_rows: np.ndarray, cfg: BrainMoEConfig, run_dir: Path
 ) -> tuple[BrainMoE, tuple[float, float], Any]:
-    """Train router + adapter on ``train_rows`` (inner stratified validation split for early stopping)."""
+    """Train router + adapter on ``train_rows``.
+
+    With ``train.patience > 0`` an inner stratified validation split drives early stopping and the
+    best-validation weights are kept; with ``patience = 0`` (small cohorts, where a handful of validation
+    subjects only adds noise) every training subject is used for a fixed number of epochs.
+    """
     scans = down.scans
     emb = _embeddings(model, scans)
     if model.freeze_experts:  # cached: fine-tuning then costs router + adapter only
@@ -620,14 +625,14 @@ def _fit_moe(
     idx = np.flatnonzero(train_rows)
     groups = down.table["subject"].astype(str).to_numpy()[idx]
     y = scans.tensors["phenotype"].numpy()[idx]
-    val = _val_rows(groups, y, cfg.seed)
+    val = _val_rows(groups, y, cfg.seed) if cfg.train.patience > 0 else np.zeros(len(idx), dtype=bool)
     model.set_embedding_stats(emb[idx[~val]])
     age_stats = _age_stats(down, idx[~val])
     trainer = FinetuneTrainer(
         model,
         cfg.train,
         scans.subset(idx[~val]),
-        scans.subset(idx[val]),
+        scans.subset(idx[val]) if val.any() else None,
         run_dir=run_dir,
         age_stats=age_stats,
         msec=cfg.model,
