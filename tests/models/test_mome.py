@@ -23,7 +23,7 @@ def test_fused_logits_are_gate_weighted_sum_of_experts_at_every_scale() -> None:
     for s, (fused, gate) in enumerate(zip(out.logits, out.gates, strict=True)):
         assert gate.shape == (2, 5, *fused.shape[2:])
         torch.testing.assert_close(gate.sum(1), torch.ones_like(gate[:, 0]))
-        manual = sum(gate[:, k:k + 1] * out.expert_logits[k][s] for k in range(5))
+        manual = sum(gate[:, k : k + 1] * out.expert_logits[k][s] for k in range(5))
         torch.testing.assert_close(fused, manual)
 
 

@@ -61,24 +61,42 @@ class ExpertUNet(PretrainedMixin, nn.Module):
     Used alone (``unet_*`` presets) it is the pooled single-U-Net baseline.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 2, widths: Sequence[int] = (32, 64, 128, 256),
-                 spatial_dims: int = 3, kernel_size: int = 3):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        widths: Sequence[int] = (32, 64, 128, 256),
+        spatial_dims: int = 3,
+        kernel_size: int = 3,
+    ):
         super().__init__()
         if len(widths) < 2:
-            raise ConfigError(f"a U-Net needs at least 2 stages, got widths={list(widths)}",
-                              fix="give two or more widths")
+            raise ConfigError(
+                f"a U-Net needs at least 2 stages, got widths={list(widths)}", fix="give two or more widths"
+            )
         self.widths = tuple(int(w) for w in widths)
         self.spatial_dims, self.out_channels = spatial_dims, out_channels
         self.encoder = nn.ModuleList(
-            UnetBasicBlock(spatial_dims, in_channels if i == 0 else self.widths[i - 1], w, kernel_size,
-                           1 if i == 0 else 2, NORM, ACT)
-            for i, w in enumerate(self.widths))
+            UnetBasicBlock(
+                spatial_dims,
+                in_channels if i == 0 else self.widths[i - 1],
+                w,
+                kernel_size,
+                1 if i == 0 else 2,
+                NORM,
+                ACT,
+            )
+            for i, w in enumerate(self.widths)
+        )
         # decoder[j] upsamples stage (L-1-j) to stage (L-2-j)
         self.decoder = nn.ModuleList(
             UnetUpBlock(spatial_dims, self.widths[i], self.widths[i - 1], kernel_size, 2, 2, NORM, ACT)
-            for i in range(len(self.widths) - 1, 0, -1))
-        self.heads = nn.ModuleList(UnetOutBlock(spatial_dims, self.widths[i - 1], out_channels)
-                                   for i in range(len(self.widths) - 1, 0, -1))
+            for i in range(len(self.widths) - 1, 0, -1)
+        )
+        self.heads = nn.ModuleList(
+            UnetOutBlock(spatial_dims, self.widths[i - 1], out_channels)
+            for i in range(len(self.widths) - 1, 0, -1)
+        )
 
     @property
     def stem_channels(self) -> int:
@@ -128,11 +146,20 @@ class MoME(PretrainedMixin, nn.Module):
     ``"raw"`` multiplies raw gate outputs like the reference code.
     """
 
-    def __init__(self, modalities: Sequence[str] = DEFAULT_MODALITIES, out_channels: int = 2,
-                 widths: Sequence[int] = (32, 64, 128, 256), gate_widths: Sequence[int] | None = None,
-                 spatial_dims: int = 3, gate_norm: Literal["softmax", "raw"] = "softmax",
-                 multimodal: bool = False, top_k: int = 0, router_size: int = 8, router_hidden: int = 64,
-                 balance_coef: float = 0.01):
+    def __init__(
+        self,
+        modalities: Sequence[str] = DEFAULT_MODALITIES,
+        out_channels: int = 2,
+        widths: Sequence[int] = (32, 64, 128, 256),
+        gate_widths: Sequence[int] | None = None,
+        spatial_dims: int = 3,
+        gate_norm: Literal["softmax", "raw"] = "softmax",
+        multimodal: bool = False,
+        top_k: int = 0,
+        router_size: int = 8,
+        router_hidden: int = 64,
+        balance_coef: float = 0.01,
+    ):
         super().__init__()
         if gate_norm not in ("softmax", "raw"):
             raise ConfigError(f"gate_norm must be 'softmax' or 'raw', got {gate_norm!r}", fix="set gate_norm")
@@ -148,15 +175,18 @@ class MoME(PretrainedMixin, nn.Module):
         widths = tuple(widths)
         gate_widths = tuple(gate_widths) if gate_widths is not None else widths
         if len(gate_widths) != len(widths):
-            raise ConfigError("gate_widths must have as many stages as widths (one gate map per decoder scale)",
-                              fix="give gate_widths the same length as widths")
+            raise ConfigError(
+                "gate_widths must have as many stages as widths (one gate map per decoder scale)",
+                fix="give gate_widths the same length as widths",
+            )
         self.experts = nn.ModuleList(ExpertUNet(1, out_channels, widths, spatial_dims) for _ in range(E))
         in_img = E if multimodal else 1
         cond = E if multimodal else 0
         self.gate = ExpertUNet(in_img + cond + E * widths[0], E, gate_widths, spatial_dims)
         # MoME+: availability → logits of the soft dispatch matrix (E × M, here M == E).
-        self.dispatcher = (nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(), nn.Linear(4 * E, E * E))
-                           if multimodal else None)
+        self.dispatcher = (
+            nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(), nn.Linear(4 * E, E * E)) if multimodal else None
+        )
         self.router_size = router_size
         if top_k:
             feat = in_img * router_size**spatial_dims
@@ -186,8 +216,11 @@ class MoME(PretrainedMixin, nn.Module):
             return x.expand(-1, self.num_experts, *x.shape[2:]), None
         assert available is not None
         D = self.dispatch_matrix(available)
-        xin = torch.einsum("bem,bm...->be...", D.to(x.dtype), x * available.to(x.dtype).view(
-            *available.shape, *([1] * self.spatial_dims)))
+        xin = torch.einsum(
+            "bem,bm...->be...",
+            D.to(x.dtype),
+            x * available.to(x.dtype).view(*available.shape, *([1] * self.spatial_dims)),
+        )
         return xin, D
 
     def route(self, x: Tensor, available: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -224,14 +257,15 @@ class MoME(PretrainedMixin, nn.Module):
         stems = []
         for k in range(E):
             if k in active:
-                skips[k] = self.experts[k].forward_features(xin[:, k:k + 1])
+                skips[k] = self.experts[k].forward_features(xin[:, k : k + 1])
                 stems.append(skips[k][0])
             else:
                 stems.append(xin.new_zeros(B, self.experts[k].stem_channels, *x.shape[2:]))
         gate_in = [x, *stems]
         if self.multimodal:
-            gate_in.insert(1, available.to(x.dtype).view(B, E, *([1] * self.spatial_dims)).expand(
-                B, E, *x.shape[2:]))
+            gate_in.insert(
+                1, available.to(x.dtype).view(B, E, *([1] * self.spatial_dims)).expand(B, E, *x.shape[2:])
+            )
         gate_logits = self.gate(torch.cat(gate_in, 1))
         expert_logits = {k: self.experts[k].forward_head(skips[k]) for k in active}
         fused, gates = [], []
@@ -244,14 +278,18 @@ class MoME(PretrainedMixin, nn.Module):
             elif prior is not None:
                 g = g * prior.view(B, E, *([1] * self.spatial_dims))
             gates.append(g)
-            out = sum(g[:, k:k + 1].to(expert_logits[k][s].dtype) * expert_logits[k][s] for k in active)
+            out = sum(g[:, k : k + 1].to(expert_logits[k][s].dtype) * expert_logits[k][s] for k in active)
             fused.append(out)
         return MoMEOutput(fused, expert_logits, gates, aux, probs, sel, D)
 
 
 # ------------------------------------------------------------------------------------------------ losses
-def curriculum_weight(epoch: int, epochs: int, schedule: Literal["quadratic", "linear", "constant"] = "quadratic",
-                      constant: float = 0.2) -> float:
+def curriculum_weight(
+    epoch: int,
+    epochs: int,
+    schedule: Literal["quadratic", "linear", "constant"] = "quadratic",
+    constant: float = 0.2,
+) -> float:
     """Weight of the own-modality expert loss; the fused loss gets ``1 − weight``.
 
     ``quadratic`` is the paper's ``(1 − r)²`` with ``r = epoch / epochs``; ``linear`` is ``1 − r``;
@@ -287,12 +325,14 @@ def _dice_ce(logits: Tensor, target: Tensor) -> Tensor:
 
 def deep_supervised_loss(logits: list[Tensor], target: Tensor) -> Tensor:
     """Σ_i w_i · DiceCE(logits_i, target) over decoder scales."""
-    return sum(w * _dice_ce(lg, target) for w, lg in zip(deep_supervision_weights(len(logits)), logits,
-                                                           strict=True))
+    return sum(
+        w * _dice_ce(lg, target) for w, lg in zip(deep_supervision_weights(len(logits)), logits, strict=True)
+    )
 
 
-def mome_loss(out: MoMEOutput, target: Tensor, modality_idx: Tensor | None, expert_weight: float) -> tuple[
-        Tensor, dict[str, float]]:
+def mome_loss(
+    out: MoMEOutput, target: Tensor, modality_idx: Tensor | None, expert_weight: float
+) -> tuple[Tensor, dict[str, float]]:
     """Curriculum loss ``w·L_expert(own modality) + (1 − w)·L_fused`` (+ router aux loss).
 
     ``modality_idx`` (B,) names each sample's modality for the expert term (training only; the model
