@@ -862,6 +862,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     spec = PreprocSpec.from_dict(meta["preprocessing"])
     cache = _cache(DenseFormerConfig(cache_dir=cache_dir))
     table = _prediction_inputs(inputs)
+    strict = strict or len(table) == 1  # one scan: its own error, one line, nothing written
     dev = _device(device)
     rows, failures = [], []
     pending: list[tuple[dict[str, Any], np.ndarray]] = []
@@ -900,8 +901,8 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
             flush()
     flush()
     if failures and not rows:  # nothing to write: refuse like a single bad input, leave no output
-        raise InputError(f"no scan could be predicted ({len(failures)} failed); first: {failures[0][1]}",
-                         path=inputs, fix="fix the listed file(s)")
+        raise InputError(f"no scan could be predicted ({len(failures)} failed, listed above)", path=inputs,
+                         fix="fix the listed files")
     frame = pd.DataFrame(rows)
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
