@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from reliability_harness import COMMANDS, Outcome, expected, run_case, write_table
+from reliability_harness import COMMANDS, Outcome, expected, run_case, run_inprocess, write_table
 
 FAST_KINDS = (
     "truncated_gz",
@@ -103,3 +103,12 @@ def test_fmri_kinds_refused_by_the_brainmoe_loaders(corpus: dict) -> None:
         with pytest.raises(InputError) as err:
             load(case.path)
         assert case.culprit.name in str(err.value) and "fix:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_predict_single_bad_file(corpus: dict, env) -> None:
+    """One scan given directly (not a manifest): its own one-line error, exit 2, nothing written."""
+    case = corpus["nan_voxels"]
+    out = env.root / "single-predict"
+    rc, _, err = run_inprocess(CMD["denseformer predict"].argv(case.path, env, out))
+    assert rc == 2 and err.count("\n") == 1 and case.culprit.name in err and "fix:" in err
+    assert not out.exists()
