@@ -169,6 +169,17 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     assert cfg["preprocessing"]["spacing"] == [6.0, 6.0, 6.0]
     # stage-1 experts exist for the modalities with training images and were copied into the MoME
     assert cfg["extra"]["experts_loaded"] == ["t1", "flair"]
+    # a stage-1 expert evaluates alone on the cases that have its modality (train cases 0 and 2 have FLAIR)
+    ev = mome.evaluate(
+        run / "experts" / "experts" / "flair",
+        tmp_path / "cohort",
+        tmp_path / "ev",
+        split="train",
+        device="cpu",
+        n_overlays=0,
+    )
+    flair_only = json.loads((ev / "metrics.json").read_text())
+    assert flair_only["n_predictions"] == 2 and set(flair_only["by_modality"]) == {"flair"}
     t1 = tmp_path / "cohort" / "sub-00" / "t1.nii.gz"
     sidecars, failures = mome.segment(
         run / "train" / "model", {"t1": t1}, tmp_path / "m.nii.gz", device="cpu"

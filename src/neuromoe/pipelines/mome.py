@@ -167,15 +167,18 @@ def _cache(cache_dir: str | None) -> Any:
 def _split_cases(
     data: str | Path, cfg: MoMEConfig, spec: Any, splits: Sequence[str]
 ) -> dict[str, list[LesionCase]]:
-    """Preprocessed cases per split (``split`` column, else stratified by lesion type)."""
+    """Preprocessed cases per split (``split`` column, else stratified by lesion type); cases with none of
+    the model's modalities (e.g. DWI-only cases for a T1 expert) are left out."""
     from neuromoe.data.structural import assign_splits
 
     table, source = _resolve_table(data)
     split = assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
+    mods = [m for m in cfg.model.modalities if m in table.columns]
+    usable = table[mods].notna().any(axis=1).to_numpy() if mods else np.zeros(len(table), bool)
     cache = _cache(cfg.cache_dir)
     return {
-        s: load_lesion_cases(table[split == s], spec, cfg.model.modalities, cache, source)
-        if (split == s).any()
+        s: load_lesion_cases(table[(split == s) & usable], spec, cfg.model.modalities, cache, source)
+        if ((split == s) & usable).any()
         else []
         for s in splits
     }
