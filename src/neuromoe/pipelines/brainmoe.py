@@ -38,6 +38,7 @@ from neuromoe.config import load_config, save_config
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.errors import InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.layers.moe import router_z_loss
 from neuromoe.models.brainmoe import BrainMoE, BrainMoEOutput, Expert, JEPAExpert
 
 FAMILY = "brainmoe"
@@ -88,6 +89,7 @@ class ModelSection:
     router_noise: float = 0.5  # noisy top-k in training, so unchosen experts get tried
     dropout: float = 0.1
     unfreeze_experts: bool = False
+    z_coef: float = 0.0  # router z-loss (shared layer): keeps router logits small, so routing stays soft
     sex_weight: float = 0.5
     age_weight: float = 0.5  # on the standardised age (MSE)
 
@@ -514,6 +516,10 @@ def finetune_loss(
         al = F.mse_loss(o["age"][a].float(), (batch["age"][a] - age_stats[0]) / age_stats[1])
         loss = loss + m.age_weight * al
         logs["age_mse"] = float(al.detach())
+    if m.z_coef > 0:
+        z = router_z_loss(out.route.logits)
+        loss = loss + m.z_coef * z
+        logs["router_z"] = float(z.detach())
     return loss, logs
 
 
