@@ -99,7 +99,7 @@ def test_evaluate_reports_brainmoe_and_pooled_baselines(cohort, pretrained, tmp_
     corr = np.asarray(metrics["expert_embedding_correlation"])
     assert corr.shape == (5, 5) and np.allclose(np.diag(corr), 1.0)
     section = json.loads((out / "report" / "section.json").read_text())
-    assert sum(item["kind"] == "figure" for item in section["items"]) == 2
+    assert sum(item["kind"] == "figure" for item in section["items"]) == 3
     assert len(pd.read_csv(out / "predictions.csv")) == metrics["n_scans"]
 
 

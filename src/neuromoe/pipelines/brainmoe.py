@@ -966,14 +966,25 @@ def _add_evaluation(
         [{"metric": k, **{m: _fmt(s[m][k]) for m in s if k in s[m]}} for k in keys],
         "Mean ± std over folds (macro-F1/accuracy: higher is better; age MAE/MSE in years).",
     )
+    from matplotlib.figure import Figure
+
     total = sum(combos.values())
+    top = combos.most_common(10)
+    fig = Figure(figsize=(5.5, 1.2 + 0.35 * len(top)))
+    ax = fig.subplots()
+    ax.barh(range(len(top)), [v / total for _, v in top], color="tab:blue", alpha=0.8)
+    ax.set_yticks(range(len(top)), [k for k, _ in top])
+    ax.invert_yaxis()
+    ax.set(xlabel="share of scans", title="dominant expert combination (router preference)")
+    fig.tight_layout()
+    section.add_figure(fig, "Share of out-of-fold scans routed to each top-k expert combination.")
     section.add_figure(
         bar_chart(
-            {k: v / total for k, v in combos.most_common(10)},
-            title="dominant expert combination (router preference)",
+            metrics["router"]["selected_share"],
+            title="expert selected among the top-k",
             ylabel="share of scans",
         ),
-        "Share of out-of-fold scans routed to each top-k expert combination.",
+        "Per expert: share of out-of-fold scans whose top-k includes it.",
     )
     section.add_figure(
         heatmap(corr, names, names, title="expert-embedding correlation (RSA)", cbar_label="r"),
