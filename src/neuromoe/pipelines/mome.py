@@ -814,8 +814,10 @@ def _segment_case(
     voxel_ml = abs(float(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
     _, n_comp = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 3))
     sidecar: dict[str, Any] = {
-        "inputs": {m: str(paths[m]) for m in ordered},
-        "mask": str(output),
+        "inputs": {
+            m: Path(paths[m]).name for m in ordered
+        },  # names only: outputs never leak directory layout
+        "mask": output.name,
         "shape": list(ref.orig_shape[:3]),
         "lesion_volume_ml": round(float(mask.sum()) * voxel_ml, 4),
         "n_components": int(n_comp),
@@ -831,8 +833,9 @@ def _segment_case(
     save_nifti(mask.astype(np.uint8), output, like=ref, dtype=np.uint8)
     if probabilities:
         prob_in = np.clip(resample_to_grid(prob, pre.affine, ref.data.shape, ref.affine, order=1), 0.0, 1.0)
-        sidecar["probabilities"] = str(_with_suffix(output, "_prob.nii.gz"))
-        save_nifti(prob_in.astype(np.float32), sidecar["probabilities"], like=ref, dtype=np.float32)
+        prob_path = _with_suffix(output, "_prob.nii.gz")
+        save_nifti(prob_in.astype(np.float32), prob_path, like=ref, dtype=np.float32)
+        sidecar["probabilities"] = prob_path.name
     atomic_write_json(_with_suffix(output, ".json"), sidecar)
     return sidecar
 
