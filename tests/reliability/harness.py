@@ -440,6 +440,7 @@ _CELL = {
     "n/a": "·",
     "missing": "not landed",
     "not wired": "not wired",
+    "not run": "not run",
 }
 
 
@@ -457,14 +458,15 @@ def table_markdown(outcomes: list[Outcome], cases: dict[str, Case]) -> str:
             o = cell[(kind, c)]
             row.append(_CELL[o.expected] if o.passed else f"**FAIL** ({o.got})")
         lines.append("| " + " | ".join(row) + " |")
-    checked = [o for o in outcomes if o.expected not in ("n/a", "missing", "not wired")]
+    checked = [o for o in outcomes if o.expected not in ("n/a", "missing", "not wired", "not run")]
     summary = (
         f"\n{len(cases)} kinds ({sum(c.bad for c in cases.values())} bad, "
         f"{sum(not c.bad for c in cases.values())} awkward-but-valid) × {len(commands)} commands: "
         f"{len(checked)} runs checked, {sum(o.passed for o in checked)} as expected, "
         f"{sum(not o.passed for o in checked)} failed; "
         f"{sum(o.expected == 'missing' for o in outcomes) // max(len(cases), 1)} command(s) not landed, "
-        f"{sum(o.expected == 'not wired' for o in outcomes) // max(len(cases), 1)} not wired.\n"
+        f"{sum(o.expected == 'not wired' for o in outcomes) // max(len(cases), 1)} not wired; "
+        f"{sum(o.expected == 'not run' for o in outcomes)} cells not run (time-limited run).\n"
     )
     return "\n".join(lines) + "\n" + summary
 
