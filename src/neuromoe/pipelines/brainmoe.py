@@ -89,6 +89,7 @@ class ModelSection:
     router_noise: float = 0.5  # noisy top-k in training, so unchosen experts get tried
     dropout: float = 0.1
     unfreeze_experts: bool = False
+    router_lr_scale: float = 1.0  # router learning rate = train.lr × this (a slower router saturates later)
     z_coef: float = 0.0  # router z-loss (shared layer): keeps router logits small, so routing stays soft
     sex_weight: float = 0.5
     age_weight: float = 0.5  # on the standardised age (MSE)
@@ -531,6 +532,18 @@ class FinetuneTrainer(Trainer):
     def __init__(self, *args: Any, age_stats: tuple[float, float], msec: ModelSection, **kwargs: Any):
         self.age_stats, self.msec = age_stats, msec
         super().__init__(*args, **kwargs)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The engine's decay/no-decay groups, with the router's parameters at ``router_lr_scale`` × lr."""
+        router = {id(p) for m in (self.model.router_mlp, self.model.router) for p in m.parameters()}
+        groups = []
+        for g in super().param_groups():
+            for is_router in (False, True):
+                params = [p for p in g["params"] if (id(p) in router) == is_router]
+                if params:
+                    scale = self.msec.router_lr_scale if is_router else 1.0
+                    groups.append({**g, "params": params, "lr": self.cfg.lr * scale})
+        return groups
 
     def _forward(self, batch: dict[str, Tensor]) -> BrainMoEOutput:
         return self.model(batch["fc"], batch.get("ts"), batch.get("emb"))
