@@ -4,7 +4,8 @@ This is the smallest end-to-end check that the shared core works on real-looking
 ``MoELayer`` → ``Trainer`` → safe model directory → report section. It reports the validation (and test)
 MAE next to the MAE of predicting the training mean, because a brain-age MAE means nothing without
 that baseline (the spread of the cohort's ages). Scans go through the shared preprocessing
-(:class:`~neuromoe.data.preprocess.PreprocSpec`: RAS, 6 mm voxels, brain crop, z-score, 32³), stored in
+(:class:`~neuromoe.data.preprocess.PreprocSpec`: RAS, 4 mm voxels, brain crop, z-score, 48³ — the
+DenseFormer demo's grid, so one cached pass serves both), stored in
 the model directory like every family's, so the model sees global atrophy (ventricles, overall brain
 size), the dominant age signal.
 """
@@ -39,20 +40,24 @@ AGE = TaskSpec(name="age", type="regression", column="age")
 
 @dataclass
 class CoreDemoConfig:
-    """Knobs of the core demo; the defaults train for ~20–40 s on 2 CPU cores."""
+    """Knobs of the core demo; the defaults train in about a minute on 2 idle CPU cores.
+
+    At 6 mm / 32³ the synthetic age signal (cortical thinning, ventricles) is mostly averaged away and the
+    model only memorised the training set (val MAE 7.9 y vs 8.5 y baseline); at 4 mm / 48³ it learns.
+    """
 
     model: str = "simple_cnn_moe_demo"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = 32
-    spacing: float = 6.0  # mm; 32 voxels of 6 mm hold a whole adult brain
-    epochs: int = 30
+    img_size: int = 48
+    spacing: float = 4.0  # mm; 48 voxels of 4 mm hold a whole adult brain
+    epochs: int = 20
     max_steps: int = 0  # 0 = no limit
     batch_size: int = 8
     lr: float = 3e-3
     weight_decay: float = 1e-4
     warmup_frac: float = 0.05
     grad_clip: float = 1.0
-    precision: str = "fp32"  # or "bf16"
+    precision: str = "bf16"  # about 2x faster than fp32 on AVX-512-bf16 CPUs
     n_bootstrap: int = 500
 
 
