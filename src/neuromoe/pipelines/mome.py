@@ -916,13 +916,19 @@ def segment(
 
 
 def demo(
-    cohort_dir: str | Path, out_dir: str | Path, *, device: str = "auto", seed: int = 0, preset: str = "demo"
+    cohort_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    preset: str = "demo",
+    cache_dir: str | Path | None = None,
 ) -> Path:
     """Stage-1 experts → MoME with the curriculum → test evaluation → report section (``out_dir/report``)."""
     out = Path(out_dir)
     cfg = load_mome_config(preset, seed=seed, device=device)
     if cfg.cache_dir is None:
-        cfg.cache_dir = str(out / "cache")
+        cfg.cache_dir = str(cache_dir or out / "cache")
     pretrain(cohort_dir, out / "experts", cfg)
     train(cohort_dir, out / "train", cfg, experts=out / "experts")
     section = _new_section("MoME (lesions): modality experts → hierarchical gate with curriculum")
