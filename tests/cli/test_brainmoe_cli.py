@@ -5,20 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from neuromoe.cli.brainmoe import VERBS
 from neuromoe.cli.main import main
 from neuromoe.data.synth import synth_cohort
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a loaded 2-core machine spin instead of working."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))

@@ -18,13 +18,7 @@ from neuromoe.models.registry import save_model
 MODS = ["t1", "t2", "flair"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a loaded 2-core machine spin instead of working; one is 10-100× faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

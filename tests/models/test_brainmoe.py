@@ -11,13 +11,7 @@ from neuromoe.models.brainmoe import BrainMoE, JEPAExpert
 M = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a loaded 2-core machine spin instead of working."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fc(b: int, seed: int = 0) -> torch.Tensor:

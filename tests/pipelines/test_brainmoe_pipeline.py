@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from neuromoe.data.synth import synth_cohort
 from neuromoe.errors import InputError
@@ -17,13 +16,7 @@ from neuromoe.pipelines import brainmoe as bm
 N_ROIS = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on a loaded 2-core machine spin instead of working."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ from neuromoe.data.lesion import LesionPatchDataset, sample_patch
 from neuromoe.models import create_model
 from neuromoe.models.mome import mome_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a loaded 2-core machine spin instead of working; one is 10-100× faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cases(n: int = 3, shape=(24, 24, 24)) -> list[dict]:
