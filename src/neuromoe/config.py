@@ -185,6 +185,26 @@ def load_config(
     return from_dict(cls, data)
 
 
+def load_family_config(
+    cls: type[T],
+    family: str,
+    preset: str | Path | None = "demo",
+    overrides: list[str] | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+) -> T:
+    """A family config (with ``seed``, ``pretrain`` and ``train`` sections): preset ← ``--set`` overrides ←
+    ``--seed``/``--device``, which also reach both training configs so one flag sets every stage."""
+    cfg = load_config(cls, family, preset, overrides)
+    if seed is not None:
+        cfg.seed = seed  # type: ignore[attr-defined]
+    for tc in (cfg.pretrain, cfg.train):  # type: ignore[attr-defined]
+        tc.seed = cfg.seed  # type: ignore[attr-defined]
+        if device is not None:
+            tc.device = device
+    return cfg
+
+
 def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml") -> Path:
     path = Path(run_dir) / name
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from neuromoe.config import load_config, save_config
+from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.errors import InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json
@@ -120,14 +120,7 @@ def load_brainmoe_config(
     device: str | None = None,
 ) -> BrainMoEConfig:
     """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs)."""
-    cfg = load_config(BrainMoEConfig, FAMILY, preset, overrides)
-    if seed is not None:
-        cfg.seed = seed
-    for tc in (cfg.pretrain, cfg.train):
-        tc.seed = cfg.seed
-        if device is not None:
-            tc.device = device
-    return cfg
+    return load_family_config(BrainMoEConfig, FAMILY, preset, overrides, seed, device)
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neuromoe.config import load_config, save_config, to_dict
+from neuromoe.config import load_family_config, save_config, to_dict
 from neuromoe.data.structural import MISSING_CLASS, StructuralDataset, TaskSpec, assign_splits, load_t1
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.errors import InputError, ModelFormatError
@@ -123,14 +123,7 @@ class DenseFormerConfig:
 def load_denseformer_config(preset: str | Path | None = "demo", overrides: list[str] | None = None,
                             seed: int | None = None, device: str | None = None) -> DenseFormerConfig:
     """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs)."""
-    cfg = load_config(DenseFormerConfig, FAMILY, preset, overrides)
-    if seed is not None:
-        cfg.seed = seed
-    for tc in (cfg.pretrain, cfg.train):
-        tc.seed = cfg.seed
-        if device is not None:
-            tc.device = device
-    return cfg
+    return load_family_config(DenseFormerConfig, FAMILY, preset, overrides, seed, device)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -948,12 +941,12 @@ def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec
 
 
 def demo(cohort_dir: str | Path, out_dir: str | Path, *, device: str = "auto", seed: int = 0,
-         preset: str = "demo") -> Path:
+         preset: str | Path = "demo", cache_dir: str | Path | None = None) -> Path:
     """MAE pretraining → multi-task fine-tuning → test evaluation → report section (``out_dir/report``)."""
     out = Path(out_dir)
     cfg = load_denseformer_config(preset, seed=seed, device=device)
     if cfg.cache_dir is None:
-        cfg.cache_dir = str(out / "cache")
+        cfg.cache_dir = str(cache_dir or out / "cache")
     pretrain(cohort_dir, out / "pretrain", cfg)
     cfg.finetune.pretrained = str(out / "pretrain" / "model")
     train(cohort_dir, out / "train", cfg)

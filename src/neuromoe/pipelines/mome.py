@@ -30,7 +30,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
-from neuromoe.config import load_config, save_config
+from neuromoe.config import load_family_config, save_config
 from neuromoe.data.lesion import LesionCase, LesionPatchDataset, load_lesion_cases
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.engine.utils import resolve_device
@@ -120,14 +120,7 @@ def load_mome_config(
     device: str | None = None,
 ) -> MoMEConfig:
     """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs)."""
-    cfg = load_config(MoMEConfig, FAMILY, preset, overrides)
-    if seed is not None:
-        cfg.seed = seed
-    for tc in (cfg.pretrain, cfg.train):
-        tc.seed = cfg.seed
-        if device is not None:
-            tc.device = device
-    return cfg
+    return load_family_config(MoMEConfig, FAMILY, preset, overrides, seed, device)
 
 
 # --------------------------------------------------------------------------------------------- data
