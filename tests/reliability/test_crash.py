@@ -105,17 +105,20 @@ def run_to_end(run_dir: Path, resume: bool, fresh: bool) -> None:
 
 
 def run_and_kill(run_dir: Path, resume: bool, fresh: bool, step: int, rng: random.Random) -> None:
-    """Follow the run until it announces ``step``, wait 0–30 ms (inside a checkpoint write, often), SIGKILL."""
+    """Follow the run until it announces ``step`` (or a later one: a resumed run may start past it when the
+    previous kill landed after a later checkpoint), wait 0–30 ms (inside a checkpoint write, often), SIGKILL."""
     run = Run(run_dir, resume, fresh)
     try:
         for line in run.lines():
-            if line == f"step {step}":
+            if line.startswith("step ") and int(line.split()[1]) >= step:
                 time.sleep(rng.uniform(0.0, 0.03))
                 os.kill(run.pid, signal.SIGKILL)
                 break
-        else:
-            pytest.fail(f"training ended before step {step}")
-        assert run.wait() == -signal.SIGKILL
+        else:  # an earlier kill landed after the run's last step: nothing left to interrupt
+            assert run.wait() == 0
+            return
+        # 0: on a fast machine the last steps and the final save can finish inside the 0–30 ms wait
+        assert run.wait() in (-signal.SIGKILL, 0)
     finally:
         run.close()
 

@@ -251,7 +251,9 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=self.global_step, desc="train", dynamic_ncols=True)
-        stop = self.global_step >= total
+        # A run killed after its last optimiser step but before that epoch's validation and final
+        # checkpoint resumes at (epoch, batch=end): it must still validate, not stop at once.
+        stop = self.global_step >= total and skip == 0
         for epoch in range(start_epoch, cfg.epochs):
             if stop:
                 break
@@ -302,6 +304,7 @@ class Trainer:
                 if self.global_step >= total:
                     stop = True
                     break
+            stop = stop or self.global_step >= total
             if self.val_set is not None and ((epoch + 1) % cfg.val_every == 0 or stop or epoch + 1 == cfg.epochs):
                 metrics = self.validate()
                 if cfg.monitor not in metrics:

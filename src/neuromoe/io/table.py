@@ -143,3 +143,25 @@ def validate_table(df: pd.DataFrame, *, roles: Sequence[str] = ("t1",), labels: 
         if check_grids and len({str(g) for g in grids.values()}) > 1:
             raise InputError(f"subject {row['subject']}: modalities on different grids {grids}", path=src,
                              fix="co-register/resample all modalities of a subject onto one grid")
+
+
+def cohort_source(data: str | Path, kind: str) -> Path:
+    """``data`` as given, or the ``manifests/<kind>.csv`` of a cohort folder made by ``neuromoe synth``."""
+    data = Path(data)
+    if data.is_dir() and (data / "manifests" / f"{kind}.csv").is_file():
+        data = data / "manifests" / f"{kind}.csv"
+    if not data.exists():
+        raise InputError("data not found", path=data, fix="pass a cohort folder, a manifest CSV/TSV or a BIDS folder")
+    return data
+
+
+def load_role_table(data: str | Path, kind: str, role: str, what: str) -> tuple[pd.DataFrame, str]:
+    """The subjects of a cohort/manifest/BIDS source that have a ``role`` file (e.g. T1 images, lesion masks)."""
+    source = cohort_source(data, kind)
+    table = load_table(source)
+    if role not in table.columns or table[role].isna().all():
+        raise InputError(f"no {what} (no '{role}' column)", path=source, fix=f"point --data at a {kind} manifest")
+    table = table[table[role].notna() & (table[role].astype(str).str.len() > 0)].reset_index(drop=True)
+    if table.empty:
+        raise InputError(f"no subjects with {what}", path=source)
+    return table, str(source)

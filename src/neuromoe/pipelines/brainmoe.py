@@ -129,14 +129,9 @@ def load_brainmoe_config(
 def load_scans(data: str | Path) -> pd.DataFrame:
     """Scan table (one row per run) from a cohort folder, a manifest or a BIDS folder."""
     from neuromoe.data.fmri import fmri_table
+    from neuromoe.io.table import cohort_source
 
-    data = Path(data)
-    if data.is_dir() and (data / "manifests" / "fmri.csv").is_file():
-        data = data / "manifests" / "fmri.csv"
-    if not data.exists():
-        raise InputError(
-            "data not found", path=data, fix="pass a cohort folder, a manifest CSV/TSV or a BIDS folder"
-        )
+    data = cohort_source(data, "fmri")
     table = fmri_table(data)
     if table.empty:
         raise InputError(

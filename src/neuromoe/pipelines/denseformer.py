@@ -130,20 +130,9 @@ def load_denseformer_config(preset: str | Path | None = "demo", overrides: list[
 
 
 def _resolve_table(data: str | Path) -> tuple[pd.DataFrame, str]:
-    from neuromoe.io.table import load_table
+    from neuromoe.io.table import load_role_table
 
-    data = Path(data)
-    if data.is_dir() and (data / "manifests" / "structural.csv").is_file():
-        data = data / "manifests" / "structural.csv"
-    if not data.exists():
-        raise InputError("data not found", path=data, fix="pass a cohort folder, a manifest CSV/TSV or a BIDS folder")
-    table = load_table(data)
-    if "t1" not in table.columns:
-        raise InputError("no T1 images (no 't1' column)", path=data, fix="point --data at a structural manifest")
-    table = table[table["t1"].notna() & (table["t1"].astype(str).str.len() > 0)].reset_index(drop=True)
-    if table.empty:
-        raise InputError("no subjects with a T1 image", path=data)
-    return table, str(data)
+    return load_role_table(data, "structural", "t1", "T1 images")
 
 
 def _require_labels(table: pd.DataFrame, source: str) -> None:

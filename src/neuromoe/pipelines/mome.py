@@ -127,21 +127,9 @@ def load_mome_config(
 
 
 def _resolve_table(data: str | Path) -> tuple[pd.DataFrame, str]:
-    from neuromoe.io.table import load_table
+    from neuromoe.io.table import load_role_table
 
-    data = Path(data)
-    if data.is_dir() and (data / "manifests" / "lesion.csv").is_file():
-        data = data / "manifests" / "lesion.csv"
-    if not data.exists():
-        raise InputError(
-            "data not found", path=data, fix="pass a cohort folder, a manifest CSV/TSV or a BIDS folder"
-        )
-    table = load_table(data)
-    if "mask" not in table.columns or table["mask"].isna().all():
-        raise InputError(
-            "no lesion masks (no 'mask' column)", path=data, fix="point --data at a lesion manifest"
-        )
-    return table[table["mask"].notna()].reset_index(drop=True), str(data)
+    return load_role_table(data, "lesion", "mask", "lesion masks")
 
 
 def _spec(cfg: MoMEConfig) -> Any:
