@@ -201,7 +201,7 @@ class Trainer:
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = flat[offset:offset + n].view_as(p)  # views into one buffer, as DDP's bucket views
             offset += n
 
     def _broadcast(self, tensors: list[Tensor]) -> None:
