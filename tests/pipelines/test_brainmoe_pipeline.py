@@ -58,7 +58,8 @@ def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
     assert meta["label_maps"]["phenotype"] == ["control", "patient"]
     assert model.freeze_experts and len(model.experts) == 5
 
-    frame = bm.predict(run / "model", cohort, tmp_path / "pred.csv")
+    frame, failures = bm.predict(run / "model", cohort, tmp_path / "pred.csv")
+    assert failures == [] and not (tmp_path / "pred_failures.csv").exists()
     saved = pd.read_csv(tmp_path / "pred.csv")
     assert len(saved) == len(frame) == len(bm.load_scans(cohort))
     probs = saved[["phenotype_p_control", "phenotype_p_patient"]].to_numpy()
@@ -67,13 +68,13 @@ def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
     assert all(len(t.split()) == 2 for t in saved["top_experts"])
 
     one = sorted(cohort.glob("sub-*/func/*_timeseries.npy"))[0]
-    single = bm.predict(run / "model", one, tmp_path / "one.csv")
+    single, _ = bm.predict(run / "model", one, tmp_path / "one.csv")
     assert len(single) == 1
 
-    csv = bm.embed(run / "model", cohort / "manifests" / "fmri.csv", tmp_path / "emb.csv")
+    csv, _ = bm.embed(run / "model", cohort / "manifests" / "fmri.csv", tmp_path / "emb.csv")
     emb = pd.read_csv(csv)
     assert list(emb.columns[:2]) == ["subject", "state"] and emb.shape[1] == 2 + model.dim
-    npy = bm.embed(pretrained / "experts" / "rest", cohort, tmp_path / "emb.npy")
+    npy, _ = bm.embed(pretrained / "experts" / "rest", cohort, tmp_path / "emb.npy")
     arr = np.load(npy)
     ids = pd.read_csv(tmp_path / "emb_subjects.csv")
     assert arr.shape == (len(ids), model.dim) and np.isfinite(arr).all()
@@ -110,6 +111,26 @@ def test_single_state_pretraining_of_the_other_expert_kinds(cohort, tmp_path, ki
         bm.pretrain(cohort, out, _cfg(), states=["wm"], pooled=False)
 
 
+def test_batch_modes_skip_bad_scans_and_list_them(cohort, pretrained, tmp_path):
+    """One bad scan in a manifest: the others are predicted/embedded, the bad one lands in a failures table."""
+    table = bm.load_scans(cohort)  # absolute paths
+    np.save(tmp_path / "nan.npy", np.full((48, N_ROIS), np.nan, np.float32))
+    table.loc[0, "timeseries"] = str(tmp_path / "nan.npy")
+    table.loc[1, "timeseries"] = str(tmp_path / "gone.npy")
+    table.to_csv(tmp_path / "m.csv", index=False)
+    expert = pretrained / "experts" / "rest"
+    out, failures = bm.embed(expert, tmp_path / "m.csv", tmp_path / "emb.csv")
+    assert len(pd.read_csv(out)) == len(table) - 2
+    listed = pd.read_csv(tmp_path / "emb_failures.csv")
+    assert list(listed["subject"]) == [str(table.loc[i, "subject"]) for i in (0, 1)] == [f["subject"] for f in failures]
+    assert "nan.npy" in listed["error"][0] and "gone.npy" in listed["error"][1]
+    bad = table.iloc[:2].copy()
+    bad.to_csv(tmp_path / "all_bad.csv", index=False)
+    with pytest.raises(InputError, match="no scan could be embedded"):
+        bm.embed(expert, tmp_path / "all_bad.csv", tmp_path / "none.csv")
+    assert not (tmp_path / "none.csv").exists()
+
+
 def test_bad_inputs_are_input_errors(cohort, pretrained, tmp_path):
     with pytest.raises(InputError, match="not found"):
         bm.pretrain(tmp_path / "missing", tmp_path / "x", _cfg())
@@ -117,6 +138,12 @@ def test_bad_inputs_are_input_errors(cohort, pretrained, tmp_path):
         bm.pretrain(cohort, tmp_path / "x", _cfg(), states=["sleep"])
     with pytest.raises(InputError, match=r"experts\.json"):
         bm.train(cohort, tmp_path / "y", _cfg(), experts=tmp_path)
+    table = bm.load_scans(cohort)
+    table["age"] = table["age"].astype(object)
+    table.loc[table["phenotype"].notna().idxmax(), "age"] = "old"
+    table.to_csv(tmp_path / "bad_age.csv", index=False)
+    with pytest.raises(InputError, match="'old' is not a number"):
+        bm.train(tmp_path / "bad_age.csv", tmp_path / "w", _cfg(), experts=pretrained)
     with pytest.raises(InputError, match="JEPA expert needs at least"):
         bm.pretrain(cohort, tmp_path / "z", _cfg(expert__kind="jepa", expert__n_windows=20), states=["rest"])
 
@@ -140,6 +167,6 @@ def test_real_headers_go_through_extraction_fc_and_embed_or_are_refused(tmp_path
     with pytest.raises(InputError, match="too short"):
         bm.embed(tmp_path / "expert", os.path.join(data_path, "example4d.nii.gz"), tmp_path / "e.csv")
     np.save(tmp_path / "functional.npy", ts[:, valid])
-    out = bm.embed(tmp_path / "expert", tmp_path / "functional.npy", tmp_path / "emb.csv")
+    out, _ = bm.embed(tmp_path / "expert", tmp_path / "functional.npy", tmp_path / "emb.csv")
     emb = pd.read_csv(out)
     assert emb.shape == (1, 1 + expert.dim) and np.isfinite(emb.iloc[0, 1:].to_numpy(float)).all()

@@ -70,16 +70,19 @@ def run(verb: str, args: argparse.Namespace) -> int:
     from neuromoe.pipelines import brainmoe as pipe
 
     if verb == "predict":
-        frame = pipe.predict(args.model, args.input, args.output)
-        print(f"wrote {len(frame)} predictions to {args.output}", file=sys.stderr)
-        return 0
+        frame, failures = pipe.predict(args.model, args.input, args.output)
+        print(f"wrote {len(frame)} predictions to {args.output}; {len(failures)} failed", file=sys.stderr)
+        return 1 if failures else 0
     if verb == "embed":
         if Path(args.out).suffix.lower() not in (".csv", ".npy"):
             raise InputError(
                 "output must end in .csv or .npy", path=args.out, fix="e.g. --out embeddings.csv"
             )
-        print(pipe.embed(args.model, args.data, args.out))
-        return 0
+        out, failures = pipe.embed(args.model, args.data, args.out)
+        print(out)
+        if failures:
+            print(f"{len(failures)} scan(s) failed, listed in {out.stem}_failures.csv", file=sys.stderr)
+        return 1 if failures else 0
     cfg = pipe.load_brainmoe_config(args.config or "demo", args.overrides, seed=args.seed, device=args.device)
     if getattr(args, "unfreeze_experts", False):
         cfg.model.unfreeze_experts = True

@@ -262,13 +262,14 @@ def extract_timeseries(
     return (out, valid) if return_mask else out
 
 
-def fmri_table(source: str | Path) -> pd.DataFrame:
+def fmri_table(source: str | Path, *, check_files: bool = True) -> pd.DataFrame:
     """One row per scan (subject, session?, state, timeseries and/or bold as absolute paths, labels…).
 
     ``source`` is a manifest CSV/TSV or a BIDS folder (``func/sub-*_task-<state>_{bold.nii.gz,
     timeseries.npy|tsv}``; the ``task-`` entity is the cognitive state; labels from participants.tsv).
     ``state`` is missing (NaN) where a manifest does not give it. A ``neuromoe synth`` cohort folder is
     read through its ``manifests/fmri.csv``, which carries the labels (phenotype, split, ...).
+    ``check_files=False`` leaves missing files to the per-scan loaders (batch modes skip and list them).
     """
     source = Path(source)
     if source.is_dir() and (source / "manifests" / "fmri.csv").is_file():
@@ -307,7 +308,7 @@ def fmri_table(source: str | Path) -> pd.DataFrame:
             path=src,
             fix="keep one row per subject/session/state (or add a run column)",
         )
-    for _, row in df.iterrows():
+    for _, row in df.iterrows() if check_files else ():
         for role in roles:
             p = row[role]
             if isinstance(p, str) and not Path(p).exists():

@@ -477,11 +477,17 @@ def _downstream(
     sex = table["sex"].fillna("").astype(str) if "sex" in table.columns else pd.Series([""] * len(table))
     sex_classes = sex_classes if sex_classes is not None else sorted(v for v in sex.unique() if v)
     tensors["sex"] = torch.tensor([sex_classes.index(v) if v in sex_classes else -1 for v in sex])
-    age = (
-        pd.to_numeric(table["age"], errors="coerce")
-        if "age" in table.columns
-        else pd.Series(np.nan, index=table.index)
-    )
+    age = pd.Series(np.nan, index=table.index)
+    if "age" in table.columns:
+        age = pd.to_numeric(table["age"], errors="coerce")
+        text = table["age"].fillna("").astype(str).str.strip()
+        bad = age.isna() & text.ne("")
+        if bad.any():
+            raise InputError(
+                f"subject {table.loc[bad, 'subject'].iloc[0]}: age {text[bad].iloc[0]!r} is not a number",
+                path=table.attrs.get("source", data),
+                fix="write the age in years or leave the cell empty",
+            )
     tensors["age"] = torch.tensor(age.to_numpy(dtype=np.float32))
     return Downstream(table, ScanSet(tensors), classes, sex_classes, bool(np.isfinite(age).sum() >= 3))
 
@@ -1010,7 +1016,10 @@ def _load_moe(model_dir: str | Path) -> tuple[BrainMoE | Expert, dict[str, Any]]
 
 
 def _input_scans(source: str | Path) -> pd.DataFrame:
-    """Scan table from one series file or 4D BOLD NIfTI, a folder of series, a manifest, a BIDS or cohort folder."""
+    """Scan table from one series file or 4D BOLD NIfTI, a folder of series, a manifest, a BIDS or cohort folder.
+
+    Missing files are not refused here: in batch mode they are per-scan failures like any other bad file.
+    """
     from neuromoe.data.fmri import fmri_table
 
     source = Path(source)
@@ -1034,7 +1043,7 @@ def _input_scans(source: str | Path) -> pd.DataFrame:
         raise InputError(
             "input not found", path=source, fix="pass a time-series file, folder, manifest or BIDS folder"
         )
-    return fmri_table(source)
+    return fmri_table(source, check_files=False)
 
 
 def _is_manifest(path: Path) -> bool:
@@ -1044,18 +1053,63 @@ def _is_manifest(path: Path) -> bool:
     return bool(head) and "subject" in head[0]
 
 
-def _scans_for(model: BrainMoE | Expert, meta: dict[str, Any], table: pd.DataFrame, where: Any) -> ScanSet:
+def _scan_file(row: pd.Series) -> str:
+    for role in ("timeseries", "bold"):
+        if isinstance(row.get(role), str) and row.get(role):
+            return str(row[role])
+    return ""
+
+
+def _batch_scans(
+    meta: dict[str, Any], table: pd.DataFrame, where: Any, what: str
+) -> tuple[ScanSet, pd.DataFrame, list[dict[str, str]]]:
+    """Model inputs of every scan that loads; a scan that does not is skipped and reported, so one bad file
+    never stops a batch. One scan (``len(table) == 1``) raises its own error; all failing raises."""
+    from neuromoe.data.fmri import scan_timeseries
+
     spec = FCSpec(**meta["extra"]["fc"])
-    ts = _timeseries(table)
-    _check_rois(ts, spec, where)
-    tensors = {"fc": torch.from_numpy(_fc(ts, spec))}
+    series, kept, failures = [], [], []
+    for i, row in table.iterrows():
+        file = _scan_file(row)
+        try:
+            x = scan_timeseries(row)
+            _check_rois([x], spec, file or where)
+            if spec.n_timepoints:
+                _crop([x], spec.n_timepoints, file or where)
+        except Exception as exc:
+            if len(table) == 1:
+                raise
+            msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+            failures.append({"subject": str(row["subject"]), "file": file, "error": msg})
+            print(f"neuromoe: skipped {row['subject']}: {msg}", file=sys.stderr)
+            continue
+        series.append(x)
+        kept.append(i)
+    if not series:
+        raise InputError(
+            f"no scan could be {what} ({len(failures)} failed, listed above)", path=where, fix="fix the listed files"
+        )
+    tensors = {"fc": torch.from_numpy(_fc(series, spec))}
     if spec.n_timepoints:
-        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, where))
-    return ScanSet(tensors)
+        tensors["ts"] = torch.from_numpy(_crop(series, spec.n_timepoints, where))
+    return ScanSet(tensors), table.loc[kept].reset_index(drop=True), failures
 
 
-def predict(model_dir: str | Path, inputs: str | Path, output: str | Path) -> pd.DataFrame:
-    """Per scan: phenotype class + probabilities, sex, age, top experts with router weights → CSV."""
+def _write_failures(output: str | Path, failures: list[dict[str, str]]) -> None:
+    """``<output stem>_failures.csv`` next to the output: what to fix before re-running those scans."""
+    if failures:
+        out = Path(output)
+        with atomic_path(out.with_name(f"{out.name.split('.')[0]}_failures.csv")) as tmp:
+            pd.DataFrame(failures).to_csv(tmp, index=False)
+
+
+def predict(
+    model_dir: str | Path, inputs: str | Path, output: str | Path
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Per scan: phenotype class + probabilities, sex, age, top experts with router weights → CSV.
+
+    Returns ``(table, failures)``; failed scans are listed in ``<output>_failures.csv``.
+    """
     model, meta = _load_moe(model_dir)
     if not isinstance(model, BrainMoE):
         raise ModelFormatError(
@@ -1063,8 +1117,8 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path) -> pd
             path=model_dir,
             fix="pass RUN/model from 'neuromoe train --family brainmoe'",
         )
-    table = _input_scans(inputs)
-    res = _run_moe(model, _scans_for(model, meta, table, inputs), meta["extra"]["age_stats"])
+    scans, table, failures = _batch_scans(meta, _input_scans(inputs), inputs, "predicted")
+    res = _run_moe(model, scans, meta["extra"]["age_stats"])
     names, lm = meta["extra"]["experts"], meta["label_maps"]
     frame = pd.DataFrame({"subject": table["subject"].astype(str).to_numpy()})
     if "state" in table.columns:
@@ -1081,18 +1135,20 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path) -> pd
     frame["top_weights"] = [" ".join(f"{w:.3f}" for w in row) for row in res["topk_w"]]
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
-    return frame
+    _write_failures(output, failures)
+    return frame, failures
 
 
-def embed(model_dir: str | Path, data: str | Path, out: str | Path) -> Path:
+def embed(
+    model_dir: str | Path, data: str | Path, out: str | Path
+) -> tuple[Path, list[dict[str, str]]]:
     """Joint embeddings (router-weighted top-k expert embeddings; or one expert's embedding) per scan.
 
     ``out`` ending in ``.npy`` writes the (N, D) array plus ``<stem>_subjects.csv``; otherwise a CSV with
-    subject (state) and ``e0..e{D-1}`` columns.
+    subject (state) and ``e0..e{D-1}`` columns. Returns ``(out, failures)`` like :func:`predict`.
     """
     model, meta = _load_moe(model_dir)
-    table = _input_scans(data)
-    scans = _scans_for(model, meta, table, data)
+    scans, table, failures = _batch_scans(meta, _input_scans(data), data, "embedded")
     if isinstance(model, BrainMoE):
         vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]
     else:
@@ -1112,7 +1168,8 @@ def embed(model_dir: str | Path, data: str | Path, out: str | Path) -> Path:
         )
         with atomic_path(out) as tmp:
             frame.to_csv(tmp, index=False)
-    return out
+    _write_failures(out, failures)
+    return out, failures
 
 
 # ----------------------------------------------------------------------------------------------- demo
