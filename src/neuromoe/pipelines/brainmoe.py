@@ -181,12 +181,14 @@ def _fc(ts: list[np.ndarray], spec: FCSpec) -> np.ndarray:
     )
 
 
-def _check_rois(ts: list[np.ndarray], spec: FCSpec, where: Any) -> None:
+def _check_rois(ts: list[np.ndarray], spec: FCSpec, where: Any, table: pd.DataFrame | None = None) -> None:
+    """All scans have the model's ROI count; the message names the first offending scan's file (from
+    ``table``'s rows, aligned with ``ts``) or else ``where``."""
     bad = [i for i, x in enumerate(ts) if x.shape[1] != spec.n_rois]
     if bad:
         raise InputError(
             f"scan has {ts[bad[0]].shape[1]} ROIs, the model expects {spec.n_rois}",
-            path=where,
+            path=(_scan_file(table.iloc[bad[0]]) if table is not None else "") or where,
             fix="extract ROI signals with the atlas the model was trained on",
         )
 
@@ -335,7 +337,7 @@ def pretrain(
     spec = FCSpec(cfg.data.fc_kind, cfg.data.fisher_z, n_rois)
     if cfg.expert.kind == "jepa":
         spec.n_timepoints = cfg.expert.window * cfg.expert.n_windows
-    _check_rois(ts, spec, data)
+    _check_rois(ts, spec, data, table)
     if spec.kind == "tangent":
         from neuromoe.data.connectivity import tangent_reference
 
@@ -464,7 +466,7 @@ def _downstream(
             f"no scans with a '{col}' label", path=data, fix="set data.phenotype to the label column"
         )
     ts = _timeseries(table)
-    _check_rois(ts, spec, data)
+    _check_rois(ts, spec, data, table)
     tensors = {"fc": torch.from_numpy(_fc(ts, spec))}
     if spec.n_timepoints:
         tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data))
