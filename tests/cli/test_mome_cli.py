@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -74,6 +76,28 @@ def mni(tmp_path_factory) -> str:
     )
 
 
+@pytest.fixture(scope="module")
+def far(anatomical, tmp_path_factory) -> str:
+    """The anatomical image moved 400 mm away: a FLAIR that is not co-registered with the T1."""
+    img = nib.load(anatomical)
+    aff = img.affine.copy()
+    aff[:3, 3] += 400
+    path = tmp_path_factory.mktemp("in") / "anat_far.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), aff), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def coarse(anatomical, tmp_path_factory) -> str:
+    """The anatomical image on a 2× coarser grid in the same world space (co-registered, other resolution)."""
+    img = nib.load(anatomical)
+    aff = img.affine.copy()
+    aff[:3, :3] *= 2
+    path = tmp_path_factory.mktemp("in") / "anat_coarse.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32)[::2, ::2, ::2], aff), str(path))
+    return str(path)
+
+
 @pytest.mark.parametrize("which", ["anatomical", "mni"])
 def test_segment_writes_mask_on_the_exact_input_grid(
     which, model_dir, anatomical, mni, tmp_path, capsys
@@ -116,29 +140,29 @@ def test_segment_writes_mask_on_the_exact_input_grid(
     assert side["n_components"] >= 0
 
 
-def test_mismatched_grids_exit_2_with_one_line_and_no_output(
-    model_dir, anatomical, mni, tmp_path, capsys
+def _segment_pair(model_dir: str, t1: str, flair: str, out) -> int:
+    return main(["segment", "--model", model_dir, "--t1", t1, "--flair", flair, "--output", str(out),
+                 "--device", "cpu"])
+
+
+def test_not_coregistered_modalities_exit_2_with_one_line_and_no_output(
+    model_dir, anatomical, far, tmp_path, capsys
 ) -> None:
-    out = tmp_path / "mask.nii.gz"
-    rc = main(
-        [
-            "segment",
-            "--model",
-            model_dir,
-            "--t1",
-            anatomical,
-            "--flair",
-            mni,
-            "--output",
-            str(out),
-            "--device",
-            "cpu",
-        ]
-    )
+    rc = _segment_pair(model_dir, anatomical, far, tmp_path / "mask.nii.gz")
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert len(err.splitlines()) == 1 and "anat_lps_oblique" in err and "mni.nii.gz" in err
+    assert len(err.splitlines()) == 1 and "anat_far.nii.gz" in err and "co-register" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_coregistered_modality_on_another_grid_is_resampled(
+    model_dir, anatomical, coarse, tmp_path, capsys
+) -> None:
+    out = tmp_path / "mask.nii.gz"
+    assert _segment_pair(model_dir, anatomical, coarse, out) == 0, capsys.readouterr().err
+    ref, mask = nib.load(anatomical), nib.load(str(out))
+    assert mask.shape == ref.shape
+    np.testing.assert_allclose(mask.affine, ref.affine, atol=1e-6)
 
 
 def test_unknown_modality_and_missing_inputs_are_clean_errors(
@@ -151,14 +175,26 @@ def test_unknown_modality_and_missing_inputs_are_clean_errors(
     assert not any(tmp_path.iterdir())
 
 
+def test_single_corrupt_file_exit_2_names_it_and_writes_nothing(model_dir, anatomical, tmp_path, capsys) -> None:
+    """One scan given directly (not a manifest): a truncated gzip gets its own one-line error."""
+    bad = tmp_path / "in" / "truncated_T1w.nii.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(gzip.compress(Path(anatomical).read_bytes())[:2000])
+    out = tmp_path / "out" / "mask.nii.gz"
+    rc = main(["segment", "--model", model_dir, "--t1", str(bad), "--output", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "truncated_T1w.nii.gz" in err and "fix:" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_batch_mode_finishes_good_cases_and_lists_failures(
-    model_dir, anatomical, mni, tmp_path, capsys
+    model_dir, anatomical, mni, far, tmp_path, capsys
 ) -> None:
     manifest = tmp_path / "cases.csv"
     manifest.write_text(
         "subject,t1,flair\n"
         f"good1,{anatomical},{anatomical}\n"
-        f"bad,{anatomical},{mni}\n"
+        f"bad,{anatomical},{far}\n"
         f"good2,{mni},\n"
         f"missing,{tmp_path / 'nope.nii.gz'},\n"
     )

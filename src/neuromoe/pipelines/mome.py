@@ -725,23 +725,6 @@ def _overlay_figure(
 # ------------------------------------------------------------------------------------------- segment
 
 
-def _check_grids(images: dict[str, Any]) -> None:
-    """All inputs of one case must share one voxel grid (shape and affine)."""
-    names = list(images)
-    ref = images[names[0]]
-    for m in names[1:]:
-        img = images[m]
-        if img.orig_shape[:3] != ref.orig_shape[:3] or not np.allclose(
-            img.orig_affine, ref.orig_affine, atol=1e-3
-        ):
-            raise InputError(
-                f"{m} grid {img.orig_shape[:3]} does not match the {names[0]} grid "
-                f"{ref.orig_shape[:3]} of {ref.path} (shape or affine differ)",
-                path=img.path,
-                fix="co-register/resample all modalities of a case onto one grid",
-            )
-
-
 def _segment_case(
     model: nn.Module,
     meta: dict[str, Any],
@@ -768,8 +751,7 @@ def _segment_case(
             f"model has no expert for {unknown}", path=paths[unknown[0]], fix=f"give images of {mods}"
         )
     ordered = [m for m in mods if m in paths]
-    images = {m: load_nifti(paths[m]) for m in ordered}
-    _check_grids(images)
+    images = {m: load_nifti(paths[m]) for m in ordered}  # other grids: resampled, or refused if not co-registered
     ref = images[ordered[0]]
     pre = preprocess_image(images, PreprocSpec.from_dict(meta["preprocessing"]))
     arrays = dict(zip(ordered, pre.data, strict=True))
