@@ -22,7 +22,7 @@ SHAPE = (20, 24, 20)
 @dataclass(frozen=True)
 class Case:
     kind: str
-    role: str  # "image" | "bold" | "timeseries" | "manifest" | "bids" | "folder"
+    role: str  # "image" | "bold" | "timeseries" | "manifest" | "bids" | "folder" | "fmri_manifest" | "fmri_bids"
     path: Path
     bad: bool
     culprit: Path  # the file a good error message must name
@@ -466,6 +466,114 @@ def k_empty_folder(root: Path) -> Case:
     d = root / "empty_folder"
     d.mkdir(parents=True)
     return Case("empty_folder", "folder", d, True, d)
+
+
+# --- fMRI manifests and BIDS (the BrainMoE commands' own inputs) -----------------------------------------------
+
+N_ROIS, N_TR = 10, 40
+
+
+def _series(path: Path, seed: int, shape: tuple[int, int] = (N_TR, N_ROIS)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        np.save(path, np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+    return path
+
+
+def fmri_rows(root: Path) -> list[dict[str, object]]:
+    """A small valid fMRI cohort under ``root``: 6 pretraining subjects × (rest, wm) and 8 labelled
+    downstream subjects scanned in wm (ROI series of N_TR × N_ROIS)."""
+    rows: list[dict[str, object]] = []
+    for i in range(6):
+        for j, state in enumerate(("rest", "wm")):
+            f = _series(root / f"sub-p{i}" / f"sub-p{i}_task-{state}_timeseries.npy", 100 * i + j)
+            rows.append(
+                {"subject": f"sub-p{i}", "state": state, "timeseries": str(f), "cohort": "pretrain",
+                 "phenotype": "", "sex": "FM"[i % 2], "age": 30 + 5 * i}
+            )
+    for i in range(8):
+        f = _series(root / f"sub-d{i}" / f"sub-d{i}_task-wm_timeseries.npy", 1000 + i)
+        rows.append(
+            {"subject": f"sub-d{i}", "state": "wm", "timeseries": str(f), "cohort": "downstream",
+             "phenotype": ("control", "patient")[i % 2], "sex": "FM"[(i // 2) % 2], "age": 25 + 6 * i}
+        )
+    return rows
+
+
+def _fmri(folder: Path) -> list[dict[str, object]]:
+    return fmri_rows(folder.parent / "_fmri_cohort")
+
+
+def _fmri_bad_row(rows: list[dict[str, object]], **values: object) -> list[dict[str, object]]:
+    """The fMRI cohort plus a labelled downstream scan of ``sub-bad`` overridden by ``values``."""
+    return [*rows, {**rows[-1], "subject": "sub-bad", **values}]
+
+
+def k_fmri_duplicates(root: Path) -> Case:
+    rows = _fmri(root)
+    m = _manifest(root, [*rows, rows[-1]], "fmri_duplicates.csv")
+    return Case("fmri_manifest_duplicated_scans", "fmri_manifest", m, True, m)
+
+
+def k_fmri_missing_file(root: Path) -> Case:
+    gone = root / "gone" / "sub-bad_task-wm_timeseries.npy"
+    m = _manifest(root, _fmri_bad_row(_fmri(root), timeseries=str(gone)), "fmri_missing_file.csv")
+    return Case("fmri_manifest_points_to_missing_file", "fmri_manifest", m, True, gone)
+
+
+def k_fmri_folder_as_series(root: Path) -> Case:
+    folder = root / "series_folder"
+    folder.mkdir(parents=True, exist_ok=True)
+    m = _manifest(root, _fmri_bad_row(_fmri(root), timeseries=str(folder)), "fmri_folder.csv")
+    return Case("fmri_manifest_folder_as_series", "fmri_manifest", m, True, folder)
+
+
+def k_fmri_wrong_rois(root: Path) -> Case:
+    f = _series(root / "sub-bad_task-wm_timeseries.npy", 7, (N_TR, N_ROIS + 3))
+    m = _manifest(root, _fmri_bad_row(_fmri(root), timeseries=str(f)), "fmri_wrong_rois.csv")
+    return Case("fmri_manifest_wrong_roi_count", "fmri_manifest", m, True, f)
+
+
+def k_fmri_no_series_column(root: Path) -> Case:
+    rows = [{k: v for k, v in r.items() if k != "timeseries"} for r in _fmri(root)]
+    m = _manifest(root, rows, "fmri_no_series.csv")
+    return Case("fmri_manifest_without_series_column", "fmri_manifest", m, True, m)
+
+
+def k_fmri_no_state_column(root: Path) -> Case:
+    rows = [{k: v for k, v in r.items() if k != "state"} for r in _fmri(root)]
+    m = _manifest(root, rows, "fmri_no_state.csv")
+    return Case("fmri_manifest_without_state_column", "fmri_manifest", m, True, m)
+
+
+def k_fmri_bad_age(root: Path) -> Case:
+    m = _manifest(root, _fmri_bad_row(_fmri(root), age="old"), "fmri_bad_age.csv")
+    return Case("fmri_manifest_non_numeric_age", "fmri_manifest", m, True, m)
+
+
+def k_fmri_relative_valid(root: Path) -> Case:
+    sub = root / "relative"
+    rows = fmri_rows(sub / "series")
+    for r in rows:
+        r["timeseries"] = str(Path(str(r["timeseries"])).relative_to(sub))
+    m = _manifest(sub, rows, "fmri_relative.csv")
+    return Case("fmri_manifest_relative_paths_valid", "fmri_manifest", m, False, m)
+
+
+def k_fmri_nonascii_valid(root: Path) -> Case:
+    sub = root / "données IRMf"
+    m = _manifest(sub, fmri_rows(sub / "séries ü sujets"), "sujets é.csv")
+    return Case("fmri_manifest_nonascii_spaces_valid", "fmri_manifest", m, False, m)
+
+
+def k_fmri_bids_no_participants(root: Path) -> Case:
+    bids = root / "fmri_bids_no_participants"
+    for r in _fmri(root):
+        sub, state = r["subject"], r["state"]
+        dst = bids / f"{sub}" / "func" / f"{sub}_task-{state}_timeseries.npy"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(Path(str(r["timeseries"])).read_bytes())
+    return Case("fmri_bids_without_participants_tsv", "fmri_bids", bids, True, bids / "participants.tsv")
 
 
 # every k_* function, in definition order

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from reliability_corpus import Case, cohort_rows
+from reliability_corpus import Case, cohort_rows, fmri_rows
 
 from neuromoe.cli.main import main
 
@@ -38,7 +38,12 @@ ROW_LEVEL = {
     "manifest_points_to_missing_file",
     "manifest_folder_as_image",
     "manifest_non_numeric_age",
+    "fmri_manifest_points_to_missing_file",
+    "fmri_manifest_folder_as_series",
+    "fmri_manifest_wrong_roi_count",
 }
+# Roles whose cases are one file put into a sub-bad row of the good cohort (not given as they are).
+ROW_ROLES = ("image", "bold", "timeseries")
 BAD_SUBJECT = "sub-bad"
 
 
@@ -49,32 +54,61 @@ class Env:
     root: Path
     cache: Path
     cohort: list[dict[str, object]]
+    fmri: list[dict[str, object]]
     models: dict[str, Path] = field(default_factory=dict)
 
     def model(self, family: str) -> Path:
         """A tiny model of ``family`` trained once, through the real CLI, on the good cohort."""
         if family not in self.models:
-            manifest = self.root / "cohort.csv"
-            pd.DataFrame(self.cohort).to_csv(manifest, index=False)
             run = self.root / "models" / family
-            rc, _, err = run_inprocess(_family("train", family)(manifest, self, run))
+            if family == "brainmoe":
+                argv = _brainmoe("train")(self.fmri_manifest(), self, run)
+            else:
+                manifest = self.root / "cohort.csv"
+                pd.DataFrame(self.cohort).to_csv(manifest, index=False)
+                argv = _family("train", family)(manifest, self, run)
+            rc, _, err = run_inprocess(argv)
             if rc != 0:
                 raise RuntimeError(f"tiny {family} training failed: {err[-500:]}")
             self.models[family] = run / "model"
         return self.models[family]
 
+    def fmri_manifest(self) -> Path:
+        path = self.root / "fmri.csv"
+        if not path.exists():
+            pd.DataFrame(self.fmri).to_csv(path, index=False)
+        return path
+
+    def experts(self) -> Path:
+        """Tiny BrainMoE experts pretrained once, through the real CLI, on the good fMRI cohort."""
+        if "brainmoe-experts" not in self.models:
+            run = self.root / "models" / "brainmoe-experts"
+            rc, _, err = run_inprocess(_brainmoe("pretrain")(self.fmri_manifest(), self, run, no_experts=True))
+            if rc != 0:
+                raise RuntimeError(f"tiny BrainMoE pretraining failed: {err[-500:]}")
+            self.models["brainmoe-experts"] = run
+        return self.models["brainmoe-experts"]
+
     @classmethod
     def create(cls, root: Path) -> Env:
         root = root.resolve()
         root.mkdir(parents=True, exist_ok=True)
-        return cls(root, root / "cache", cohort_rows(root / "cohort"))
+        return cls(root, root / "cache", cohort_rows(root / "cohort"), fmri_rows(root / "fmri_cohort"))
 
     def manifest_with(self, case: Case, out: Path, role: str = "t1", split: str = "train") -> Path:
-        """The good cohort plus ``sub-bad`` (in ``split``) whose ``role`` file is the case's file."""
-        rows = [
-            *self.cohort,
-            {**self.cohort[0], "subject": BAD_SUBJECT, "split": split, role: str(case.path)},
-        ]
+        """The good cohort plus ``sub-bad`` (in ``split``) whose ``role`` file is the case's file.
+
+        fMRI roles (``timeseries``/``bold``) go into the fMRI cohort as a pretraining scan (``split`` =
+        ``pretrain``) or a labelled downstream scan, with the other series column cleared."""
+        if role in ("timeseries", "bold"):
+            base = self.fmri[0] if split == "pretrain" else self.fmri[-1]
+            other = "bold" if role == "timeseries" else "timeseries"
+            rows = [*self.fmri, {**base, "subject": BAD_SUBJECT, other: "", role: str(case.path)}]
+        else:
+            rows = [
+                *self.cohort,
+                {**self.cohort[0], "subject": BAD_SUBJECT, "split": split, role: str(case.path)},
+            ]
         path = out.parent / f"{out.name}-input.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(path, index=False)
@@ -95,7 +129,7 @@ class Command:
     image_role: str = "t1"  # the manifest column an image kind is put in
     trains: bool = False  # costly: a valid input trains, or the command needs a trained tiny model
     other_reason: dict[str, str] = field(default_factory=dict)  # refused, rightly, for another defect
-    wired: bool = True  # False: the command exists but this harness does not drive it yet (said so)
+    other_roles: dict[str, str] = field(default_factory=dict)  # whole roles refused for another defect
 
     def available(self) -> bool:
         try:
@@ -181,6 +215,59 @@ def _family(verb: str, family: str) -> Callable[[Path, Env, Path], list[str]]:
             str(out / "predictions.csv"),
             "--no-progress",
         ]
+
+    return argv
+
+
+_BM_OUTPUT = {
+    "pretrain": "experts.json",
+    "train": "model/model.safetensors",
+    "evaluate": "metrics.json",
+    "predict": "predictions.csv",
+    "embed": "embeddings.csv",
+}
+_BM_3D_VALID = {k: "a 3D image is not a 4D BOLD run" for k in (
+    "nifti2_valid", "nonascii_spaces_valid", "scl_slope_nan_valid", "scl_slope_zero_valid"
+)}
+_BM_STRUCTURAL = {
+    "manifest": "a structural manifest has no timeseries/bold column",
+    "bids": "a structural BIDS folder has no func/ scans",
+}
+_DOWNSTREAM_ROW = {  # the corpus puts these defects in a labelled downstream scan; pretraining does not read it
+    k: "defect in a downstream scan, not read"
+    for k in ("fmri_manifest_folder_as_series", "fmri_manifest_wrong_roi_count", "fmri_manifest_non_numeric_age")
+}
+_BM_OK = {
+    "pretrain": {**_DOWNSTREAM_ROW, "fmri_bids_without_participants_tsv": "needs no labels"},
+    "train": {},
+    "evaluate": {},
+    "predict": {
+        "fmri_manifest_non_numeric_age": "reads no labels",
+        "fmri_bids_without_participants_tsv": "needs no labels",
+    },
+}
+_BM_OK["embed"] = _BM_OK["predict"]
+_BM_OTHER = {  # BIDS without participants.tsv: no phenotype labels to train or evaluate on
+    v: {"fmri_bids_without_participants_tsv": "no phenotype labels"} for v in ("train", "evaluate")
+}
+
+
+def _brainmoe(verb: str) -> Callable[..., list[str]]:
+    """argv of ``neuromoe <verb> --family brainmoe`` with the tiny preset on CPU; fMRI row kinds go into the
+    fMRI cohort as a pretraining scan for ``pretrain``, else as a labelled downstream scan."""
+
+    def argv(data: Path, env: Env, out: Path, no_experts: bool = False) -> list[str]:
+        base = [verb, "--family", "brainmoe", "--config", "tiny", "--device", "cpu"]
+        if verb == "pretrain":
+            return [*base, "--data", str(data), "--out", str(out)]
+        if verb == "train":
+            return [*base, "--data", str(data), "--experts", str(env.experts()), "--out", str(out)]
+        if verb == "evaluate":
+            return [*base, "--experts", str(env.experts()), "--data", str(data), "--out", str(out)]
+        model = str(env.model("brainmoe"))
+        if verb == "predict":
+            return [*base, "--model", model, "--input", str(data), "--output", str(out / _BM_OUTPUT[verb])]
+        return [*base, "--model", model, "--data", str(data), "--out", str(out / _BM_OUTPUT[verb])]
 
     return argv
 
@@ -301,11 +388,20 @@ COMMANDS: list[Command] = [
         },
         trains=True,
     ),
-    # BrainMoE landed after this harness was built; its fMRI time-series/BOLD kinds are checked at library
-    # level (test_fmri_kinds_refused_by_the_brainmoe_loaders) until these rows are wired.
     *(
         Command(
-            f"brainmoe {verb}", frozenset(), lambda data, env, out: [], "neuromoe.cli.brainmoe", wired=False
+            f"brainmoe {verb}",
+            frozenset({"image", "bold", "timeseries", "manifest", "bids", "folder", "fmri_manifest", "fmri_bids"}),
+            _brainmoe(verb),
+            "neuromoe.cli.brainmoe",
+            batch=verb in ("predict", "embed"),
+            failures=lambda out, verb=verb: out / f"{_BM_OUTPUT[verb].split('.')[0]}_failures.csv",
+            outputs=lambda out, verb=verb: [out / _BM_OUTPUT[verb]],
+            image_role="bold",
+            ok_kinds=_BM_OK[verb],
+            other_reason={**_BM_3D_VALID, **_BM_OTHER.get(verb, {})},
+            other_roles=_BM_STRUCTURAL,
+            trains=verb in ("pretrain", "train", "evaluate"),
         )
         for verb in ("pretrain", "train", "evaluate", "predict", "embed")
     ),
@@ -315,23 +411,25 @@ COMMANDS: list[Command] = [
 def expected(cmd: Command, case: Case) -> str:
     if not cmd.available():
         return "missing"
-    if not cmd.wired:
-        return "not wired"
     if case.role not in cmd.roles:
         return "n/a"
-    if not case.bad or case.kind in cmd.ok_kinds:
+    other = case.kind in cmd.other_reason or case.role in cmd.other_roles
+    if case.kind in cmd.ok_kinds or not (case.bad or other):
         return "ok"
-    row_level = (case.role in ("image", "bold") and cmd.name != "info") or case.kind in ROW_LEVEL
+    in_row = case.role in ROW_ROLES and cmd.name != "info"
+    row_level = in_row or (case.kind in ROW_LEVEL and case.role not in cmd.other_roles)
     return "batch" if cmd.batch and row_level else "refused"
 
 
 def data_for(cmd: Command, case: Case, env: Env, out: Path) -> Path:
     """What the command gets: info takes files as they are; data commands get image kinds as a
     ``sub-bad`` row of the good cohort, manifests/BIDS/folders as they are."""
-    if cmd.name == "info" or case.role not in ("image", "bold"):
+    if cmd.name == "info" or case.role not in ROW_ROLES:
         return case.path
-    # evaluate commands read the test split: put the bad row there
-    return env.manifest_with(case, out, cmd.image_role, "test" if cmd.name.endswith("evaluate") else "train")
+    role = "timeseries" if case.role == "timeseries" else cmd.image_role
+    # evaluate commands read the test split: put the bad row there; BrainMoE pretraining reads pretrain scans
+    split = "test" if cmd.name.endswith("evaluate") else "pretrain" if cmd.name == "brainmoe pretrain" else "train"
+    return env.manifest_with(case, out, role, split)
 
 
 def run_inprocess(argv: list[str]) -> tuple[int, str, str]:
@@ -388,7 +486,8 @@ def judge(
         msg = "\n".join(lines)
         if cmd.message_stream == "stderr" and not msg.startswith("neuromoe: error:"):
             problems.append("message does not start with 'neuromoe: error:'")
-        named = (*_names(case.culprit), *(_names(case.path) if case.kind in cmd.other_reason else ()))
+        other = case.kind in cmd.other_reason or case.role in cmd.other_roles
+        named = (*_names(case.culprit), *(_names(case.path) if other else ()))
         if not any(n in msg for n in named) and BAD_SUBJECT not in msg:
             problems.append(f"message does not name {case.culprit.name}")
         if "fix:" not in msg:
@@ -433,7 +532,7 @@ def judge(
 
 def run_case(cmd: Command, case: Case, env: Env, *, subprocess_: bool = False) -> Outcome:
     want = expected(cmd, case)
-    if want in ("n/a", "missing", "not wired"):
+    if want in ("n/a", "missing"):
         return Outcome(cmd.name, case.kind, want, want)
     out = env.root / "runs" / f"{cmd.name.replace(' ', '-')}--{case.kind}{'--sub' if subprocess_ else ''}"
     data = data_for(cmd, case, env, out)
@@ -449,7 +548,6 @@ _CELL = {
     "ok": "ok",
     "n/a": "·",
     "missing": "not landed",
-    "not wired": "not wired",
     "not run": "not run",
 }
 
@@ -468,14 +566,13 @@ def table_markdown(outcomes: list[Outcome], cases: dict[str, Case]) -> str:
             o = cell[(kind, c)]
             row.append(_CELL[o.expected] if o.passed else f"**FAIL** ({o.got})")
         lines.append("| " + " | ".join(row) + " |")
-    checked = [o for o in outcomes if o.expected not in ("n/a", "missing", "not wired", "not run")]
+    checked = [o for o in outcomes if o.expected not in ("n/a", "missing", "not run")]
     summary = (
         f"\n{len(cases)} kinds ({sum(c.bad for c in cases.values())} bad, "
         f"{sum(not c.bad for c in cases.values())} awkward-but-valid) × {len(commands)} commands: "
         f"{len(checked)} runs checked, {sum(o.passed for o in checked)} as expected, "
         f"{sum(not o.passed for o in checked)} failed; "
-        f"{sum(o.expected == 'missing' for o in outcomes) // max(len(cases), 1)} command(s) not landed, "
-        f"{sum(o.expected == 'not wired' for o in outcomes) // max(len(cases), 1)} not wired; "
+        f"{sum(o.expected == 'missing' for o in outcomes) // max(len(cases), 1)} command(s) not landed; "
         f"{sum(o.expected == 'not run' for o in outcomes)} cells not run (time-limited run).\n"
     )
     return "\n".join(lines) + "\n" + summary

@@ -26,6 +26,9 @@ FAST_KINDS = (
     "bids_without_participants_tsv",
     "manifest_nonascii_spaces_valid",
     "empty_folder",
+    "timeseries_nan",
+    "fmri_manifest_duplicated_scans",
+    "fmri_manifest_points_to_missing_file",
 )
 CMD = {c.name: c for c in COMMANDS}
 
@@ -50,7 +53,7 @@ SLOW_ONLY = ("mome evaluate", "mome segment")
 
 
 @pytest.mark.parametrize(
-    "command", [c.name for c in COMMANDS if c.wired and c.name != "info" and c.name not in SLOW_ONLY]
+    "command", [c.name for c in COMMANDS if c.name != "info" and c.name not in SLOW_ONLY]
 )
 def test_fast_subset(command: str, corpus: dict, env) -> None:
     cmd = CMD[command]
@@ -90,7 +93,7 @@ def test_full_matrix(corpus: dict, env) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [c.name for c in COMMANDS if c.wired])
+@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
 def test_subprocess_sample(command: str, corpus: dict, env) -> None:
     """One refusal and one batch/valid run per command as a real process."""
     cmd = CMD[command]
@@ -102,7 +105,7 @@ def test_subprocess_sample(command: str, corpus: dict, env) -> None:
 
 
 def test_fmri_kinds_refused_by_the_brainmoe_loaders(corpus: dict) -> None:
-    """Library level until the BrainMoE commands are wired into the harness (see docs/reliability.md)."""
+    """Every fMRI kind at library level in the default run (the commands take them in the slow matrix)."""
     from neuromoe.data.fmri import extract_timeseries, load_timeseries
     from neuromoe.errors import InputError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from reliability_corpus import PRIVATE
-from reliability_harness import Env, _family, run_inprocess
+from reliability_harness import Env, _brainmoe, _family, run_inprocess
 
 REPORT_SUFFIXES = (".json", ".yaml", ".html")
 
@@ -46,10 +46,10 @@ def _manifest(env: Env) -> Path:
     return path
 
 
-def _check(env: Env, outputs: list[Path], logs: str) -> None:
+def _check(env: Env, outputs: list[Path], logs: str, cohort_dir: str | None = None) -> None:
     leaks = [leak for out in outputs for leak in _leaks(out)]
     assert not leaks, leaks
-    cohort_dir = str(Path(str(env.cohort[0]["t1"])).parent.parent)
+    cohort_dir = cohort_dir or str(Path(str(env.cohort[0]["t1"])).parent.parent)
     for out in outputs:
         reports = (p for p in out.rglob("*") if p.suffix in REPORT_SUFFIXES or p.name == "metrics.csv")
         for path in (p for p in reports if "cache" not in p.relative_to(out).parts):  # cache: internal index
@@ -88,3 +88,16 @@ def test_mome_outputs_are_clean(env: Env) -> None:
     logs += _run(env, _family("evaluate", "mome")(data, env, out / "evaluate"))
     assert list((out / "segment").glob("*_mask.nii.gz"))
     _check(env, [out, env.model("mome").parent], logs)
+
+
+def test_brainmoe_outputs_are_clean(env: Env) -> None:
+    """fMRI series carry no header; what is checked is that reports, tables and logs show no input paths."""
+    data = env.fmri_manifest()
+    out = env.root / "privacy_brainmoe"
+    logs = _run(env, _brainmoe("evaluate")(data, env, out / "evaluate"))
+    logs += _run(env, _brainmoe("predict")(data, env, out / "predict"))
+    logs += _run(env, _brainmoe("embed")(data, env, out / "embed"))
+    cohort_dir = str(Path(str(env.fmri[0]["timeseries"])).parent.parent)
+    for table in (out / "predict" / "predictions.csv", out / "embed" / "embeddings.csv"):
+        assert cohort_dir not in table.read_text(), f"{table} shows an absolute input path"
+    _check(env, [out, env.experts(), env.model("brainmoe").parent], logs, cohort_dir)
