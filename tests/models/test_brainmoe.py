@@ -25,7 +25,7 @@ def _fc(b: int, seed: int = 0) -> torch.Tensor:
 
 def _moe(**kw) -> BrainMoE:
     torch.manual_seed(0)
-    return create_model("brainmoe_tiny", n_rois=M, n_experts=4, top_k=2, dropout=0.0, **kw)
+    return create_model("brainmoe_tiny", **{"n_rois": M, "n_experts": 4, "top_k": 2, "dropout": 0.0, **kw})
 
 
 def test_router_picks_top_k_and_gradients_reach_router():
@@ -133,3 +133,78 @@ def test_model_directory_round_trip(tmp_path):
     loaded, meta = load_model(tmp_path / "m")
     assert isinstance(loaded, BrainMoE) and meta["architecture"] == "brainmoe_tiny"
     torch.testing.assert_close(loaded(fc).outputs["phenotype"], model(fc).outputs["phenotype"])
+
+
+def _router_grad_rows(model: BrainMoE, fc: torch.Tensor) -> torch.Tensor:
+    """Per expert: |gradient| reaching its row of the router's output layer after one backward pass."""
+    model.zero_grad()
+    out = model(fc)
+    (out.outputs["phenotype"].logsumexp(-1).sum() + out.outputs["age"].pow(2).sum()).backward()
+    return model.router.proj.weight.grad.abs().sum(1)
+
+
+def test_dense_routing_gives_every_expert_gradient_top_k_does_not():
+    model = _moe(top_k=1).train()
+    fc = _fc(1)
+    chosen = model(fc).route.topk_idx[0, 0].item()
+    grads = _router_grad_rows(model, fc)
+    # top-1 with renormalised weights: the weight is exactly 1, so no expert's logit learns anything
+    assert grads.sum() == 0
+    model.dense_routing = True
+    out = model(fc)
+    assert out.stats.topk_idx.shape == (1, 4)  # all experts enter the adapter
+    torch.testing.assert_close(out.stats.topk_weights, out.route.probs)
+    grads = _router_grad_rows(model, fc)
+    assert (grads > 0).all(), f"expert {chosen} chosen; dense grads {grads}"
+    model.eval()  # dense routing is a training-time warm-up only
+    assert model(fc).stats.topk_idx.shape == (1, 1)
+
+
+def test_pca_router_input_is_whitened_saved_and_reloaded(tmp_path):
+    model = _moe(router_input="pca", router_pca=4).eval()
+    train = _fc(10, seed=1)
+    model.set_router_basis(train)
+    x = train[:, model.tri_i, model.tri_j]
+    z = (x - model.router_center) @ model.router_basis.T
+    torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(4), atol=1e-4, rtol=0)
+    assert model.router_mlp[0].in_features == 4
+    few = _moe(router_input="pca", router_pca=4)
+    few.set_router_basis(train[:3])  # 3 scans span 2 centred directions: the other axes stay zero
+    assert (few.router_basis.abs().sum(1) > 0).tolist() == [True, True, False, False]
+    save_model(model, tmp_path / "m", {"family": "brainmoe", "extra": {"kind": "brainmoe"}})
+    loaded, _ = load_model(tmp_path / "m")
+    torch.testing.assert_close(loaded.router_basis, model.router_basis)
+    fc = _fc(3)
+    torch.testing.assert_close(loaded(fc).route.probs, model(fc).route.probs)
+
+
+def _state_fc(n: int, state: int, seed: int) -> torch.Tensor:
+    """FC of ``n`` scans whose state couples a different ROI block (the state's signature)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 40, M, generator=g)
+    block = slice(3 * state, 3 * state + 3)
+    x[:, :, block] += torch.randn(n, 40, 1, generator=g)
+    x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+    return torch.einsum("btm,btn->bmn", x, x) / 39
+
+
+def test_state_router_learns_states_and_becomes_the_moe_router_prior():
+    from neuromoe.models.brainmoe import fit_pca
+
+    torch.manual_seed(0)
+    router = create_model("brainmoe_router_tiny", n_rois=M, n_states=3, router_pca=4, dropout=0.0)
+    fc = torch.cat([_state_fc(12, s, seed=s) for s in range(3)])
+    target = torch.arange(3).repeat_interleave(12)
+    fit_pca(fc[:, router.tri_i, router.tri_j], router.router_center, router.router_basis)
+    _train(router, fc, target=target, steps=80)
+    test_fc = torch.cat([_state_fc(6, s, seed=10 + s) for s in range(3)])
+    acc = (router(test_fc).argmax(1) == torch.arange(3).repeat_interleave(6)).float().mean()
+    assert acc > 0.9
+    # experts in another order than the router's states: each expert gets its own state's logit
+    model = _moe(n_experts=3, top_k=1, router_input="pca", router_pca=4).eval()
+    order = [2, 0, 1]
+    model.load_router_prior(router.eval(), order)
+    torch.testing.assert_close(model.route(test_fc).logits, router(test_fc)[:, order])
+    with pytest.raises(ValueError, match="does not match"):
+        model.load_router_prior(router, [0, 1, 1])

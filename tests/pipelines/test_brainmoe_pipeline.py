@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from neuromoe.data.synth import synth_cohort
 from neuromoe.errors import InputError
@@ -170,3 +171,53 @@ def test_real_headers_go_through_extraction_fc_and_embed_or_are_refused(tmp_path
     out, _ = bm.embed(tmp_path / "expert", tmp_path / "functional.npy", tmp_path / "emb.csv")
     emb = pd.read_csv(out)
     assert emb.shape == (1, 1 + expert.dim) and np.isfinite(emb.iloc[0, 1:].to_numpy(float)).all()
+
+
+def test_state_router_prior_and_dense_warmup_through_pretrain_and_train(cohort, pretrained, tmp_path):
+    """Pretrain fits the state router; fine-tuning starts from it (same state order) and routes densely
+    for the first half of the epochs only; predictions use top-k."""
+    from neuromoe.errors import ConfigError
+
+    cfg = _cfg(model__router_input="pca", model__router_pca=4, model__router_prior=True, expert__pooled=False)
+    pre = bm.pretrain(cohort, tmp_path / "pre", cfg)
+    assert json.loads((pre / "experts.json").read_text())["router"] == "router"
+    prior, meta = load_model(pre / "router")
+    assert meta["extra"]["states"] == ["emotion", "language", "motor", "rest", "wm"]
+    assert 0.0 <= meta["extra"]["val_state_acc"] <= 1.0
+    down = bm._downstream(cohort, cfg, bm.FCSpec(**meta["extra"]["fc"]))
+    model, _, _ = bm._build_moe(pre, cfg, down)
+    fc = down.scans.tensors["fc"][:4]
+    torch.testing.assert_close(model.eval().route(fc).logits, prior.eval()(fc))
+
+    cfg.train.epochs, cfg.train.log_every = 4, 1
+    cfg.model.dense_warmup = 0.5
+    run = bm.train(cohort, tmp_path / "ft", cfg, experts=pre)
+    log = pd.read_csv(run / "metrics.csv").dropna(subset=["train_dense_routing"])
+    assert log.groupby("epoch")["train_dense_routing"].first().tolist() == [1.0, 1.0, 0.0, 0.0]
+    frame, _ = bm.predict(run / "model", cohort, tmp_path / "p.csv")
+    assert all(len(t.split()) == 2 for t in frame["top_experts"])
+
+    with pytest.raises(ConfigError, match="router_input=pca"):
+        bm.train(cohort, tmp_path / "x", _cfg(model__router_prior=True), experts=pre)
+    with pytest.raises(InputError, match="no state router"):
+        bm.train(cohort, tmp_path / "y", _cfg(model__router_input="pca", model__router_prior=True),
+                 experts=pretrained)
+
+
+def test_balance_loss_pushes_probability_off_the_overloaded_expert():
+    from neuromoe.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("brainmoe_tiny", n_rois=8, n_experts=4, top_k=1, dropout=0.0).train()
+    with torch.no_grad():  # collapse: expert 0 wins every scan
+        model.router.proj.bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
+    fc = torch.randn(6, 8, 8)
+    batch = {"phenotype": torch.tensor([0, 1] * 3), "sex": torch.full((6,), -1), "age": torch.full((6,), float("nan"))}
+    out = model(fc)
+    plain, _ = bm.finetune_loss(out, batch, (0.0, 1.0), bm.ModelSection())
+    balanced, logs = bm.finetune_loss(out, batch, (0.0, 1.0), bm.ModelSection(balance_coef=0.5))
+    assert logs["router_balance"] > 2.0  # E·f·P: 1 when uniform, up to E=4 when collapsed
+    assert float(balanced - plain) == pytest.approx(0.5 * logs["router_balance"], rel=1e-5)
+    model.zero_grad()
+    (balanced - plain).backward()
+    assert model.router.proj.bias.grad[0] > 0 > model.router.proj.bias.grad[1:].max()  # descent lowers expert 0

@@ -13,8 +13,15 @@ Pieces:
   - ``state_clf``: a supervised cognitive-state classifier (binary "this state vs the others" for a
     per-state expert, multi-class for the pooled one) on the FC encoder.
 
-* **Router**: MLP over the upper-triangle FC → :class:`~neuromoe.layers.moe.TopKRouter` (fp32 softmax,
-  top-k, renormalised weights). As in the reference there is no balance loss; routing statistics are
+* **Router**: MLP over the upper-triangle FC (``router_input="fc"``, as in the reference) or over its
+  first ``router_pca`` whitened principal components fitted on the training scans (``"pca"``: a
+  34,716-value input lets the router memorise each training scan instead of learning which expert helps)
+  → :class:`~neuromoe.layers.moe.TopKRouter` (fp32 softmax, top-k, renormalised weights). With
+  ``dense_routing`` on (a warm-up), every expert enters the adapter weighted by its softmax probability:
+  top-k weights renormalised over the chosen pair give unchosen experts no gradient, so a top-k router
+  never learns that an expert it did not pick would have helped. :class:`StateRouter` is the same
+  FC → logit path fitted at pretraining to recognise each scan's cognitive state (the states that define
+  the experts); :meth:`BrainMoE.load_router_prior` starts the router from it. Routing statistics are
   returned as :class:`~neuromoe.layers.moe.RouterStats` for :class:`~neuromoe.layers.moe.ExpertUsage`.
 * **Adapter**: ``nn.TransformerDecoder``; target tokens = the top-k expert embeddings (scaled by their
   router weights, plus an expert-identity embedding) and one learnable query per output class; memory =
@@ -41,6 +48,7 @@ from neuromoe.models.registry import register_model
 FAMILY = "brainmoe"
 EXPERT_KINDS = ("fc_mae", "jepa", "state_clf")
 ExpertKind = Literal["fc_mae", "jepa", "state_clf"]
+RouterInput = Literal["fc", "pca"]
 
 # Size presets shared by experts and the adapter (dim = expert embedding, hidden = adapter width).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -77,6 +85,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 def upper_tri_index(n_rois: int) -> tuple[Tensor, Tensor]:
     """Row/column indices of the strict upper triangle, the router's view of a symmetric FC matrix."""
     return torch.triu_indices(n_rois, n_rois, offset=1).unbind(0)
+
+
+def _router_mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU()
+    )
+
+
+@torch.no_grad()
+def fit_pca(x: Tensor, center: Tensor, basis: Tensor) -> None:
+    """Write the mean of ``x`` (N, F) into ``center`` and its top principal axes, each scaled to unit
+    variance, into the rows of ``basis`` (P, F); rows beyond the data's rank stay zero."""
+    x = x.float()
+    center.copy_(x.mean(0))
+    _, s, vh = torch.linalg.svd(x - center, full_matrices=False)
+    p = min(len(basis), int((s > 1e-6 * s[0]).sum()) if len(s) else 0)
+    basis.zero_()
+    if p:
+        basis[:p] = vh[:p] / (s[:p] / max(len(x) - 1, 1) ** 0.5)[:, None]
 
 
 def _encoder(dim: int, depth: int, heads: int, dropout: float) -> nn.Module:
@@ -312,6 +339,8 @@ class BrainMoE(nn.Module):
         top_k: int = 2,
         router_hidden: int = 64,
         router_noise: float = 0.0,
+        router_input: RouterInput = "fc",
+        router_pca: int = 16,
         hidden: int = 64,
         adapter_depth: int = 2,
         adapter_heads: int = 4,
@@ -325,6 +354,12 @@ class BrainMoE(nn.Module):
         self.n_rois, self.n_experts, self.dim, self.k = n_rois, n_experts, dim, top_k
         self.n_classes, self.n_sex, self.age = n_classes, n_sex, age
         self.freeze_experts = freeze_experts
+        if router_input not in ("fc", "pca") or router_pca < 1:
+            raise ConfigError(
+                f"router_input must be 'fc' or 'pca' and router_pca >= 1, got {router_input!r}, {router_pca}"
+            )
+        self.router_input = router_input
+        self.dense_routing = False  # set by the fine-tuning loop during its dense warm-up
         self.experts = nn.ModuleList(
             make_expert(expert_kind, n_rois, dim, depth, heads, **(expert_kwargs or {}))
             for _ in range(n_experts)
@@ -339,13 +374,12 @@ class BrainMoE(nn.Module):
         iu, ju = upper_tri_index(n_rois)
         self.register_buffer("tri_i", iu, persistent=False)
         self.register_buffer("tri_j", ju, persistent=False)
-        self.router_mlp = nn.Sequential(
-            nn.Linear(len(iu), router_hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(router_hidden, router_hidden),
-            nn.GELU(),
-        )
+        router_in = len(iu)
+        if router_input == "pca":  # fitted by set_router_basis (or a StateRouter), saved with the model
+            router_in = router_pca
+            self.register_buffer("router_center", torch.zeros(len(iu)))
+            self.register_buffer("router_basis", torch.zeros(router_pca, len(iu)))
+        self.router_mlp = _router_mlp(router_in, router_hidden, dropout)
         self.router = TopKRouter(router_hidden, n_experts, top_k, noise_std=router_noise)
         self.expert_proj = nn.Linear(dim, hidden)
         self.expert_id = nn.Embedding(n_experts, hidden)
@@ -380,8 +414,31 @@ class BrainMoE(nn.Module):
         self.emb_mean.copy_(emb.mean(0))
         self.emb_std.copy_(emb.std(0).clamp_min(1e-4) if len(emb) > 1 else torch.ones_like(self.emb_std))
 
+    def set_router_basis(self, fc: Tensor) -> None:
+        """Fit the ``pca`` router input on training FC ``(N, M, M)`` (:func:`fit_pca`)."""
+        if self.router_input != "pca":
+            raise ValueError("set_router_basis is for router_input='pca'")
+        fit_pca(fc[:, self.tri_i, self.tri_j], self.router_center, self.router_basis)
+
+    @torch.no_grad()
+    def load_router_prior(self, prior: StateRouter, order: list[int]) -> None:
+        """Start the router from a pretrained :class:`StateRouter`; ``order[e]`` = the prior's state index
+        of expert ``e``. Only the starting point: fine-tuning still trains the router."""
+        if self.router_input != "pca" or prior.router_basis.shape != self.router_basis.shape:
+            raise ValueError("the state router needs router_input='pca' with the same router_pca and n_rois")
+        if sorted(order) != list(range(prior.n_states)) or len(order) != self.n_experts:
+            raise ValueError(f"expert order {order} does not match the {prior.n_states} router states")
+        self.router_center.copy_(prior.router_center)
+        self.router_basis.copy_(prior.router_basis)
+        self.router_mlp.load_state_dict(prior.router_mlp.state_dict())
+        self.router.proj.weight.copy_(prior.proj.weight[order])
+        self.router.proj.bias.copy_(prior.proj.bias[order])
+
     def route(self, fc: Tensor) -> RouterOutput:
-        return self.router(self.router_mlp(fc[:, self.tri_i, self.tri_j].float()))
+        x = fc[:, self.tri_i, self.tri_j].float()
+        if self.router_input == "pca":
+            x = (x - self.router_center) @ self.router_basis.T
+        return self.router(self.router_mlp(x))
 
     def forward(
         self, fc: Tensor, ts: Tensor | None = None, expert_emb: Tensor | None = None
@@ -389,6 +446,9 @@ class BrainMoE(nn.Module):
         b = fc.shape[0]
         route = self.route(fc)
         idx, w = route.topk_idx, route.topk_weights
+        if self.dense_routing and self.training:  # every expert, weighted by its router probability
+            idx = torch.arange(self.n_experts, device=fc.device).expand(b, -1)
+            w = route.probs
         if expert_emb is None:  # run each expert only on the scans routed to it
             expert_emb = fc.new_zeros(b, self.n_experts, self.dim)
             for e in idx.unique().tolist():
@@ -401,7 +461,7 @@ class BrainMoE(nn.Module):
         tokens = self.expert_proj(chosen) * w[..., None].to(chosen.dtype) + self.expert_id(idx)
         tgt = torch.cat([tokens, self.queries.expand(b, -1, -1)], dim=1)
         memory = self.fc_proj(fc) + self.roi_embed
-        q = self.norm(self.adapter(tgt, memory))[:, self.k :]
+        q = self.norm(self.adapter(tgt, memory))[:, idx.shape[1] :]
         outputs = {"phenotype": self.pheno_head(q[:, : self.n_classes]).squeeze(-1)}
         pos = self.n_classes
         if self.sex_head is not None:
@@ -413,6 +473,41 @@ class BrainMoE(nn.Module):
             load = torch.bincount(idx.reshape(-1), minlength=self.n_experts).float() / max(idx.numel(), 1)
             stats = RouterStats(load, route.probs.mean(0), idx.detach(), w.detach())
         return BrainMoEOutput(outputs, route, stats)
+
+
+class StateRouter(nn.Module):
+    """The router's FC → logits path on its own (PCA input, MLP, linear), fitted at pretraining as a
+    cognitive-state classifier: it routes a scan to the experts of the states its connectivity resembles."""
+
+    def __init__(self, n_rois: int, n_states: int, router_hidden: int = 64, router_pca: int = 16,
+                 dropout: float = 0.1):
+        super().__init__()
+        if n_states < 2:
+            raise ConfigError(f"a state router needs >= 2 states, got {n_states}")
+        self.n_rois, self.n_states = n_rois, n_states
+        iu, ju = upper_tri_index(n_rois)
+        self.register_buffer("tri_i", iu, persistent=False)
+        self.register_buffer("tri_j", ju, persistent=False)
+        self.register_buffer("router_center", torch.zeros(len(iu)))
+        self.register_buffer("router_basis", torch.zeros(router_pca, len(iu)))
+        self.router_mlp = _router_mlp(router_pca, router_hidden, dropout)
+        self.proj = nn.Linear(router_hidden, n_states)
+
+    def forward(self, fc: Tensor) -> Tensor:
+        """(B, n_states) state logits."""
+        x = (fc[:, self.tri_i, self.tri_j].float() - self.router_center) @ self.router_basis.T
+        return self.proj(self.router_mlp(x))
+
+    def loss(
+        self, fc: Tensor, ts: Tensor | None = None, target: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """State cross-entropy (the expert-pretraining interface, so the same trainer fits it)."""
+        if target is None:
+            raise ValueError("a state router needs state targets")
+        logits = self(fc).float()
+        loss = F.cross_entropy(logits, target.long())
+        acc = (logits.argmax(1) == target).float().mean()
+        return loss, {"state_ce": float(loss.detach()), "state_acc": float(acc)}
 
 
 def _preset(name: str, kw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -435,6 +530,13 @@ def _register_presets() -> None:
         def moe_factory(n_rois: int = 264, n_experts: int = 5, _size: str = size, **kw: Any) -> BrainMoE:
             return BrainMoE(n_rois, n_experts, **_preset(_size, kw, _MOE_KEYS))
 
+        def router_factory(
+            n_rois: int = 264, n_states: int = 5, _size: str = size, **kw: Any
+        ) -> StateRouter:
+            return StateRouter(n_rois, n_states, **_preset(_size, kw, ("router_hidden",)))
+
+        router_factory.__qualname__ = f"brainmoe_router_{size}"
+        register_model(f"brainmoe_router_{size}", family=FAMILY)(router_factory)
         expert_factory.__qualname__ = f"brainmoe_expert_{size}"
         moe_factory.__qualname__ = f"brainmoe_{size}"
         register_model(f"brainmoe_expert_{size}", family=FAMILY)(expert_factory)

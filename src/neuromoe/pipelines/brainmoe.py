@@ -36,13 +36,14 @@ from torch.utils.data import Dataset
 
 from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer
-from neuromoe.errors import InputError, ModelFormatError
+from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json
-from neuromoe.layers.moe import router_z_loss
-from neuromoe.models.brainmoe import BrainMoE, BrainMoEOutput, Expert, JEPAExpert
+from neuromoe.layers.moe import load_balancing_loss, router_z_loss
+from neuromoe.models.brainmoe import BrainMoE, BrainMoEOutput, Expert, JEPAExpert, StateRouter, fit_pca
 
 FAMILY = "brainmoe"
 POOLED = "pooled"
+ROUTER = "router"
 EXPERTS_FILE = "experts.json"
 
 __all__ = [
@@ -87,6 +88,12 @@ class ModelSection:
     preset: Literal["tiny", "demo", "base"] = "demo"
     top_k: int = 2
     router_noise: float = 0.5  # noisy top-k in training, so unchosen experts get tried
+    router_input: Literal["fc", "pca"] = "fc"  # pca = first router_pca whitened PCs of the training FC
+    router_pca: int = 16
+    router_prior: bool = False  # pretrain also fits a state router (pca input); fine-tuning starts from it
+    router_prior_epochs: int = 50  # the state router is tiny (router_pca inputs): cheap to fit to confidence
+    dense_warmup: float = 0.0  # share of fine-tuning epochs routing densely (every expert gets gradient)
+    balance_coef: float = 0.0  # Switch load-balancing loss on the router (shared layer)
     dropout: float = 0.1
     unfreeze_experts: bool = False
     router_lr_scale: float = 1.0  # router learning rate = train.lr × this (a slower router saturates later)
@@ -395,9 +402,64 @@ def pretrain(
             manifest["pooled"] = name
         elif name not in manifest["states"]:
             manifest["states"].append(name)
+    if cfg.model.router_prior:
+        _pretrain_router(scans, state_of, groups, all_states, cfg, out / ROUTER, spec)
+        manifest["router"] = ROUTER
     manifest.update({"kind": cfg.expert.kind, "fc": spec.to_dict()})
     atomic_write_json(out / EXPERTS_FILE, manifest)
     return out
+
+
+def _check_router_cfg(m: ModelSection) -> None:
+    if m.router_prior and m.router_input != "pca":
+        raise ConfigError(
+            "model.router_prior needs model.router_input=pca (the state router's input)",
+            fix="set model.router_input=pca or model.router_prior=false",
+        )
+
+
+def _pretrain_router(
+    scans: ScanSet,
+    state_of: np.ndarray,
+    groups: np.ndarray,
+    all_states: list[str],
+    cfg: BrainMoEConfig,
+    run: Path,
+    spec: FCSpec,
+) -> StateRouter:
+    """Fit the state router on all pretraining scans: PCA of their FC, then state cross-entropy (the
+    validation accuracy on held-out subjects is saved with it)."""
+    from neuromoe.models.registry import create_model, save_model
+
+    _check_router_cfg(cfg.model)
+    torch.manual_seed(cfg.seed)
+    router = create_model(
+        f"brainmoe_router_{cfg.model.preset}",
+        n_rois=spec.n_rois,
+        n_states=len(all_states),
+        router_pca=cfg.model.router_pca,
+        dropout=cfg.model.dropout,
+    )
+    val = _val_rows(groups, state_of, cfg.seed)
+    fc = scans.tensors["fc"]
+    fit_pca(fc[torch.from_numpy(~val)][:, router.tri_i, router.tri_j], router.router_center, router.router_basis)
+    sub = ScanSet({"fc": fc, "target": torch.tensor([all_states.index(s) for s in state_of])})
+    tcfg = copy.deepcopy(cfg.pretrain)
+    tcfg.epochs = cfg.model.router_prior_epochs
+    trainer = ExpertTrainer(router, tcfg, sub.subset(~val), sub.subset(val), run_dir=run / "train")
+    result = _fit(trainer)
+    router.eval()
+    with torch.no_grad():
+        _, logs = router.loss(sub.subset(val).tensors["fc"], target=sub.subset(val).tensors["target"])
+    extra = {
+        "kind": ROUTER,
+        "states": all_states,
+        "fc": spec.to_dict(),
+        "val_state_acc": logs["state_acc"],
+        "best_val_loss": result.best_metric,
+    }
+    save_model(router.cpu(), run, {"family": FAMILY, "extra": extra})
+    return router
 
 
 def _state_clf_rows(
@@ -517,6 +579,10 @@ def finetune_loss(
         z = router_z_loss(out.route.logits)
         loss = loss + m.z_coef * z
         logs["router_z"] = float(z.detach())
+    if m.balance_coef > 0:
+        bal = load_balancing_loss(out.route.probs, out.route.topk_idx, out.route.probs.shape[-1])
+        loss = loss + m.balance_coef * bal
+        logs["router_balance"] = float(bal.detach())
     return loss, logs
 
 
@@ -541,11 +607,16 @@ class FinetuneTrainer(Trainer):
                     groups.append({**g, "params": params, "lr": self.cfg.lr * scale})
         return groups
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Dense routing for the first ``dense_warmup`` share of the epochs, top-k afterwards."""
+        self.model.dense_routing = epoch < round(self.msec.dense_warmup * self.cfg.epochs)
+
     def _forward(self, batch: dict[str, Tensor]) -> BrainMoEOutput:
         return self.model(batch["fc"], batch.get("ts"), batch.get("emb"))
 
     def training_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return finetune_loss(self._forward(batch), batch, self.age_stats, self.msec)
+        loss, logs = finetune_loss(self._forward(batch), batch, self.age_stats, self.msec)
+        return loss, {**logs, "dense_routing": float(self.model.dense_routing)}
 
     def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         loss, _ = finetune_loss(self._forward(batch), batch, self.age_stats, self.msec)
@@ -585,6 +656,7 @@ def _build_moe(
 
     names, experts, ekw, spec = _experts_for(experts_dir)
     m = cfg.model
+    _check_router_cfg(m)
     arch = {k: ekw[k] for k in ("dim", "depth", "heads") if k in ekw}
     extra = {k: v for k, v in ekw.items() if k not in ("dim", "depth", "heads", "kind", "n_rois")}
     torch.manual_seed(cfg.seed)
@@ -596,6 +668,8 @@ def _build_moe(
         expert_kwargs=extra,
         top_k=min(m.top_k, len(names)),
         router_noise=m.router_noise,
+        router_input=m.router_input,
+        router_pca=m.router_pca,
         dropout=m.dropout,
         n_classes=len(down.classes),
         n_sex=len(down.sex_classes),
@@ -605,7 +679,30 @@ def _build_moe(
     )
     for target, source in zip(model.experts, experts, strict=True):
         target.load_state_dict(source.state_dict())
+    if m.router_prior:
+        _load_router_prior(model, experts_dir, names)
     return model, names, spec
+
+
+def _load_router_prior(model: BrainMoE, experts_dir: Path, names: list[str]) -> None:
+    from neuromoe.models.registry import load_model
+
+    if not _read_experts(experts_dir).get("router"):
+        raise InputError(
+            "model.router_prior is on but this pretraining folder has no state router",
+            path=experts_dir,
+            fix="re-run pretrain with --set model.router_prior=true model.router_input=pca",
+        )
+    prior, meta = load_model(experts_dir / ROUTER)
+    states = meta["extra"]["states"]
+    if sorted(states) != sorted(names) or meta["kwargs"].get("router_pca") != len(model.router_basis):
+        raise InputError(
+            f"the state router covers {states} with router_pca {meta['kwargs'].get('router_pca')}; "
+            f"the experts are {names}, router_pca {len(model.router_basis)}",
+            path=experts_dir / ROUTER,
+            fix="re-run pretrain with all states and the fine-tuning model.router_pca",
+        )
+    model.load_router_prior(prior, [states.index(n) for n in names])
 
 
 @torch.no_grad()
@@ -642,6 +739,8 @@ def _fit_moe(
     y = scans.tensors["phenotype"].numpy()[idx]
     val = _val_rows(groups, y, cfg.seed) if cfg.train.patience > 0 else np.zeros(len(idx), dtype=bool)
     model.set_embedding_stats(emb[idx[~val]])
+    if model.router_input == "pca" and not cfg.model.router_prior:  # else the state router's basis
+        model.set_router_basis(scans.tensors["fc"][idx[~val]])
     age_stats = _age_stats(down, idx[~val])
     trainer = FinetuneTrainer(
         model,
@@ -653,6 +752,7 @@ def _fit_moe(
         msec=cfg.model,
     )
     result = _fit(trainer)
+    model.dense_routing = False
     return model.cpu().eval(), age_stats, result
 
 
