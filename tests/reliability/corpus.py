@@ -431,13 +431,17 @@ def k_manifest_bad_label(root: Path) -> Case:
     return Case("manifest_non_numeric_age", "manifest", m, True, m)
 
 
+def _relative_manifest(base: Path, rows: list[dict[str, object]], roles: tuple[str, ...], name: str) -> Path:
+    """``rows`` with the ``roles`` paths made relative to ``base``, saved as ``base/name``."""
+    for r in rows:
+        for role in roles:
+            r[role] = str(Path(str(r[role])).relative_to(base))
+    return _manifest(base, rows, name)
+
+
 def k_manifest_relative_valid(root: Path) -> Case:
     sub = root / "relative"
-    rows = cohort_rows(sub / "images")
-    for r in rows:
-        for role in ("t1", "flair", "mask"):
-            r[role] = str(Path(str(r[role])).relative_to(sub))
-    m = _manifest(sub, rows, "relative.csv")
+    m = _relative_manifest(sub, cohort_rows(sub / "images"), ("t1", "flair", "mask"), "relative.csv")
     return Case("manifest_relative_paths_valid", "manifest", m, False, m)
 
 
@@ -553,10 +557,7 @@ def k_fmri_bad_age(root: Path) -> Case:
 
 def k_fmri_relative_valid(root: Path) -> Case:
     sub = root / "relative"
-    rows = fmri_rows(sub / "series")
-    for r in rows:
-        r["timeseries"] = str(Path(str(r["timeseries"])).relative_to(sub))
-    m = _manifest(sub, rows, "fmri_relative.csv")
+    m = _relative_manifest(sub, fmri_rows(sub / "series"), ("timeseries",), "fmri_relative.csv")
     return Case("fmri_manifest_relative_paths_valid", "fmri_manifest", m, False, m)
 
 
