@@ -156,3 +156,39 @@ def test_mae_encoder_loads_into_finetune_backbone_and_lr_decay():
     assert by_layer[id(m.backbone.blocks[1].mlp[0].weight)] == pytest.approx(1e-3 * 0.5)
     assert by_layer[id(m.head.out["age"].weight)] == pytest.approx(1e-3)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("norm", ["batch", "instance", ["group", {"num_groups": 4}]])
+def test_stem_norm_option(spatial_dims, norm):
+    """The stem's norm is configurable (YAML-style list spec too); a per-patch norm has no train/eval gap."""
+    m = DenseFormer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, init_features=8,
+                    growth_rate=4, block_layers=(2,), spatial_dims=spatial_dims, norm=norm)
+    kinds = {type(mod).__name__ for mod in m.stem.modules()}
+    expected = {"batch": "BatchNorm", "instance": "InstanceNorm", "group": "GroupNorm"}[
+        norm if isinstance(norm, str) else norm[0]]
+    assert any(k.startswith(expected) for k in kinds)
+    assert not any(k.startswith("BatchNorm") for k in kinds) or expected == "BatchNorm"
+    x = torch.randn(4, 1, *([16] * spatial_dims))
+    with torch.no_grad():
+        train_out = m.train()(x)
+        eval_out = m.eval()(x)
+    if expected == "BatchNorm":  # batch statistics vs running statistics
+        assert not torch.allclose(train_out, eval_out, atol=1e-3)
+    else:
+        torch.testing.assert_close(train_out, eval_out)
+        torch.testing.assert_close(m(x[:1]), eval_out[:1], rtol=1e-4, atol=1e-5)  # no batch coupling
+
+
+
+def test_norm_option_survives_save_and_load(tmp_path):
+    """The norm spec is stored in config.json (as a JSON list) and rebuilds the same model on load."""
+    from neuromoe.models.registry import create_model, load_model, save_model
+
+    m = create_model("denseformer_tiny", tasks=TASKS, num_experts=4, norm=["group", {"num_groups": 4}]).eval()
+    save_model(m, tmp_path / "model", {"family": "denseformer"})
+    loaded, _ = load_model(tmp_path / "model")
+    assert any(isinstance(mod, torch.nn.GroupNorm) for mod in loaded.backbone.stem.modules())
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x).outputs["age"], m(x).outputs["age"])

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets.densenet import _DenseBlock, _Transition
 from torch import Tensor, nn
 
@@ -121,6 +122,11 @@ class DenseNetPatchStem(nn.Module):
     patch resolution otherwise) → dense blocks (``block_layers``) with a compression transition (2×
     average pool) between consecutive blocks → BN-ReLU → flatten the final grid → linear to
     ``embed_dim``. Flattening (rather than global pooling) keeps where inside the patch a feature was.
+
+    ``norm`` is any MONAI norm spec (``"batch"``, ``("group", {"num_groups": 4})``, ``"instance"``, ...)
+    used in every dense layer, transition and the final norm. BatchNorm normalises over all patches
+    of the batch, so train-mode and eval-mode (running-statistics) outputs differ; a per-patch norm
+    (group/instance) behaves identically in both modes.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class DenseNetPatchStem(nn.Module):
         compression: float = 0.5,
         stem_stride: int = 2,
         spatial_dims: int = 3,
+        norm: str | tuple = "batch",
     ):
         super().__init__()
         n_down = len(block_layers) - 1
@@ -148,14 +155,13 @@ class DenseNetPatchStem(nn.Module):
         ]
         ch = init_features
         for i, n in enumerate(block_layers):
-            layers.append(_DenseBlock(spatial_dims, n, ch, bn_size, growth_rate, 0.0))
+            layers.append(_DenseBlock(spatial_dims, n, ch, bn_size, growth_rate, 0.0, norm=norm))
             ch += n * growth_rate
             if i < n_down:
                 out = max(1, int(ch * compression))
-                layers.append(_Transition(spatial_dims, ch, out))
+                layers.append(_Transition(spatial_dims, ch, out, norm=norm))
                 ch = out
-        norm = nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
-        layers += [norm(ch), nn.ReLU(inplace=True), nn.Flatten(1)]
+        layers += [get_norm_layer(norm, spatial_dims, ch), nn.ReLU(inplace=True), nn.Flatten(1)]
         self.features = nn.Sequential(*layers)
         self.out_channels = ch
         self.final_size = patch_size // (stem_stride * 2**n_down)
@@ -196,6 +202,7 @@ class DenseFormer(nn.Module):
         compression: float = 0.5,
         stem_stride: int = 2,
         spatial_dims: int = 3,
+        norm: str | tuple = "batch",
         pool: Literal["cls", "mean"] = "mean",
         num_outputs: int = 0,
     ):
@@ -213,7 +220,7 @@ class DenseFormer(nn.Module):
         self.stem = DenseNetPatchStem(
             in_channels, self.patch_size, embed_dim, init_features=init_features, growth_rate=growth_rate,
             block_layers=block_layers, bn_size=bn_size, compression=compression, stem_stride=stem_stride,
-            spatial_dims=spatial_dims,
+            spatial_dims=spatial_dims, norm=_norm_spec(norm),
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid, embed_dim).unsqueeze(0), persistent=False)
@@ -286,6 +293,11 @@ class DenseFormer(nn.Module):
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return len(self.blocks) + 1
+
+
+def _norm_spec(norm: str | Sequence[Any]) -> str | tuple:
+    """A MONAI norm spec from a config value: ``"batch"`` or ``["group", {"num_groups": 4}]`` (YAML/JSON lists)."""
+    return norm if isinstance(norm, str) else tuple(norm)
 
 
 def _init_linear(m: nn.Module) -> None:
