@@ -71,6 +71,60 @@ def test_multitask_loss_masks_missing_labels():
     assert out.outputs["age"].grad[1].abs().sum() == 0  # the subject without age gets no gradient
 
 
+def test_balance_task_gradients_does_what_it_says():
+    big, small = torch.tensor([[10.0, 0.0]]), torch.tensor([[0.0, 0.5]])
+    torch.testing.assert_close(pipe.balance_task_gradients([big, small], "sum"), big + small)
+    # normalize: both tasks contribute the mean norm (5.25) each, in their own direction
+    torch.testing.assert_close(pipe.balance_task_gradients([big, small], "normalize"), torch.tensor([[5.25, 5.25]]))
+    # pcgrad: a conflicting component is projected out, an agreeing gradient is left alone
+    a, b = torch.tensor([1.0, 1.0]), torch.tensor([-1.0, 0.0])
+    out = pipe.balance_task_gradients([a, b], "pcgrad")
+    torch.testing.assert_close(out, torch.tensor([0.0, 1.0]) + torch.tensor([-0.5, 0.5]))
+    c = torch.tensor([1.0, 0.5])
+    torch.testing.assert_close(pipe.balance_task_gradients([a, c], "pcgrad"), a + c)
+    with pytest.raises(ValueError, match="task_balance"):
+        pipe.balance_task_gradients([a, b], "mean")
+
+
+@pytest.mark.parametrize("method", ["normalize", "pcgrad"])
+def test_balanced_training_step_sends_balanced_gradient_into_backbone(method, monkeypatch):
+    """The surrogate path keeps the loss value, trains the head as usual and gives the backbone exactly the
+    balanced pooled-feature gradient; with a plain-sum combiner it equals ordinary backprop."""
+    from neuromoe.engine import TrainConfig
+    from neuromoe.models.denseformer import PRESETS, DenseFormerMoE
+
+    tasks = [TaskSpec("age", "regression", "age"), TaskSpec("sex", "classification", "sex", ["F", "M"])]
+    torch.manual_seed(0)
+    model = DenseFormerMoE([t.model_dict() for t in tasks], head="separate", head_drop=0.0,
+                           **{**PRESETS["tiny"], "norm": "instance"})
+    batch = {"image": torch.randn(4, 1, 32, 32, 32),
+             "labels": {"age": torch.tensor([50.0, 60.0, float("nan"), 70.0]), "sex": torch.tensor([0, 1, 1, -1])}}
+    stats = {"age": (60.0, 10.0)}
+
+    def grads(trainer):
+        model.zero_grad()
+        loss, logs = trainer.training_step(batch)
+        loss.backward()
+        return loss.detach(), logs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def make(balance):
+        return pipe.FinetuneTrainer(model, TrainConfig(device="cpu"), [], None, tasks=tasks, target_stats=stats,
+                                    layer_decay=1.0, freeze=False, task_balance=balance)
+
+    loss0, logs0, g0 = grads(make("sum"))
+    loss1, logs1, g1 = grads(make(method))
+    torch.testing.assert_close(loss1, loss0)  # the surrogate adds nothing to the loss value
+    assert logs1.keys() == logs0.keys()
+    for n in g0:
+        if n.startswith("head."):  # head parameters: ordinary gradients
+            torch.testing.assert_close(g1[n], g0[n])
+    assert any(not torch.allclose(g1[n], g0[n]) for n in g0 if n.startswith("backbone."))
+    monkeypatch.setattr(pipe, "balance_task_gradients", lambda gs, m: torch.stack(list(gs)).sum(0))
+    _, _, g2 = grads(make(method))
+    for n in g0:
+        torch.testing.assert_close(g2[n], g0[n], rtol=1e-4, atol=1e-6)
+
+
 def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     cfg = _cfg(tmp_path)
     mae_run = pipe.pretrain(cohort, tmp_path / "mae", cfg)

@@ -99,6 +99,10 @@ class FinetuneSection:
     freeze: bool = False
     label_fraction: float = 1.0
     augment: bool = True
+    # How the tasks' gradients meet at the shared pooled feature: "sum" (plain weighted sum of the task
+    # losses), "normalize" (each task's gradient scaled to the mean norm) or "pcgrad" (conflicting
+    # components projected out, Yu et al. 2020). See balance_task_gradients.
+    task_balance: Literal["sum", "normalize", "pcgrad"] = "sum"
 
 
 @dataclass
@@ -204,36 +208,75 @@ class MAETrainer(Trainer):
         return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
 
 
-def multitask_loss(out: Any, labels: dict[str, Tensor], tasks: Sequence[TaskSpec],
-                   target_stats: dict[str, tuple[float, float]]) -> tuple[Tensor, dict[str, float]]:
-    """Sum over tasks of weight × loss on the subjects that have that label (missing ones masked out)."""
-    total = out.aux_loss.float()
-    logs = {"aux": float(out.aux_loss.detach())}
+def task_losses(out: Any, labels: dict[str, Tensor], tasks: Sequence[TaskSpec],
+                target_stats: dict[str, tuple[float, float]]) -> dict[str, Tensor]:
+    """Weight × loss per task on the subjects that have that label; tasks without labels in the batch are absent."""
+    losses = {}
     for t in tasks:
         pred, y = out.outputs[t.name].float(), labels[t.name]
         if t.type == "classification":
             have = y != MISSING_CLASS
             if not have.any():
                 continue
-            loss = F.cross_entropy(pred[have], y[have].long())
+            loss = F.cross_entropy(pred[have], y[have].long(), )
         else:
             have = torch.isfinite(y)
             if not have.any():
                 continue
             mean, std = target_stats[t.name]
             loss = F.smooth_l1_loss(pred[have, 0], ((y[have].float() - mean) / std))
-        total = total + t.weight * loss
-        logs[f"loss_{t.name}"] = float(loss.detach())
+        losses[t.name] = t.weight * loss
+    return losses
+
+
+def multitask_loss(out: Any, labels: dict[str, Tensor], tasks: Sequence[TaskSpec],
+                   target_stats: dict[str, tuple[float, float]]) -> tuple[Tensor, dict[str, float]]:
+    """Sum over tasks of weight × loss on the subjects that have that label (missing ones masked out)."""
+    losses = task_losses(out, labels, tasks, target_stats)
+    total = out.aux_loss.float() + sum(losses.values())
+    logs = {"aux": float(out.aux_loss.detach())}
+    logs.update({f"loss_{k}": float(v.detach()) for k, v in losses.items()})
     return total, logs
+
+
+def balance_task_gradients(grads: Sequence[Tensor], method: Literal["sum", "normalize", "pcgrad"]) -> Tensor:
+    """Combine per-task gradients of one shared tensor into the gradient the shared backbone receives.
+
+    ``sum``: plain sum (what backward of the summed loss gives). ``normalize``: every task's gradient
+    rescaled to the mean of their norms before summing, so a task with large gradients (an easily
+    separable classification task) cannot drown a task whose gradient is small (brain age on its
+    plateau); the total scale is kept. ``pcgrad``: for each task, the component that conflicts
+    (negative dot product) with another task's gradient is projected out before summing (PCGrad,
+    Yu et al. 2020; fixed task order, so it is deterministic).
+    """
+    if method == "sum" or len(grads) < 2:
+        return torch.stack(list(grads)).sum(0)
+    flat = [g.reshape(-1).float() for g in grads]
+    if method == "normalize":
+        norms = torch.stack([f.norm() for f in flat])
+        scale = norms.mean() / norms.clamp_min(1e-12)
+        out = sum(f * s for f, s in zip(flat, scale))
+    elif method == "pcgrad":
+        out = torch.zeros_like(flat[0])
+        for i, f in enumerate(flat):
+            g = f.clone()
+            for j, other in enumerate(flat):
+                dot = torch.dot(g, other)
+                if j != i and dot < 0:
+                    g = g - dot / other.pow(2).sum().clamp_min(1e-12) * other
+            out = out + g
+    else:
+        raise ValueError(f"unknown task_balance '{method}' (sum, normalize, pcgrad)")
+    return out.reshape(grads[0].shape).to(grads[0].dtype)
 
 
 class FinetuneTrainer(Trainer):
     """Multi-task fine-tuning with masked per-task losses, layer-wise lr decay and an optional frozen backbone."""
 
     def __init__(self, *args: Any, tasks: Sequence[TaskSpec], target_stats: dict[str, tuple[float, float]],
-                 layer_decay: float, freeze: bool, **kwargs: Any):
+                 layer_decay: float, freeze: bool, task_balance: str = "sum", **kwargs: Any):
         self.tasks, self.target_stats = list(tasks), target_stats
-        self.layer_decay, self.freeze = layer_decay, freeze
+        self.layer_decay, self.freeze, self.task_balance = layer_decay, freeze, task_balance
         super().__init__(*args, **kwargs)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -244,8 +287,25 @@ class FinetuneTrainer(Trainer):
             self.model.backbone.eval()
 
     def training_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        out = self.model(batch["image"])
-        return multitask_loss(out, batch["labels"], self.tasks, self.target_stats)
+        if self.task_balance == "sum" or self.freeze:
+            out = self.model(batch["image"])
+            return multitask_loss(out, batch["labels"], self.tasks, self.target_stats)
+        # The head runs on a detached copy of the pooled feature; each task's gradient with respect to
+        # it is taken separately (cheap: only the head is differentiated), balanced, and sent into the
+        # backbone through a surrogate term whose value is zero.
+        pooled = self.model.backbone.pool_features(self.model.forward_features(batch["image"]))
+        shared = pooled.detach().requires_grad_(True)
+        out = self.model.head(shared)
+        losses = task_losses(out, batch["labels"], self.tasks, self.target_stats)
+        aux = out.aux_loss.float()
+        grads = [torch.autograd.grad(v, shared, retain_graph=True)[0] for v in losses.values()]
+        backbone_grad = balance_task_gradients(grads, self.task_balance) if grads else torch.zeros_like(shared)
+        if aux.requires_grad:
+            backbone_grad = backbone_grad + torch.autograd.grad(aux, shared, retain_graph=True)[0]
+        surrogate = (pooled * backbone_grad.detach()).sum()
+        total = aux + sum(losses.values()) + surrogate - surrogate.detach()
+        logs = {"aux": float(aux.detach()), **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}}
+        return total, logs
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = self.model(batch["image"])
@@ -422,7 +482,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     trainer = FinetuneTrainer(
         model, cfg.train, dataset.subset(train_mask, augment=ft.augment, seed=cfg.seed),
         dataset.subset(split == "val"), run_dir=out, collate_fn=_collate, tasks=ft.tasks,
-        target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze,
+        target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze, task_balance=ft.task_balance,
     )
     result = _fit(trainer, resume)
     model = model.cpu().eval()
