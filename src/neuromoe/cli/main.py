@@ -17,7 +17,9 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -133,7 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         command, rest = argv[0], argv[1:]
         if command in FAMILY_VERBS:
-            return _run_family_verb(command, rest)
+            # under torchrun every rank runs this; only rank 0 prints results (errors still show on all)
+            quiet = int(os.environ.get("RANK", "0")) > 0
+            with contextlib.ExitStack() as stack:
+                if quiet:
+                    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+                return _run_family_verb(command, rest)
         module = importlib.import_module(PLAIN_COMMANDS[command][0])
         parser = argparse.ArgumentParser(prog=f"neuromoe {command}", formatter_class=argparse.RawDescriptionHelpFormatter)
         module.register(parser)
