@@ -4,9 +4,9 @@ Measured in one run on the same input (default 64³, the ``demo`` preset):
 
 * MAE pretraining step (fwd+bwd+AdamW) at mask 0.75 vs the same backbone's full-token step (mask 0.0,
   same decoder) and vs a supervised full-token step of the backbone alone — target ≤ 0.35×;
-* fine-tune step and inference throughput (volumes/s) of DenseFormer-MoE vs MONAI DenseNet121-3D and a
-  plain ViT of similar size (Conv3d patch embedding + ``nn.TransformerEncoder``; MONAI's ViT needs
-  ``einops``, which is not a dependency);
+* fine-tune step and inference throughput (volumes/s) of DenseFormer-MoE vs MONAI DenseNet121-3D and
+  MONAI's ViT of the same width, depth, heads and patch (``monai.networks.nets.ViT``; needs ``einops``, in
+  the ``dev``/``bench`` extras);
 * fp32 vs bf16 autocast;
 * achieved GFLOP/s (FLOPs counted with ``torch.utils.flop_counter``; backward = 2× forward) as a fraction
   of a bf16 2048² matmul measured in the same run.
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from monai.networks.nets import DenseNet121
+from monai.networks.nets import DenseNet121, ViT
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,24 +36,6 @@ TASKS = [{"name": "age", "type": "regression", "num_outputs": 1},
          {"name": "dx_ad", "type": "classification", "num_outputs": 3},
          {"name": "dx_pd", "type": "classification", "num_outputs": 2},
          {"name": "sex", "type": "classification", "num_outputs": 2}]
-
-
-class PlainViT(nn.Module):
-    """Reference ViT: Conv3d patch embedding, learned positions, pre-norm ``nn.TransformerEncoder``."""
-
-    def __init__(self, size: int, patch: int, dim: int, depth: int, heads: int, out: int = 1):
-        super().__init__()
-        self.embed = nn.Conv3d(1, dim, patch, stride=patch)
-        n = (size // patch) ** 3
-        self.pos = nn.Parameter(torch.zeros(1, n, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.embed(x).flatten(2).transpose(1, 2) + self.pos
-        return self.head(self.encoder(t).mean(1))
 
 
 def _autocast(bf16: bool) -> Any:
@@ -77,8 +59,8 @@ def _flops(fn: Callable[[], Any]) -> int:
 
 
 def _loss(out: Any) -> torch.Tensor:
-    if isinstance(out, tuple):
-        return out[0]
+    if isinstance(out, tuple):  # MAE: (loss, pred, mask); MONAI ViT: (logits, hidden states)
+        return out[0] if out[0].ndim == 0 else out[0].float().mean()
     if hasattr(out, "outputs"):
         return sum(v.float().mean() for v in out.outputs.values()) + out.aux_loss
     return out.float().mean()
@@ -147,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models = {
         "denseformer_moe": DenseFormerMoE(TASKS, **kw),
         "monai_densenet121_3d": DenseNet121(spatial_dims=3, in_channels=1, out_channels=1),
-        "plain_vit": PlainViT(args.size, kw["patch_size"], kw["embed_dim"], kw["depth"], kw["num_heads"]),
+        "monai_vit": ViT(in_channels=1, img_size=args.size, patch_size=kw["patch_size"], hidden_size=kw["embed_dim"],
+                         mlp_dim=4 * kw["embed_dim"], num_layers=kw["depth"], num_heads=kw["num_heads"],
+                         classification=True, num_classes=1, spatial_dims=3),
     }
     comp: dict[str, Any] = {}
     for name, model in models.items():
