@@ -54,8 +54,10 @@ def probe(pretrain: Path, cohort: Path, cfg: bm.BrainMoEConfig, folds: int) -> d
     return out
 
 
-def run_seed(cohort: Path, out: Path, seed: int, preset: str, folds: int, kind: str | None) -> dict:
-    cfg = bm.load_brainmoe_config(preset, seed=seed, device="cpu")
+def run_seed(
+    cohort: Path, out: Path, seed: int, preset: str, folds: int, kind: str | None, sets: list[str]
+) -> dict:
+    cfg = bm.load_brainmoe_config(preset, sets, seed=seed, device="cpu")
     cfg.eval.folds = folds
     if kind:
         cfg.expert.kind = kind
@@ -126,6 +128,7 @@ def main() -> None:
     ap.add_argument("--config", default="demo")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--expert-kind", default=None, choices=["fc_mae", "jepa", "state_clf"])
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model.unfreeze_experts=true")
     args = ap.parse_args()
     cohort = args.cohort
     if cohort is None:
@@ -137,7 +140,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         results.append(
-            run_seed(cohort, args.out / f"seed{seed}", seed, args.config, args.folds, args.expert_kind)
+            run_seed(cohort, args.out / f"seed{seed}", seed, args.config, args.folds, args.expert_kind, args.set)
         )
         atomic_write_json(args.out / "results.json", results)
         atomic_write_text(args.out / "table.md", table(results))

@@ -204,6 +204,36 @@ def test_state_router_prior_and_dense_warmup_through_pretrain_and_train(cohort, 
                  experts=pretrained)
 
 
+def test_unfrozen_experts_fine_tune_at_their_own_learning_rate(cohort, pretrained, tmp_path):
+    """``model.unfreeze_experts`` trains the routed experts, at ``expert_lr_scale`` × lr; frozen by default."""
+    cfg = _cfg(model__unfreeze_experts=True, model__expert_lr_scale=0.1, model__router_lr_scale=0.5)
+    cfg.train.epochs = 2
+    spec = bm.FCSpec(**json.loads((pretrained / "experts.json").read_text())["fc"])
+    down = bm._downstream(cohort, cfg, spec)
+    model, _, _ = bm._build_moe(pretrained, cfg, down)
+    trainer = bm.FinetuneTrainer(
+        model, cfg.train, down.scans, None, run_dir=tmp_path / "t", age_stats=(0.0, 1.0), msec=cfg.model
+    )
+    lr = {id(p): g["lr"] for g in trainer.param_groups() for p in g["params"]}
+    assert len(lr) == sum(1 for _ in model.parameters())  # nothing left out
+    experts, router = list(model.experts.parameters()), list(model.router.parameters())
+    assert [lr[id(p)] for p in experts] == pytest.approx([0.1 * cfg.train.lr] * len(experts))
+    assert [lr[id(p)] for p in router] == pytest.approx([0.5 * cfg.train.lr] * len(router))
+    assert lr[id(model.queries)] == pytest.approx(cfg.train.lr)
+
+    def changed(run):
+        tuned, _ = load_model(run / "model")
+        names = json.loads((pretrained / "experts.json").read_text())["states"]
+        return [
+            not torch.equal(e.encoder.proj.weight, load_model(pretrained / "experts" / n)[0].encoder.proj.weight)
+            for e, n in zip(tuned.experts, names, strict=True)
+        ]
+
+    assert any(changed(bm.train(cohort, tmp_path / "unfrozen", cfg, experts=pretrained)))
+    cfg.model.unfreeze_experts = False
+    assert not any(changed(bm.train(cohort, tmp_path / "frozen", cfg, experts=pretrained)))
+
+
 def test_balance_loss_pushes_probability_off_the_overloaded_expert():
     from neuromoe.models import create_model
 

@@ -96,6 +96,7 @@ class ModelSection:
     balance_coef: float = 0.0  # Switch load-balancing loss on the router (shared layer)
     dropout: float = 0.1
     unfreeze_experts: bool = False
+    expert_lr_scale: float = 1.0  # unfrozen experts' learning rate = train.lr × this (adapt, not re-learn)
     router_lr_scale: float = 1.0  # router learning rate = train.lr × this (a slower router saturates later)
     z_coef: float = 0.0  # router z-loss (shared layer): keeps router logits small, so routing stays soft
     sex_weight: float = 0.5
@@ -596,14 +597,16 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The engine's decay/no-decay groups, with the router's parameters at ``router_lr_scale`` × lr."""
-        router = {id(p) for m in (self.model.router_mlp, self.model.router) for p in m.parameters()}
+        """The engine's decay/no-decay groups, with the router's parameters at ``router_lr_scale`` × lr and
+        (unfrozen) experts' at ``expert_lr_scale`` × lr."""
+        part = {id(p): "router" for m in (self.model.router_mlp, self.model.router) for p in m.parameters()}
+        part.update({id(p): "experts" for p in self.model.experts.parameters()})
+        scales = {"rest": 1.0, "router": self.msec.router_lr_scale, "experts": self.msec.expert_lr_scale}
         groups = []
         for g in super().param_groups():
-            for is_router in (False, True):
-                params = [p for p in g["params"] if (id(p) in router) == is_router]
+            for name, scale in scales.items():
+                params = [p for p in g["params"] if part.get(id(p), "rest") == name]
                 if params:
-                    scale = self.msec.router_lr_scale if is_router else 1.0
                     groups.append({**g, "params": params, "lr": self.cfg.lr * scale})
         return groups
 
