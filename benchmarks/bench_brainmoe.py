@@ -5,8 +5,11 @@ Workload (the issue's): 1,000 scans of 264 ROIs × 200 TRs (``bench_brainmoe_fc.
 process, on the same data: nilearn ``ConnectivityMeasure(kind="correlation")`` (EmpiricalCovariance, the
 reference) vs our Pearson FC + Fisher z followed by the embeddings of all five per-state experts (target:
 ours ≤ 1× nilearn's time). Then the full BrainMoE forward (router → top-k experts run sparsely → adapter)
-and the adapter alone on cached expert embeddings (what fine-tuning runs), in scans/s. Untrained weights:
-speed does not depend on them. One JSON object on stdout.
+and the adapter alone on cached expert embeddings (what fine-tuning runs), in scans/s. The router input
+(``fc`` = MLP over all upper-triangle FC values, ``pca`` = over whitened principal components) defaults to
+what the ``demo`` config uses; a ``pca`` basis is fitted (untimed) on the benchmark's own scans, as
+pretraining fits it on the pretraining scans. Untrained weights otherwise: speed does not depend on them.
+One JSON object on stdout.
 
     python benchmarks/bench_brainmoe.py [--n-scans 1000 --preset demo --kind state_clf --threads 1]
 """
@@ -26,6 +29,7 @@ import torch
 from bench_brainmoe_fc import ar1_series
 from neuromoe.data.connectivity import connectivity
 from neuromoe.models import create_model
+from neuromoe.pipelines.brainmoe import load_brainmoe_config
 
 
 def _timed(fn):
@@ -41,6 +45,7 @@ def _batched(fn, n: int, batch: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    demo = load_brainmoe_config("demo").model
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-scans", type=int, default=1000)
     ap.add_argument("--n-rois", type=int, default=264)
@@ -49,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--kind", default="state_clf", choices=["fc_mae", "state_clf"])
     ap.add_argument("--n-experts", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--router-input", default=demo.router_input, choices=["fc", "pca"])
+    ap.add_argument("--router-pca", type=int, default=demo.router_pca)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument(
         "--threads", type=int, default=1, help="torch + BLAS threads (1 is fastest on a shared machine)"
@@ -68,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         n_experts=args.n_experts,
         expert_kind=args.kind,
         top_k=args.top_k,
+        router_input=args.router_input,
+        router_pca=args.router_pca,
     ).eval()
     n, b = args.n_scans, args.batch
 
@@ -77,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         _, t_nilearn = _timed(lambda: cm.fit_transform(list(x)))
     fc_np, t_fc = _timed(lambda: connectivity(x, "pearson", fisher_z=True))
     fc = torch.from_numpy(fc_np)
+    if args.router_input == "pca":
+        model.set_router_basis(fc)
     emb = torch.empty(n, args.n_experts, model.dim)
 
     def embed(sl: slice) -> None:
@@ -96,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "expert_kind": args.kind,
             "n_experts": args.n_experts,
             "top_k": args.top_k,
+            "router_input": args.router_input,
+            "router_pca": args.router_pca if args.router_input == "pca" else None,
             "batch": b,
         },
         "machine": {

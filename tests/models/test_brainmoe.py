@@ -58,6 +58,18 @@ def test_adapter_output_shapes_and_precomputed_embeddings_match():
     torch.testing.assert_close(cached.outputs["phenotype"], out.outputs["phenotype"])
 
 
+@pytest.mark.parametrize("kind", ["state_clf", "fc_mae"])
+def test_batched_expert_projection_equals_each_expert_alone(kind):
+    """expert_embeddings runs all FC experts' input projections as one matmul: same numbers as embed()."""
+    model = _moe(expert_kind=kind).eval()
+    with torch.no_grad():  # distinct experts, so a mix-up of their projections would show
+        for e in model.experts:
+            e.encoder.proj.weight.normal_()
+    fc = _fc(3)
+    alone = torch.stack([e.embed(fc) for e in model.experts], dim=1)
+    torch.testing.assert_close(model.expert_embeddings(fc), alone)
+
+
 def test_frozen_experts_get_no_gradients_unless_unfrozen():
     frozen = _moe()
     frozen.train()

@@ -127,11 +127,19 @@ class FCEncoder(nn.Module):
         self.blocks = _encoder(dim, depth, heads, dropout)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, fc: Tensor, replace: Tensor | None = None, token: Tensor | None = None) -> Tensor:
-        """``replace`` (B, M) bool marks ROIs whose token becomes ``token`` (the mask token)."""
+    def forward(
+        self,
+        fc: Tensor,
+        replace: Tensor | None = None,
+        token: Tensor | None = None,
+        projected: Tensor | None = None,
+    ) -> Tensor:
+        """``replace`` (B, M) bool marks ROIs whose token becomes ``token`` (the mask token); ``projected``
+        = ``proj(fc)`` already computed by the caller (:meth:`BrainMoE.expert_embeddings` runs all experts'
+        projections as one matmul)."""
         if fc.shape[-2:] != (self.n_rois, self.n_rois):
             raise ValueError(f"expected FC of shape (B, {self.n_rois}, {self.n_rois}), got {tuple(fc.shape)}")
-        x = self.proj(fc)
+        x = self.proj(fc) if projected is None else projected
         if replace is not None and token is not None:
             x = torch.where(replace[..., None], token.to(x.dtype), x)
         return self.norm(self.blocks(x + self.roi_embed))
@@ -172,8 +180,8 @@ class FCMAEExpert(nn.Module):
         loss = F.mse_loss(recon[mask].float(), fc[mask].float())
         return loss, {"recon_mse": float(loss.detach())}
 
-    def embed(self, fc: Tensor, ts: Tensor | None = None) -> Tensor:
-        return self.encoder(fc).mean(dim=1)
+    def embed(self, fc: Tensor, ts: Tensor | None = None, projected: Tensor | None = None) -> Tensor:
+        return self.encoder(fc, projected=projected).mean(dim=1)
 
 
 class StateClfExpert(nn.Module):
@@ -202,8 +210,8 @@ class StateClfExpert(nn.Module):
         acc = (logits.argmax(1) == target).float().mean()
         return loss, {"state_ce": float(loss.detach()), "state_acc": float(acc)}
 
-    def embed(self, fc: Tensor, ts: Tensor | None = None) -> Tensor:
-        return self.encoder(fc).mean(dim=1)
+    def embed(self, fc: Tensor, ts: Tensor | None = None, projected: Tensor | None = None) -> Tensor:
+        return self.encoder(fc, projected=projected).mean(dim=1)
 
 
 class JEPAExpert(nn.Module):
@@ -404,9 +412,16 @@ class BrainMoE(nn.Module):
         return self
 
     def expert_embeddings(self, fc: Tensor | None, ts: Tensor | None = None) -> Tensor:
-        """(B, E, D) embeddings of every expert (what is cached when the experts are frozen)."""
+        """(B, E, D) embeddings of every expert (what is cached when the experts are frozen). FC experts'
+        input projections (the bulk of the work: M×M → M×D per expert) run as one matmul, which a single
+        CPU thread does faster than five narrow ones."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_experts):
-            return torch.stack([e.embed(fc, ts) for e in self.experts], dim=1)
+            if self.expert_input != "fc":
+                return torch.stack([e.embed(fc, ts) for e in self.experts], dim=1)
+            weight = torch.cat([e.encoder.proj.weight for e in self.experts])
+            bias = torch.cat([e.encoder.proj.bias for e in self.experts])
+            projected = F.linear(fc, weight, bias).split(self.dim, dim=-1)
+            return torch.stack([e.embed(fc, projected=p) for e, p in zip(self.experts, projected, strict=True)], 1)
 
     @torch.no_grad()
     def set_embedding_stats(self, emb: Tensor) -> None:
