@@ -125,6 +125,30 @@ def test_balanced_training_step_sends_balanced_gradient_into_backbone(method, mo
         torch.testing.assert_close(g2[n], g0[n], rtol=1e-4, atol=1e-6)
 
 
+def test_regression_only_epochs_hide_classification_losses():
+    """During the first ``regression_only_epochs`` only the regression task trains; then every task does."""
+    from neuromoe.engine import TrainConfig
+    from neuromoe.models.denseformer import PRESETS, DenseFormerMoE
+
+    tasks = [TaskSpec("age", "regression", "age"), TaskSpec("sex", "classification", "sex", ["F", "M"])]
+    torch.manual_seed(0)
+    model = DenseFormerMoE([t.model_dict() for t in tasks], head="separate", head_drop=0.0, **PRESETS["tiny"])
+    batch = {"image": torch.randn(3, 1, 32, 32, 32),
+             "labels": {"age": torch.tensor([50.0, 60.0, 70.0]), "sex": torch.tensor([0, 1, 1])}}
+    trainer = pipe.FinetuneTrainer(model, TrainConfig(device="cpu"), [], None, tasks=tasks,
+                                   target_stats={"age": (60.0, 10.0)}, layer_decay=1.0, freeze=False,
+                                   regression_only_epochs=2)
+    for epoch, sex_trains in ((0, False), (1, False), (2, True)):
+        trainer.epoch = epoch
+        model.zero_grad()
+        loss, logs = trainer.training_step(batch)
+        loss.backward()
+        assert ("loss_sex" in logs) is sex_trains and "loss_age" in logs
+        grad = model.head.out["sex"].weight.grad
+        assert (grad is not None and bool(grad.abs().sum() > 0)) is sex_trains
+    assert batch["labels"]["sex"].tolist() == [0, 1, 1]  # the caller's batch is not modified
+
+
 def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     cfg = _cfg(tmp_path)
     mae_run = pipe.pretrain(cohort, tmp_path / "mae", cfg)

@@ -103,6 +103,10 @@ class FinetuneSection:
     # losses), "normalize" (each task's gradient scaled to the mean norm) or "pcgrad" (conflicting
     # components projected out, Yu et al. 2020). See balance_task_gradients.
     task_balance: Literal["sum", "normalize", "pcgrad"] = "sum"
+    # Curriculum: train the regression tasks (brain age) alone for this many epochs before the
+    # classification losses join. An easy classification task (sex from head size) otherwise reshapes
+    # the shared features before age has left its mean-prediction plateau (docs/experiments.md).
+    regression_only_epochs: int = 0
 
 
 @dataclass
@@ -274,9 +278,11 @@ class FinetuneTrainer(Trainer):
     """Multi-task fine-tuning with masked per-task losses, layer-wise lr decay and an optional frozen backbone."""
 
     def __init__(self, *args: Any, tasks: Sequence[TaskSpec], target_stats: dict[str, tuple[float, float]],
-                 layer_decay: float, freeze: bool, task_balance: str = "sum", **kwargs: Any):
+                 layer_decay: float, freeze: bool, task_balance: str = "sum", regression_only_epochs: int = 0,
+                 **kwargs: Any):
         self.tasks, self.target_stats = list(tasks), target_stats
         self.layer_decay, self.freeze, self.task_balance = layer_decay, freeze, task_balance
+        self.regression_only_epochs = regression_only_epochs
         super().__init__(*args, **kwargs)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -287,6 +293,10 @@ class FinetuneTrainer(Trainer):
             self.model.backbone.eval()
 
     def training_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        if self.epoch < self.regression_only_epochs:  # classification labels hidden = masked out
+            hidden = {t.name for t in self.tasks if t.type == "classification"}
+            batch = {**batch, "labels": {k: torch.full_like(v, MISSING_CLASS) if k in hidden else v
+                                         for k, v in batch["labels"].items()}}
         if self.task_balance == "sum" or self.freeze:
             out = self.model(batch["image"])
             return multitask_loss(out, batch["labels"], self.tasks, self.target_stats)
@@ -483,6 +493,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         model, cfg.train, dataset.subset(train_mask, augment=ft.augment, seed=cfg.seed),
         dataset.subset(split == "val"), run_dir=out, collate_fn=_collate, tasks=ft.tasks,
         target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze, task_balance=ft.task_balance,
+        regression_only_epochs=ft.regression_only_epochs,
     )
     result = _fit(trainer, resume)
     model = model.cpu().eval()
