@@ -205,7 +205,8 @@ def test_state_router_prior_and_dense_warmup_through_pretrain_and_train(cohort, 
 
 
 def test_unfrozen_experts_fine_tune_at_their_own_learning_rate(cohort, pretrained, tmp_path):
-    """``model.unfreeze_experts`` trains the routed experts, at ``expert_lr_scale`` × lr; frozen by default."""
+    """``model.unfreeze_experts`` trains the routed experts, at ``expert_lr_scale`` × lr, after the first
+    ``expert_warmup`` share of the epochs; frozen by default."""
     cfg = _cfg(model__unfreeze_experts=True, model__expert_lr_scale=0.1, model__router_lr_scale=0.5)
     cfg.train.epochs = 2
     spec = bm.FCSpec(**json.loads((pretrained / "experts.json").read_text())["fc"])
@@ -230,6 +231,9 @@ def test_unfrozen_experts_fine_tune_at_their_own_learning_rate(cohort, pretraine
         ]
 
     assert any(changed(bm.train(cohort, tmp_path / "unfrozen", cfg, experts=pretrained)))
+    cfg.model.expert_warmup = 1.0  # frozen for every epoch of the run
+    assert not any(changed(bm.train(cohort, tmp_path / "warmup", cfg, experts=pretrained)))
+    cfg.model.expert_warmup = 0.0
     cfg.model.unfreeze_experts = False
     assert not any(changed(bm.train(cohort, tmp_path / "frozen", cfg, experts=pretrained)))
 

@@ -97,6 +97,7 @@ class ModelSection:
     dropout: float = 0.1
     unfreeze_experts: bool = False
     expert_lr_scale: float = 1.0  # unfrozen experts' learning rate = train.lr × this (adapt, not re-learn)
+    expert_warmup: float = 0.0  # unfrozen experts: share of fine-tuning epochs they stay frozen first
     router_lr_scale: float = 1.0  # router learning rate = train.lr × this (a slower router saturates later)
     z_coef: float = 0.0  # router z-loss (shared layer): keeps router logits small, so routing stays soft
     sex_weight: float = 0.5
@@ -611,8 +612,11 @@ class FinetuneTrainer(Trainer):
         return groups
 
     def on_epoch_start(self, epoch: int) -> None:
-        """Dense routing for the first ``dense_warmup`` share of the epochs, top-k afterwards."""
+        """Dense routing for the first ``dense_warmup`` share of the epochs, top-k afterwards; unfrozen
+        experts start training after the first ``expert_warmup`` share (router and adapter settle first)."""
         self.model.dense_routing = epoch < round(self.msec.dense_warmup * self.cfg.epochs)
+        if self.msec.unfreeze_experts:
+            self.model.experts.requires_grad_(epoch >= round(self.msec.expert_warmup * self.cfg.epochs))
 
     def _forward(self, batch: dict[str, Tensor]) -> BrainMoEOutput:
         return self.model(batch["fc"], batch.get("ts"), batch.get("emb"))
