@@ -16,7 +16,7 @@ import torch
 from neuromoe.cli.main import main as cli_main
 from neuromoe.data.structural import TaskSpec, assign_splits, encode_labels
 from neuromoe.data.synth import synth_cohort
-from neuromoe.errors import InputError
+from neuromoe.errors import ConfigError, InputError
 from neuromoe.pipelines import denseformer as pipe
 
 
@@ -147,6 +147,14 @@ def test_regression_only_epochs_hide_classification_losses():
         grad = model.head.out["sex"].weight.grad
         assert (grad is not None and bool(grad.abs().sum() > 0)) is sex_trains
     assert batch["labels"]["sex"].tolist() == [0, 1, 1]  # the caller's batch is not modified
+    outputs = [{"loss": 2.0, "n": 3}]
+    trainer.epoch = 1  # classification still held back: no checkpoint may be selected
+    assert trainer.validation_end(outputs)["val_loss"] == float("inf")
+    trainer.epoch = 2
+    assert trainer.validation_end(outputs)["val_loss"] == pytest.approx(2.0)
+    cfg = pipe.load_denseformer_config("tiny", ["finetune.regression_only_epochs=1"], seed=0, device="cpu")
+    with pytest.raises(ConfigError, match="regression_only_epochs"):
+        pipe.train("unused", "unused", cfg)  # train.epochs = 1: no epoch left for the classification tasks
 
 
 def test_pretrain_train_evaluate_predict(cohort, tmp_path):

@@ -37,7 +37,7 @@ from torch import Tensor
 from neuromoe.config import load_family_config, save_config, to_dict
 from neuromoe.data.structural import MISSING_CLASS, StructuralDataset, TaskSpec, assign_splits, load_t1
 from neuromoe.engine import TrainConfig, Trainer
-from neuromoe.errors import InputError, ModelFormatError
+from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.conformal import (
     ConformalClassifier,
     ConformalRegressor,
@@ -323,6 +323,10 @@ class FinetuneTrainer(Trainer):
         return {"loss": float(loss - out.aux_loss.float()), "n": batch["image"].shape[0]}
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
+        """Mean validation loss over all tasks; ``inf`` while the classification tasks are still held back,
+        so the kept checkpoint (lowest loss) is never one whose classification heads were not trained."""
+        if self.epoch < self.regression_only_epochs:
+            return {"val_loss": math.inf}
         n = sum(o["n"] for o in outputs)
         return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
 
@@ -459,6 +463,10 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     cfg = cfg or load_denseformer_config()
     out = Path(out)
     ft = cfg.finetune
+    if ft.regression_only_epochs >= cfg.train.epochs and any(t.type == "classification" for t in ft.tasks):
+        raise ConfigError(f"finetune.regression_only_epochs ({ft.regression_only_epochs}) leaves no epoch for the "
+                          f"classification tasks (train.epochs = {cfg.train.epochs})",
+                          fix="set finetune.regression_only_epochs below train.epochs")
     table, source = _resolve_table(data)
     _require_labels(table, source)
     split = assign_splits(table, seed=cfg.seed).to_numpy()
