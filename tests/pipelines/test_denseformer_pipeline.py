@@ -211,3 +211,19 @@ def test_cli_train_scratch_shared_head_and_bad_pretrained(cohort, tmp_path):
                    "--out", str(tmp_path / "ft2"), "--pretrained", str(tmp_path / "ft" / "model"),
                    "--cache", str(tmp_path / "cache")])
     assert rc == 2  # a fine-tuned model is not an MAE encoder: one-line error, exit 2
+
+
+def test_age_bias_correction_only_where_a_bias_is_there() -> None:
+    """A model that regresses to the mean (slope 0.5) is corrected back onto the ages; a model that barely
+    tracks age (or not at all) is left as it is instead of being stretched by 1/slope."""
+    rng = np.random.default_rng(0)
+    age = rng.uniform(45, 80, 40)
+    shrunk = 0.5 * age + 31 + rng.normal(0, 1.0, 40)
+    bias = pipe._age_bias(age, shrunk)
+    assert bias is not None and bias["slope"] == pytest.approx(0.5, abs=0.05)
+    corrected = pipe._corrected_age(shrunk, {"bias": bias})
+    assert np.abs(corrected - age).mean() < np.abs(shrunk - age).mean() / 2
+    flat = 62 + 0.08 * (age - 62) + rng.normal(0, 3.0, 40)  # weak slope: correcting would multiply noise by 12
+    assert pipe._age_bias(age, flat) is None
+    assert pipe._age_bias(age, rng.normal(62, 5, 40)) is None
+    assert pipe._age_bias(age, np.full(40, 62.0)) is None

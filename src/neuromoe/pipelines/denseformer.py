@@ -571,10 +571,10 @@ def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows:
             have = np.isfinite(y)
             entry: dict[str, Any] = {}
             if t.name == AGE_TASK and have.sum() >= 3 and np.std(y[have]) > 0:
-                a, b = np.polyfit(y[have], p[have], 1)
-                if a > 0.05:  # a near-zero slope would blow the correction up; then leave predictions as is
-                    entry["bias"] = {"slope": float(a), "intercept": float(b)}
-                    p = (p - b) / a
+                bias = _age_bias(y[have], p[have])
+                if bias is not None:
+                    entry["bias"] = bias
+                    p = _corrected_age(p, entry)
             entry["conformal"] = ConformalRegressor(ev.alpha).fit(y, p).to_dict()
             cal[t.name] = entry
         else:
@@ -582,6 +582,23 @@ def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows:
                 cal[t.name] = {"conformal": ConformalClassifier(ev.alpha, method=ev.set_method).fit(
                     pred[t.name], y).to_dict()}
     return cal
+
+
+MIN_BIAS_SLOPE = 0.2  # the correction divides by the slope: at most a 5x stretch of the predictions
+
+
+def _age_bias(age: np.ndarray, pred: np.ndarray) -> dict[str, float] | None:
+    """Linear brain-age bias (pred ≈ slope·age + intercept, fitted on validation subjects), or ``None`` when
+    there is no bias to correct: the slope is not significantly positive (p ≥ 0.05), or so shallow that
+    dividing by it would mostly stretch noise (a model that barely tracks age gets no correction)."""
+    from scipy.stats import linregress
+
+    if np.std(pred) == 0:
+        return None
+    fit = linregress(age, pred)
+    if not (fit.slope >= MIN_BIAS_SLOPE and fit.pvalue < 0.05):
+        return None
+    return {"slope": float(fit.slope), "intercept": float(fit.intercept)}
 
 
 def _corrected_age(values: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
