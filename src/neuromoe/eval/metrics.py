@@ -142,17 +142,17 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: np.ndarray, n_boot: i
     n = arrays[0].shape[0]
     if any(a.shape[0] != n for a in arrays):
         raise ValueError("all arrays must have the same first dimension")
-    point = float(metric_fn(*arrays))
-    if n == 0:
-        return point, NAN, NAN
     rng = np.random.default_rng(seed)
     if stratify is not None:
         strata = [np.flatnonzero(np.asarray(stratify) == s) for s in np.unique(np.asarray(stratify))]
     else:
         strata = [np.arange(n)]
     values = np.empty(n_boot)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # undefined metrics on small samples are NaN here, not console noise
         warnings.simplefilter("ignore")
+        point = float(metric_fn(*arrays))
+        if n == 0:
+            return point, NAN, NAN
         for b in range(n_boot):
             idx = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in strata])
             values[b] = metric_fn(*(a[idx] for a in arrays))

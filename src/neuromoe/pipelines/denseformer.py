@@ -45,6 +45,7 @@ from neuromoe.eval.conformal import (
     mean_set_size,
     set_coverage,
 )
+from neuromoe.eval.metrics import bootstrap_ci
 from neuromoe.io.atomic import atomic_path, atomic_write_json
 from neuromoe.models.denseformer import DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
@@ -609,43 +610,29 @@ def _corrected_age(values: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- evaluate
 
 
-def _bootstrap(fn: Any, *arrays: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
-    """Point estimate and percentile 95 % CI over subject resamples (resamples where ``fn`` fails are skipped)."""
-    point = float(fn(*arrays))
-    rng = np.random.default_rng(seed)
-    m = len(arrays[0])
-    stats = []
-    for _ in range(n):
-        idx = rng.integers(0, m, m)
-        with contextlib.suppress(ValueError):
-            v = float(fn(*(a[idx] for a in arrays)))
-            if np.isfinite(v):
-                stats.append(v)
-    if not stats:
-        return point, float("nan"), float("nan")
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return point, float(lo), float(hi)
-
-
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Binary ROC-AUC, or the macro one-vs-rest AUC over the classes present; NaN with one class."""
     from sklearn.metrics import roc_auc_score
 
-    if len(np.unique(y)) < 2:
-        raise ValueError("one class only")
+    present = np.unique(y)
+    if present.size < 2:
+        return float("nan")
     if p.ndim == 1:
-        return roc_auc_score(y, p)
-    return roc_auc_score(y, p, multi_class="ovr", average="macro", labels=np.arange(p.shape[1]))
+        return float(roc_auc_score(y, p))
+    return float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
 
 
 def _classification_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Point estimates with class-stratified bootstrap 95 % CIs (every replicate keeps every class)."""
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
     pb = p[:, 1] if p.shape[1] == 2 else p
     yhat = p.argmax(1)
+    kw = {"n_boot": n_boot, "seed": seed, "stratify": y}
     res = {"n": len(y),
-           "auc": _bootstrap(_auc, y, pb, n=n_boot, seed=seed),
-           "balanced_accuracy": _bootstrap(balanced_accuracy_score, y, yhat, n=n_boot, seed=seed),
-           "f1_macro": _bootstrap(lambda a, b: f1_score(a, b, average="macro"), y, yhat, n=n_boot, seed=seed)}
+           "auc": bootstrap_ci(_auc, y, pb, **kw),
+           "balanced_accuracy": bootstrap_ci(balanced_accuracy_score, y, yhat, **kw),
+           "f1_macro": bootstrap_ci(lambda a, b: f1_score(a, b, average="macro", zero_division=0), y, yhat, **kw)}
     if p.shape[1] == 2:
         res["sensitivity"] = float(np.mean(yhat[y == 1] == 1)) if (y == 1).any() else float("nan")
         res["specificity"] = float(np.mean(yhat[y == 0] == 0)) if (y == 0).any() else float("nan")
@@ -655,10 +642,11 @@ def _classification_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int
 def _regression_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
     from sklearn.metrics import r2_score
 
+    kw = {"n_boot": n_boot, "seed": seed}
     return {"n": len(y),
-            "mae": _bootstrap(lambda a, b: np.mean(np.abs(a - b)), y, p, n=n_boot, seed=seed),
-            "r": _bootstrap(lambda a, b: np.corrcoef(a, b)[0, 1], y, p, n=n_boot, seed=seed),
-            "r2": _bootstrap(r2_score, y, p, n=n_boot, seed=seed)}
+            "mae": bootstrap_ci(lambda a, b: np.mean(np.abs(a - b)), y, p, **kw),
+            "r": bootstrap_ci(lambda a, b: np.corrcoef(a, b)[0, 1], y, p, **kw),
+            "r2": bootstrap_ci(r2_score, y, p, **kw)}
 
 
 def _tbv(images: np.ndarray) -> np.ndarray:
@@ -764,8 +752,9 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
             if pos is not None and len(np.unique(y[sel])) == 2:  # both classes must be in the split
                 ref, tgt = pos
                 score = p[sel, tgt] / (p[sel, tgt] + p[sel, ref] + 1e-12)
-                entry[f"auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = _bootstrap(
-                    _auc, (y[sel] == tgt).astype(int), score, n=n_bootstrap, seed=seed)
+                is_tgt = (y[sel] == tgt).astype(int)
+                entry[f"auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = bootstrap_ci(
+                    _auc, is_tgt, score, n_boot=n_bootstrap, seed=seed, stratify=is_tgt)
                 if base is not None:
                     bscore = base[sel, tgt] / (base[sel, tgt] + base[sel, ref] + 1e-12)
                     entry[f"tbv_auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = _auc(
