@@ -1,11 +1,14 @@
 """Subject tables from manifests and BIDS folders, and their validation messages."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from neuromoe.errors import InputError
-from neuromoe.io.table import load_table, validate_table
+from neuromoe.io.table import failures_path, load_table, validate_table, write_failures
 
 
 def _img(path, shape=(8, 8, 8)):
@@ -49,3 +52,14 @@ def test_manifest_relative_paths_duplicates_and_grids(tmp_path):
         validate_table(load_table(tmp_path / "x.csv"))
     with pytest.raises(InputError, match="required column 'dwi'"):
         validate_table(df, roles=["dwi"])
+
+
+def test_failures_table_next_to_the_output_and_only_when_something_failed(tmp_path: Path) -> None:
+    assert failures_path(tmp_path / "preds.csv") == tmp_path / "preds_failures.csv"
+    assert failures_path(tmp_path / "emb.npy") == tmp_path / "emb_failures.csv"
+    write_failures(tmp_path / "none.csv", [])
+    assert not (tmp_path / "none.csv").exists()
+    write_failures(tmp_path / "f.csv", [{"subject": "sub-2", "file": "b.nii.gz", "error": "NaN voxels"}])
+    assert pd.read_csv(tmp_path / "f.csv").to_dict("records") == [
+        {"subject": "sub-2", "file": "b.nii.gz", "error": "NaN voxels"}
+    ]

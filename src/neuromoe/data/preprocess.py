@@ -24,6 +24,7 @@ from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop, ScaleInten
 from neuromoe.errors import ConfigError, InputError
 from neuromoe.io.atomic import atomic_path
 from neuromoe.io.nifti import Image, load_nifti, resample_to_grid
+from neuromoe.io.table import write_failures
 
 IMAGE_ROLES = ("t1", "t1c", "t2", "flair", "dwi")
 
@@ -295,7 +296,5 @@ def preprocess_cohort(table: pd.DataFrame, spec: PreprocSpec, cache_dir: str | P
                 failures.append({"subject": futs[fut], "error": str(exc)})
             bar.advance(task)
     fail_csv = Path(cache_dir) / "failures.csv"
-    if failures:
-        with atomic_path(fail_csv) as tmp:
-            pd.DataFrame(failures).sort_values("subject").to_csv(tmp, index=False)
+    write_failures(fail_csv, sorted(failures, key=lambda f: f["subject"]))
     return {**counts, "failures_csv": str(fail_csv) if failures else ""}

@@ -165,3 +165,19 @@ def load_role_table(data: str | Path, kind: str, role: str, what: str) -> tuple[
     if table.empty:
         raise InputError(f"no subjects with {what}", path=source)
     return table, str(source)
+
+
+def failures_path(output: str | Path) -> Path:
+    """Where a batch command writing ``output`` lists its failed subjects: ``<output stem>_failures.csv``."""
+    out = Path(output)
+    return out.with_name(f"{out.name.split('.')[0]}_failures.csv")
+
+
+def write_failures(path: str | Path, rows: Sequence[dict[str, str]]) -> None:
+    """The failures table of a batch command (one row per skipped subject, e.g. subject, file, error),
+    written atomically; nothing is written when no subject failed."""
+    from neuromoe.io.atomic import atomic_path
+
+    if rows:
+        with atomic_path(path) as tmp:
+            pd.DataFrame(list(rows)).to_csv(tmp, index=False)

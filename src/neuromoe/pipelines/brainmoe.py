@@ -38,6 +38,7 @@ from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.io.table import failures_path, write_failures
 from neuromoe.layers.moe import load_balancing_loss, router_z_loss
 from neuromoe.models.brainmoe import BrainMoE, BrainMoEOutput, Expert, JEPAExpert, StateRouter, fit_pca
 
@@ -1204,14 +1205,6 @@ def _batch_scans(
     return ScanSet(tensors), table.loc[kept].reset_index(drop=True), failures
 
 
-def _write_failures(output: str | Path, failures: list[dict[str, str]]) -> None:
-    """``<output stem>_failures.csv`` next to the output: what to fix before re-running those scans."""
-    if failures:
-        out = Path(output)
-        with atomic_path(out.with_name(f"{out.name.split('.')[0]}_failures.csv")) as tmp:
-            pd.DataFrame(failures).to_csv(tmp, index=False)
-
-
 def predict(
     model_dir: str | Path, inputs: str | Path, output: str | Path
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
@@ -1244,7 +1237,7 @@ def predict(
     frame["top_weights"] = [" ".join(f"{w:.3f}" for w in row) for row in res["topk_w"]]
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
-    _write_failures(output, failures)
+    write_failures(failures_path(output), failures)
     return frame, failures
 
 
@@ -1277,7 +1270,7 @@ def embed(
         )
         with atomic_path(out) as tmp:
             frame.to_csv(tmp, index=False)
-    _write_failures(out, failures)
+    write_failures(failures_path(out), failures)
     return out, failures
 
 

@@ -47,6 +47,7 @@ from neuromoe.eval.conformal import (
 )
 from neuromoe.eval.metrics import bootstrap_ci
 from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.io.table import failures_path, write_failures
 from neuromoe.models.denseformer import DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
 FAMILY = "denseformer"
@@ -223,7 +224,7 @@ def task_losses(out: Any, labels: dict[str, Tensor], tasks: Sequence[TaskSpec],
             have = y != MISSING_CLASS
             if not have.any():
                 continue
-            loss = F.cross_entropy(pred[have], y[have].long(), )
+            loss = F.cross_entropy(pred[have], y[have].long())
         else:
             have = torch.isfinite(y)
             if not have.any():
@@ -973,10 +974,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     frame = pd.DataFrame(rows)
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
-    if failed_rows:  # the batch finished; the failures table says what to fix
-        out = Path(output)
-        with atomic_path(out.with_name(f"{out.name.split('.')[0]}_failures.csv")) as tmp:
-            pd.DataFrame(failed_rows).to_csv(tmp, index=False)
+    write_failures(failures_path(output), failed_rows)  # the batch finished; this says what to fix
     return frame, failures
 
 

@@ -37,6 +37,7 @@ from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.io.table import write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
     MoME,
@@ -869,9 +870,7 @@ def segment(
     summary = pd.DataFrame([{k: v for k, v in s.items() if not isinstance(v, dict)} for s in sidecars])
     with atomic_path(out_dir / "segment.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    if failures:
-        with atomic_path(out_dir / "failures.csv") as tmp:
-            pd.DataFrame(failures).to_csv(tmp, index=False)
+    write_failures(out_dir / "failures.csv", failures)
     return sidecars, failures
 
 
