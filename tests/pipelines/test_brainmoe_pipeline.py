@@ -108,6 +108,8 @@ def test_single_state_pretraining_of_the_other_expert_kinds(cohort, tmp_path, ki
     assert meta["extra"]["expert_kind"] == kind and np.isfinite(meta["extra"]["best_val_loss"])
     if kind == "jepa":
         assert manifest["fc"]["n_timepoints"] == cfg.expert.window * cfg.expert.n_windows
+    emb, failures = bm.embed(out / "experts" / "rest", cohort, tmp_path / f"{kind}.npy")  # JEPA: BOLD windows
+    assert failures == [] and np.isfinite(np.load(emb)).all() and len(np.load(emb)) == len(bm.load_scans(cohort))
     with pytest.raises(InputError, match="other FC settings or kind"):
         bm.pretrain(cohort, out, _cfg(), states=["wm"], pooled=False)
 

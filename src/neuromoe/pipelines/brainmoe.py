@@ -1178,14 +1178,14 @@ def _batch_scans(
     from neuromoe.data.fmri import scan_timeseries
 
     spec = FCSpec(**meta["extra"]["fc"])
-    series, kept, failures = [], [], []
+    series, crops, kept, failures = [], [], [], []
     for i, row in table.iterrows():
         file = _scan_file(row)
         try:
             x = scan_timeseries(row)
             _check_rois([x], spec, file or where)
-            if spec.n_timepoints:
-                _crop([x], spec.n_timepoints, file or where)
+            if spec.n_timepoints:  # the JEPA window, checked and cut once per scan
+                crops.append(_crop([x], spec.n_timepoints, file or where)[0])
         except Exception as exc:
             if len(table) == 1:
                 raise
@@ -1201,7 +1201,7 @@ def _batch_scans(
         )
     tensors = {"fc": torch.from_numpy(_fc(series, spec))}
     if spec.n_timepoints:
-        tensors["ts"] = torch.from_numpy(_crop(series, spec.n_timepoints, where))
+        tensors["ts"] = torch.from_numpy(np.stack(crops))
     return ScanSet(tensors), table.loc[kept].reset_index(drop=True), failures
 
 
