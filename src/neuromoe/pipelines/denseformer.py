@@ -239,10 +239,11 @@ def multitask_loss(out: Any, labels: dict[str, Tensor], tasks: Sequence[TaskSpec
                    target_stats: dict[str, tuple[float, float]]) -> tuple[Tensor, dict[str, float]]:
     """Sum over tasks of weight × loss on the subjects that have that label (missing ones masked out)."""
     losses = task_losses(out, labels, tasks, target_stats)
-    total = out.aux_loss.float() + sum(losses.values())
-    logs = {"aux": float(out.aux_loss.detach())}
-    logs.update({f"loss_{k}": float(v.detach()) for k, v in losses.items()})
-    return total, logs
+    return out.aux_loss.float() + sum(losses.values()), _loss_logs(out.aux_loss, losses)
+
+
+def _loss_logs(aux: Tensor, losses: dict[str, Tensor]) -> dict[str, float]:
+    return {"aux": float(aux.detach()), **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}}
 
 
 def balance_task_gradients(grads: Sequence[Tensor], method: Literal["sum", "normalize", "pcgrad"]) -> Tensor:
@@ -316,8 +317,7 @@ class FinetuneTrainer(Trainer):
             backbone_grad = backbone_grad + torch.autograd.grad(aux, shared, retain_graph=True)[0]
         surrogate = (pooled * backbone_grad.detach()).sum()
         total = aux + sum(losses.values()) + surrogate - surrogate.detach()
-        logs = {"aux": float(aux.detach()), **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}}
-        return total, logs
+        return total, _loss_logs(aux, losses)
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = self.model(batch["image"])
