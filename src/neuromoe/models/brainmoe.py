@@ -93,6 +93,21 @@ def _router_mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     )
 
 
+def state_ce(logits: Tensor, target: Tensor | None, who: str) -> tuple[Tensor, dict[str, float]]:
+    """Cognitive-state cross-entropy and accuracy (state-classifier experts and the state router)."""
+    if target is None:
+        raise ValueError(f"{who} needs state targets")
+    logits = logits.float()
+    loss = F.cross_entropy(logits, target.long())
+    acc = (logits.argmax(1) == target).float().mean()
+    return loss, {"state_ce": float(loss.detach()), "state_acc": float(acc)}
+
+
+def pca_input(fc: Tensor, tri_i: Tensor, tri_j: Tensor, center: Tensor, basis: Tensor) -> Tensor:
+    """(B, P) whitened principal components of the FC upper triangle (the ``pca`` router input)."""
+    return (fc[:, tri_i, tri_j].float() - center) @ basis.T
+
+
 @torch.no_grad()
 def fit_pca(x: Tensor, center: Tensor, basis: Tensor) -> None:
     """Write the mean of ``x`` (N, F) into ``center`` and its top principal axes, each scaled to unit
@@ -203,12 +218,7 @@ class StateClfExpert(nn.Module):
     def loss(
         self, fc: Tensor, ts: Tensor | None = None, target: Tensor | None = None, mask: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        if target is None:
-            raise ValueError("state_clf experts need state targets")
-        logits = self.head(self.embed(fc)).float()
-        loss = F.cross_entropy(logits, target.long())
-        acc = (logits.argmax(1) == target).float().mean()
-        return loss, {"state_ce": float(loss.detach()), "state_acc": float(acc)}
+        return state_ce(self.head(self.embed(fc)), target, "a state_clf expert")
 
     def embed(self, fc: Tensor, ts: Tensor | None = None, projected: Tensor | None = None) -> Tensor:
         return self.encoder(fc, projected=projected).mean(dim=1)
@@ -450,9 +460,10 @@ class BrainMoE(nn.Module):
         self.router.proj.bias.copy_(prior.proj.bias[order])
 
     def route(self, fc: Tensor) -> RouterOutput:
-        x = fc[:, self.tri_i, self.tri_j].float()
         if self.router_input == "pca":
-            x = (x - self.router_center) @ self.router_basis.T
+            x = pca_input(fc, self.tri_i, self.tri_j, self.router_center, self.router_basis)
+        else:
+            x = fc[:, self.tri_i, self.tri_j].float()
         return self.router(self.router_mlp(x))
 
     def forward(
@@ -510,19 +521,14 @@ class StateRouter(nn.Module):
 
     def forward(self, fc: Tensor) -> Tensor:
         """(B, n_states) state logits."""
-        x = (fc[:, self.tri_i, self.tri_j].float() - self.router_center) @ self.router_basis.T
+        x = pca_input(fc, self.tri_i, self.tri_j, self.router_center, self.router_basis)
         return self.proj(self.router_mlp(x))
 
     def loss(
         self, fc: Tensor, ts: Tensor | None = None, target: Tensor | None = None, mask: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
         """State cross-entropy (the expert-pretraining interface, so the same trainer fits it)."""
-        if target is None:
-            raise ValueError("a state router needs state targets")
-        logits = self(fc).float()
-        loss = F.cross_entropy(logits, target.long())
-        acc = (logits.argmax(1) == target).float().mean()
-        return loss, {"state_ce": float(loss.detach()), "state_acc": float(acc)}
+        return state_ce(self(fc), target, "a state router")
 
 
 def _preset(name: str, kw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
