@@ -16,6 +16,8 @@ from neuromoe.models.denseformer import (
 )
 
 TINY = {**PRESETS["tiny"]}
+VOLUME = {**TINY, "stem": "volume", "block_layers": (2, 2)}  # stride 2·2·2 = patch 8
+STEMS = {"patch": TINY, "volume": VOLUME}
 TASKS = [
     {"name": "age", "type": "regression", "num_outputs": 1},
     {"name": "dx_ad", "type": "classification", "num_outputs": 3},
@@ -48,10 +50,36 @@ def test_patchify_roundtrip_and_order():
     torch.testing.assert_close(m.unpatchify(p.flatten(2)), x)
 
 
-def test_two_dimensional_variant():
+@pytest.mark.parametrize("stem", ["patch", "volume"])
+def test_two_dimensional_variant(stem):
     m = DenseFormer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, init_features=8,
-                    growth_rate=4, block_layers=(1, 1), spatial_dims=2, num_outputs=2)
+                    growth_rate=4, block_layers=(1, 1), spatial_dims=2, num_outputs=2, stem=stem)
+    assert m.forward_features(torch.randn(3, 1, 32, 32)).shape == (3, 1 + 16, 32)
     assert m(torch.randn(3, 1, 32, 32)).shape == (3, 2)
+    mae = DenseFormerMAE(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, init_features=8,
+                         growth_rate=4, block_layers=(1, 1), spatial_dims=2, stem=stem, decoder_dim=16,
+                         decoder_depth=1, decoder_heads=2)
+    loss, pred, mask = mae(torch.randn(2, 1, 32, 32))
+    assert pred.shape == (2, 16, 64) and mask.sum() == 2 * 12 and loss.ndim == 0
+
+
+def test_volume_stem_tokens_follow_the_patch_grid():
+    """Token i of the volume stem sits at patch i (row-major, last axis fastest): its receptive field crosses
+    patch borders but does not reach the opposite side of the 4×4×4 grid."""
+    m = DenseFormer(**VOLUME).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    for patch, far, sl in ((3, 48, (slice(0, 8), slice(0, 8), slice(24, 32))),
+                           (48, 3, (slice(24, 32), slice(0, 8), slice(0, 8)))):
+        x2 = x.clone()
+        x2[(0, 0, *sl)] += 5.0
+        with torch.no_grad():
+            change = (m.embed_patches(x2) - m.embed_patches(x)).abs().sum(-1)[0]
+        assert change[patch] > 0 and change[far] == 0
+        assert (change > 0).sum() > 1  # neighbours see across the border (a patch-local stem would not)
+    with pytest.raises(ValueError, match="patch_size"):
+        DenseFormer(**{**VOLUME, "block_layers": (2,)})
+    with pytest.raises(ValueError, match="unknown stem"):
+        DenseFormer(**{**TINY, "stem": "conv"})
 
 
 def test_sincos_embedding_distinct_positions():
@@ -68,9 +96,10 @@ def test_random_masking_consistent():
     assert torch.equal(torch.argsort(ids_restore, 1)[:, :16], ids_keep)
 
 
+@pytest.mark.parametrize("stem", ["patch", "volume"])
 @pytest.mark.parametrize("train_mode", [False, True])
-def test_masked_voxels_do_not_leak_into_visible_tokens(train_mode):
-    mae = DenseFormerMAE(**TINY, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+def test_masked_voxels_do_not_leak_into_visible_tokens(train_mode, stem):
+    mae = DenseFormerMAE(**STEMS[stem], decoder_dim=32, decoder_depth=1, decoder_heads=2)
     mae.train(train_mode)
     x = torch.randn(2, 1, 32, 32, 32)
     noise = torch.rand(2, 64)
@@ -179,6 +208,20 @@ def test_stem_norm_option(spatial_dims, norm):
         torch.testing.assert_close(train_out, eval_out)
         torch.testing.assert_close(m(x[:1]), eval_out[:1], rtol=1e-4, atol=1e-5)  # no batch coupling
 
+
+
+def test_stem_option_survives_save_and_load_and_defaults_to_patch(tmp_path):
+    """``stem`` is stored in config.json; a model saved without the key (older checkpoints) is a patch stem."""
+    from neuromoe.models.registry import create_model, load_model, save_model
+
+    assert create_model("denseformer_tiny", tasks=TASKS, num_experts=4).backbone.stem_type == "patch"
+    m = create_model("denseformer_tiny", tasks=TASKS, num_experts=4, stem="volume", block_layers=[2, 2]).eval()
+    save_model(m, tmp_path / "model", {"family": "denseformer"})
+    loaded, _ = load_model(tmp_path / "model")
+    assert loaded.backbone.stem_type == "volume"
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x).outputs["age"], m(x).outputs["age"])
 
 
 def test_norm_option_survives_save_and_load(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from neuromoe.cli.main import main as cli_main
 from neuromoe.data.structural import TaskSpec, assign_splits, encode_labels
 from neuromoe.data.synth import synth_cohort
-from neuromoe.errors import ConfigError, InputError
+from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.pipelines import denseformer as pipe
 
 
@@ -198,6 +198,23 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     frame, failures = pipe.predict(run / "model", cohort, tmp_path / "p4.csv", progress=False,
                                    cache_dir=cfg.cache_dir)
     assert not failures and frame["brain_age_gap"].notna().all()
+
+
+def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):
+    """``model.backbone.stem: volume`` reaches MAE and fine-tuning, is saved with the model, and a patch-stem
+    fine-tune refuses the volume-stem encoder."""
+    cfg = _cfg(tmp_path, **{"model.backbone.stem": "volume", "model.backbone.block_layers": "[2,2]"})
+    mae_run = pipe.pretrain(cohort, tmp_path / "mae", cfg)
+    cfg.finetune.pretrained = str(mae_run / "model")
+    run = pipe.train(cohort, tmp_path / "ft", cfg)
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert meta["kwargs"]["stem"] == "volume"
+    model, _ = pipe._load_multitask(run / "model")
+    assert model.backbone.stem_type == "volume"
+    patch_cfg = _cfg(tmp_path)
+    patch_cfg.finetune.pretrained = str(mae_run / "model")
+    with pytest.raises(ModelFormatError, match="does not match"):
+        pipe.train(cohort, tmp_path / "ft_patch", patch_cfg)
 
 
 def test_cli_train_scratch_shared_head_and_bad_pretrained(cohort, tmp_path):

@@ -47,6 +47,7 @@ __all__ = [
     "DenseFormerMAE",
     "DenseFormerMoE",
     "DenseNetPatchStem",
+    "DenseNetVolumeStem",
     "MultiTaskHead",
     "MultiTaskOutput",
     "layerwise_lr_groups",
@@ -177,8 +178,60 @@ class DenseNetPatchStem(nn.Module):
         return self.proj(self.features(patches))
 
 
+class DenseNetVolumeStem(nn.Module):
+    """3D DenseNet over the whole volume down to the token grid: ``(B, C, *img) -> (B, N, embed_dim)``.
+
+    Conv k3 (stride ``stem_stride``) → dense blocks with a compression transition (2× average pool)
+    after *every* block, so the total stride ``stem_stride·2**len(block_layers)`` must equal
+    ``patch_size`` → BN-ReLU → 1×1 conv to ``embed_dim``: one token per cell of the final map, in the
+    same row-major order as :meth:`DenseFormer.patchify`. Why: receptive fields cross patch borders
+    (overlapping, growing context before tokenisation), which the patch-local stem lacks; on 114
+    training subjects the ViT alone did not learn that context fast enough (docs/experiments.md).
+    Masked content is kept out of visible tokens by zeroing masked patches *before* the stem
+    (:meth:`DenseFormer.embed_patches`), at the price of running the stem on the whole volume in MAE.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        patch_size: int,
+        embed_dim: int,
+        *,
+        init_features: int = 16,
+        growth_rate: int = 12,
+        block_layers: Sequence[int] = (4, 4),
+        bn_size: int = 4,
+        compression: float = 0.5,
+        stem_stride: int = 2,
+        spatial_dims: int = 3,
+        norm: str | tuple = "batch",
+    ):
+        super().__init__()
+        if stem_stride * 2 ** len(block_layers) != patch_size:
+            raise ValueError(f"volume stem: stem_stride·2**len(block_layers) = {stem_stride * 2 ** len(block_layers)} "
+                             f"must equal patch_size {patch_size} (one halving per dense block)")
+        conv = Conv[Conv.CONV, spatial_dims]
+        layers: list[nn.Module] = [
+            conv(in_channels, init_features, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        ]
+        ch = init_features
+        for n in block_layers:
+            layers.append(_DenseBlock(spatial_dims, n, ch, bn_size, growth_rate, 0.0, norm=norm))
+            ch += n * growth_rate
+            out = max(1, int(ch * compression))
+            layers.append(_Transition(spatial_dims, ch, out, norm=norm))
+            ch = out
+        layers += [get_norm_layer(norm, spatial_dims, ch), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.out_channels = ch
+        self.proj = conv(ch, embed_dim, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.features(x)).flatten(2).transpose(1, 2)
+
+
 class DenseFormer(nn.Module):
-    """DenseNet patch stem + ViT encoder on a fixed input grid (``img_size``, multiple of ``patch_size``).
+    """DenseNet stem (patch-local or whole-volume) + ViT encoder on a fixed input grid (``img_size``, multiple of ``patch_size``).
 
     ``forward_features(x)`` → normalised tokens ``(B, 1+N, D)`` (CLS first); ``forward_head(feats)`` →
     pooled feature (``num_outputs=0``) or logits. ``embed_patches`` takes an optional ``ids_keep`` so
@@ -205,6 +258,7 @@ class DenseFormer(nn.Module):
         norm: str | tuple = "batch",
         pool: Literal["cls", "mean"] = "mean",
         num_outputs: int = 0,
+        stem: Literal["patch", "volume"] = "patch",
     ):
         super().__init__()
         self.img_size = _tuple(img_size, spatial_dims)
@@ -217,7 +271,16 @@ class DenseFormer(nn.Module):
         self.num_patches = math.prod(self.grid)
         self.embed_dim = embed_dim
         self.pool = pool
-        self.stem = DenseNetPatchStem(
+        stems = {"patch": DenseNetPatchStem, "volume": DenseNetVolumeStem}
+        if stem not in stems:
+            raise ValueError(f"unknown stem '{stem}' (patch, volume)")
+        self.stem_type = stem
+        if stem == "volume" and spatial_dims == 3 and min(self.grid) < 4:
+            warnings.warn(
+                f"volume stem ends on a {self.grid} map: torch's CPU bf16 conv3d weight gradient is wrong on maps "
+                "below 4³ (torch 2.13), so do not train this configuration with bf16 on CPU", stacklevel=2,
+            )
+        self.stem = stems[stem](
             in_channels, self.patch_size, embed_dim, init_features=init_features, growth_rate=growth_rate,
             block_layers=block_layers, bn_size=bn_size, compression=compression, stem_stride=stem_stride,
             spatial_dims=spatial_dims, norm=_norm_spec(norm),
@@ -256,7 +319,13 @@ class DenseFormer(nn.Module):
         return x.permute(*perm).reshape(b, c, *self.img_size)
 
     def embed_patches(self, x: Tensor, ids_keep: Tensor | None = None) -> Tensor:
-        """Tokens with position embedding for all patches, or only ``ids_keep`` ``(B, n)`` of them."""
+        """Tokens with position embedding for all patches, or only ``ids_keep`` ``(B, n)`` of them.
+
+        The patch stem embeds the kept patches only; the volume stem sees the whole volume with the
+        voxels of every patch not in ``ids_keep`` set to zero, so masked content cannot reach a token.
+        """
+        if self.stem_type == "volume":
+            return self._embed_volume(x, ids_keep)
         patches = self.patchify(x)
         pos = self.pos_embed.expand(x.shape[0], -1, -1)
         if ids_keep is not None:
@@ -265,6 +334,16 @@ class DenseFormer(nn.Module):
         b, n = patches.shape[:2]
         tokens = self.stem(patches.reshape(b * n, *patches.shape[2:])).reshape(b, n, -1)
         return tokens + pos.to(tokens.dtype)
+
+    def _embed_volume(self, x: Tensor, ids_keep: Tensor | None) -> Tensor:
+        self.patchify(x)  # shape check
+        if ids_keep is not None:
+            keep = x.new_zeros(x.shape[0], self.num_patches).scatter_(1, ids_keep, 1.0)
+            voxels = self.in_channels * self.patch_size**self.spatial_dims
+            x = x * self.unpatchify(keep[:, :, None].expand(-1, -1, voxels))
+        tokens = self.stem(x)
+        tokens = tokens + self.pos_embed.to(tokens.dtype)
+        return tokens if ids_keep is None else _gather(tokens, ids_keep)
 
     def encode_tokens(self, tokens: Tensor) -> Tensor:
         """Prepend CLS, run the transformer, final LayerNorm."""
