@@ -5,8 +5,8 @@ Steps (each writes ``OUT/<step>/`` and can run in its own process; ``summary`` r
 * ``experts``   stage 1: one expert U-Net per modality (``pretrain``)
 * ``mome``      MoME from the stage-1 experts, softmax gate (default), quadratic curriculum
 * ``mome_raw``  the same with raw (un-normalised) gate weights, like the reference code
-* ``unet``      one U-Net trained on all modalities pooled, for as many passes over the data as stage 1 +
-  stage 2 together
+* ``unet``      one U-Net trained on all modalities pooled on as many patches as MoME sees in stage 1 (all
+  experts) + stage 2 together
 * ``mome_plus`` MoME+ (all modalities at once, modality dropout) from the stage-1 experts; evaluated with
   all modalities present and with a seeded random non-empty subset missing per case
 * ``sparse_plus`` MoME+ with the sparse case-level top-2 router, vs ``mome_plus`` (dense)
@@ -43,9 +43,11 @@ def _cfg(args: argparse.Namespace, extra: list[str] | None = None) -> mome.MoMEC
 
 
 def _timed(out: Path, fn: Any) -> None:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    atomic_write_json(out / "time.json", {"wall_s": time.perf_counter() - start})
+    atomic_write_json(
+        out / "time.json", {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
+    )
 
 
 def _train_eval(args: argparse.Namespace, name: str, extra: list[str], experts: bool) -> None:
@@ -59,6 +61,16 @@ def _train_eval(args: argparse.Namespace, name: str, extra: list[str], experts: 
         )
 
     _timed(out, run)
+
+
+def _mome_samples(args: argparse.Namespace, cfg: mome.MoMEConfig) -> int:
+    """Training patches MoME sees in stage 1 (all experts) + stage 2, so the pooled U-Net gets as many."""
+    train = mome._split_cases(args.cohort, cfg, mome._spec(cfg), ("train",))["train"]
+    d = cfg.data
+    per_expert = [sum(m in c["images"] for c in train) for m in cfg.model.modalities]
+    stage1 = sum(d.expert_samples_per_epoch or d.samples_per_epoch or n for n in per_expert if n)
+    stage2 = d.samples_per_epoch or sum(per_expert)
+    return cfg.pretrain.epochs * stage1 + cfg.train.epochs * stage2
 
 
 def _missing_modalities(args: argparse.Namespace) -> None:
@@ -112,15 +124,12 @@ def _summary(args: argparse.Namespace) -> None:
         if not f.is_file():
             continue
         m = json.loads(f.read_text())
-        t = (
-            json.loads((root / name / "time.json").read_text())["wall_s"]
-            if (root / name / "time.json").is_file()
-            else None
-        )
+        t = json.loads((root / name / "time.json").read_text()) if (root / name / "time.json").is_file() else {}
         res[name] = {
             "mean": m["mean"],
             "n_predictions": m["n_predictions"],
-            "wall_s": t,
+            "wall_s": t.get("wall_s"),
+            "cpu_s": t.get("cpu_s"),
             "by_lesion_type": {k: v["dice"] for k, v in m.get("by_lesion_type", {}).items()},
         }
         if not name.endswith("_plus"):
@@ -132,8 +141,8 @@ def _summary(args: argparse.Namespace) -> None:
     res["per_modality_dice"] = per_mod
     atomic_write_json(root / "summary.json", res)
     lines = [
-        "| variant | mean Dice | HD95 (mm) | lesion F1 | abs vol diff (mL) | predictions | wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | mean Dice | HD95 (mm) | lesion F1 | abs vol diff (mL) | predictions | wall (s) | CPU (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("mome", "mome_raw", "unet", "mome_plus", "sparse_plus"):
         if name in res:
@@ -141,7 +150,7 @@ def _summary(args: argparse.Namespace) -> None:
             lines.append(
                 f"| {name} | {r['dice']:.3f} | {r['hd95']:.1f} | {r['lesion_f1']:.3f} | "
                 f"{r['abs_volume_diff_ml']:.2f} | {res[name]['n_predictions']} | "
-                f"{res[name]['wall_s'] or float('nan'):.0f} |"
+                f"{res[name]['wall_s'] or float('nan'):.0f} | {res[name]['cpu_s'] or float('nan'):.0f} |"
             )
     if per_mod:
         mods = sorted({m for v in per_mod.values() for m in v})
@@ -189,10 +198,15 @@ def main() -> None:
             _train_eval(args, "mome_raw", ["model.gate_norm=raw"], experts=True)
         elif step == "unet":
             c = _cfg(args)
+            epochs = c.pretrain.epochs + c.train.epochs
             _train_eval(
                 args,
                 "unet",
-                ["model.kind=unet", f"train.epochs={c.pretrain.epochs + c.train.epochs}"],
+                [
+                    "model.kind=unet",
+                    f"train.epochs={epochs}",
+                    f"data.samples_per_epoch={-(-_mome_samples(args, c) // epochs)}",
+                ],
                 experts=False,
             )
         elif step == "mome_plus":

@@ -179,3 +179,44 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     )
     assert not failures and nib.load(str(tmp_path / "m.nii.gz")).shape == (24, 28, 24)
     assert sidecars[0]["lesion_volume_ml"] >= 0 and len(sidecars[0]["gate_share"]) == 5
+
+
+def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_path) -> None:
+    """``data.expert_samples_per_epoch``: an expert with few images (here FLAIR, 2 of 4 train cases) gets as
+    many optimiser steps as one with many (T1, 4 cases), nnU-Net style."""
+    import pandas as pd
+
+    from neuromoe.pipelines import mome
+
+    _mini_cohort(tmp_path / "cohort")
+    cfg = mome.load_mome_config("tiny", ["data.expert_samples_per_epoch=12"], device="cpu")
+    cfg.cache_dir = str(tmp_path / "cache")
+    run = mome.pretrain(tmp_path / "cohort", tmp_path / "exp", cfg)
+    steps = {m: pd.read_csv(run / "stage1" / m / "metrics.csv")["step"].max() for m in ("t1", "flair")}
+    assert steps == {"t1": 3, "flair": 3}  # 12 patches / batch 4, one epoch
+
+
+class _FixedProbability(torch.nn.Module):
+    """'Segmenter' whose lesion probability is the image itself (one scale)."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        p = x.clamp(1e-4, 1 - 1e-4)
+        return [torch.cat([torch.zeros_like(p), torch.logit(p)], 1)]
+
+
+def test_validation_tunes_the_threshold_to_the_best_dice(tmp_path) -> None:
+    """Lesion voxels at p = 0.4 and background at 0.1: 0.5 finds nothing, a tuned threshold in
+    [0.1, 0.4) finds the lesion exactly; the tuned threshold is used only when asked for."""
+    from neuromoe.engine import TrainConfig
+    from neuromoe.pipelines.mome import EvalSection, MoMETrainer
+
+    mask = torch.zeros(2, 1, 8, 8, 8)
+    mask[:, :, 2:5, 2:5, 2:5] = 1
+    batch = {"image": 0.1 + 0.3 * mask, "mask": mask, "modality": torch.zeros(2, dtype=torch.long)}
+    trainer = MoMETrainer(_FixedProbability(), TrainConfig(device="cpu", progress=False), [], run_dir=tmp_path)
+    metrics = trainer.validation_end([trainer.validation_step(batch)])
+    assert 0.1 <= metrics["val_threshold"] < 0.4 and metrics["val_dice"] == 1.0
+    assert metrics["val_dice_p50"] == 0.0
+    trainer.on_best(metrics)
+    assert trainer.threshold(EvalSection()) == 0.5
+    assert trainer.threshold(EvalSection(tune_threshold=True)) == metrics["val_threshold"]

@@ -48,6 +48,7 @@ from neuromoe.models.mome import (
 
 FAMILY = "mome"
 SUMMARY_METRICS = ("dice", "hd95", "lesion_f1", "abs_volume_diff_ml")
+THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # candidates for eval.tune_threshold
 
 __all__ = [
     "DataSection",
@@ -92,12 +93,19 @@ class DataSection:
     modality_dropout: float = 0.5  # MoME+ training only
     augment: bool = True
     samples_per_epoch: int = 0  # 0 = one pass over the (case, modality) pairs (MoME) or cases (MoME+)
+    # Stage 1 patches per epoch for *each* expert (nnU-Net style fixed iterations); 0 = one pass over
+    # that modality's images, which gives an expert with few images (DWI: 8) a handful of steps.
+    expert_samples_per_epoch: int = 0
 
 
 @dataclass
 class EvalSection:
     tta: bool = False
     threshold: float = 0.5
+    # Replace ``threshold`` by the one that maximises the Dice on the validation patches at the best
+    # epoch (stored with the model): a briefly trained U-Net ranks lesion voxels well before its
+    # full-resolution probabilities cross 0.5 (a demo-budget T1 expert peaks at p ≈ 0.4).
+    tune_threshold: bool = False
     n_overlays: int = 3
 
 
@@ -189,6 +197,7 @@ class MoMETrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.schedule, self.expert_weight = schedule, 1.0
         self.best_state: dict[str, Tensor] | None = None
+        self.best_threshold: float | None = None
 
     def on_epoch_start(self, epoch: int) -> None:
         self.expert_weight = curriculum_weight(epoch, self.cfg.epochs, self.schedule)  # type: ignore[arg-type]
@@ -197,24 +206,45 @@ class MoMETrainer(Trainer):
 
     def on_best(self, metrics: dict[str, float]) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.best_threshold = metrics.get("val_threshold")
 
-    def _forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def _forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], Tensor]:
+        """Loss, logs and the full-resolution (fused) logits."""
         if isinstance(self.model, MoME):
             out = self.model(batch["image"], batch.get("available"))
             mod = batch["modality"] if (batch["modality"] >= 0).all() else None
-            return mome_loss(out, batch["mask"], mod, self.expert_weight)
-        loss = deep_supervised_loss(self.model(batch["image"]), batch["mask"])
-        return loss, {"loss": float(loss.detach())}
+            return (*mome_loss(out, batch["mask"], mod, self.expert_weight), out.logits[0])
+        logits = self.model(batch["image"])
+        loss = deep_supervised_loss(logits, batch["mask"])
+        return loss, {"loss": float(loss.detach())}, logits[0]
 
     def training_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return self._forward(batch)
+        return self._forward(batch)[:2]
 
     def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
-        _, logs = self._forward(batch)
-        return {"loss": logs.get("loss_fused", logs["loss"])}
+        _, logs, logits = self._forward(batch)
+        prob = logits.float().softmax(1)[:, 1].flatten(1)
+        gt = batch["mask"].flatten(1) > 0.5
+        pred = prob[None] > torch.as_tensor(THRESHOLDS, device=prob.device)[:, None, None]
+        return {
+            "loss": logs.get("loss_fused", logs["loss"]),
+            "tp": (pred & gt).sum((1, 2)).cpu().numpy(),
+            "n_pred": pred.sum((1, 2)).cpu().numpy(),
+            "n_gt": int(gt.sum()),
+        }
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
-        return {"val_loss": float(np.mean([o["loss"] for o in outputs]))}
+        """Fused validation loss, and the Dice over all validation patches at each candidate threshold."""
+        tp = np.sum([o["tp"] for o in outputs], 0)
+        total = np.sum([o["n_pred"] for o in outputs], 0) + sum(o["n_gt"] for o in outputs)
+        dice = np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)
+        best = int(np.argmax(dice))
+        return {
+            "val_loss": float(np.mean([o["loss"] for o in outputs])),
+            "val_dice": float(dice[best]),
+            "val_dice_p50": float(dice[int(np.argmin(np.abs(THRESHOLDS - 0.5)))]),
+            "val_threshold": float(THRESHOLDS[best]),
+        }
 
     def fit_best(self, resume: bool = False) -> float:
         """Fit, then load the best validation weights back (the last epoch is not the best)."""
@@ -222,6 +252,13 @@ class MoMETrainer(Trainer):
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return result.best_metric
+
+    def threshold(self, ev: EvalSection) -> float:
+        """The decision threshold to store with the model: ``ev.threshold``, or with ``ev.tune_threshold``
+        the best-Dice one on the validation patches at the best epoch (when there was a validation)."""
+        if ev.tune_threshold and self.best_threshold is not None:
+            return self.best_threshold
+        return ev.threshold
 
 
 # ---------------------------------------------------------------------------------------- inference
@@ -454,7 +491,7 @@ def pretrain(
             modalities=(m,),
             fg_fraction=d.fg_fraction,
             augment=d.augment,
-            samples_per_epoch=d.samples_per_epoch or None,
+            samples_per_epoch=d.expert_samples_per_epoch or d.samples_per_epoch or None,
             seed=cfg.seed + k,
         )
         val_set = LesionPatchDataset(va, d.patch_size, modalities=(m,), seed=cfg.seed + 1000) if va else None
@@ -471,7 +508,7 @@ def pretrain(
                     "modalities": [m],
                     "patch_size": list(d.patch_size),
                     "multimodal": False,
-                    "threshold": cfg.eval.threshold,
+                    "threshold": trainer.threshold(cfg.eval),
                     "best_val_loss": best,
                     "n_train_images": len(tr),
                 },
@@ -556,7 +593,7 @@ def train(
                 "gate_norm": m.gate_norm,
                 "curriculum": cfg.curriculum,
                 "experts_loaded": loaded,
-                "threshold": cfg.eval.threshold,
+                "threshold": trainer.threshold(cfg.eval),
                 "best_val_loss": best,
                 "n_train_cases": len(cases["train"]),
             },
@@ -627,6 +664,7 @@ def evaluate(
         "tta": tta,
         "kind": extra["kind"],
         "multimodal": extra["multimodal"],
+        "threshold": extra.get("threshold", 0.5),
         "mean": frame[list(SUMMARY_METRICS)].mean().round(4).to_dict(),
     }
     for by in ("modality", "lesion_type", "dataset"):
