@@ -11,7 +11,8 @@ Measured in one run on the same input (default 64³, the ``demo`` preset):
 * achieved GFLOP/s (FLOPs counted with ``torch.utils.flop_counter``; backward = 2× forward) as a fraction
   of a bf16 2048² matmul measured in the same run.
 
-Usage: ``OMP_NUM_THREADS=2 python benchmarks/bench_denseformer.py [--size 64] [--batch 2] [--repeats 3]``.
+Usage: ``OMP_NUM_THREADS=2 python benchmarks/bench_denseformer.py [--size 64] [--batch 2] [--repeats 3]
+[--stem volume --block-layers 4 4]`` (the ``demo`` config's stem: ``--size 48 --stem volume --block-layers 4 4``).
 """
 
 from __future__ import annotations
@@ -101,13 +102,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--preset", default="demo")
+    ap.add_argument("--stem", choices=("patch", "volume"), default="patch")
+    ap.add_argument("--block-layers", type=int, nargs="+", help="dense layers per stem block (preset's if unset)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    kw = {**PRESETS[args.preset], "img_size": args.size}
+    kw = {**PRESETS[args.preset], "img_size": args.size, "stem": args.stem}
+    if args.block_layers:
+        kw["block_layers"] = tuple(args.block_layers)
     x = torch.randn(args.batch, 1, *(args.size,) * 3)
     res: dict[str, Any] = {
         "benchmark": "denseformer", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "input": list(x.shape), "preset": args.preset,
+        "stem": args.stem, "block_layers": list(kw["block_layers"]),
         "matmul_gflops": {"fp32": matmul_gflops(False), "bf16": matmul_gflops(True)},
     }
     mae = DenseFormerMAE(**kw, **MAE_DECODER[args.preset])

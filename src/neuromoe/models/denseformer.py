@@ -3,14 +3,16 @@
 After Ding, Lu & Liu (IEEE TMI 2025). The paper is public at abstract level only, so every choice below
 is ours and is documented here and in ``docs/denseformer.md``:
 
-* **How DenseNet and ViT are joined — a patch-local DenseNet stem.** The volume is cut into
-  non-overlapping ``patch_size``³ patches; one small 3D DenseNet (MONAI dense blocks
-  BN-ReLU-Conv1×1-BN-ReLU-Conv3×3 with growth rate, transitions with compression and 2× average pooling)
-  runs on every patch independently and its final feature map is flattened and projected to one token.
-  Equivalently: a DenseNet over the whole volume whose convolutions are zero-padded at patch borders.
-  Why: masked content can then never leak into a visible token (no receptive field crosses a patch
-  border), and the MAE encoder runs the stem on *visible patches only*, so masking saves stem compute as
-  well as transformer compute. Global context is the ViT's job.
+* **How DenseNet and ViT are joined — ``stem="volume"`` or ``stem="patch"``.** Both use MONAI dense
+  blocks (BN-ReLU-Conv1×1-BN-ReLU-Conv3×3 with growth rate) and compression transitions with 2× average
+  pooling. ``volume`` (:class:`DenseNetVolumeStem`) runs them over the whole volume down to the token
+  grid and projects each final-map cell to one token; receptive fields cross patch borders, and for
+  MAE the voxels of masked patches are zeroed *before* the stem so masked content cannot reach a
+  visible token. ``patch`` (:class:`DenseNetPatchStem`, the default so that models saved before the
+  option load unchanged) runs one small DenseNet on every ``patch_size``³ patch independently and
+  flattens its final map into one token: no receptive field crosses a patch border and the MAE
+  encoder embeds visible patches only (cheaper), but on small cohorts the ViT then has to learn all
+  context itself, and age was not learned at demo scale (docs/experiments.md).
 * Tokens get fixed 3D sin-cos position embeddings (a third of the channels per axis) and a CLS token;
   the encoder is a pre-norm ViT using ``F.scaled_dot_product_attention`` (MONAI's transformer block
   needs ``einops``, which is not a dependency, and applies attention dropout in eval mode).
