@@ -78,6 +78,8 @@ def test_volume_stem_tokens_follow_the_patch_grid():
         assert (change > 0).sum() > 1  # neighbours see across the border (a patch-local stem would not)
     with pytest.raises(ValueError, match="patch_size"):
         DenseFormer(**{**VOLUME, "block_layers": (2,)})
+    with pytest.warns(UserWarning, match="bf16"):
+        DenseFormer(**{**VOLUME, "img_size": 16})  # 2³ token map
     with pytest.raises(ValueError, match="unknown stem"):
         DenseFormer(**{**TINY, "stem": "conv"})
 
