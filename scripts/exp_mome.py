@@ -90,7 +90,7 @@ def _missing_modalities(args: argparse.Namespace) -> None:
         n_drop = int(rng.integers(1, len(mods)))
         gone = set(rng.choice(mods, n_drop, replace=False).tolist())
         dropped.append({**c, "images": {m: v for m, v in c["images"].items() if m not in gone}})
-    kw = {"multimodal": True, "device": "cpu"}
+    kw = {"multimodal": True, "device": "cpu", "threshold": extra.get("threshold", 0.5)}
     full = mome.evaluate_cases(model, multi, extra["modalities"], extra["patch_size"], **kw)
     part = mome.evaluate_cases(model, dropped, extra["modalities"], extra["patch_size"], **kw)
     frame = pd.DataFrame(
