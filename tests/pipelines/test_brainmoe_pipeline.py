@@ -257,3 +257,14 @@ def test_balance_loss_pushes_probability_off_the_overloaded_expert():
     model.zero_grad()
     (balanced - plain).backward()
     assert model.router.proj.bias.grad[0] > 0 > model.router.proj.bias.grad[1:].max()  # descent lowers expert 0
+
+
+def test_embedding_correlation_is_a_matrix_for_any_number_of_experts():
+    """RSA matrix of the report: E × E, symmetric, unit diagonal — also for a single expert (was a 0-d scalar
+    that broke the report's heatmap)."""
+    rng = np.random.default_rng(0)
+    for e in (1, 3):
+        corr = bm._embedding_correlation(rng.standard_normal((12, e, 4)))
+        assert corr.shape == (e, e)
+        np.testing.assert_allclose(np.diag(corr), 1.0)
+        np.testing.assert_allclose(corr, corr.T)

@@ -1052,7 +1052,7 @@ def _embedding_correlation(emb: np.ndarray) -> np.ndarray:
         z = emb[:, i]
         z = (z - z.mean(0)) / (z.std(0) + 1e-8)
         sims.append(np.corrcoef(z)[iu])
-    return np.corrcoef(np.nan_to_num(np.stack(sims)))
+    return np.atleast_2d(np.corrcoef(np.nan_to_num(np.stack(sims))))  # one expert: a 1 × 1 matrix
 
 
 def _new_section(title: str) -> Any:
