@@ -123,3 +123,22 @@ def test_pretrain_one_state_then_embed(tmp_path, capsys):
     arr = np.load(emb)
     ids = pd.read_csv(tmp_path / "emb_subjects.csv")
     assert arr.shape[0] == len(ids) == 10 * 5 // 2 + 10 // 2 and np.isfinite(arr).all()
+
+
+def test_freeze_flags_override_the_preset(tmp_path):
+    """``--freeze-experts`` / ``--unfreeze-experts`` win over the preset's ``model.unfreeze_experts`` either way
+    (the demo preset adapts the experts, the paper's setting keeps them frozen)."""
+    import yaml
+
+    cohort = tmp_path / "cohort"
+    synth_cohort(cohort, n_structural=0, n_lesion=0, n_fmri=10, n_rois=12, n_timepoints=40, progress=False)
+    pre = tmp_path / "pre"
+    common = ["--family", "brainmoe", "--config", "tiny", "--device", "cpu"]
+    assert main(["pretrain", *common, "--data", str(cohort), "--states", "all", "--out", str(pre)]) == 0
+    for flag, preset_value, expected in (("--freeze-experts", "true", False), ("--unfreeze-experts", "false", True)):
+        run = tmp_path / flag.strip("-")
+        argv = ["train", *common, "--data", str(cohort), "--experts", str(pre), "--out", str(run),
+                "--set", f"model.unfreeze_experts={preset_value}", "--set", "train.epochs=1", flag]
+        assert main(argv) == 0
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["model"]["unfreeze_experts"] is expected

@@ -16,7 +16,8 @@ VERBS = {
     "--states all --out runs/bm_pre\n  neuromoe pretrain --family brainmoe --data data/synth --state rest "
     "--no-pooled --out runs/bm_pre",
     "train": "Fine-tune the FC router and the transformer adapter on labelled scans (phenotype, sex, age); "
-    "the experts stay frozen unless --unfreeze-experts. Writes RUN/model.\n\nexample:\n"
+    "the experts are frozen or adapted as the preset says (demo: adapted at 0.1 × lr; paper: frozen), "
+    "--freeze-experts / --unfreeze-experts override it. Writes RUN/model.\n\nexample:\n"
     "  neuromoe finetune --family brainmoe --config demo --data data/synth --experts runs/bm_pre "
     "--out runs/bm_ft",
     "evaluate": "Stratified k-fold cross-validation of BrainMoE vs the pooled expert + MLP and + SVM: "
@@ -33,6 +34,15 @@ VERBS = {
 }
 
 
+def _expert_flags(parser: argparse.ArgumentParser) -> None:
+    """Override the preset's ``model.unfreeze_experts`` either way (package default and `paper`: frozen)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--unfreeze-experts", dest="unfreeze_experts", action="store_const", const=True,
+                       default=None, help="fine-tune the routed experts too (at model.expert_lr_scale × lr)")
+    group.add_argument("--freeze-experts", dest="unfreeze_experts", action="store_const", const=False,
+                       help="keep the experts frozen (the paper's setting; the demo preset adapts them)")
+
+
 def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
     if verb == "pretrain":
         parser.add_argument("--data", required=True, help="cohort folder, manifest CSV/TSV or BIDS folder")
@@ -46,7 +56,7 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--data", required=True, help="labelled cohort folder, manifest or BIDS folder")
         parser.add_argument("--experts", required=True, help="folder written by 'pretrain'")
         parser.add_argument("--out", required=True, help="run directory")
-        parser.add_argument("--unfreeze-experts", action="store_true", help="fine-tune the experts too")
+        _expert_flags(parser)
         parser.add_argument("--top-k", type=int, default=None, help="experts per scan (default from config)")
     if verb == "evaluate":
         parser.add_argument("--experts", required=True, help="folder written by 'pretrain'")
@@ -55,7 +65,7 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
             "--out", required=True, help="output folder (metrics.json, predictions.csv, report)"
         )
         parser.add_argument("--folds", type=int, default=None, help="cross-validation folds (5 or 10)")
-        parser.add_argument("--unfreeze-experts", action="store_true", help="fine-tune the experts too")
+        _expert_flags(parser)
     if verb == "predict":
         parser.add_argument("--model", required=True, help="model folder written by 'train'")
         parser.add_argument("--input", required=True, help="time-series file/folder, manifest or BIDS folder")
@@ -84,8 +94,8 @@ def run(verb: str, args: argparse.Namespace) -> int:
             print(f"{len(failures)} scan(s) failed, listed in {out.stem}_failures.csv", file=sys.stderr)
         return 1 if failures else 0
     cfg = pipe.load_brainmoe_config(args.config or "demo", args.overrides, seed=args.seed, device=args.device)
-    if getattr(args, "unfreeze_experts", False):
-        cfg.model.unfreeze_experts = True
+    if getattr(args, "unfreeze_experts", None) is not None:
+        cfg.model.unfreeze_experts = args.unfreeze_experts
     if verb == "pretrain":
         if args.expert_kind:
             cfg.expert.kind = args.expert_kind
