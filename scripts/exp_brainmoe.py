@@ -1,7 +1,7 @@
 """BrainMoE acceptance experiment on the synthetic fMRI cohort (phenotype only in the `wm` state).
 
 For each seed: pretrain one expert per cognitive state + the pooled all-states expert, then stratified
-k-fold cross-validation of BrainMoE (frozen experts, FC router, transformer adapter) against the pooled
+k-fold cross-validation of BrainMoE (experts frozen or adapted as the preset says, FC router, transformer adapter) against the pooled
 expert + MLP head and + SVM. Reports macro-F1 / accuracy (phenotype, sex) and age MAE/MSE, mean ± std
 over folds per seed, the router's preference for the informative state's expert, the state router's
 held-out accuracy (when the preset fits one) and a linear probe of each expert's embedding (which expert
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument(
         "--cohort", type=Path, default=None, help="existing cohort (default: synthesise OUT/cohort)"
     )
-    ap.add_argument("--n-fmri", type=int, default=120)
+    ap.add_argument("--n-fmri", type=int, default=240)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--config", default="demo")
     ap.add_argument("--folds", type=int, default=5)

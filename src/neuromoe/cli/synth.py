@@ -8,12 +8,12 @@ import argparse
 def register(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Generate a synthetic cohort on the MNI152 template with known ages, diagnoses, "
                           "lesion masks and fMRI connectivity effects (layout: docs/design.md).")
-    parser.epilog = "example:\n  neuromoe synth --out data/synth --n-subjects 150 --n-lesion 60 --n-fmri 120 --seed 0"
+    parser.epilog = "example:\n  neuromoe synth --out data/synth --n-subjects 150 --n-lesion 60 --n-fmri 240 --seed 0"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--out", required=True, help="output cohort folder")
     parser.add_argument("--n-subjects", type=int, default=150, help="structural T1 subjects (default 150)")
     parser.add_argument("--n-lesion", type=int, default=60, help="lesion cases (default 60)")
-    parser.add_argument("--n-fmri", type=int, default=120, help="fMRI subjects, half pretrain (default 120)")
+    parser.add_argument("--n-fmri", type=int, default=240, help="fMRI subjects, half pretrain (default 240)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (6 gives ~32^3 test volumes)")
     parser.add_argument("--modalities", default="t1,t1c,t2,flair,dwi", help="comma list of lesion modalities")

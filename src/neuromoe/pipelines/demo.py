@@ -24,7 +24,7 @@ class DemoSizes:
 
     n_structural: int = 160
     n_lesion: int = 60
-    n_fmri: int = 120
+    n_fmri: int = 240
     spacing: float = 3.0
 
 

@@ -62,7 +62,7 @@ def stratified_split(strata: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) 
     return out
 
 
-def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int = 60, n_fmri: int = 120,
+def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int = 60, n_fmri: int = 240,
                  seed: int = 0, spacing: float = 3.0, modalities: tuple[str, ...] = MODALITIES,
                  kinds: tuple[str, ...] = KINDS, n_rois: int = 264, bold: bool = False,
                  progress: bool = True, n_timepoints: int = 160, tr: float = 2.0) -> dict:
