@@ -118,6 +118,31 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _dense_trunk(
+    in_channels: int, block_layers: Sequence[int], *, init_features: int, growth_rate: int, bn_size: int,
+    compression: float, stem_stride: int, spatial_dims: int, norm: str | tuple, transition_after_last: bool,
+) -> tuple[list[nn.Module], int]:
+    """Strided conv k3 → MONAI dense blocks with compression transitions (2× average pool) → norm-ReLU.
+
+    Shared by both stems; returns the layers and their output channels. The patch stem puts no
+    transition after the last block (its map is flattened), the volume stem one after every block.
+    """
+    conv = Conv[Conv.CONV, spatial_dims]
+    layers: list[nn.Module] = [
+        conv(in_channels, init_features, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+    ]
+    ch = init_features
+    for i, n in enumerate(block_layers):
+        layers.append(_DenseBlock(spatial_dims, n, ch, bn_size, growth_rate, 0.0, norm=norm))
+        ch += n * growth_rate
+        if transition_after_last or i < len(block_layers) - 1:
+            out = max(1, int(ch * compression))
+            layers.append(_Transition(spatial_dims, ch, out, norm=norm))
+            ch = out
+    layers += [get_norm_layer(norm, spatial_dims, ch), nn.ReLU(inplace=True)]
+    return layers, ch
+
+
 class DenseNetPatchStem(nn.Module):
     """3D DenseNet applied to each patch independently: ``(M, C, p, p, p) -> (M, embed_dim)``.
 
@@ -152,20 +177,12 @@ class DenseNetPatchStem(nn.Module):
         if patch_size % (stem_stride * 2**n_down):
             raise ValueError(f"patch_size {patch_size} not divisible by stem_stride·2**{n_down} "
                              "(one halving per transition)")
-        conv = Conv[Conv.CONV, spatial_dims]
-        layers: list[nn.Module] = [
-            conv(in_channels, init_features, kernel_size=3, stride=stem_stride, padding=1, bias=False)
-        ]
-        ch = init_features
-        for i, n in enumerate(block_layers):
-            layers.append(_DenseBlock(spatial_dims, n, ch, bn_size, growth_rate, 0.0, norm=norm))
-            ch += n * growth_rate
-            if i < n_down:
-                out = max(1, int(ch * compression))
-                layers.append(_Transition(spatial_dims, ch, out, norm=norm))
-                ch = out
-        layers += [get_norm_layer(norm, spatial_dims, ch), nn.ReLU(inplace=True), nn.Flatten(1)]
-        self.features = nn.Sequential(*layers)
+        layers, ch = _dense_trunk(
+            in_channels, block_layers, init_features=init_features, growth_rate=growth_rate, bn_size=bn_size,
+            compression=compression, stem_stride=stem_stride, spatial_dims=spatial_dims, norm=norm,
+            transition_after_last=False,
+        )
+        self.features = nn.Sequential(*layers, nn.Flatten(1))
         self.out_channels = ch
         self.final_size = patch_size // (stem_stride * 2**n_down)
         if spatial_dims == 3 and self.final_size < 4:
@@ -212,21 +229,14 @@ class DenseNetVolumeStem(nn.Module):
         if stem_stride * 2 ** len(block_layers) != patch_size:
             raise ValueError(f"volume stem: stem_stride·2**len(block_layers) = {stem_stride * 2 ** len(block_layers)} "
                              f"must equal patch_size {patch_size} (one halving per dense block)")
-        conv = Conv[Conv.CONV, spatial_dims]
-        layers: list[nn.Module] = [
-            conv(in_channels, init_features, kernel_size=3, stride=stem_stride, padding=1, bias=False)
-        ]
-        ch = init_features
-        for n in block_layers:
-            layers.append(_DenseBlock(spatial_dims, n, ch, bn_size, growth_rate, 0.0, norm=norm))
-            ch += n * growth_rate
-            out = max(1, int(ch * compression))
-            layers.append(_Transition(spatial_dims, ch, out, norm=norm))
-            ch = out
-        layers += [get_norm_layer(norm, spatial_dims, ch), nn.ReLU(inplace=True)]
+        layers, ch = _dense_trunk(
+            in_channels, block_layers, init_features=init_features, growth_rate=growth_rate, bn_size=bn_size,
+            compression=compression, stem_stride=stem_stride, spatial_dims=spatial_dims, norm=norm,
+            transition_after_last=True,
+        )
         self.features = nn.Sequential(*layers)
         self.out_channels = ch
-        self.proj = conv(ch, embed_dim, kernel_size=1)
+        self.proj = Conv[Conv.CONV, spatial_dims](ch, embed_dim, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.features(x)).flatten(2).transpose(1, 2)
