@@ -118,6 +118,16 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _warn_small_map(what: str, shape: Sequence[int]) -> None:
+    """torch's CPU bf16 conv3d weight gradient is wrong on maps below 4³ (torch 2.13): say so at build time."""
+    if len(shape) == 3 and min(shape) < 4:
+        warnings.warn(
+            f"{what} reaches a {tuple(shape)} map: torch's CPU bf16 conv3d weight gradient is wrong on maps "
+            "below 4³ (torch 2.13), so do not train this configuration with bf16 on CPU",
+            stacklevel=3,
+        )
+
+
 def _dense_trunk(
     in_channels: int, block_layers: Sequence[int], *, init_features: int, growth_rate: int, bn_size: int,
     compression: float, stem_stride: int, spatial_dims: int, norm: str | tuple, transition_after_last: bool,
@@ -185,12 +195,7 @@ class DenseNetPatchStem(nn.Module):
         self.features = nn.Sequential(*layers, nn.Flatten(1))
         self.out_channels = ch
         self.final_size = patch_size // (stem_stride * 2**n_down)
-        if spatial_dims == 3 and self.final_size < 4:
-            warnings.warn(
-                f"DenseNet stem reaches a {self.final_size}³ map: torch's CPU bf16 conv3d weight gradient is "
-                "wrong on maps below 4³ (torch 2.13), so do not train this configuration with bf16 on CPU",
-                stacklevel=2,
-            )
+        _warn_small_map("DenseNet patch stem", (self.final_size,) * spatial_dims)
         self.proj = nn.Linear(ch * self.final_size**spatial_dims, embed_dim)
 
     def forward(self, patches: Tensor) -> Tensor:
@@ -287,11 +292,8 @@ class DenseFormer(nn.Module):
         if stem not in stems:
             raise ValueError(f"unknown stem '{stem}' (patch, volume)")
         self.stem_type = stem
-        if stem == "volume" and spatial_dims == 3 and min(self.grid) < 4:
-            warnings.warn(
-                f"volume stem ends on a {self.grid} map: torch's CPU bf16 conv3d weight gradient is wrong on maps "
-                "below 4³ (torch 2.13), so do not train this configuration with bf16 on CPU", stacklevel=2,
-            )
+        if stem == "volume":
+            _warn_small_map("DenseNet volume stem", self.grid)
         self.stem = stems[stem](
             in_channels, self.patch_size, embed_dim, init_features=init_features, growth_rate=growth_rate,
             block_layers=block_layers, bn_size=bn_size, compression=compression, stem_stride=stem_stride,
@@ -305,13 +307,16 @@ class DenseFormer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_linear)
 
-    def patchify(self, x: Tensor) -> Tensor:
-        """``(B, C, *img_size)`` → ``(B, N, C, p, p[, p])`` in row-major grid order."""
+    def _check_input(self, x: Tensor) -> None:
         if tuple(x.shape[2:]) != self.img_size or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input (B, {self.in_channels}, {self.img_size}), got {tuple(x.shape)}; "
                 "preprocess to the model's grid first"
             )
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """``(B, C, *img_size)`` → ``(B, N, C, p, p[, p])`` in row-major grid order."""
+        self._check_input(x)
         b, c, p, nd = x.shape[0], x.shape[1], self.patch_size, self.spatial_dims
         shape = [b, c]
         for g in self.grid:
@@ -348,7 +353,7 @@ class DenseFormer(nn.Module):
         return tokens + pos.to(tokens.dtype)
 
     def _embed_volume(self, x: Tensor, ids_keep: Tensor | None) -> Tensor:
-        self.patchify(x)  # shape check
+        self._check_input(x)
         if ids_keep is not None:
             keep = x.new_zeros(x.shape[0], self.num_patches).scatter_(1, ids_keep, 1.0)
             voxels = self.in_channels * self.patch_size**self.spatial_dims
