@@ -42,6 +42,29 @@ def test_3d_forward_shapes() -> None:
     assert out.logits[1].shape == (1, 2, 8, 8, 8)
 
 
+def test_logit_skip_makes_each_finer_head_a_residual_on_the_coarser_one() -> None:
+    """With ``logit_skip`` the full-resolution logits are the finer head's output plus the upsampled coarser
+    logits: zeroing the finer head leaves exactly the upsampled coarse map; the parameters are the same as
+    the plain nnU-Net head's (so only the outputs, not the state dict, tell them apart)."""
+    torch.manual_seed(0)
+    plain = create_model("unet_tiny", spatial_dims=2)
+    torch.manual_seed(0)
+    skip = create_model("unet_tiny", spatial_dims=2, logit_skip=True)
+    assert plain.state_dict().keys() == skip.state_dict().keys()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        p_full, p_coarse = plain(x)
+        s_full, s_coarse = skip(x)
+        torch.testing.assert_close(s_coarse, p_coarse)
+        up = torch.nn.functional.interpolate(p_coarse, size=(16, 16), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(s_full, p_full + up)
+        for prm in skip.heads[-1].parameters():  # heads[-1] = the full-resolution head
+            prm.zero_()
+        torch.testing.assert_close(skip(x)[0], up)
+    m = _mome(logit_skip=True)
+    assert all(e.logit_skip for e in m.experts) and m.gate.logit_skip
+
+
 def test_mome_plus_dispatch_identity_for_present_and_mixture_of_present_for_missing() -> None:
     m = _mome(multimodal=True)
     avail = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0]])

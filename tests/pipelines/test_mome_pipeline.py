@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from neuromoe.data.lesion import LesionPatchDataset, sample_patch
+from neuromoe.errors import ModelFormatError
 from neuromoe.models import create_model
 from neuromoe.models.mome import mome_loss
 
@@ -179,6 +180,11 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     )
     assert not failures and nib.load(str(tmp_path / "m.nii.gz")).shape == (24, 28, 24)
     assert sidecars[0]["lesion_volume_ml"] >= 0 and len(sidecars[0]["gate_share"]) == 5
+    # experts trained with the logit-skip heads (the default) do not load silently into plain-head MoME
+    plain = mome.load_mome_config("tiny", ["model.logit_skip=false"], seed=0, device="cpu")
+    with pytest.raises(ModelFormatError, match="logit_skip"):
+        mome.train(tmp_path / "cohort", tmp_path / "plain", plain, experts=run / "experts")
+    assert not (tmp_path / "plain" / "model").exists()
 
 
 def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_path) -> None:

@@ -84,6 +84,9 @@ class ModelSection:
     top_k: int = 0
     widths: list[int] | None = None
     gate_widths: list[int] | None = None
+    # coarser head's upsampled logits added to each finer head's, in experts and gate (ExpertUNet); false =
+    # nnU-Net's plain heads
+    logit_skip: bool = True
 
 
 @dataclass
@@ -392,7 +395,7 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def _model_kwargs(m: ModelSection) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"logit_skip": m.logit_skip}
     if m.widths is not None:
         kw["widths"] = list(m.widths)
     if m.kind == "mome":
@@ -420,6 +423,13 @@ def _load_experts(model: MoME, experts: str | Path, modalities: Sequence[str]) -
         if not (root / m).is_dir():
             continue
         expert, _ = load_model(root / m)
+        if expert.logit_skip != model.experts[k].logit_skip:  # same parameters, different outputs
+            raise ModelFormatError(
+                f"expert '{m}' was trained with logit_skip={expert.logit_skip}, this MoME uses "
+                f"logit_skip={model.experts[k].logit_skip}",
+                path=root / m,
+                fix="set model.logit_skip as in 'pretrain' (or re-run it)",
+            )
         try:
             model.experts[k].load_state_dict(expert.state_dict(), strict=True)
         except RuntimeError:
@@ -471,7 +481,9 @@ def pretrain(
     spec = _spec(cfg)
     cases = _split_cases(data, cfg, spec, ("train", "val"))
     save_config(cfg, out)
-    kw = {"widths": list(cfg.model.widths)} if cfg.model.widths is not None else {}
+    kw: dict[str, Any] = {"logit_skip": cfg.model.logit_skip}
+    if cfg.model.widths is not None:
+        kw["widths"] = list(cfg.model.widths)
     rows = []
     for k, m in enumerate(cfg.model.modalities):
         tr = [_only(c, m) for c in cases["train"] if m in c["images"]]
