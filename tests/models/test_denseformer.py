@@ -187,6 +187,11 @@ def test_mae_encoder_loads_into_finetune_backbone_and_lr_decay():
     assert by_layer[id(m.backbone.blocks[1].mlp[0].weight)] == pytest.approx(1e-3 * 0.5)
     assert by_layer[id(m.head.out["age"].weight)] == pytest.approx(1e-3)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in m.parameters() if p.requires_grad)
+    fast_head = {id(p): g["lr"] for g in layerwise_lr_groups(m, 1e-3, 0.05, 0.5, head_lr_scale=10.0)
+                 for p in g["params"]}
+    assert fast_head[id(m.head.out["age"].weight)] == pytest.approx(1e-2)
+    assert fast_head[id(m.head.block.net[0].weight)] == pytest.approx(1e-2)
+    assert fast_head[id(m.backbone.norm.weight)] == pytest.approx(1e-3)  # same layer id, not in the head
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

@@ -668,22 +668,24 @@ class DenseFormerMoE(nn.Module):
 
 
 def layerwise_lr_groups(
-    model: DenseFormerMoE, lr: float, weight_decay: float, layer_decay: float = 0.75
+    model: DenseFormerMoE, lr: float, weight_decay: float, layer_decay: float = 0.75, head_lr_scale: float = 1.0
 ) -> list[dict[str, Any]]:
-    """Optimiser param groups with lr ``lr·decay^(L+1−layer)`` (BEiT/MAE fine-tuning recipe).
+    """Optimiser param groups with lr ``lr·decay^(L+1−layer)`` (BEiT/MAE fine-tuning recipe); the multi-task
+    head (MoE layer, task embeddings, output layers) gets ``lr·head_lr_scale``.
 
     Biases, norms, CLS token and embeddings get no weight decay; frozen parameters are skipped.
     """
     n_layers = len(model.backbone.blocks) + 1
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         layer = model.layer_id(name)
         no_wd = p.ndim == 1 or name.endswith(("cls_token", "task_embed.weight"))
-        key = (layer, no_wd)
+        head = name.startswith("head.")
+        key = (layer, no_wd, head)
         if key not in groups:
-            scale = layer_decay ** (n_layers - layer)
+            scale = layer_decay ** (n_layers - layer) * (head_lr_scale if head else 1.0)
             groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale,
                            "weight_decay": 0.0 if no_wd else weight_decay}
         groups[key]["params"].append(p)

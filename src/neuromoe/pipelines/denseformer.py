@@ -109,6 +109,9 @@ class FinetuneSection:
     # classification losses join. An easy classification task (sex from head size) otherwise reshapes
     # the shared features before age has left its mean-prediction plateau (docs/experiments.md).
     regression_only_epochs: int = 0
+    # lr multiplier of the multi-task head (new, randomly initialised) over the backbone's lr. Classification
+    # heads that join after the regression-only epochs start when the schedule has already decayed the lr.
+    head_lr_scale: float = 1.0
 
 
 @dataclass
@@ -282,14 +285,15 @@ class FinetuneTrainer(Trainer):
 
     def __init__(self, *args: Any, tasks: Sequence[TaskSpec], target_stats: dict[str, tuple[float, float]],
                  layer_decay: float, freeze: bool, task_balance: str = "sum", regression_only_epochs: int = 0,
-                 **kwargs: Any):
+                 head_lr_scale: float = 1.0, **kwargs: Any):
         self.tasks, self.target_stats = list(tasks), target_stats
         self.layer_decay, self.freeze, self.task_balance = layer_decay, freeze, task_balance
-        self.regression_only_epochs = regression_only_epochs
+        self.regression_only_epochs, self.head_lr_scale = regression_only_epochs, head_lr_scale
         super().__init__(*args, **kwargs)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return layerwise_lr_groups(self.model, self.cfg.lr, self.cfg.weight_decay, self.layer_decay)
+        return layerwise_lr_groups(self.model, self.cfg.lr, self.cfg.weight_decay, self.layer_decay,
+                                   self.head_lr_scale)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.freeze:  # linear probe: BatchNorm statistics of the frozen stem stay as pretrained
@@ -503,7 +507,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         model, cfg.train, dataset.subset(train_mask, augment=ft.augment, seed=cfg.seed),
         dataset.subset(split == "val"), run_dir=out, collate_fn=_collate, tasks=ft.tasks,
         target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze, task_balance=ft.task_balance,
-        regression_only_epochs=ft.regression_only_epochs,
+        regression_only_epochs=ft.regression_only_epochs, head_lr_scale=ft.head_lr_scale,
     )
     result = _fit(trainer, resume)
     model = model.cpu().eval()
