@@ -13,6 +13,9 @@ Prints a JSON summary and a markdown table for ``docs/experiments.md``.
 Usage (≈ 20–40 min on 2 shared cores)::
 
     OMP_NUM_THREADS=2 nice -n 10 python scripts/exp_denseformer.py --out runs/exp_df --seeds 0 1 2
+
+``--set pretrain.epochs=20`` gives the MAE a longer pretraining than the demo's 3 epochs (the overrides
+apply to every run; ``pretrain.*`` only affects the one MAE run).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--label-fraction", type=float, default=0.1)
     ap.add_argument("--config", default="demo")
+    ap.add_argument("--heads", nargs="*", default=["moe", "shared", "separate"],
+                    help="head ablation on all labels, first seed (none: skip it)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return cfg
 
     results: dict[str, Any] = {"config": args.config, "seeds": args.seeds, "label_fraction": args.label_fraction,
-                               "n_subjects": args.n_subjects, "runs": {}}
+                               "n_subjects": args.n_subjects, "cohort": str(cohort), "overrides": args.overrides,
+                               "runs": {}}
     mae_dir = out / "mae"
     pretrain(cohort, mae_dir, cfg_for(0, []))
     runs: list[tuple[str, int, list[str], bool]] = []
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         frac = [f"finetune.label_fraction={args.label_fraction}"]
         runs += [(f"frac{args.label_fraction}_pretrained", seed, frac, True),
                  (f"frac{args.label_fraction}_scratch", seed, frac, False)]
-    runs += [(f"head_{h}", args.seeds[0], [f"model.head={h}"], True) for h in ("moe", "shared", "separate")]
+    runs += [(f"head_{h}", args.seeds[0], [f"model.head={h}"], True) for h in args.heads]
     for name, seed, extra, pretrained in runs:
         cfg = cfg_for(seed, extra)
         cfg.finetune.pretrained = str(mae_dir / "model") if pretrained else None
