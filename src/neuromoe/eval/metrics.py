@@ -206,8 +206,10 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray,
     p = torch.from_numpy(pred[None, None].astype(np.float32))
     g = torch.from_numpy(gt[None, None].astype(np.float32))
     out["dice"] = float(compute_dice(p, g, include_background=True).item())
-    out["hd95"] = float(compute_hausdorff_distance(p, g, include_background=True, percentile=95,
-                                                   spacing=list(spacing)).item())
+    with warnings.catch_warnings():  # MONAI >= 1.5 warns from inside its own HD code on every call
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        out["hd95"] = float(compute_hausdorff_distance(p, g, include_background=True, percentile=95,
+                                                       spacing=list(spacing)).item())
     precision, recall = pred_hit / n_pred, gt_hit / n_gt
     out["lesion_precision"], out["lesion_recall"] = float(precision), float(recall)
     out["lesion_f1"] = float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
