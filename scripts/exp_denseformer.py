@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--config", default="demo")
     ap.add_argument("--heads", nargs="*", default=["moe", "shared", "separate"],
                     help="head ablation on all labels, first seed (none: skip it)")
+    ap.add_argument("--arms", nargs="*", default=["pretrained", "scratch"],
+                    help="label-scarce runs: from the MAE encoder and/or from scratch")
+    ap.add_argument("--mae", default=None, help="reuse this MAE run folder instead of pretraining one")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -76,13 +79,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"config": args.config, "seeds": args.seeds, "label_fraction": args.label_fraction,
                                "n_subjects": args.n_subjects, "cohort": str(cohort), "overrides": args.overrides,
                                "runs": {}}
-    mae_dir = out / "mae"
-    pretrain(cohort, mae_dir, cfg_for(0, []))
+    mae_dir = Path(args.mae) if args.mae else out / "mae"
+    if not args.mae:
+        pretrain(cohort, mae_dir, cfg_for(0, []))
+    results["mae"] = str(mae_dir)
     runs: list[tuple[str, int, list[str], bool]] = []
     for seed in args.seeds:
         frac = [f"finetune.label_fraction={args.label_fraction}"]
-        runs += [(f"frac{args.label_fraction}_pretrained", seed, frac, True),
-                 (f"frac{args.label_fraction}_scratch", seed, frac, False)]
+        runs += [(f"frac{args.label_fraction}_{arm}", seed, frac, arm == "pretrained") for arm in args.arms]
     runs += [(f"head_{h}", args.seeds[0], [f"model.head={h}"], True) for h in args.heads]
     for name, seed, extra, pretrained in runs:
         cfg = cfg_for(seed, extra)
