@@ -203,12 +203,14 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
 def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):
     """``model.backbone.stem: volume`` reaches MAE and fine-tuning, is saved with the model, and a patch-stem
     fine-tune refuses the volume-stem encoder."""
-    cfg = _cfg(tmp_path, **{"model.backbone.stem": "volume", "model.backbone.block_layers": "[2,2]"})
+    cfg = _cfg(tmp_path, **{"model.backbone.stem": "volume", "model.backbone.block_layers": "[2,2]",
+                            "finetune.refit_heads": "true"})
     mae_run = pipe.pretrain(cohort, tmp_path / "mae", cfg)
     cfg.finetune.pretrained = str(mae_run / "model")
     run = pipe.train(cohort, tmp_path / "ft", cfg)
     meta = json.loads((run / "model" / "config.json").read_text())
     assert meta["kwargs"]["stem"] == "volume"
+    assert set(meta["extra"]["head_refit"]) == {"age", "sex", "dx_ad", "dx_pd"}
     model, _ = pipe._load_multitask(run / "model")
     assert model.backbone.stem_type == "volume"
     patch_cfg = _cfg(tmp_path)
@@ -228,6 +230,33 @@ def test_cli_train_scratch_shared_head_and_bad_pretrained(cohort, tmp_path):
                    "--out", str(tmp_path / "ft2"), "--pretrained", str(tmp_path / "ft" / "model"),
                    "--cache", str(tmp_path / "cache")])
     assert rc == 2  # a fine-tuned model is not an MAE encoder: one-line error, exit 2
+
+
+def test_head_refit_replaces_an_untrained_output_layer_and_keeps_a_good_one() -> None:
+    """A classification layer left at chance by SGD is replaced by the closed-form fit (its outputs then equal
+    the fitted logistic model's); a regression layer that is already right is kept."""
+    tasks = [TaskSpec("age", "regression", "age"), TaskSpec("sex", "classification", "sex", ["F", "M"])]
+    rng = np.random.default_rng(0)
+    n, d = 120, 48
+    X = rng.normal(size=(n, d))
+    sex = (X[:, 3] + 0.3 * rng.normal(size=n) > 0).astype(float)
+    age = 60 + 10 * X[:, 5]
+    train, val = np.arange(n) < 80, np.arange(n) >= 80
+    model = types.SimpleNamespace(head=types.SimpleNamespace(out=torch.nn.ModuleDict(
+        {"age": torch.nn.Linear(d, 1), "sex": torch.nn.Linear(d, 2)})))
+    with torch.no_grad():
+        model.head.out["age"].weight.zero_()
+        model.head.out["age"].weight[0, 5] = 1.0  # (age − 60) / 10 exactly: nothing to improve
+        model.head.out["age"].bias.zero_()
+        model.head.out["sex"].weight.zero_()
+        model.head.out["sex"].bias.zero_()
+    feats = {"age": X, "sex": X}
+    rep = pipe._refit_heads(model, feats, {"age": age, "sex": sex}, train, val, tasks, {"age": (60.0, 10.0)})
+    assert rep["sex"]["refit"] and rep["sex"]["val_loss_refit"] < 0.5 < rep["sex"]["val_loss_sgd"]
+    assert not rep["age"]["refit"] and model.head.out["age"].weight[0, 5] == 1.0
+    with torch.no_grad():
+        p = model.head.out["sex"](torch.as_tensor(X[val], dtype=torch.float32)).softmax(-1)[:, 1].numpy()
+    assert np.mean((p > 0.5) == sex[val]) >= 0.8  # chance 0.5; the SGD layer (all zeros) gives 0.5
 
 
 def test_age_bias_correction_only_where_a_bias_is_there() -> None:

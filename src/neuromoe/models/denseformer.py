@@ -603,6 +603,11 @@ class MultiTaskHead(nn.Module):
         self.out = nn.ModuleDict({t["name"]: nn.Linear(dim, int(t["num_outputs"])) for t in tasks})
 
     def forward(self, x: Tensor) -> MultiTaskOutput:
+        per_task, aux, topk, weights = self.task_features(x)
+        return MultiTaskOutput({n: self.out[n](h) for n, h in per_task.items()}, aux, topk, weights)
+
+    def task_features(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor | None, Tensor | None]:
+        """Each task's representation (the input of its output layer), the aux loss and the routing."""
         t, (b, d) = len(self.task_names), x.shape
         xn = self.norm(x)
         topk = weights = None
@@ -621,8 +626,7 @@ class MultiTaskHead(nn.Module):
         else:
             per_task = [x + self.drop(self.blocks[n](xn)) for n in self.task_names]
             aux = x.new_zeros(())
-        outputs = {n: self.out[n](h_t) for n, h_t in zip(self.task_names, per_task)}
-        return MultiTaskOutput(outputs, aux, topk, weights)
+        return dict(zip(self.task_names, per_task, strict=True)), aux, topk, weights
 
 
 class DenseFormerMoE(nn.Module):

@@ -112,6 +112,11 @@ class FinetuneSection:
     # lr multiplier of the multi-task head (new, randomly initialised) over the backbone's lr. Classification
     # heads that join after the regression-only epochs start when the schedule has already decayed the lr.
     head_lr_scale: float = 1.0
+    # After fine-tuning, refit each task's output layer in closed form on the frozen task representations
+    # of the training subjects (L2-logistic / ridge, strength chosen on validation) and keep it where it
+    # lowers the validation loss. Why: a few hundred SGD steps leave the classification layers far from
+    # their optimum (sex train loss at chance while a logistic fit on the same features reaches AUC 0.8).
+    refit_heads: bool = False
 
 
 @dataclass
@@ -512,6 +517,14 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     result = _fit(trainer, resume)
     model = model.cpu().eval()
     device = _device(cfg.train.device)
+    refit = None
+    if ft.refit_heads:
+        fit_mask = train_mask | (split == "val")
+        feats = _task_features(model, dataset.subset(fit_mask), device, cfg.train.precision)
+        labels = {k: v[fit_mask] for k, v in dataset.labels.items()}
+        refit = _refit_heads(model, feats, labels, train_mask[fit_mask], (split == "val")[fit_mask], ft.tasks,
+                             target_stats)
+        model = model.cpu().eval()
     val_pred = _predict_dataset(model, dataset.subset(split == "val"), ft.tasks, target_stats, device,
                                 cfg.train.precision)
     calibration = _calibrate(val_pred, dataset.labels, np.flatnonzero(split == "val"), ft.tasks, cfg.eval)
@@ -520,7 +533,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         "extra": {"kind": "multitask", "img_size": list(_img_size(cfg)), "target_stats": target_stats,
                   "calibration": calibration, "head": m.head, "pretrained": ft.pretrained,
                   "label_fraction": ft.label_fraction, "n_train": int(train_mask.sum()),
-                  "best_val_loss": result.best_metric},
+                  "best_val_loss": result.best_metric, "head_refit": refit},
     }
     save_model(model, out / "model", meta)
     return out
@@ -554,6 +567,95 @@ def _predict_batches(model: DenseFormerMoE, batches: Iterator[Tensor], tasks: Se
             if res.topk_idx is not None:
                 out.setdefault(f"{t.name}/experts", []).append(res.topk_idx[ti].cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def _task_features(model: DenseFormerMoE, dataset: StructuralDataset, device: torch.device, precision: str,
+                   batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Every task's output-layer input for every subject of ``dataset`` (eval mode), float64."""
+    model.to(device).eval()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    out: dict[str, list[np.ndarray]] = {}
+    for s in range(0, len(dataset), batch_size):
+        x = torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))]).to(device)
+        with autocast:
+            feats = model.head.task_features(model.backbone.pool_features(model.forward_features(x)))[0]
+        for name, h in feats.items():
+            out.setdefault(name, []).append(h.double().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+REFIT_STRENGTHS = np.logspace(-3, 3, 13)  # inverse L2 strength: logistic C, ridge alpha = 1 / C
+
+
+def _layer_loss(t: TaskSpec, W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray,
+                target_stats: dict[str, tuple[float, float]]) -> float:
+    """Loss of an output layer ``X @ W.T + b``: multinomial log-loss, or MAE in label units."""
+    from sklearn.metrics import log_loss, mean_absolute_error
+
+    out = X @ W.T + b
+    if t.type == "classification":
+        p = np.exp(out - out.max(1, keepdims=True))
+        return float(log_loss(y, p / p.sum(1, keepdims=True), labels=np.arange(len(t.classes))))
+    mean, std = target_stats[t.name]
+    return float(mean_absolute_error(y, out[:, 0] * std + mean))
+
+
+def _closed_form_layer(t: TaskSpec, Z: np.ndarray, y: np.ndarray, C: float,
+                       target_stats: dict[str, tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` on standardised features ``Z``: L2-logistic (2-class → logits ``[0, z]``) or ridge."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    if t.type == "classification":
+        clf = LogisticRegression(C=C, max_iter=5000).fit(Z, y.astype(int))
+        if clf.coef_.shape[0] == 1:
+            return np.vstack([np.zeros_like(clf.coef_), clf.coef_]), np.array([0.0, clf.intercept_[0]])
+        return clf.coef_, clf.intercept_
+    mean, std = target_stats[t.name]
+    reg = Ridge(alpha=1.0 / C).fit(Z, (y - mean) / std)
+    return reg.coef_[None], np.array([reg.intercept_])
+
+
+def _refit_heads(model: DenseFormerMoE, feats: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                 train: np.ndarray, val: np.ndarray, tasks: Sequence[TaskSpec],
+                 target_stats: dict[str, tuple[float, float]]) -> dict[str, dict[str, Any]]:
+    """Closed-form refit of each task's output layer (see ``FinetuneSection.refit_heads``).
+
+    ``feats``/``labels`` cover the same subjects, ``train``/``val`` are boolean masks over them. The strength
+    is chosen by the validation loss, and the refit replaces the layer only where it beats the SGD-trained
+    one on that loss. Returns what was done per task (stored with the model).
+    """
+    report: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        X, y, layer = feats[t.name], labels[t.name], model.head.out[t.name]
+        have = y >= 0 if t.type == "classification" else np.isfinite(y)
+        tr, va = train & have, val & have
+        if t.type == "classification":
+            usable = np.isin(np.arange(len(t.classes)), y[tr]).all() and np.unique(y[va]).size >= 2
+        else:
+            usable = tr.sum() >= 3 and va.sum() >= 2
+        if not usable:
+            report[t.name] = {"refit": False, "why": "too few training or validation labels (or a class missing)"}
+            continue
+        mu, sd = X[tr].mean(0), X[tr].std(0)
+        sd = np.where(sd > 1e-8, sd, 1.0)
+        fits = []
+        for C in REFIT_STRENGTHS:
+            coef, icpt = _closed_form_layer(t, (X[tr] - mu) / sd, y[tr], float(C), target_stats)
+            W, b = coef / sd, icpt - (coef / sd) @ mu  # undo the standardisation
+            fits.append((_layer_loss(t, W, b, X[va], y[va], target_stats), float(C), W, b))
+        best, C, W, b = min(fits, key=lambda f: f[0])
+        before = _layer_loss(t, layer.weight.detach().double().cpu().numpy(),
+                             layer.bias.detach().double().cpu().numpy(), X[va], y[va], target_stats)
+        keep = best < before
+        report[t.name] = {"refit": bool(keep), "C": C, "val_loss_sgd": before, "val_loss_refit": best,
+                          "loss": "log_loss" if t.type == "classification" else "mae"}
+        if keep:
+            with torch.no_grad():
+                layer.weight.copy_(torch.as_tensor(W, dtype=layer.weight.dtype))
+                layer.bias.copy_(torch.as_tensor(b, dtype=layer.bias.dtype))
+    return report
 
 
 def _predict_dataset(model: DenseFormerMoE, dataset: StructuralDataset, tasks: Sequence[TaskSpec],
