@@ -257,6 +257,12 @@ def test_head_refit_replaces_an_untrained_output_layer_and_keeps_a_good_one() ->
     with torch.no_grad():
         p = model.head.out["sex"](torch.as_tensor(X[val], dtype=torch.float32)).softmax(-1)[:, 1].numpy()
     assert np.mean((p > 0.5) == sex[val]) >= 0.8  # chance 0.5; the SGD layer (all zeros) gives 0.5
+    X[0, 0] = np.nan  # a non-finite representation leaves every layer as trained, with the reason
+    before = model.head.out["sex"].weight.clone()
+    rep = pipe._refit_heads(model, {"age": X, "sex": X}, {"age": age, "sex": sex}, train, val, tasks,
+                            {"age": (60.0, 10.0)})
+    assert not rep["sex"]["refit"] and "non-finite" in rep["sex"]["why"]
+    assert torch.equal(model.head.out["sex"].weight, before)
 
 
 def test_age_bias_correction_only_where_a_bias_is_there() -> None:

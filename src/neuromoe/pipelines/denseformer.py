@@ -629,6 +629,9 @@ def _refit_heads(model: DenseFormerMoE, feats: dict[str, np.ndarray], labels: di
     report: dict[str, dict[str, Any]] = {}
     for t in tasks:
         X, y, layer = feats[t.name], labels[t.name], model.head.out[t.name]
+        if not np.isfinite(X).all():  # e.g. a bf16 overflow: keep the trained layer rather than fail the run
+            report[t.name] = {"refit": False, "why": "non-finite task representations"}
+            continue
         have = y >= 0 if t.type == "classification" else np.isfinite(y)
         tr, va = train & have, val & have
         if t.type == "classification":
