@@ -524,7 +524,6 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         labels = {k: v[fit_mask] for k, v in dataset.labels.items()}
         refit = _refit_heads(model, feats, labels, train_mask[fit_mask], (split == "val")[fit_mask], ft.tasks,
                              target_stats)
-        model = model.cpu().eval()
     val_pred = _predict_dataset(model, dataset.subset(split == "val"), ft.tasks, target_stats, device,
                                 cfg.train.precision)
     calibration = _calibrate(val_pred, dataset.labels, np.flatnonzero(split == "val"), ft.tasks, cfg.eval)
@@ -545,16 +544,23 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _autocast(device: torch.device, precision: str) -> Any:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def _image_batches(dataset: StructuralDataset, batch_size: int = 8) -> Iterator[Tensor]:
+    for s in range(0, len(dataset), batch_size):
+        yield torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))])
+
+
 @torch.no_grad()
 def _predict_batches(model: DenseFormerMoE, batches: Iterator[Tensor], tasks: Sequence[TaskSpec],
                      target_stats: dict[str, Any], device: torch.device, precision: str) -> dict[str, np.ndarray]:
     """Probabilities / de-standardised values and top-k experts per task, stacked over batches."""
     model.to(device).eval()
     out: dict[str, list[np.ndarray]] = {}
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
     for x in batches:
-        with autocast:
+        with _autocast(device, precision):
             res = model(x.to(device))
         for ti, t in enumerate(tasks):
             y = res.outputs[t.name].float().cpu()
@@ -570,17 +576,14 @@ def _predict_batches(model: DenseFormerMoE, batches: Iterator[Tensor], tasks: Se
 
 
 @torch.no_grad()
-def _task_features(model: DenseFormerMoE, dataset: StructuralDataset, device: torch.device, precision: str,
-                   batch_size: int = 8) -> dict[str, np.ndarray]:
+def _task_features(model: DenseFormerMoE, dataset: StructuralDataset, device: torch.device,
+                   precision: str) -> dict[str, np.ndarray]:
     """Every task's output-layer input for every subject of ``dataset`` (eval mode), float64."""
     model.to(device).eval()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
     out: dict[str, list[np.ndarray]] = {}
-    for s in range(0, len(dataset), batch_size):
-        x = torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))]).to(device)
-        with autocast:
-            feats = model.head.task_features(model.backbone.pool_features(model.forward_features(x)))[0]
+    for x in _image_batches(dataset):
+        with _autocast(device, precision):
+            feats = model.head.task_features(model.backbone.pool_features(model.forward_features(x.to(device))))[0]
         for name, h in feats.items():
             out.setdefault(name, []).append(h.double().cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -664,11 +667,7 @@ def _refit_heads(model: DenseFormerMoE, feats: dict[str, np.ndarray], labels: di
 def _predict_dataset(model: DenseFormerMoE, dataset: StructuralDataset, tasks: Sequence[TaskSpec],
                      target_stats: dict[str, Any], device: torch.device, precision: str,
                      batch_size: int = 8) -> dict[str, np.ndarray]:
-    def batches() -> Iterator[Tensor]:
-        for s in range(0, len(dataset), batch_size):
-            yield torch.stack([dataset[i]["image"] for i in range(s, min(s + batch_size, len(dataset)))])
-
-    return _predict_batches(model, batches(), tasks, target_stats, device, precision)
+    return _predict_batches(model, _image_batches(dataset, batch_size), tasks, target_stats, device, precision)
 
 
 def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows: np.ndarray,
