@@ -157,6 +157,40 @@ def test_multitask_heads(head):
         assert out.topk_idx is None and out.aux_loss.item() == 0
 
 
+@pytest.mark.parametrize("head", ["moe", "shared", "separate"])
+def test_task_attention_pool_starts_as_mean_and_learns_to_attend(head, tmp_path):
+    """``head_pool="task_attention"`` equals mean pooling at initialisation (zero-initialised read-out), gives
+    each task its own feature once trained, survives save/load, and the head accepts (B, T, D)."""
+    from neuromoe.models.registry import create_model, load_model, save_model
+
+    kw = dict(tasks=TASKS, head=head, num_experts=4, top_k=2, head_drop=0.0)
+    mean = create_model("denseformer_tiny", **kw).eval()
+    attn = create_model("denseformer_tiny", head_pool="task_attention", **kw).eval()
+    attn.load_state_dict(mean.state_dict(), strict=False)  # same backbone and head; only the pool is new
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        feats = attn.forward_features(x)
+        pooled = attn.pool_features(feats)
+        assert pooled.shape == (2, len(TASKS), TINY["embed_dim"])
+        torch.testing.assert_close(pooled[:, 0], mean.pool_features(feats))
+        torch.testing.assert_close(attn(x).outputs["age"], mean(x).outputs["age"])
+    opt = torch.optim.SGD(attn.head.pool.parameters(), lr=0.5)
+    target = torch.randn(2, 3)
+    for _ in range(5):  # only the dx_ad feature is trained: the tasks' features must diverge
+        out = attn.train()(x)
+        loss = torch.nn.functional.cross_entropy(out.outputs["dx_ad"], target.softmax(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pooled = attn.eval().pool_features(attn.forward_features(x))
+    assert not torch.allclose(pooled[:, 0], pooled[:, 1])
+    save_model(attn, tmp_path / "model", {"family": "denseformer"})
+    loaded, _ = load_model(tmp_path / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x).outputs["dx_ad"], attn(x).outputs["dx_ad"])
+
+
 def test_router_is_task_conditioned():
     """Same features, different task → different routing; the task embedding receives gradient."""
     m = DenseFormerMoE(TASKS, head="moe", num_experts=8, top_k=2, head_drop=0.0, **TINY)

@@ -552,8 +552,38 @@ class ExpertMLP(nn.Module):
         return self.net(x)
 
 
+class TaskAttentionPool(nn.Module):
+    """One learned query per task attends over the patch tokens, so each task reads its own regions.
+
+    Why: a mean over all tokens dilutes focal signals (the medial temporal lobe for AD is a few of 216
+    tokens); a probe of the token grid separates AD from CN better than one of the pooled feature
+    (docs/experiments.md). The output is ``mean(tokens) + attention read-out`` with the read-out's
+    projection zero-initialised, so training starts exactly as mean pooling.
+    """
+
+    def __init__(self, dim: int, num_tasks: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.query = nn.Parameter(torch.randn(num_tasks, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``(B, N, D)`` patch tokens → ``(B, T, D)``, one pooled feature per task."""
+        (b, n, d), h, t = tokens.shape, self.num_heads, self.query.shape[0]
+        k, v = self.kv(self.norm(tokens)).reshape(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        q = self.query.to(k.dtype).reshape(1, t, h, d // h).transpose(1, 2).expand(b, -1, -1, -1)
+        read = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return tokens.mean(dim=1, keepdim=True) + self.proj(read)
+
+
 class MultiTaskHead(nn.Module):
-    """Task-routed head over a pooled feature ``(B, D)``.
+    """Task-routed head over a pooled feature ``(B, D)``, or one per task ``(B, T, D)``.
 
     ``head="moe"``: one shared :class:`neuromoe.layers.moe.MoELayer`, evaluated once per task with the
     task's learned embedding concatenated to the router input; ``"shared"``: one MLP for all tasks;
@@ -607,25 +637,32 @@ class MultiTaskHead(nn.Module):
         return MultiTaskOutput({n: self.out[n](h) for n, h in per_task.items()}, aux, topk, weights)
 
     def task_features(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor | None, Tensor | None]:
-        """Each task's representation (the input of its output layer), the aux loss and the routing."""
-        t, (b, d) = len(self.task_names), x.shape
-        xn = self.norm(x)
+        """Each task's representation (the input of its output layer), the aux loss and the routing.
+
+        ``x``: ``(B, D)`` shared by all tasks or ``(B, T, D)`` per task (:class:`TaskAttentionPool`).
+        """
+        t = len(self.task_names)
+        if x.dim() == 2:
+            x = x.unsqueeze(1).expand(-1, t, -1)
+        if x.shape[1] != t:
+            raise ValueError(f"per-task features for {x.shape[1]} tasks, head has {t}")
+        b, d = x.shape[0], x.shape[2]
+        xt = x.transpose(0, 1)  # (T, B, D), task-major like the MoE rows below
+        xn = self.norm(xt)
         topk = weights = None
+        aux = x.new_zeros(())
         if self.head_type == "moe":
             task_ids = torch.arange(t, device=x.device).repeat_interleave(b)
-            out = self.moe(xn.repeat(t, 1), cond=self.task_embed(task_ids).to(xn.dtype))
-            h = x.repeat(t, 1) + self.drop(out.output.to(x.dtype))
+            out = self.moe(xn.reshape(t * b, d), cond=self.task_embed(task_ids).to(xn.dtype))
+            h = xt.reshape(t * b, d) + self.drop(out.output.to(x.dtype))
             aux = out.aux_loss
             topk = out.stats.topk_idx.reshape(t, b, -1)
             weights = out.stats.topk_weights.reshape(t, b, -1)
             per_task = h.reshape(t, b, d).unbind(0)
         elif self.head_type == "shared":
-            h = x + self.drop(self.block(xn))
-            per_task = [h] * t
-            aux = x.new_zeros(())
+            per_task = (xt + self.drop(self.block(xn))).unbind(0)
         else:
-            per_task = [x + self.drop(self.blocks[n](xn)) for n in self.task_names]
-            aux = x.new_zeros(())
+            per_task = [xt[i] + self.drop(self.blocks[n](xn[i])) for i, n in enumerate(self.task_names)]
         return dict(zip(self.task_names, per_task, strict=True)), aux, topk, weights
 
 
@@ -644,6 +681,7 @@ class DenseFormerMoE(nn.Module):
         balance_coef: float = 0.01,
         z_coef: float = 0.001,
         head_drop: float = 0.1,
+        head_pool: Literal["backbone", "task_attention"] = "backbone",
         **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -655,12 +693,26 @@ class DenseFormerMoE(nn.Module):
             expert_hidden=expert_hidden, task_embed_dim=task_embed_dim, balance_coef=balance_coef,
             z_coef=z_coef, drop=head_drop,
         )
+        if head_pool not in ("backbone", "task_attention"):
+            raise ValueError(f"unknown head_pool '{head_pool}' (backbone, task_attention)")
+        # Inside ``head`` so it is trained at the head's lr (layerwise_lr_groups) like the rest of the head.
+        self.head.pool = (
+            TaskAttentionPool(self.backbone.embed_dim, len(self.tasks), self.backbone.blocks[0].attn.num_heads)
+            if head_pool == "task_attention" else None
+        )
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.backbone.forward_features(x)
 
+    def pool_features(self, features: Tensor) -> Tensor:
+        """Head input: the backbone's pooled feature ``(B, D)`` or, with ``head_pool="task_attention"``,
+        one feature per task ``(B, T, D)``."""
+        if self.head.pool is None:
+            return self.backbone.pool_features(features)
+        return self.head.pool(features[:, 1:])
+
     def forward_head(self, features: Tensor) -> MultiTaskOutput:
-        return self.head(self.backbone.pool_features(features))
+        return self.head(self.pool_features(features))
 
     def forward(self, x: Tensor) -> MultiTaskOutput:
         return self.forward_head(self.forward_features(x))

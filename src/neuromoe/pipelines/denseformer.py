@@ -89,6 +89,9 @@ class ModelSection:
     balance_coef: float = 0.01
     z_coef: float = 0.001
     head_drop: float = 0.1
+    # "backbone": the head reads the backbone's pooled feature (mean of the tokens); "task_attention": one
+    # learned query per task attends over the tokens (TaskAttentionPool), starting as the mean.
+    head_pool: Literal["backbone", "task_attention"] = "backbone"
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
 
@@ -315,7 +318,7 @@ class FinetuneTrainer(Trainer):
         # The head runs on a detached copy of the pooled feature; each task's gradient with respect to
         # it is taken separately (cheap: only the head is differentiated), balanced, and sent into the
         # backbone through a surrogate term whose value is zero.
-        pooled = self.model.backbone.pool_features(self.model.forward_features(batch["image"]))
+        pooled = self.model.pool_features(self.model.forward_features(batch["image"]))
         shared = pooled.detach().requires_grad_(True)
         out = self.model.head(shared)
         losses = task_losses(out, batch["labels"], self.tasks, self.target_stats)
@@ -500,7 +503,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     model = create_model(
         f"denseformer_{m.preset}", tasks=[t.model_dict() for t in ft.tasks], head=m.head,
         num_experts=m.num_experts, top_k=m.top_k, task_embed_dim=m.task_embed_dim,
-        balance_coef=m.balance_coef, z_coef=m.z_coef, head_drop=m.head_drop, **m.backbone,
+        balance_coef=m.balance_coef, z_coef=m.z_coef, head_drop=m.head_drop, head_pool=m.head_pool,
+        **m.backbone,
     )
     if ft.pretrained:
         _load_pretrained(model, ft.pretrained)
@@ -583,7 +587,7 @@ def _task_features(model: DenseFormerMoE, dataset: StructuralDataset, device: to
     out: dict[str, list[np.ndarray]] = {}
     for x in _image_batches(dataset):
         with _autocast(device, precision):
-            feats = model.head.task_features(model.backbone.pool_features(model.forward_features(x.to(device))))[0]
+            feats = model.head.task_features(model.pool_features(model.forward_features(x.to(device))))[0]
         for name, h in feats.items():
             out.setdefault(name, []).append(h.double().cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
