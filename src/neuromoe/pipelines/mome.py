@@ -105,9 +105,10 @@ class DataSection:
 class EvalSection:
     tta: bool = False
     threshold: float = 0.5
-    # Replace ``threshold`` by the one that maximises the Dice on the validation patches at the best
-    # epoch (stored with the model): a briefly trained U-Net ranks lesion voxels well before its
-    # full-resolution probabilities cross 0.5 (a demo-budget T1 expert peaks at p ≈ 0.4).
+    # Replace ``threshold`` by the one with the best mean Dice on the whole validation volumes, predicted
+    # as ``evaluate`` predicts (stored with the model): a briefly trained U-Net ranks lesion voxels well
+    # before its probabilities cross 0.5, and a longer-trained MoME+ is best above 0.5. Validation
+    # *patches* (1/3 lesion-centred) gave thresholds 0.10–0.25 where whole volumes want 0.25–0.7.
     tune_threshold: bool = False
     n_overlays: int = 3
 
@@ -200,7 +201,6 @@ class MoMETrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.schedule, self.expert_weight = schedule, 1.0
         self.best_state: dict[str, Tensor] | None = None
-        self.best_threshold: float | None = None
 
     def on_epoch_start(self, epoch: int) -> None:
         self.expert_weight = curriculum_weight(epoch, self.cfg.epochs, self.schedule)  # type: ignore[arg-type]
@@ -209,7 +209,6 @@ class MoMETrainer(Trainer):
 
     def on_best(self, metrics: dict[str, float]) -> None:
         self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.best_threshold = metrics.get("val_threshold")
 
     def _forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], Tensor]:
         """Loss, logs and the full-resolution (fused) logits."""
@@ -237,7 +236,7 @@ class MoMETrainer(Trainer):
         }
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
-        """Fused validation loss, and the Dice over all validation patches at each candidate threshold."""
+        """Fused validation loss, and the Dice over all validation patches (best candidate threshold, 0.5)."""
         tp = np.sum([o["tp"] for o in outputs], 0)
         total = np.sum([o["n_pred"] for o in outputs], 0) + sum(o["n_gt"] for o in outputs)
         dice = np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)
@@ -246,7 +245,6 @@ class MoMETrainer(Trainer):
             "val_loss": float(np.mean([o["loss"] for o in outputs])),
             "val_dice": float(dice[best]),
             "val_dice_p50": float(dice[int(np.argmin(np.abs(THRESHOLDS - 0.5)))]),
-            "val_threshold": float(THRESHOLDS[best]),
         }
 
     def fit_best(self, resume: bool = False) -> float:
@@ -256,12 +254,21 @@ class MoMETrainer(Trainer):
             self.model.load_state_dict(self.best_state)
         return result.best_metric
 
-    def threshold(self, ev: EvalSection) -> float:
+    def threshold(self, ev: EvalSection, val_cases: Sequence[LesionCase], modalities: Sequence[str],
+                  patch_size: Sequence[int], multimodal: bool = False) -> float:
         """The decision threshold to store with the model: ``ev.threshold``, or with ``ev.tune_threshold``
-        the best-Dice one on the validation patches at the best epoch (when there was a validation)."""
-        if ev.tune_threshold and self.best_threshold is not None:
-            return self.best_threshold
-        return ev.threshold
+        (and validation cases) the one with the best mean Dice on the whole validation volumes."""
+        if not (ev.tune_threshold and val_cases):
+            return ev.threshold
+        scores = [
+            [_dice(pred.prob > t, case["mask"] > 0) for t in THRESHOLDS]
+            for case in val_cases
+            for pred in (
+                predict_volume(self.model, image, patch_size, available=avail, device=self.device)
+                for _, image, avail in _case_runs(case, modalities, multimodal)
+            )
+        ]
+        return float(THRESHOLDS[int(np.argmax(np.mean(scores, 0)))])
 
 
 # ---------------------------------------------------------------------------------------- inference
@@ -520,7 +527,7 @@ def pretrain(
                     "modalities": [m],
                     "patch_size": list(d.patch_size),
                     "multimodal": False,
-                    "threshold": trainer.threshold(cfg.eval),
+                    "threshold": trainer.threshold(cfg.eval, va, (m,), d.patch_size),
                     "best_val_loss": best,
                     "n_train_images": len(tr),
                 },
@@ -590,6 +597,7 @@ def train(
     save_config(cfg, out)
     trainer = MoMETrainer(model, cfg.train, train_set, val_set, run_dir=out, schedule=cfg.curriculum)
     best = trainer.fit_best(resume)
+    threshold = trainer.threshold(cfg.eval, cases["val"], m.modalities, d.patch_size, multimodal)
     save_model(
         model.cpu(),
         out / "model",
@@ -605,7 +613,7 @@ def train(
                 "gate_norm": m.gate_norm,
                 "curriculum": cfg.curriculum,
                 "experts_loaded": loaded,
-                "threshold": trainer.threshold(cfg.eval),
+                "threshold": threshold,
                 "best_val_loss": best,
                 "n_train_cases": len(cases["train"]),
             },
