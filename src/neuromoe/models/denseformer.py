@@ -631,6 +631,9 @@ class MultiTaskHead(nn.Module):
         else:
             raise ValueError(f"unknown head '{head}' (moe, shared, separate)")
         self.out = nn.ModuleDict({t["name"]: nn.Linear(dim, int(t["num_outputs"])) for t in tasks})
+        # Optional TaskAttentionPool, set by DenseFormerMoE(head_pool="task_attention"); used there, before
+        # ``forward``, but owned here so it is trained at the head's lr.
+        self.pool: TaskAttentionPool | None = None
 
     def forward(self, x: Tensor) -> MultiTaskOutput:
         per_task, aux, topk, weights = self.task_features(x)
@@ -695,7 +698,6 @@ class DenseFormerMoE(nn.Module):
         )
         if head_pool not in ("backbone", "task_attention"):
             raise ValueError(f"unknown head_pool '{head_pool}' (backbone, task_attention)")
-        # Inside ``head`` so it is trained at the head's lr (layerwise_lr_groups) like the rest of the head.
         self.head.pool = (
             TaskAttentionPool(self.backbone.embed_dim, len(self.tasks), self.backbone.blocks[0].attn.num_heads)
             if head_pool == "task_attention" else None
