@@ -9,7 +9,9 @@ Steps (each writes ``OUT/<step>/`` and can run in its own process; ``summary`` r
   experts) + stage 2 together
 * ``mome_plus`` MoME+ (all modalities at once, modality dropout) from the stage-1 experts; evaluated with
   all modalities present and with a seeded random non-empty subset missing per case
-* ``sparse_plus`` MoME+ with the sparse case-level top-2 router, vs ``mome_plus`` (dense)
+* ``sparse_plus`` MoME+ with the sparse case-level top-2 router, vs ``mome_plus`` (dense); also evaluated
+  with modalities missing
+* ``missing``   only the missing-modality evaluation of the trained ``mome_plus`` / ``sparse_plus``
 * ``summary``   tables (markdown) + ``OUT/summary.json``
 
 Usage::
@@ -73,9 +75,10 @@ def _mome_samples(args: argparse.Namespace, cfg: mome.MoMEConfig) -> int:
     return cfg.pretrain.epochs * stage1 + cfg.train.epochs * stage2
 
 
-def _missing_modalities(args: argparse.Namespace) -> None:
-    """MoME+ Dice with all modalities vs a seeded random non-empty subset removed (cases with ≥ 2)."""
-    out = Path(args.out) / "mome_plus"
+def _missing_modalities(args: argparse.Namespace, name: str) -> None:
+    """MoME+ (dense or sparse) Dice with all modalities vs a seeded random non-empty subset removed (cases
+    with ≥ 2), at the model's stored threshold."""
+    out = Path(args.out) / name
     model, meta = load_model(out / "model")
     extra = meta["extra"]
     cfg = _cfg(args)
@@ -136,8 +139,9 @@ def _summary(args: argparse.Namespace) -> None:
             per_mod[name] = {k: v["dice"] for k, v in m["by_modality"].items()}
         if "expert_dice" in m:
             res[name]["expert_dice"] = m["expert_dice"]
-    if (root / "mome_plus" / "missing_modalities.json").is_file():
-        res["mome_plus_missing"] = json.loads((root / "mome_plus" / "missing_modalities.json").read_text())
+    for name in ("mome_plus", "sparse_plus"):
+        if (root / name / "missing_modalities.json").is_file():
+            res[f"{name}_missing"] = json.loads((root / name / "missing_modalities.json").read_text())
     res["per_modality_dice"] = per_mod
     atomic_write_json(root / "summary.json", res)
     lines = [
@@ -169,7 +173,7 @@ def _summary(args: argparse.Namespace) -> None:
             for i in images
         ]
     print("\n".join(lines))
-    print(json.dumps({k: res[k] for k in res if k.startswith("mome_plus_missing")}))
+    print(json.dumps({k: res[k] for k in res if k.endswith("_missing")}))
 
 
 def main() -> None:
@@ -211,9 +215,14 @@ def main() -> None:
             )
         elif step == "mome_plus":
             _train_eval(args, "mome_plus", ["model.multimodal=true"], experts=True)
-            _missing_modalities(args)
+            _missing_modalities(args, "mome_plus")
         elif step == "sparse_plus":
             _train_eval(args, "sparse_plus", ["model.multimodal=true", "model.top_k=2"], experts=True)
+            _missing_modalities(args, "sparse_plus")
+        elif step == "missing":  # re-run the missing-modality check on the trained MoME+ variants
+            for name in ("mome_plus", "sparse_plus"):
+                if (Path(args.out) / name / "model").is_dir():
+                    _missing_modalities(args, name)
         elif step == "summary":
             _summary(args)
         else:
