@@ -93,7 +93,12 @@ def _missing_modalities(args: argparse.Namespace, name: str) -> None:
         n_drop = int(rng.integers(1, len(mods)))
         gone = set(rng.choice(mods, n_drop, replace=False).tolist())
         dropped.append({**c, "images": {m: v for m, v in c["images"].items() if m not in gone}})
-    kw = {"multimodal": True, "device": "cpu", "threshold": extra.get("threshold", 0.5)}
+    kw = {
+        "multimodal": True,
+        "device": "cpu",
+        "threshold": extra.get("threshold", 0.5),
+        "precision": extra.get("precision", "fp32"),
+    }
     full = mome.evaluate_cases(model, multi, extra["modalities"], extra["patch_size"], **kw)
     part = mome.evaluate_cases(model, dropped, extra["modalities"], extra["patch_size"], **kw)
     frame = pd.DataFrame(
@@ -127,7 +132,11 @@ def _summary(args: argparse.Namespace) -> None:
         if not f.is_file():
             continue
         m = json.loads(f.read_text())
-        t = json.loads((root / name / "time.json").read_text()) if (root / name / "time.json").is_file() else {}
+        t = (
+            json.loads((root / name / "time.json").read_text())
+            if (root / name / "time.json").is_file()
+            else {}
+        )
         res[name] = {
             "mean": m["mean"],
             "n_predictions": m["n_predictions"],

@@ -163,6 +163,7 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     assert cfg["preprocessing"]["spacing"] == [6.0, 6.0, 6.0]
     # stage-1 experts exist for the modalities with training images and were copied into the MoME
     assert cfg["extra"]["experts_loaded"] == ["t1", "flair"]
+    assert cfg["extra"]["precision"] == "fp32"  # the `tiny` config's inference precision, stored
     # a stage-1 expert evaluates alone on the cases that have its modality (train cases 0 and 2 have FLAIR)
     ev = mome.evaluate(
         run / "experts" / "experts" / "flair",
@@ -180,6 +181,11 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     )
     assert not failures and nib.load(str(tmp_path / "m.nii.gz")).shape == (24, 28, 24)
     assert sidecars[0]["lesion_volume_ml"] >= 0 and len(sidecars[0]["gate_share"]) == 5
+    assert sidecars[0]["precision"] == "fp32"
+    bf16, _ = mome.segment(
+        run / "train" / "model", {"t1": t1}, tmp_path / "b.nii.gz", device="cpu", precision="bf16"
+    )
+    assert bf16[0]["precision"] == "bf16" and nib.load(str(tmp_path / "b.nii.gz")).shape == (24, 28, 24)
     # experts trained with the logit-skip heads (the default) do not load silently into plain-head MoME
     plain = mome.load_mome_config("tiny", ["model.logit_skip=false"], seed=0, device="cpu")
     with pytest.raises(ModelFormatError, match="logit_skip"):
@@ -220,7 +226,9 @@ def test_threshold_is_tuned_on_whole_validation_volumes(tmp_path) -> None:
     mask = torch.zeros(2, 1, 8, 8, 8)
     mask[:, :, 2:5, 2:5, 2:5] = 1
     batch = {"image": 0.1 + 0.3 * mask, "mask": mask, "modality": torch.zeros(2, dtype=torch.long)}
-    trainer = MoMETrainer(_FixedProbability(), TrainConfig(device="cpu", progress=False), [], run_dir=tmp_path)
+    trainer = MoMETrainer(
+        _FixedProbability(), TrainConfig(device="cpu", progress=False), [], run_dir=tmp_path
+    )
     metrics = trainer.validation_end([trainer.validation_step(batch)])
     assert metrics["val_dice"] == 1.0 and metrics["val_dice_p50"] == 0.0
     vol = np.zeros((12, 12, 12), np.float32)
@@ -232,3 +240,35 @@ def test_threshold_is_tuned_on_whole_validation_volumes(tmp_path) -> None:
     assert trainer.threshold(EvalSection(tune_threshold=True), [], ("t1",), (8, 8, 8)) == 0.5
 
 
+class _RecordsAutocast(_FixedProbability):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.seen.append(torch.is_autocast_enabled(x.device.type))
+        return super().forward(x)
+
+
+def test_inference_precision_is_applied_to_threshold_search_and_prediction(tmp_path) -> None:
+    """``eval.precision`` reaches the sliding-window predictor (the threshold is tuned on the probabilities
+    ``evaluate`` will score); an unknown precision is refused."""
+    from neuromoe.engine import TrainConfig
+    from neuromoe.errors import ConfigError
+    from neuromoe.pipelines.mome import EvalSection, MoMETrainer, predict_volume
+
+    model = _RecordsAutocast()
+    vol = np.zeros((12, 12, 12), np.float32)
+    vol[3:7, 3:7, 3:7] = 1
+    predict_volume(model, vol[None], (8, 8, 8))
+    assert model.seen and not any(model.seen)
+    model.seen.clear()
+    predict_volume(model, vol[None], (8, 8, 8), precision="bf16")
+    assert model.seen and all(model.seen)
+    model.seen.clear()
+    trainer = MoMETrainer(model, TrainConfig(device="cpu", progress=False), [], run_dir=tmp_path)
+    case = {"images": {"t1": 0.1 + 0.3 * vol}, "mask": vol, "meta": {}}
+    trainer.threshold(EvalSection(tune_threshold=True, precision="bf16"), [case], ("t1",), (8, 8, 8))
+    assert model.seen and all(model.seen)
+    with pytest.raises(ConfigError, match="precision"):
+        predict_volume(model, vol[None], (8, 8, 8), precision="fp16")

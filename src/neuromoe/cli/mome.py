@@ -27,6 +27,15 @@ VERBS = {
 }
 
 
+def _precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="inference precision (default: the one the model's threshold was tuned with)",
+    )
+
+
 def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache",
@@ -49,6 +58,7 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", required=True, help="output folder (metrics.json, per_case.csv, report)")
         parser.add_argument("--split", default="test", choices=["train", "val", "test"])
         parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+        _precision_argument(parser)
     if verb == "segment":
         parser.add_argument("--model", required=True, help="model folder written by 'train'")
         g = parser.add_argument_group("one case (any non-empty subset of the model's modalities)")
@@ -62,6 +72,7 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         )
         parser.add_argument("--probabilities", action="store_true", help="also write the probability map")
         parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+        _precision_argument(parser)
 
 
 def run(verb: str, args: argparse.Namespace) -> int:
@@ -81,6 +92,7 @@ def run(verb: str, args: argparse.Namespace) -> int:
             args.output,
             probabilities=args.probabilities,
             tta=args.tta,
+            precision=args.precision,
             device=args.device,
         )
         if paths:
@@ -104,6 +116,7 @@ def run(verb: str, args: argparse.Namespace) -> int:
             seed=cfg.seed,
             cache_dir=cfg.cache_dir,
             n_overlays=cfg.eval.n_overlays,
+            precision=args.precision,
         )
         print(out / "metrics.json")
         return 0

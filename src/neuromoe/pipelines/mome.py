@@ -34,7 +34,7 @@ from neuromoe.config import load_family_config, save_config
 from neuromoe.data.lesion import LesionCase, LesionPatchDataset, load_lesion_cases
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.engine.utils import resolve_device
-from neuromoe.errors import InputError, ModelFormatError
+from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json
 from neuromoe.io.table import write_failures
@@ -110,6 +110,10 @@ class EvalSection:
     # before its probabilities cross 0.5, and a longer-trained MoME+ is best above 0.5. Validation
     # *patches* (1/3 lesion-centred) gave thresholds 0.10–0.25 where whole volumes want 0.25–0.7.
     tune_threshold: bool = False
+    # Sliding-window inference precision, stored with the model so that ``evaluate`` and ``segment`` score
+    # the probabilities the threshold was tuned on. ``bf16`` (autocast) halves CPU inference time; the
+    # `demo` config trains in bf16 too.
+    precision: Literal["fp32", "bf16"] = "fp32"
     n_overlays: int = 3
 
 
@@ -254,8 +258,14 @@ class MoMETrainer(Trainer):
             self.model.load_state_dict(self.best_state)
         return result.best_metric
 
-    def threshold(self, ev: EvalSection, val_cases: Sequence[LesionCase], modalities: Sequence[str],
-                  patch_size: Sequence[int], multimodal: bool = False) -> float:
+    def threshold(
+        self,
+        ev: EvalSection,
+        val_cases: Sequence[LesionCase],
+        modalities: Sequence[str],
+        patch_size: Sequence[int],
+        multimodal: bool = False,
+    ) -> float:
         """The decision threshold to store with the model: ``ev.threshold``, or with ``ev.tune_threshold``
         (and validation cases) the one with the best mean Dice on the whole validation volumes."""
         if not (ev.tune_threshold and val_cases):
@@ -264,7 +274,9 @@ class MoMETrainer(Trainer):
             [_dice(pred.prob > t, case["mask"] > 0) for t in THRESHOLDS]
             for case in val_cases
             for pred in (
-                predict_volume(self.model, image, patch_size, available=avail, device=self.device)
+                predict_volume(
+                    self.model, image, patch_size, available=avail, device=self.device, precision=ev.precision
+                )
                 for _, image, avail in _case_runs(case, modalities, multimodal)
             )
         ]
@@ -299,7 +311,7 @@ def predict_volume(
     available: np.ndarray | None = None,
     tta: bool = False,
     device: str | torch.device = "cpu",
-    bf16: bool = False,
+    precision: str = "fp32",
 ) -> VolumePrediction:
     """Predict one volume ``image (C, *S)``.
 
@@ -307,6 +319,10 @@ def predict_volume(
     ``tta`` the outputs are averaged over all mirror flips. The gate share is the lesion-weighted mean
     of the full-resolution gate.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(
+            f"precision must be 'fp32' or 'bf16', got {precision!r}", fix="--precision fp32|bf16"
+        )
     model.eval()
     device = torch.device(device)
     x = torch.as_tensor(image, dtype=torch.float32, device=device)[None]
@@ -318,7 +334,7 @@ def predict_volume(
     is_mome = isinstance(model, MoME)
 
     def predictor(patch: Tensor) -> tuple[Tensor, ...]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             if not is_mome:
                 return (model(patch)[0].float().softmax(1)[:, 1:],)
             out = model(patch, None if avail is None else avail.expand(patch.shape[0], -1))
@@ -365,6 +381,7 @@ def evaluate_cases(
     multimodal: bool = False,
     tta: bool = False,
     threshold: float = 0.5,
+    precision: str = "fp32",
     device: str | torch.device = "cpu",
     on_prediction: Callable[[int, str, VolumePrediction], None] | None = None,
 ) -> pd.DataFrame:
@@ -376,7 +393,9 @@ def evaluate_cases(
         spacing = _spacing(case)
         gt = case["mask"] > 0
         for name, image, avail in _case_runs(case, modalities, multimodal):
-            pred = predict_volume(model, image, patch_size, available=avail, tta=tta, device=device)
+            pred = predict_volume(
+                model, image, patch_size, available=avail, tta=tta, device=device, precision=precision
+            )
             row = {
                 **case["meta"],
                 "modality": name,
@@ -528,6 +547,7 @@ def pretrain(
                     "patch_size": list(d.patch_size),
                     "multimodal": False,
                     "threshold": trainer.threshold(cfg.eval, va, (m,), d.patch_size),
+                    "precision": cfg.eval.precision,
                     "best_val_loss": best,
                     "n_train_images": len(tr),
                 },
@@ -614,6 +634,7 @@ def train(
                 "curriculum": cfg.curriculum,
                 "experts_loaded": loaded,
                 "threshold": threshold,
+                "precision": cfg.eval.precision,
                 "best_val_loss": best,
                 "n_train_cases": len(cases["train"]),
             },
@@ -642,11 +663,13 @@ def evaluate(
     seed: int = 0,
     cache_dir: str | None = None,
     n_overlays: int = 3,
+    precision: str | None = None,
     section: Any = None,
 ) -> Path:
     """Per case × modality Dice, HD95, lesion-wise F1 and absolute volume difference → ``out/per_case.csv``,
     ``out/metrics.json`` (means per dataset / modality / lesion type, expert specialisation matrix) and a
-    report section with the tables, contour overlays and gate maps (added to ``section`` when given)."""
+    report section with the tables, contour overlays and gate maps (added to ``section`` when given).
+    ``precision`` defaults to the one the model's threshold was tuned with."""
     from neuromoe.data.preprocess import PreprocSpec
 
     out = Path(out)
@@ -674,6 +697,7 @@ def evaluate(
         multimodal=extra["multimodal"],
         tta=tta,
         threshold=extra.get("threshold", 0.5),
+        precision=precision or extra.get("precision", "fp32"),
         device=dev,
         on_prediction=keep,
     )
@@ -685,6 +709,7 @@ def evaluate(
         "kind": extra["kind"],
         "multimodal": extra["multimodal"],
         "threshold": extra.get("threshold", 0.5),
+        "precision": precision or extra.get("precision", "fp32"),
         "mean": frame[list(SUMMARY_METRICS)].mean().round(4).to_dict(),
     }
     for by in ("modality", "lesion_type", "dataset"):
@@ -792,6 +817,7 @@ def _segment_case(
     *,
     probabilities: bool,
     tta: bool,
+    precision: str,
     device: torch.device,
 ) -> dict[str, Any]:
     """Segment one case; nothing is written unless every input is valid."""
@@ -810,7 +836,9 @@ def _segment_case(
             f"model has no expert for {unknown}", path=paths[unknown[0]], fix=f"give images of {mods}"
         )
     ordered = [m for m in mods if m in paths]
-    images = {m: load_nifti(paths[m]) for m in ordered}  # other grids: resampled, or refused if not co-registered
+    images = {
+        m: load_nifti(paths[m]) for m in ordered
+    }  # other grids: resampled, or refused if not co-registered
     ref = images[ordered[0]]
     pre = preprocess_image(images, PreprocSpec.from_dict(meta["preprocessing"]))
     arrays = dict(zip(ordered, pre.data, strict=True))
@@ -826,10 +854,14 @@ def _segment_case(
                 available=np.array([m in arrays for m in mods], np.float32),
                 tta=tta,
                 device=device,
+                precision=precision,
             )
         ]
     else:  # MoME segments one modality at a time; several inputs are averaged
-        preds = [predict_volume(model, arrays[m][None], patch, tta=tta, device=device) for m in ordered]
+        preds = [
+            predict_volume(model, arrays[m][None], patch, tta=tta, device=device, precision=precision)
+            for m in ordered
+        ]
     prob = np.mean([p.prob for p in preds], axis=0)
     mask_pre = (prob > extra.get("threshold", 0.5)).astype(np.float32)
     mask = resample_to_grid(mask_pre, pre.affine, ref.data.shape, ref.affine, order=0) > 0.5
@@ -844,6 +876,7 @@ def _segment_case(
         "lesion_volume_ml": round(float(mask.sum()) * voxel_ml, 4),
         "n_components": int(n_comp),
         "tta": tta,
+        "precision": precision,
         "model_kind": extra["kind"],
         "multimodal": bool(extra["multimodal"]),
     }
@@ -874,6 +907,7 @@ def segment(
     *,
     probabilities: bool = False,
     tta: bool = False,
+    precision: str | None = None,
     device: str = "auto",
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Segment new scans; returns ``(sidecars, failures)``.
@@ -882,8 +916,10 @@ def segment(
     :class:`InputError` and writes nothing), or a manifest / cohort / BIDS folder (``output`` = folder with
     ``<subject>_mask.nii.gz`` + JSON sidecar per case; failed cases are listed in ``failures.csv`` and the
     others still finish). The mask has exactly the input's shape and affine (nearest resampling).
+    ``precision`` defaults to the one the model's threshold was tuned with.
     """
     model, meta = _load(model_dir)
+    precision = precision or meta["extra"].get("precision", "fp32")
     dev = resolve_device(device)
     model.to(dev)
     if isinstance(inputs, dict):
@@ -893,7 +929,16 @@ def segment(
                 "output must be a .nii or .nii.gz file", path=output, fix="e.g. --output mask.nii.gz"
             )
         return [
-            _segment_case(model, meta, inputs, output, probabilities=probabilities, tta=tta, device=dev)
+            _segment_case(
+                model,
+                meta,
+                inputs,
+                output,
+                probabilities=probabilities,
+                tta=tta,
+                precision=precision,
+                device=dev,
+            )
         ], []
     from neuromoe.io.table import load_table
 
@@ -918,6 +963,7 @@ def segment(
                         out_dir / f"{subject}_mask.nii.gz",
                         probabilities=probabilities,
                         tta=tta,
+                        precision=precision,
                         device=dev,
                     ),
                 }
