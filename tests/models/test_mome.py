@@ -7,7 +7,14 @@ import torch
 
 from neuromoe.errors import ConfigError
 from neuromoe.models import create_model, load_model, save_model
-from neuromoe.models.mome import MoME, curriculum_weight, deep_supervision_weights, mome_loss
+from neuromoe.models.mome import (
+    MoME,
+    MoMEOutput,
+    curriculum_weight,
+    deep_supervision_weights,
+    gate_supervision_loss,
+    mome_loss,
+)
 
 
 def _mome(**kw) -> MoME:
@@ -95,6 +102,82 @@ def test_sparse_runs_only_top_k_experts_and_trains_the_router() -> None:
     loss, _ = mome_loss(out, torch.zeros(1, 1, 32, 32), None, 0.0)
     loss.backward()
     assert m.router.proj.weight.grad is not None and m.router.proj.weight.grad.abs().sum() > 0
+
+
+def test_mome_plus_curriculum_scores_every_present_modality_expert() -> None:
+    """MoME+ has no single own modality: the curriculum's expert term scores each present modality's expert
+    (fed its own image by the identity dispatch rows), so the first epoch (weight 1) still trains the
+    experts instead of nothing; missing modalities' experts get no expert term."""
+    m = _mome(multimodal=True)
+    avail = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0]])
+    y = torch.zeros(2, 1, 32, 32)
+    y[:, :, 8:16, 8:16] = 1
+    loss, logs = mome_loss(m(torch.randn(2, 5, 32, 32), avail), y, None, 1.0, available=avail)
+    assert "loss_expert" in logs and loss.item() > 0
+    loss.backward()
+    grads = {k: m.experts[k].heads[-1].conv.conv.weight.grad for k in range(5)}
+    assert all(grads[k] is not None and grads[k].abs().sum() > 0 for k in (0, 2, 3))
+    assert all(grads[k] is None or grads[k].abs().sum() == 0 for k in (1, 4))
+
+
+def test_gate_supervision_loss_is_minus_log_gate_mass_on_the_intended_experts() -> None:
+    gates = [torch.full((2, 4, 8, 8), 0.25), torch.full((2, 4, 4, 4), 0.25)]
+    out = MoMEOutput([], {}, gates, torch.zeros(()))
+    torch.testing.assert_close(gate_supervision_loss(out, torch.tensor([0, 3])), torch.log(torch.tensor(4.0)))
+    avail = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    expect = -(torch.log(torch.tensor(0.5)) + 0.0) / 2  # mass 0.5 and 1.0
+    torch.testing.assert_close(gate_supervision_loss(out, available=avail), expect)
+    sharp = [torch.zeros_like(g).index_fill_(1, torch.tensor([2]), 1.0) for g in gates]
+    out_sharp = MoMEOutput([], {}, sharp, torch.zeros(()))
+    assert gate_supervision_loss(out_sharp, torch.tensor([2, 2])).item() == pytest.approx(0.0, abs=1e-6)
+    # sparse: a sample whose own expert was not selected has no target
+    out_sparse = MoMEOutput([], {}, sharp, torch.zeros(()), selected=torch.tensor([[2, 1], [2, 1]]))
+    assert gate_supervision_loss(out_sparse, torch.tensor([2, 0])).item() == pytest.approx(0.0, abs=1e-6)
+    assert gate_supervision_loss(out_sparse, torch.tensor([0, 3])) is None
+    assert gate_supervision_loss(out) is None
+
+
+def test_gate_supervision_teaches_the_gate_to_infer_the_modality() -> None:
+    """Two 'modalities' told apart only by their contrast (lesion bright vs dark): with the gate term the
+    gate learns to weight each image's own expert, without it (fused loss only, same steps) it does not
+    prefer the own expert as much. The modality is never passed to the model."""
+    x = torch.randn(8, 1, 16, 16) * 0.1
+    y = torch.zeros(8, 1, 16, 16)
+    y[:, :, 4:10, 5:11] = 1
+    mod = torch.tensor([0, 1] * 4)
+    x[mod == 0] += 1.0 + 2.0 * y[mod == 0]  # modality a: bright background, brighter lesion
+    x[mod == 1] -= 1.0 + 2.0 * y[mod == 1]  # modality b: dark background, darker lesion
+    share = {}
+    for weight in (0.0, 1.0):
+        m = _mome(modalities=("a", "b"))
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(60):
+            loss, _ = mome_loss(m(x), y, mod, 0.5, gate_weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            g = m.eval()(x).gates[0].mean((2, 3))
+        share[weight] = g[torch.arange(8), mod].mean().item()
+    assert share[1.0] > 0.7 and share[1.0] > share[0.0] + 0.2  # measured 0.76 vs 0.50
+
+
+def test_sparse_gate_skips_the_zero_stems_of_experts_that_did_not_run() -> None:
+    """The sparse gate convolves only the image, availability and the selected experts' stems; the result
+    equals the gate run on the full input with zero stems for the others."""
+    m = _mome(multimodal=True, top_k=2).eval()
+    calls = []
+    gate_forward = m.gate.forward
+    m.gate.forward = lambda inp, channels=None: calls.append((inp, channels)) or gate_forward(inp, channels)
+    with torch.no_grad():
+        m(torch.randn(1, 5, 32, 32), torch.tensor([[1, 1, 0, 1, 0]]))
+        ((inp, channels),) = calls
+        w0 = m.experts[0].stem_channels
+        assert inp.shape[1] == 5 + 5 + 2 * w0 and len(channels) == inp.shape[1]
+        full = torch.zeros(1, 5 + 5 + 5 * w0, 32, 32)
+        full[:, channels] = inp
+        for a, b in zip(gate_forward(inp, channels), gate_forward(full), strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_curriculum_schedules() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuromoe.data.lesion import LesionPatchDataset, sample_patch
-from neuromoe.errors import ModelFormatError
+from neuromoe.errors import ConfigError, ModelFormatError
 from neuromoe.models import create_model
 from neuromoe.models.mome import mome_loss
 
@@ -78,6 +78,8 @@ def test_items_feed_the_model_and_loss() -> None:
 
 
 def test_trainer_learns_and_evaluation_table_has_metrics_and_gate_shares(tmp_path) -> None:
+    import pandas as pd
+
     from neuromoe.engine import TrainConfig
     from neuromoe.pipelines.mome import MoMETrainer, evaluate_cases, predict_volume
 
@@ -108,6 +110,10 @@ def test_trainer_learns_and_evaluation_table_has_metrics_and_gate_shares(tmp_pat
     assert pred.gate.shape == (3, 16, 16, 16) and pred.expert_prob.shape == (3, 16, 16, 16)
     # every expert is its own U-Net: alone each segments the cube too (expert_dice_* columns)
     assert table[["expert_dice_t1", "expert_dice_flair", "expert_dice_dwi"]].notna().all().all()
+    # the gate-supervision term reaches the trainer's loss and log
+    cfg.epochs = 1
+    MoMETrainer(model, cfg, ds, run_dir=tmp_path / "gate", gate_weight=0.5).fit()
+    assert pd.read_csv(tmp_path / "gate" / "metrics.csv")["train_loss_gate"].notna().any()
 
 
 def _mini_cohort(root, n: int = 6, shape=(24, 28, 24)) -> None:
@@ -191,6 +197,10 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     with pytest.raises(ModelFormatError, match="logit_skip"):
         mome.train(tmp_path / "cohort", tmp_path / "plain", plain, experts=run / "experts")
     assert not (tmp_path / "plain" / "model").exists()
+    raw = mome.load_mome_config("tiny", ["gate_supervision=1", "model.gate_norm=raw"], device="cpu")
+    with pytest.raises(ConfigError, match="gate_supervision"):
+        mome.train(tmp_path / "cohort", tmp_path / "raw", raw, experts=run / "experts")
+    assert not (tmp_path / "raw").exists()
 
 
 def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_path) -> None:
@@ -254,7 +264,6 @@ def test_inference_precision_is_applied_to_threshold_search_and_prediction(tmp_p
     """``eval.precision`` reaches the sliding-window predictor (the threshold is tuned on the probabilities
     ``evaluate`` will score); an unknown precision is refused."""
     from neuromoe.engine import TrainConfig
-    from neuromoe.errors import ConfigError
     from neuromoe.pipelines.mome import EvalSection, MoMETrainer, predict_volume
 
     model = _RecordsAutocast()

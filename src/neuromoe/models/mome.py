@@ -40,6 +40,7 @@ __all__ = [
     "MoMEOutput",
     "curriculum_weight",
     "deep_supervision_weights",
+    "gate_supervision_loss",
     "mome_loss",
     "unet_widths",
 ]
@@ -110,11 +111,21 @@ class ExpertUNet(PretrainedMixin, nn.Module):
     def stem_channels(self) -> int:
         return self.widths[0]
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """Encoder skips, full resolution first (``[0]`` is the first-stage feature map)."""
+    def forward_features(self, x: Tensor, channels: Sequence[int] | None = None) -> list[Tensor]:
+        """Encoder skips, full resolution first (``[0]`` is the first-stage feature map).
+
+        ``channels``: ``x`` holds only these of the ``in_channels`` inputs, the others being zero; the
+        first convolution then uses just their weight slice instead of convolving zeros (exact; the sparse
+        MoME gate's input has zero channels for every expert that did not run).
+        """
         skips = []
-        for block in self.encoder:
-            x = block(x)
+        for i, block in enumerate(self.encoder):
+            if i == 0 and channels is not None:
+                conv = block.conv1.conv
+                x = conv._conv_forward(x, conv.weight[:, list(channels)], conv.bias)
+                x = block.lrelu(block.norm2(block.conv2(block.lrelu(block.norm1(x)))))
+            else:
+                x = block(x)
             skips.append(x)
         return skips
 
@@ -131,8 +142,8 @@ class ExpertUNet(PretrainedMixin, nn.Module):
             outs.append(out)
         return outs[::-1]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: Tensor, channels: Sequence[int] | None = None) -> list[Tensor]:
+        return self.forward_head(self.forward_features(x, channels))
 
 
 @dataclass
@@ -269,20 +280,19 @@ class MoME(PretrainedMixin, nn.Module):
             active = sorted(set(sel.flatten().tolist()))
             prior = torch.zeros(B, E, device=x.device, dtype=torch.float32).scatter(1, sel, w)
             log_prior = prior.clamp_min(1e-9).log()  # not selected → effectively -inf in the gate softmax
-        skips: dict[int, list[Tensor]] = {}
-        stems = []
-        for k in range(E):
-            if k in active:
-                skips[k] = self.experts[k].forward_features(xin[:, k : k + 1])
-                stems.append(skips[k][0])
-            else:
-                stems.append(xin.new_zeros(B, self.experts[k].stem_channels, *x.shape[2:]))
-        gate_in = [x, *stems]
+        skips = {k: self.experts[k].forward_features(xin[:, k : k + 1]) for k in active}
+        gate_in = [x]
         if self.multimodal:
-            gate_in.insert(
-                1, available.to(x.dtype).view(B, E, *([1] * self.spatial_dims)).expand(B, E, *x.shape[2:])
+            gate_in.append(
+                available.to(x.dtype).view(B, E, *([1] * self.spatial_dims)).expand(B, E, *x.shape[2:])
             )
-        gate_logits = self.gate(torch.cat(gate_in, 1))
+        # The gate's input is [image, availability, stem_0 … stem_{E-1}]; the stems of experts that did not
+        # run are zero, so only the active ones are passed, with their channel indices.
+        base, w0 = sum(t.shape[1] for t in gate_in), self.experts[0].stem_channels
+        channels = None
+        if len(active) < E:
+            channels = [*range(base), *(base + k * w0 + c for k in active for c in range(w0))]
+        gate_logits = self.gate(torch.cat([*gate_in, *(skips[k][0] for k in active)], 1), channels)
         expert_logits = {k: self.experts[k].forward_head(skips[k]) for k in active}
         fused, gates = [], []
         for s, g in enumerate(gate_logits):
@@ -346,25 +356,74 @@ def deep_supervised_loss(logits: list[Tensor], target: Tensor) -> Tensor:
     )
 
 
+def gate_supervision_loss(
+    out: MoMEOutput, modality_idx: Tensor | None = None, available: Tensor | None = None
+) -> Tensor | None:
+    """``−log`` of the gate mass on the experts an input is meant for, per voxel, deep-supervision weighted
+    over the decoder scales: the own modality's expert (MoME, ``modality_idx`` (B,)) or the available
+    modalities' experts (MoME+, ``available`` (B, M)). Gates must be normalised (softmax).
+
+    Why: trained on the fused loss alone the gate stays nearly the same for every input (the demo MoME gave
+    each expert 9–32 % of the gate whatever the image's modality), so the fused output averages experts
+    that were never trained on that modality. Samples whose expert a sparse router skipped are left out;
+    ``None`` when no sample has a target.
+    """
+    E = out.gates[0].shape[1]
+    if modality_idx is not None:
+        want = F.one_hot(modality_idx.long(), E).float()
+    elif available is not None:
+        want = available.float()
+    else:
+        return None
+    if out.selected is not None:
+        ran = torch.zeros_like(want).scatter(1, out.selected, 1.0)
+        want = want * ran
+    keep = want.sum(1) > 0
+    if not keep.any():
+        return None
+    total = out.gates[0].new_zeros(())
+    for w, g in zip(deep_supervision_weights(len(out.gates)), out.gates, strict=True):
+        mass = (g[keep].float() * want[keep].view(*want[keep].shape, *([1] * (g.ndim - 2)))).sum(1)
+        total = total + w * -mass.clamp_min(1e-6).log().mean()
+    return total
+
+
 def mome_loss(
-    out: MoMEOutput, target: Tensor, modality_idx: Tensor | None, expert_weight: float
+    out: MoMEOutput,
+    target: Tensor,
+    modality_idx: Tensor | None,
+    expert_weight: float,
+    *,
+    gate_weight: float = 0.0,
+    available: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Curriculum loss ``w·L_expert(own modality) + (1 − w)·L_fused`` (+ router aux loss).
+    """Curriculum loss ``w·(L_expert(own modality) + λ·L_gate) + (1 − w)·L_fused`` (+ router aux loss).
 
     ``modality_idx`` (B,) names each sample's modality for the expert term (training only; the model
-    never sees it). Samples whose expert did not run (sparse mode) contribute no expert term.
+    never sees it). MoME+ passes ``available`` (B, M) instead: every present modality's expert is scored
+    on its own (identity-dispatched) input. Samples whose expert did not run (sparse mode) contribute no
+    expert term. ``gate_weight`` λ > 0 adds :func:`gate_supervision_loss` under the same curriculum weight: the gate
+    starts from routing each input to its own (MoME) or available (MoME+) experts and is handed over to
+    the fused loss as the curriculum proceeds.
     """
     fused = deep_supervised_loss(out.logits, target)
     loss = (1 - expert_weight) * fused + out.aux_loss
     logs = {"loss_fused": float(fused.detach())}
-    if expert_weight > 0 and modality_idx is not None:
+    if gate_weight > 0 and expert_weight > 0:
+        gate = gate_supervision_loss(out, modality_idx, available)
+        if gate is not None:
+            loss = loss + expert_weight * gate_weight * gate
+            logs["loss_gate"] = float(gate.detach())
+    E = out.gates[0].shape[1]
+    own = F.one_hot(modality_idx.long(), E) if modality_idx is not None else available
+    if expert_weight > 0 and own is not None:
         terms = []
         for k, lg in out.expert_logits.items():
-            idx = (modality_idx == k).nonzero().flatten()
+            idx = (own[:, k] > 0).nonzero().flatten()
             if idx.numel():
                 terms.append(deep_supervised_loss([t[idx] for t in lg], target[idx]) * idx.numel())
         if terms:
-            expert = sum(terms) / modality_idx.numel()
+            expert = sum(terms) / (own > 0).sum()
             loss = loss + expert_weight * expert
             logs["loss_expert"] = float(expert.detach())
     logs["loss"] = float(loss.detach())

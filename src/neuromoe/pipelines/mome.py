@@ -123,6 +123,9 @@ class MoMEConfig:
     data: DataSection = field(default_factory=DataSection)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     curriculum: Literal["quadratic", "linear", "constant"] = "quadratic"
+    # λ of the gate-supervision term (models.mome.gate_supervision_loss) under the curriculum weight: the
+    # gate starts by routing each input to its own (MoME) / available (MoME+) experts; 0 = the reference
+    gate_supervision: float = 0.0
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -201,9 +204,9 @@ class MoMETrainer(Trainer):
     Validation reports the fused loss only, and the best weights are kept in ``best_state``.
     """
 
-    def __init__(self, *args: Any, schedule: str = "quadratic", **kwargs: Any):
+    def __init__(self, *args: Any, schedule: str = "quadratic", gate_weight: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.schedule, self.expert_weight = schedule, 1.0
+        self.schedule, self.expert_weight, self.gate_weight = schedule, 1.0, gate_weight
         self.best_state: dict[str, Tensor] | None = None
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -219,7 +222,15 @@ class MoMETrainer(Trainer):
         if isinstance(self.model, MoME):
             out = self.model(batch["image"], batch.get("available"))
             mod = batch["modality"] if (batch["modality"] >= 0).all() else None
-            return (*mome_loss(out, batch["mask"], mod, self.expert_weight), out.logits[0])
+            loss, logs = mome_loss(
+                out,
+                batch["mask"],
+                mod,
+                self.expert_weight,
+                gate_weight=self.gate_weight,
+                available=batch.get("available") if mod is None else None,
+            )
+            return loss, logs, out.logits[0]
         logits = self.model(batch["image"])
         loss = deep_supervised_loss(logits, batch["mask"])
         return loss, {"loss": float(loss.detach())}, logits[0]
@@ -582,6 +593,10 @@ def train(
     cfg = cfg or load_mome_config()
     out = Path(out)
     m, d = cfg.model, cfg.data
+    if cfg.gate_supervision and m.gate_norm != "softmax":
+        raise ConfigError(
+            "gate_supervision needs normalised gates", fix="set model.gate_norm=softmax or gate_supervision=0"
+        )
     spec = _spec(cfg)
     cases = _split_cases(data, cfg, spec, ("train", "val"))
     if not cases["train"]:
@@ -615,7 +630,15 @@ def train(
         else None
     )
     save_config(cfg, out)
-    trainer = MoMETrainer(model, cfg.train, train_set, val_set, run_dir=out, schedule=cfg.curriculum)
+    trainer = MoMETrainer(
+        model,
+        cfg.train,
+        train_set,
+        val_set,
+        run_dir=out,
+        schedule=cfg.curriculum,
+        gate_weight=cfg.gate_supervision,
+    )
     best = trainer.fit_best(resume)
     threshold = trainer.threshold(cfg.eval, cases["val"], m.modalities, d.patch_size, multimodal)
     save_model(
@@ -836,9 +859,8 @@ def _segment_case(
             f"model has no expert for {unknown}", path=paths[unknown[0]], fix=f"give images of {mods}"
         )
     ordered = [m for m in mods if m in paths]
-    images = {
-        m: load_nifti(paths[m]) for m in ordered
-    }  # other grids: resampled, or refused if not co-registered
+    # other grids: resampled, or refused if not co-registered
+    images = {m: load_nifti(paths[m]) for m in ordered}
     ref = images[ordered[0]]
     pre = preprocess_image(images, PreprocSpec.from_dict(meta["preprocessing"]))
     arrays = dict(zip(ordered, pre.data, strict=True))
