@@ -130,3 +130,32 @@ def test_bf16_max_steps_and_config(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(ModelFormatError):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+class _ConvTrainer(Trainer):
+    def training_step(self, batch):
+        x, y = batch
+        self.layouts.append(
+            x.is_contiguous(memory_format=torch.channels_last_3d)
+            and self.model[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+        )
+        loss = nn.functional.mse_loss(self.model(x).mean((2, 3, 4)), y)
+        return loss, {"mse": float(loss.detach())}
+
+
+def test_channels_last_trains_the_same_model_and_restores_the_layout(tmp_path: Path) -> None:
+    """``channels_last``: batches and conv weights are channels_last_3d during training, the result equals
+    the default layout's (float reordering aside), and the model comes back in the default layout."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 2, 5, 5, 5, generator=g), torch.randn(16, 1, generator=g))
+    weights = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.GELU(), nn.Conv3d(4, 1, 1))
+        tr = _ConvTrainer(model, _cfg(epochs=2, accum_steps=1, channels_last=cl), data, run_dir=tmp_path / str(cl))
+        tr.layouts = []
+        tr.fit()
+        assert tr.layouts and all(tr.layouts) == cl and any(tr.layouts) == cl
+        assert model[0].weight.is_contiguous()
+        weights[cl] = model[0].weight.detach().clone()
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-5)

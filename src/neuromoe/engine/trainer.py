@@ -46,6 +46,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max grad norm; 0 = off
     accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16
+    # Train with 5D tensors (conv weights, volume batches) in channels_last_3d: oneDNN's 3D convolutions
+    # are faster in it; with bf16 on CPU a MoME / U-Net step at 32³ is ~25 % shorter (docs/benchmarks.md).
+    # The model is returned to the default layout when fit() ends.
+    channels_last: bool = False
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     val_every: int = 1  # epochs
@@ -90,6 +94,8 @@ class Trainer:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.model = model.to(device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
         self.history: list[dict[str, float]] = []
         self.global_step = 0
         self.epoch = 0
@@ -124,6 +130,8 @@ class Trainer:
 
     def to_device(self, batch: Any) -> Any:
         if isinstance(batch, Tensor):
+            if self.cfg.channels_last and batch.ndim == 5:
+                return batch.to(self.device, non_blocking=True, memory_format=torch.channels_last_3d)
             return batch.to(self.device, non_blocking=True)
         if isinstance(batch, dict):
             return {k: self.to_device(v) for k, v in batch.items()}
@@ -328,6 +336,8 @@ class Trainer:
             self._writer = None
         if self.val_set is None:
             best = math.nan
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
         return TrainResult(best_metric=best, best_step=best_step, history=self.history, run_dir=self.run_dir)
 
     @torch.no_grad()
