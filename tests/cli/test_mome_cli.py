@@ -218,3 +218,16 @@ def test_help_has_an_example(verb, capsys) -> None:
         main(argv)
     assert exc.value.code == 0
     assert "example" in capsys.readouterr().out
+
+
+def test_segment_precision_flag_overrides_the_stored_one(model_dir, anatomical, tmp_path) -> None:
+    import json
+
+    out = tmp_path / "bf16.nii.gz"
+    argv = ["segment", "--model", model_dir, "--t1", anatomical, "--output", str(out), "--device", "cpu"]
+    assert main([*argv, "--precision", "bf16"]) == 0
+    side = json.loads((tmp_path / "bf16.json").read_text())
+    assert side["precision"] == "bf16" and nib.load(str(out)).shape == nib.load(anatomical).shape
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--precision", "fp16"])
+    assert exc.value.code == 2
