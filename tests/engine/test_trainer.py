@@ -152,7 +152,8 @@ def test_channels_last_trains_the_same_model_and_restores_the_layout(tmp_path: P
     for cl in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.GELU(), nn.Conv3d(4, 1, 1))
-        tr = _ConvTrainer(model, _cfg(epochs=2, accum_steps=1, channels_last=cl), data, run_dir=tmp_path / str(cl))
+        cfg = _cfg(epochs=2, accum_steps=1, channels_last=cl)
+        tr = _ConvTrainer(model, cfg, data, run_dir=tmp_path / str(cl))
         tr.layouts = []
         tr.fit()
         assert tr.layouts and all(tr.layouts) == cl and any(tr.layouts) == cl
