@@ -356,6 +356,16 @@ def deep_supervised_loss(logits: list[Tensor], target: Tensor) -> Tensor:
     )
 
 
+def _intended_experts(
+    num_experts: int, modality_idx: Tensor | None, available: Tensor | None
+) -> Tensor | None:
+    """(B, E) mask of the experts each sample is meant for: its own modality's (MoME) or the present
+    modalities' (MoME+); ``None`` when neither is known."""
+    if modality_idx is not None:
+        return F.one_hot(modality_idx.long(), num_experts).float()
+    return None if available is None else available.float()
+
+
 def gate_supervision_loss(
     out: MoMEOutput, modality_idx: Tensor | None = None, available: Tensor | None = None
 ) -> Tensor | None:
@@ -368,12 +378,8 @@ def gate_supervision_loss(
     that were never trained on that modality. Samples whose expert a sparse router skipped are left out;
     ``None`` when no sample has a target.
     """
-    E = out.gates[0].shape[1]
-    if modality_idx is not None:
-        want = F.one_hot(modality_idx.long(), E).float()
-    elif available is not None:
-        want = available.float()
-    else:
+    want = _intended_experts(out.gates[0].shape[1], modality_idx, available)
+    if want is None:
         return None
     if out.selected is not None:
         ran = torch.zeros_like(want).scatter(1, out.selected, 1.0)
@@ -414,8 +420,7 @@ def mome_loss(
         if gate is not None:
             loss = loss + expert_weight * gate_weight * gate
             logs["loss_gate"] = float(gate.detach())
-    E = out.gates[0].shape[1]
-    own = F.one_hot(modality_idx.long(), E) if modality_idx is not None else available
+    own = _intended_experts(out.gates[0].shape[1], modality_idx, available)
     if expert_weight > 0 and own is not None:
         terms = []
         for k, lg in out.expert_logits.items():

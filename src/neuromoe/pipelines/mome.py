@@ -699,6 +699,7 @@ def evaluate(
     model, meta = _load(model_dir)
     extra = meta["extra"]
     mods = extra["modalities"]
+    precision = precision or extra.get("precision", "fp32")
     cfg = MoMEConfig(cache_dir=cache_dir, seed=seed)
     cfg.model.modalities = list(mods)
     cases = _split_cases(data, cfg, PreprocSpec.from_dict(meta["preprocessing"]), (split,))[split]
@@ -720,7 +721,7 @@ def evaluate(
         multimodal=extra["multimodal"],
         tta=tta,
         threshold=extra.get("threshold", 0.5),
-        precision=precision or extra.get("precision", "fp32"),
+        precision=precision,
         device=dev,
         on_prediction=keep,
     )
@@ -732,7 +733,7 @@ def evaluate(
         "kind": extra["kind"],
         "multimodal": extra["multimodal"],
         "threshold": extra.get("threshold", 0.5),
-        "precision": precision or extra.get("precision", "fp32"),
+        "precision": precision,
         "mean": frame[list(SUMMARY_METRICS)].mean().round(4).to_dict(),
     }
     for by in ("modality", "lesion_type", "dataset"):
