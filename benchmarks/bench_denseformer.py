@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--stem", choices=("patch", "volume"), default="patch")
     ap.add_argument("--block-layers", type=int, nargs="+", help="dense layers per stem block (preset's if unset)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="fine-tune/inference comparison with every network and the input in channels_last_3d")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     kw = {**PRESETS[args.preset], "img_size": args.size, "stem": args.stem}
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
         "benchmark": "denseformer", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "input": list(x.shape), "preset": args.preset,
-        "stem": args.stem, "block_layers": list(kw["block_layers"]),
+        "stem": args.stem, "block_layers": list(kw["block_layers"]), "channels_last": args.channels_last,
         "matmul_gflops": {"fp32": matmul_gflops(False), "bf16": matmul_gflops(True)},
     }
     mae = DenseFormerMAE(**kw, **MAE_DECODER[args.preset])
@@ -139,6 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          mlp_dim=4 * kw["embed_dim"], num_layers=kw["depth"], num_heads=kw["num_heads"],
                          classification=True, num_classes=1, spatial_dims=3),
     }
+    if args.channels_last:  # the layout train.channels_last gives the Trainer's models and batches
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        for model in models.values():
+            model.to(memory_format=torch.channels_last_3d)
     comp: dict[str, Any] = {}
     for name, model in models.items():
         fwd = _flops(lambda m=model: m(x)) / 1e9
