@@ -12,6 +12,7 @@ Steps (each writes ``OUT/<step>/`` and can run in its own process; ``summary`` r
 * ``sparse_plus`` MoME+ with the sparse case-level top-2 router, vs ``mome_plus`` (dense); also evaluated
   with modalities missing
 * ``missing``   only the missing-modality evaluation of the trained ``mome_plus`` / ``sparse_plus``
+* ``missing_all`` the same over every non-empty proper subset of each case's modalities
 * ``summary``   tables (markdown) + ``OUT/summary.json``
 
 Usage::
@@ -23,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -75,9 +77,11 @@ def _mome_samples(args: argparse.Namespace, cfg: mome.MoMEConfig) -> int:
     return cfg.pretrain.epochs * stage1 + cfg.train.epochs * stage2
 
 
-def _missing_modalities(args: argparse.Namespace, name: str) -> None:
-    """MoME+ (dense or sparse) Dice with all modalities vs a seeded random non-empty subset removed (cases
-    with ≥ 2), at the model's stored threshold."""
+def _missing_modalities(args: argparse.Namespace, name: str, every_subset: bool = False) -> None:
+    """MoME+ (dense or sparse) Dice with all modalities vs some removed, for the test cases with ≥ 2, at the
+    model's stored threshold: one seeded random non-empty proper subset removed per case
+    (``missing_modalities.*``), or every non-empty proper subset kept in turn (``missing_all_subsets.*``;
+    the drop is then averaged per case first, so a 4-modality case counts as much as a 2-modality one)."""
     out = Path(args.out) / name
     model, meta = load_model(out / "model")
     extra = meta["extra"]
@@ -87,12 +91,17 @@ def _missing_modalities(args: argparse.Namespace, name: str) -> None:
     ]
     rng = np.random.default_rng(args.seed)
     multi = [c for c in cases if len(c["images"]) >= 2]
-    dropped = []
-    for c in multi:
+    dropped, owner = [], []
+    for i, c in enumerate(multi):
         mods = list(c["images"])
-        n_drop = int(rng.integers(1, len(mods)))
-        gone = set(rng.choice(mods, n_drop, replace=False).tolist())
-        dropped.append({**c, "images": {m: v for m, v in c["images"].items() if m not in gone}})
+        if every_subset:
+            kept_sets = [k for r in range(1, len(mods)) for k in itertools.combinations(mods, r)]
+        else:
+            gone = set(rng.choice(mods, int(rng.integers(1, len(mods))), replace=False).tolist())
+            kept_sets = [tuple(m for m in mods if m not in gone)]
+        for kept in kept_sets:
+            dropped.append({**c, "images": {m: c["images"][m] for m in kept}})
+            owner.append(i)
     kw = {
         "multimodal": True,
         "device": "cpu",
@@ -103,24 +112,33 @@ def _missing_modalities(args: argparse.Namespace, name: str) -> None:
     part = mome.evaluate_cases(model, dropped, extra["modalities"], extra["patch_size"], **kw)
     frame = pd.DataFrame(
         {
-            "subject": full["subject"],
-            "lesion_type": full["lesion_type"],
-            "present": full["modality"],
-            "kept": part["modality"],
-            "dice_all": full["dice"],
-            "dice_missing": part["dice"],
+            "subject": full["subject"].to_numpy()[owner],
+            "lesion_type": full["lesion_type"].to_numpy()[owner],
+            "present": full["modality"].to_numpy()[owner],
+            "kept": part["modality"].to_numpy(),
+            "n_kept": [len(d["images"]) for d in dropped],
+            "dice_all": full["dice"].to_numpy()[owner],
+            "dice_missing": part["dice"].to_numpy(),
         }
     )
-    frame.to_csv(out / "missing_modalities.csv", index=False)
-    atomic_write_json(
-        out / "missing_modalities.json",
-        {
-            "n_cases": len(frame),
-            "dice_all": float(frame["dice_all"].mean()),
-            "dice_missing": float(frame["dice_missing"].mean()),
-            "drop": float(frame["dice_all"].mean() - frame["dice_missing"].mean()),
-        },
-    )
+    stem = "missing_all_subsets" if every_subset else "missing_modalities"
+    frame.to_csv(out / f"{stem}.csv", index=False)
+    per_case = frame.groupby("subject")[["dice_all", "dice_missing"]].mean()
+    res: dict[str, Any] = {
+        "n_cases": len(per_case),
+        "n_subsets": len(frame),
+        "dice_all": float(per_case["dice_all"].mean()),
+        "dice_missing": float(per_case["dice_missing"].mean()),
+        "drop": float((per_case["dice_all"] - per_case["dice_missing"]).mean()),
+    }
+    if every_subset:
+        by_type = frame.groupby("lesion_type")
+        res["drop_by_lesion_type"] = (by_type["dice_all"].mean() - by_type["dice_missing"].mean()).round(4).to_dict()
+        by_n = frame.groupby("n_kept")
+        res["drop_by_n_kept"] = {
+            int(k): round(float(v), 4) for k, v in (by_n["dice_all"].mean() - by_n["dice_missing"].mean()).items()
+        }
+    atomic_write_json(out / f"{stem}.json", res)
 
 
 def _summary(args: argparse.Namespace) -> None:
@@ -228,10 +246,10 @@ def main() -> None:
         elif step == "sparse_plus":
             _train_eval(args, "sparse_plus", ["model.multimodal=true", "model.top_k=2"], experts=True)
             _missing_modalities(args, "sparse_plus")
-        elif step == "missing":  # re-run the missing-modality check on the trained MoME+ variants
+        elif step in ("missing", "missing_all"):  # missing-modality checks of the trained MoME+ variants
             for name in ("mome_plus", "sparse_plus"):
                 if (Path(args.out) / name / "model").is_dir():
-                    _missing_modalities(args, name)
+                    _missing_modalities(args, name, every_subset=step == "missing_all")
         elif step == "summary":
             _summary(args)
         else:
