@@ -29,7 +29,6 @@ is ours and is documented here and in ``docs/denseformer.md``:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -118,16 +117,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _warn_small_map(what: str, shape: Sequence[int]) -> None:
-    """torch's CPU bf16 conv3d weight gradient is wrong on maps below 4³ (torch 2.13): say so at build time."""
-    if len(shape) == 3 and min(shape) < 4:
-        warnings.warn(
-            f"{what} reaches a {tuple(shape)} map: torch's CPU bf16 conv3d weight gradient is wrong on maps "
-            "below 4³ (torch 2.13), so do not train this configuration with bf16 on CPU",
-            stacklevel=3,
-        )
-
-
 def _dense_trunk(
     in_channels: int, block_layers: Sequence[int], *, init_features: int, growth_rate: int, bn_size: int,
     compression: float, stem_stride: int, spatial_dims: int, norm: str | tuple, transition_after_last: bool,
@@ -195,7 +184,6 @@ class DenseNetPatchStem(nn.Module):
         self.features = nn.Sequential(*layers, nn.Flatten(1))
         self.out_channels = ch
         self.final_size = patch_size // (stem_stride * 2**n_down)
-        _warn_small_map("DenseNet patch stem", (self.final_size,) * spatial_dims)
         self.proj = nn.Linear(ch * self.final_size**spatial_dims, embed_dim)
 
     def forward(self, patches: Tensor) -> Tensor:
@@ -292,8 +280,6 @@ class DenseFormer(nn.Module):
         if stem not in stems:
             raise ValueError(f"unknown stem '{stem}' (patch, volume)")
         self.stem_type = stem
-        if stem == "volume":
-            _warn_small_map("DenseNet volume stem", self.grid)
         self.stem = stems[stem](
             in_channels, self.patch_size, embed_dim, init_features=init_features, growth_rate=growth_rate,
             block_layers=block_layers, bn_size=bn_size, compression=compression, stem_stride=stem_stride,
