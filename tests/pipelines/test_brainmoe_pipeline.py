@@ -253,7 +253,7 @@ def test_balance_loss_pushes_probability_off_the_overloaded_expert():
     plain, _ = bm.finetune_loss(out, batch, (0.0, 1.0), bm.ModelSection())
     balanced, logs = bm.finetune_loss(out, batch, (0.0, 1.0), bm.ModelSection(balance_coef=0.5))
     assert logs["router_balance"] > 2.0  # E·f·P: 1 when uniform, up to E=4 when collapsed
-    assert float(balanced - plain) == pytest.approx(0.5 * logs["router_balance"], rel=1e-5)
+    assert float((balanced - plain).detach()) == pytest.approx(0.5 * logs["router_balance"], rel=1e-5)
     model.zero_grad()
     (balanced - plain).backward()
     assert model.router.proj.bias.grad[0] > 0 > model.router.proj.bias.grad[1:].max()  # descent lowers expert 0
