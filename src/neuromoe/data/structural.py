@@ -23,8 +23,11 @@ import pandas as pd
 import torch
 from monai.transforms import (
     Compose,
+    RandAdjustContrast,
     RandAffine,
+    RandBiasField,
     RandGaussianNoise,
+    RandGaussianSmooth,
     RandScaleIntensity,
     RandShiftIntensity,
     ResizeWithPadOrCrop,
@@ -144,19 +147,38 @@ def load_t1(path: str | Path, spec: Any, img_size: Sequence[int], cache: Any = N
     return np.asarray(ResizeWithPadOrCrop(tuple(img_size))(arr), dtype=np.float32)
 
 
-def augmentation(seed: int = 0) -> Compose:
+class _SameMoments(Compose):
+    """Scanner effects act before intensity normalisation: give the result the input's mean and sd back."""
+
+    def __call__(self, img: Any, *args: Any, **kwargs: Any) -> Any:
+        x = torch.as_tensor(img)
+        y = torch.as_tensor(super().__call__(x, *args, **kwargs)).float()
+        return (y - y.mean()) / y.std().clamp_min(1e-6) * x.std() + x.mean()
+
+
+def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False) -> Compose:
     """Mild, label-preserving augmentation: small affine (±5°, ±5 %, ±3 voxels), intensity and noise.
 
+    ``contrast`` adds what differs between scanners: contrast gamma (0.7–1.5), a smooth bias field and
+    blur (σ ≤ 0.7 voxel). Without it a model may read age from tissue contrast or sharpness, and a scan
+    from another site shifts its prediction (docs/experiments.md, "Site shifts").
     No left-right flip: brain-age and atrophy cues in real data are lateralised enough that a flip is
     not guaranteed label-preserving.
     """
-    t = Compose([
-        RandAffine(prob=0.8, rotate_range=(0.09, 0.09, 0.09), scale_range=(0.05, 0.05, 0.05),
-                   translate_range=(3, 3, 3), padding_mode="zeros"),
-        RandScaleIntensity(factors=0.1, prob=0.5),
-        RandShiftIntensity(offsets=0.1, prob=0.5),
-        RandGaussianNoise(prob=0.3, std=0.03),
-    ])
+    steps: list = []
+    if spatial:
+        steps.append(RandAffine(prob=0.8, rotate_range=(0.09, 0.09, 0.09), scale_range=(0.05, 0.05, 0.05),
+                                translate_range=(3, 3, 3), padding_mode="zeros"))
+    if contrast:
+        steps.append(_SameMoments([
+            RandAdjustContrast(prob=0.8, gamma=(0.7, 1.5)),
+            RandBiasField(prob=0.5, coeff_range=(0.0, 0.15)),
+            RandGaussianSmooth(prob=0.3, sigma_x=(0.0, 0.7), sigma_y=(0.0, 0.7), sigma_z=(0.0, 0.7)),
+        ]))
+    steps += [RandScaleIntensity(factors=0.1, prob=0.5),
+              RandShiftIntensity(offsets=0.1, prob=0.5),
+              RandGaussianNoise(prob=0.3, std=0.03)]
+    t = Compose(steps)
     t.set_random_state(seed=seed)
     return t
 
@@ -177,6 +199,7 @@ class StructuralDataset(Dataset):
         *,
         cache: Any = None,
         augment: bool = False,
+        contrast: bool = False,
         seed: int = 0,
         source: str = "table",
         images: np.ndarray | None = None,
@@ -190,16 +213,17 @@ class StructuralDataset(Dataset):
         if images is None:
             images = np.stack([load_t1(p, spec, self.img_size, cache) for p in self.table["t1"]]).astype(np.float16)
         self.images = images
-        self.transform = augmentation(seed) if augment else None
+        self.transform = augmentation(seed, spatial=augment, contrast=contrast) if augment or contrast else None
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def subset(self, mask: np.ndarray, *, augment: bool = False, seed: int = 0) -> StructuralDataset:
+    def subset(self, mask: np.ndarray, *, augment: bool = False, contrast: bool = False,
+               seed: int = 0) -> StructuralDataset:
         """A view on some rows that reuses the already preprocessed volumes."""
         idx = np.flatnonzero(mask)
         return StructuralDataset(self.table.iloc[idx], self.tasks, None, self.img_size, augment=augment,
-                                 seed=seed, images=self.images[idx])
+                                 contrast=contrast, seed=seed, images=self.images[idx])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         img = torch.from_numpy(self.images[i].astype(np.float32))

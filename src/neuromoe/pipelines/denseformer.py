@@ -103,7 +103,10 @@ class FinetuneSection:
     layer_decay: float = 0.75
     freeze: bool = False
     label_fraction: float = 1.0
-    augment: bool = True
+    augment: bool = True  # small affine + intensity scale/shift + noise
+    # Scanner-style contrast augmentation (gamma, bias field, blur; docs/experiments.md "Site shifts"):
+    # on its own (augment: false) it adds no spatial transform.
+    contrast_augment: bool = False
     # How the tasks' gradients meet at the shared pooled feature: "sum" (plain weighted sum of the task
     # losses), "normalize" (each task's gradient scaled to the mean norm) or "pcgrad" (conflicting
     # components projected out, Yu et al. 2020). See balance_task_gradients.
@@ -512,9 +515,9 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     save_config(cfg, out)
+    train_set = dataset.subset(train_mask, augment=ft.augment, contrast=ft.contrast_augment, seed=cfg.seed)
     trainer = FinetuneTrainer(
-        model, cfg.train, dataset.subset(train_mask, augment=ft.augment, seed=cfg.seed),
-        dataset.subset(split == "val"), run_dir=out, collate_fn=_collate, tasks=ft.tasks,
+        model, cfg.train, train_set, dataset.subset(split == "val"), run_dir=out, collate_fn=_collate, tasks=ft.tasks,
         target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze, task_balance=ft.task_balance,
         regression_only_epochs=ft.regression_only_epochs, head_lr_scale=ft.head_lr_scale,
     )

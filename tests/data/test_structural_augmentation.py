@@ -1,0 +1,41 @@
+"""Structural augmentation: the scanner-style contrast block changes contrast, not the intensity scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from neuromoe.data.structural import augmentation
+
+
+def _phantom() -> torch.Tensor:
+    """A z-scored two-tissue ball: contrast and edges for the augmentation to act on."""
+    g = np.indices((24, 24, 24)).astype(np.float32) - 11.5
+    r = np.sqrt((g**2).sum(0))
+    img = np.where(r < 6, 1.0, np.where(r < 10, 0.6, 0.05)).astype(np.float32)
+    img = ndimage.gaussian_filter(img, 0.5)
+    return torch.from_numpy((img - img.mean()) / img.std())[None]
+
+
+def test_contrast_augmentation_keeps_moments_and_changes_contrast() -> None:
+    x = _phantom()
+    t = augmentation(0, spatial=False, contrast=True)
+    outs = [torch.as_tensor(t(x)).float() for _ in range(12)]
+    inner, outer = x[0, 12, 12, 12], x[0, 12, 12, 20]
+    ratios = []
+    for y in outs:
+        # intensity scale/shift and noise come after the contrast block, so moments stay close, not exact
+        assert abs(float(y.mean() - x.mean())) < 0.2 and abs(float(y.std() / x.std()) - 1) < 0.2
+        ratios.append(float((y[0, 12, 12, 12] - y[0, 12, 12, 20]) / (inner - outer)))
+    assert np.ptp(ratios) > 0.05  # tissue contrast varies between draws
+
+
+def test_augmentation_is_a_function_of_its_seed() -> None:
+    x = _phantom()
+    a, b = augmentation(5, contrast=True), augmentation(5, contrast=True)
+    for _ in range(3):
+        assert torch.equal(torch.as_tensor(a(x)), torch.as_tensor(b(x)))
+    plain = augmentation(5, spatial=False)
+    assert [type(s).__name__ for s in plain.transforms] == ["RandScaleIntensity", "RandShiftIntensity",
+                                                           "RandGaussianNoise"]
