@@ -95,7 +95,7 @@ def _train(expert, fc, ts=None, target=None, steps=40):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
