@@ -18,6 +18,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], help="target shape")
     parser.add_argument("--norm", choices=("zscore", "percentile", "none"), default="zscore")
     parser.add_argument("--register", action="store_true", help="affine registration to MNI152")
+    parser.add_argument("--no-antialias", action="store_true",
+                        help="resample finer scans without first blurring them to the target resolution")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shard", default="0/1", help="i/n: process only shard i of n")
     parser.add_argument("--no-progress", action="store_true")
@@ -37,7 +39,8 @@ def _run(args: argparse.Namespace) -> int:
     from neuromoe.io.table import load_table
 
     shard = _shard(args.shard)
-    spec = PreprocSpec(spacing=(args.spacing,) * 3, shape=tuple(args.shape), norm=args.norm, register=args.register)
+    spec = PreprocSpec(spacing=(args.spacing,) * 3, shape=tuple(args.shape), norm=args.norm, register=args.register,
+                       antialias=not args.no_antialias)
     table = load_table(args.data)
     summary = preprocess_cohort(table, spec, args.out, workers=args.workers, shard=shard,
                                 progress=not args.no_progress)

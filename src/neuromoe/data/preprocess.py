@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing
+from scipy import ndimage
 
 from neuromoe.errors import ConfigError, InputError
 from neuromoe.io.atomic import atomic_path
@@ -41,6 +42,11 @@ class PreprocSpec:
     percentiles: tuple[float, float] = (1.0, 99.0)
     shape: tuple[int, int, int] | None = (64, 64, 64)
     register: bool = False
+    # Before resampling to a coarser ``spacing``, blur each image axis so its effective resolution (FWHM)
+    # becomes the target spacing whatever the input voxel size: without it a 1.5 mm scan reached the
+    # 4 mm grid sharper than a 3 mm one and a brain-age model read it as 8.7 y younger
+    # (docs/experiments.md, "Site shifts"). Specs stored without the key (older models) replay False.
+    antialias: bool = True
 
     def __post_init__(self) -> None:
         if self.orientation != "RAS":
@@ -60,7 +66,7 @@ class PreprocSpec:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}", fix=f"use only {sorted(known)}")
-        return cls(**d)
+        return cls(**{"antialias": False, **d})
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> PreprocSpec:
@@ -77,6 +83,19 @@ class Preprocessed:
 
     data: np.ndarray
     affine: np.ndarray
+
+
+def antialias_sigma(affine: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
+    """Per-axis Gaussian sigma (in voxels of ``affine``) that brings the voxel size up to ``spacing``.
+
+    Voxel FWHM ≈ voxel size, so the filter FWHM is sqrt(target² − input²): a scan already at or above the
+    target spacing is left alone, a finer one is blurred to the same effective resolution.
+    """
+    vox = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    if spacing is None:
+        return np.zeros(3)
+    fwhm = np.sqrt(np.clip(np.asarray(spacing) ** 2 - vox**2, 0.0, None))
+    return fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / vox
 
 
 def _spatial(mt: MetaTensor, spec: PreprocSpec, mode: str, bbox: tuple | None) -> MetaTensor:
@@ -113,6 +132,11 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
         same = img.data.shape[:3] == ref.data.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-4)
         arr = img.data if same else resample_to_grid(img.data, img.affine, ref.data.shape, ref.affine,
                                                       order=0 if role == "mask" else 1)
+        if spec.antialias and role != "mask":
+            sigma = antialias_sigma(ref_aff, spec.spacing)
+            if sigma.max() > 0.05:
+                arr = np.asarray(arr, dtype=np.float32)
+                arr = ndimage.gaussian_filter(arr, [*sigma, *[0.0] * (arr.ndim - 3)], mode="nearest")
         chans.append(arr)
     affine = torch.as_tensor(ref_aff, dtype=torch.float64)
     imgs = [i for i, r in enumerate(roles) if r != "mask"]
