@@ -517,8 +517,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     save_config(cfg, out)
     train_set = dataset.subset(train_mask, augment=ft.augment, contrast=ft.contrast_augment, seed=cfg.seed)
     trainer = FinetuneTrainer(
-        model, cfg.train, train_set, dataset.subset(split == "val"), run_dir=out, collate_fn=_collate, tasks=ft.tasks,
-        target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze, task_balance=ft.task_balance,
+        model, cfg.train, train_set, dataset.subset(split == "val"), run_dir=out, collate_fn=_collate,
+        tasks=ft.tasks, target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze, task_balance=ft.task_balance,
         regression_only_epochs=ft.regression_only_epochs, head_lr_scale=ft.head_lr_scale,
     )
     result = _fit(trainer, resume)
