@@ -110,3 +110,16 @@ def test_specs_stored_without_antialias_replay_without_it():
     assert PreprocSpec.from_dict({"spacing": [2, 2, 2]}).antialias is False
     assert PreprocSpec.from_overrides({}).antialias is True
     assert PreprocSpec.from_dict(PreprocSpec().to_dict()).antialias is True
+
+
+def test_rank_norm_is_the_same_for_any_monotonic_intensity_change(tmp_path):
+    img = load_nifti(_brain(tmp_path / "t1.nii.gz", np.diag([2.0, 2.0, 2.0, 1.0])))
+    gamma = load_nifti(_brain(tmp_path / "g.nii.gz", np.diag([2.0, 2.0, 2.0, 1.0])))
+    gamma.data[...] = 3 * np.clip(gamma.data, 0, None) ** 1.4  # another scanner's gain and contrast
+    spec = PreprocSpec(spacing=None, shape=None, crop_foreground=False, norm="rank")
+    a, b = (preprocess_image(i, spec).data[0] for i in (img, gamma))
+    fg = img.data != 0
+    assert np.allclose(a, b, atol=1e-5)
+    assert abs(a[fg].mean()) < 1e-3 and abs(a[fg].std() - 1) < 0.05 and (a[~fg] == 0).all()
+    z = PreprocSpec(spacing=None, shape=None, crop_foreground=False, norm="zscore")
+    assert not np.allclose(*(preprocess_image(i, z).data[0] for i in (img, gamma)), atol=1e-2)

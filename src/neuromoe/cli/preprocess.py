@@ -16,7 +16,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="cache directory")
     parser.add_argument("--spacing", type=float, default=2.0, help="isotropic target spacing in mm")
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], help="target shape")
-    parser.add_argument("--norm", choices=("zscore", "percentile", "none"), default="zscore")
+    parser.add_argument("--norm", choices=("zscore", "rank", "percentile", "none"), default="zscore")
     parser.add_argument("--register", action="store_true", help="affine registration to MNI152")
     parser.add_argument("--no-antialias", action="store_true",
                         help="resample finer scans without first blurring them to the target resolution")

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing
-from scipy import ndimage
+from scipy import ndimage, special, stats
 
 from neuromoe.errors import ConfigError, InputError
 from neuromoe.io.atomic import atomic_path
@@ -28,6 +28,7 @@ from neuromoe.io.nifti import Image, load_nifti, resample_to_grid
 from neuromoe.io.table import write_failures
 
 IMAGE_ROLES = ("t1", "t1c", "t2", "flair", "dwi")
+NORMS = ("zscore", "rank", "percentile", "none")
 
 
 @dataclass
@@ -38,7 +39,10 @@ class PreprocSpec:
     spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
     crop_foreground: bool = True
     crop_margin: int = 2
-    norm: str = "zscore"  # "zscore" within the foreground, "percentile" clip+scale to [0, 1], or "none"
+    # "zscore" within the non-zero voxels, "rank" (their ranks mapped to a standard normal: the same for
+    # any monotonic intensity change, e.g. another scanner's contrast gamma), "percentile" clip+scale to
+    # [0, 1], or "none"
+    norm: str = "zscore"
     percentiles: tuple[float, float] = (1.0, 99.0)
     shape: tuple[int, int, int] | None = (64, 64, 64)
     register: bool = False
@@ -51,8 +55,8 @@ class PreprocSpec:
     def __post_init__(self) -> None:
         if self.orientation != "RAS":
             raise ConfigError(f"orientation {self.orientation!r} unsupported", fix="use 'RAS'")
-        if self.norm not in ("zscore", "percentile", "none"):
-            raise ConfigError(f"norm {self.norm!r} unknown", fix="use zscore, percentile or none")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm {self.norm!r} unknown", fix=f"use one of {', '.join(NORMS)}")
         self.spacing = None if self.spacing is None else tuple(float(s) for s in self.spacing)
         self.shape = None if self.shape is None else tuple(int(s) for s in self.shape)
         self.percentiles = tuple(float(p) for p in self.percentiles)
@@ -206,6 +210,13 @@ def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
     t = torch.as_tensor(chan[None])
     if spec.norm == "zscore":
         t = NormalizeIntensity(nonzero=True)(t)
+    elif spec.norm == "rank":
+        out = np.zeros_like(chan, dtype=np.float32)
+        fg = chan != 0
+        if fg.any():
+            u = (stats.rankdata(chan[fg]) - 0.5) / fg.sum()
+            out[fg] = special.ndtri(u)
+        return out
     elif spec.norm == "percentile":
         lo, hi = spec.percentiles
         t = ScaleIntensityRangePercentiles(lo, hi, 0.0, 1.0, clip=True)(t)
