@@ -127,6 +127,8 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
         ref_aff = register_to_mni(ref)
     else:
         ref_aff = ref.affine
+    # one blur for every image role: they are all on the reference grid by then
+    sigma = antialias_sigma(ref_aff, spec.spacing) if spec.antialias else np.zeros(3)
     chans = []
     for role in roles:
         img = images[role]
@@ -136,11 +138,9 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
         same = img.data.shape[:3] == ref.data.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-4)
         arr = img.data if same else resample_to_grid(img.data, img.affine, ref.data.shape, ref.affine,
                                                       order=0 if role == "mask" else 1)
-        if spec.antialias and role != "mask":
-            sigma = antialias_sigma(ref_aff, spec.spacing)
-            if sigma.max() > 0.05:
-                arr = np.asarray(arr, dtype=np.float32)
-                arr = ndimage.gaussian_filter(arr, [*sigma, *[0.0] * (arr.ndim - 3)], mode="nearest")
+        if role != "mask" and sigma.max() > 0.05:
+            arr = np.asarray(arr, dtype=np.float32)
+            arr = ndimage.gaussian_filter(arr, [*sigma, *[0.0] * (arr.ndim - 3)], mode="nearest")
         chans.append(arr)
     affine = torch.as_tensor(ref_aff, dtype=torch.float64)
     imgs = [i for i, r in enumerate(roles) if r != "mask"]

@@ -170,7 +170,7 @@ def _require_labels(table: pd.DataFrame, source: str) -> None:
 def _spec(cfg: DenseFormerConfig) -> Any:
     from neuromoe.data.preprocess import PreprocSpec
 
-    return PreprocSpec.from_dict({**PreprocSpec().to_dict(), **cfg.preprocessing})
+    return PreprocSpec.from_overrides(cfg.preprocessing)
 
 
 def _cache(cfg: DenseFormerConfig) -> Any:
@@ -518,8 +518,9 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     train_set = dataset.subset(train_mask, augment=ft.augment, contrast=ft.contrast_augment, seed=cfg.seed)
     trainer = FinetuneTrainer(
         model, cfg.train, train_set, dataset.subset(split == "val"), run_dir=out, collate_fn=_collate,
-        tasks=ft.tasks, target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze, task_balance=ft.task_balance,
-        regression_only_epochs=ft.regression_only_epochs, head_lr_scale=ft.head_lr_scale,
+        tasks=ft.tasks, target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze,
+        task_balance=ft.task_balance, regression_only_epochs=ft.regression_only_epochs,
+        head_lr_scale=ft.head_lr_scale,
     )
     result = _fit(trainer, resume)
     model = model.cpu().eval()

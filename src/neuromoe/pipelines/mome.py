@@ -155,7 +155,7 @@ def _resolve_table(data: str | Path) -> tuple[pd.DataFrame, str]:
 def _spec(cfg: MoMEConfig) -> Any:
     from neuromoe.data.preprocess import PreprocSpec
 
-    return PreprocSpec.from_dict({**PreprocSpec().to_dict(), **cfg.preprocessing})
+    return PreprocSpec.from_overrides(cfg.preprocessing)
 
 
 def _cache(cache_dir: str | None) -> Any:
