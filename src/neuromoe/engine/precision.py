@@ -5,7 +5,10 @@ kernel's depth — a 3×3×3 conv on a 2-voxel-deep map, e.g. the bottleneck of 
 patches or the last dense block of a patch-local DenseNet stem — returns a weight gradient full of
 1e30s, infs and NaNs, while its output and input gradient are right, fp32 is right, and so is the
 non-oneDNN kernel (``tests/engine/test_precision.py`` shows it). Training then diverges or stops with
-a non-finite loss. Those convolutions act on a handful of voxels, so the guard runs just them in fp32.
+a non-finite loss. The wrong kernel is oneDNN's AVX-512 (``avx512_core`` / ``avx512_core_bf16``)
+backward-weights convolution; CPUs with AMX take another kernel and are right, so whether a machine is
+affected depends on its ISA (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` reproduces it on an AMX CPU).
+Those convolutions act on a handful of voxels, so the guard runs just them in fp32 on every CPU.
 """
 
 from __future__ import annotations
