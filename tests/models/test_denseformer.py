@@ -17,7 +17,7 @@ from neuromoe.models.denseformer import (
 
 TINY = {**PRESETS["tiny"]}
 VOLUME = {**TINY, "stem": "volume", "block_layers": (2, 2)}  # stride 2·2·2 = patch 8
-STEMS = {"patch": TINY, "volume": VOLUME}
+STEMS = {"patch": TINY, "volume": VOLUME, "volume_sparse": {**VOLUME, "stem_masking": "sparse"}}
 TASKS = [
     {"name": "age", "type": "regression", "num_outputs": 1},
     {"name": "dx_ad", "type": "classification", "num_outputs": 3},
@@ -117,7 +117,7 @@ def test_random_masking_consistent():
     assert torch.equal(torch.argsort(ids_restore, 1)[:, :16], ids_keep)
 
 
-@pytest.mark.parametrize("stem", ["patch", "volume"])
+@pytest.mark.parametrize("stem", ["patch", "volume", "volume_sparse"])
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_masked_voxels_do_not_leak_into_visible_tokens(train_mode, stem):
     mae = DenseFormerMAE(**STEMS[stem], decoder_dim=32, decoder_depth=1, decoder_heads=2)
@@ -137,6 +137,41 @@ def test_masked_voxels_do_not_leak_into_visible_tokens(train_mode, stem):
     x3 = torch.where(vox_mask, x, x + 1.0)
     latent3, _, _ = mae.forward_encoder(x3, noise=noise)
     assert not torch.allclose(latent, latent3)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_sparse_stem_without_masked_patches_is_the_dense_stem(train_mode):
+    """With every patch visible the sparse path must equal the plain stem, running statistics included."""
+    torch.manual_seed(0)
+    dense = DenseFormer(**VOLUME)
+    sparse = DenseFormer(**STEMS["volume_sparse"])
+    sparse.load_state_dict(dense.state_dict())
+    dense.train(train_mode)
+    sparse.train(train_mode)
+    x = torch.randn(2, 1, 32, 32, 32)
+    everything = torch.arange(64).expand(2, -1)
+    torch.testing.assert_close(sparse.embed_patches(x, everything), dense.embed_patches(x), rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(dense.named_buffers(), sparse.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sparse_stem_statistics_ignore_masked_patches():
+    """BatchNorm sees visible voxels only: a half-masked batch normalises its visible cells to zero mean."""
+    torch.manual_seed(0)
+    enc = DenseFormer(**STEMS["volume_sparse"]).train()
+    x = torch.randn(2, 1, 32, 32, 32) * 3 + 5
+    keep = torch.arange(0, 64, 2).expand(2, -1)
+    enc.embed_patches(x, keep)
+    bn = enc.stem.features[1].denselayer1.layers.norm1  # after the first (strided) conv
+    first = enc.stem.features[0]
+    grid_keep = torch.zeros(2, 64).scatter_(1, keep, 1.0).view(2, 1, 4, 4, 4)
+    m = torch.nn.functional.interpolate(grid_keep, size=(16, 16, 16))
+    h = first(x * torch.nn.functional.interpolate(grid_keep, size=(32, 32, 32))) * m
+    visible_mean = (h * m).sum((0, 2, 3, 4)) / m.sum()
+    expected = 0.9 * torch.zeros_like(visible_mean) + 0.1 * visible_mean  # momentum 0.1 from zero
+    torch.testing.assert_close(bn.running_mean, expected.detach(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="volume stem"):
+        DenseFormer(**{**TINY, "stem_masking": "sparse"})
 
 
 def test_mae_loss_only_on_masked_patches_and_learns():

@@ -8,7 +8,9 @@ is ours and is documented here and in ``docs/denseformer.md``:
   pooling. ``volume`` (:class:`DenseNetVolumeStem`) runs them over the whole volume down to the token
   grid and projects each final-map cell to one token; receptive fields cross patch borders, and for
   MAE the voxels of masked patches are zeroed *before* the stem so masked content cannot reach a
-  visible token. ``patch`` (:class:`DenseNetPatchStem`, the default so that models saved before the
+  visible token (``stem_masking="zero"``), or, with ``stem_masking="sparse"`` (SparK, Tian et al. 2023),
+  masked patches stay empty at every layer and BatchNorm sees visible voxels only, so the stem is not
+  trained on volumes that are 75 % zeros. ``patch`` (:class:`DenseNetPatchStem`, the default so that models saved before the
   option load unchanged) runs one small DenseNet on every ``patch_size``³ patch independently and
   flattens its final map into one token: no receptive field crosses a patch border and the MAE
   encoder embeds visible patches only (cheaper), but on small cohorts the ViT then has to learn all
@@ -37,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_norm_layer
-from monai.networks.nets.densenet import _DenseBlock, _Transition
+from monai.networks.nets.densenet import _DenseBlock, _DenseLayer, _Transition
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from neuromoe.models.registry import register_model
 
@@ -231,8 +234,64 @@ class DenseNetVolumeStem(nn.Module):
         self.out_channels = ch
         self.proj = Conv[Conv.CONV, spatial_dims](ch, embed_dim, kernel_size=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.features(x)).flatten(2).transpose(1, 2)
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``keep`` ``(B, 1, *grid)`` (1 = visible patch) runs the trunk sparsely (:func:`_sparse_apply`)."""
+        feats = self.features(x) if keep is None else _sparse_apply(self.features, x, keep)
+        return self.proj(feats).flatten(2).transpose(1, 2)
+
+
+def _mask_like(keep: Tensor, x: Tensor) -> Tensor:
+    """Token-grid mask ``(B, 1, *grid)`` at the spatial size of ``x`` (an integer multiple of the grid)."""
+    return F.interpolate(keep, size=x.shape[2:], mode="nearest").to(x.dtype)
+
+
+def _masked_batch_norm(bn: _BatchNorm, x: Tensor, m: Tensor) -> Tensor:
+    """BatchNorm whose batch statistics (and running-statistics update) use the voxels where ``m`` is 1."""
+    xf, mf = x.float(), m.float()
+    if bn.training:
+        n = mf.sum() * 1.0
+        mean = (xf * mf).sum(dim=(0, *range(2, x.dim()))) / n
+        centred = (xf - mean.view(1, -1, *([1] * (x.dim() - 2)))) * mf
+        var = centred.pow(2).sum(dim=(0, *range(2, x.dim()))) / n
+        if bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked += 1
+                mom = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.lerp_(mean, mom)
+                bn.running_var.lerp_(var * n / (n - 1).clamp_min(1.0), mom)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return (y * mf).to(x.dtype)
+
+
+def _sparse_apply(module: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
+    """Run a DenseNet trunk so that masked patches stay empty at every layer (SparK-style).
+
+    Why: zeroing masked patches only at the input trains the stem on volumes that are mostly zeros with
+    sharp patch edges, and BatchNorm statistics then mix those zeros in; fine-tuning feeds full volumes.
+    Here every convolution and pooling output is re-masked and BatchNorm normalises with visible voxels
+    only, so the visible regions are processed as in a full volume, up to the empty border around them.
+    Masked content never enters (it is zero at the input and at every layer), so no leak either.
+    """
+    if isinstance(module, _DenseLayer):
+        return torch.cat([x, _sparse_apply(module.layers, x, keep)], 1)
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            x = _sparse_apply(child, x, keep)
+        return x
+    if isinstance(module, _BatchNorm):
+        return _masked_batch_norm(module, x, _mask_like(keep, x))
+    if isinstance(module, (nn.ReLU, nn.Dropout, nn.Dropout3d, nn.Dropout2d)):
+        return module(x)  # zero stays zero
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.AvgPool2d, nn.AvgPool3d)):
+        y = module(x)
+        return y * _mask_like(keep, y)
+    raise ValueError(f"stem_masking='sparse' supports BatchNorm DenseNet stems; got a {type(module).__name__} "
+                     "layer (use stem_masking='zero' with other norms)")
 
 
 class DenseFormer(nn.Module):
@@ -264,8 +323,14 @@ class DenseFormer(nn.Module):
         pool: Literal["cls", "mean"] = "mean",
         num_outputs: int = 0,
         stem: Literal["patch", "volume"] = "patch",
+        stem_masking: Literal["zero", "sparse"] = "zero",
     ):
         super().__init__()
+        if stem_masking not in ("zero", "sparse"):
+            raise ValueError(f"unknown stem_masking '{stem_masking}' (zero, sparse)")
+        if stem_masking == "sparse" and stem != "volume":
+            raise ValueError("stem_masking='sparse' is for the volume stem (the patch stem embeds visible patches only)")
+        self.stem_masking = stem_masking
         self.img_size = _tuple(img_size, spatial_dims)
         self.patch_size = int(patch_size)
         self.spatial_dims = spatial_dims
@@ -340,11 +405,11 @@ class DenseFormer(nn.Module):
 
     def _embed_volume(self, x: Tensor, ids_keep: Tensor | None) -> Tensor:
         self._check_input(x)
+        keep = None
         if ids_keep is not None:
-            keep = x.new_zeros(x.shape[0], self.num_patches).scatter_(1, ids_keep, 1.0)
-            voxels = self.in_channels * self.patch_size**self.spatial_dims
-            x = x * self.unpatchify(keep[:, :, None].expand(-1, -1, voxels))
-        tokens = self.stem(x)
+            keep = x.new_zeros(x.shape[0], self.num_patches).scatter_(1, ids_keep, 1.0).view(-1, 1, *self.grid)
+            x = x * _mask_like(keep, x)
+        tokens = self.stem(x, keep if self.stem_masking == "sparse" else None)
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         return tokens if ids_keep is None else _gather(tokens, ids_keep)
 
