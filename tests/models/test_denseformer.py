@@ -155,6 +155,33 @@ def test_sparse_stem_without_masked_patches_is_the_dense_stem(train_mode):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_masked_batch_norm_matches_autograd_over_visible_voxels():
+    """The hand-written backward of the sparse stem's BatchNorm equals autograd of the plain formula."""
+    from neuromoe.models.denseformer import _MaskedBatchNorm
+
+    torch.manual_seed(0)
+    m = torch.nn.functional.interpolate((torch.rand(3, 1, 3, 3, 3) > 0.6).double(), size=(9, 9, 9))
+    x = ((torch.randn(3, 5, 9, 9, 9, dtype=torch.float64) * 2 + 1) * m).requires_grad_()
+    w = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 9, 9, 9, dtype=torch.float64)
+
+    def plain():
+        n = m.sum()
+        mean = (x * m).sum((0, 2, 3, 4), keepdim=True) / n
+        var = (((x - mean) * m) ** 2).sum((0, 2, 3, 4), keepdim=True) / n
+        y = ((x - mean) / (var + 1e-5).sqrt() * w.view(1, -1, 1, 1, 1) + b.view(1, -1, 1, 1, 1)) * m
+        return y, mean.flatten(), var.flatten()
+
+    results = []
+    for f in (plain, lambda: _MaskedBatchNorm.apply(x, m, w, b, 1e-5)):
+        y, mean, var = f()
+        grads = torch.autograd.grad((y * g).sum(), (x, w, b))
+        results.append((y, mean, var, grads[0] * m, *grads[1:]))
+    for ours, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
 def test_sparse_stem_statistics_ignore_masked_patches():
     """BatchNorm sees visible voxels only: a half-masked batch normalises its visible cells to zero mean."""
     torch.manual_seed(0)
