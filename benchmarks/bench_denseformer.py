@@ -31,6 +31,7 @@ from monai.networks.nets import DenseNet121, ViT
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from neuromoe.engine.precision import cpu_features
 from neuromoe.models.denseformer import MAE_DECODER, PRESETS, DenseFormer, DenseFormerMAE, DenseFormerMoE
 
 TASKS = [{"name": "age", "type": "regression", "num_outputs": 1},
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x = torch.randn(args.batch, 1, *(args.size,) * 3)
     res: dict[str, Any] = {
         "benchmark": "denseformer", "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "input": list(x.shape), "preset": args.preset,
+        "machine": platform.processor() or platform.machine(), "cpu": cpu_features(), "input": list(x.shape), "preset": args.preset,
         "stem": args.stem, "block_layers": list(kw["block_layers"]), "channels_last": args.channels_last,
         "matmul_gflops": {"fp32": matmul_gflops(False), "bf16": matmul_gflops(True)},
     }

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from neuromoe.engine.precision import cpu_features
+
 MODS = ("t1", "t1c", "t2", "flair")
 
 
@@ -107,6 +109,7 @@ def main() -> None:
         "top_k": a.top_k,
         "bf16": a.bf16,
         "threads": 1,
+        "cpu": cpu_features(),
         "inference": inf,
         "sparse_over_unet_time": inf["sparse"]["wall_s"] / inf["dynunet"]["wall_s"],
         "dense_over_sparse_time": inf["dense"]["wall_s"] / inf["sparse"]["wall_s"],

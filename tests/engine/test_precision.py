@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from neuromoe.engine.precision import guard_bf16_conv3d
+from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d
 
 
 def _weight_grad(conv: nn.Module, x: torch.Tensor, g: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -42,7 +41,7 @@ def test_guarded_conv_matches_fp32_where_onednn_bf16_is_wrong(shape: tuple[int, 
 _AVX512_BUG = """
 import torch
 from torch import nn
-from neuromoe.engine.precision import guard_bf16_conv3d
+from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d
 torch.manual_seed(0)
 conv = nn.Conv3d(32, 16, 3, padding=1)
 x, g = torch.randn(8, 32, 2, 2, 2), torch.randn(8, 16, 2, 2, 2)
@@ -60,12 +59,7 @@ print(err(raw), err(fixed))
 """
 
 
-def _has_avx512() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and "avx512f" in cpuinfo.read_text()
-
-
-@pytest.mark.skipif(not _has_avx512(), reason="the wrong kernel is oneDNN's AVX-512 one")
+@pytest.mark.skipif(not cpu_features()["avx512f"], reason="the wrong kernel is oneDNN's AVX-512 one")
 def test_onednn_avx512_bf16_weight_gradient_is_still_wrong() -> None:
     """The bug the guard exists for, on the AVX-512 kernel (AMX CPUs take another one unless capped).
 

@@ -13,8 +13,21 @@ Those convolutions act on a handful of voxels, so the guard runs just them in fp
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
+
+
+def cpu_features() -> dict[str, object]:
+    """What decides CPU speed and the bug above: ATen's vector ISA and the bf16 / AMX flags (Linux only).
+
+    Benchmarks record it, because bf16 results differ by ISA (AMX doubles a bf16 matmul, not a conv).
+    """
+    info = Path("/proc/cpuinfo")
+    flags = set(info.read_text().split()) if info.exists() else set()
+    return {"capability": torch.backends.cpu.get_cpu_capability(),
+            **{f: f in flags for f in ("avx512f", "avx512_bf16", "amx_bf16")}}
 
 
 def _needs_fp32(conv: nn.Conv3d, x: Tensor) -> bool:
