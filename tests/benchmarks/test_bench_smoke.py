@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES: dict[str, tuple[list[str], list[str]]] = {
     "bench_moe": (["--tokens", "64", "--dim", "16", "--hidden", "32", "--num-experts", "4", "--repeats", "1"],
                   ["ratios.0.sparse_speedup_over_dense_E4"]),
-    "bench_denseformer": (["--size", "32", "--batch", "2", "--repeats", "1", "--preset", "tiny"],
+    # fp32 only: bf16 convolutions are emulated (≈ 11× slower) on CPUs without avx512_bf16 / AMX
+    "bench_denseformer": (["--size", "32", "--batch", "2", "--repeats", "1", "--preset", "tiny", "--precisions", "fp32"],
                           ["mae_step.fp32.ratio_vs_mae_full", "matmul_gflops.bf16",
                            "finetune_and_inference.denseformer_moe.fp32.fraction_of_bf16_matmul",
                            "finetune_and_inference.monai_densenet121_3d.fp32.inference_volumes_per_s"]),

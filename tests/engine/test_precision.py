@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d
+from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, native_cpu_bf16, resolve_precision
 
 
 def _weight_grad(conv: nn.Module, x: torch.Tensor, g: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -41,7 +41,7 @@ def test_guarded_conv_matches_fp32_where_onednn_bf16_is_wrong(shape: tuple[int, 
 _AVX512_BUG = """
 import torch
 from torch import nn
-from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d
+from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, native_cpu_bf16, resolve_precision
 torch.manual_seed(0)
 conv = nn.Conv3d(32, 16, 3, padding=1)
 x, g = torch.randn(8, 32, 2, 2, 2), torch.randn(8, 16, 2, 2, 2)
@@ -86,13 +86,40 @@ def test_guard_leaves_deep_inputs_on_the_bf16_path() -> None:
     assert set(conv.state_dict()) == {"weight", "bias"}
 
 
-def test_trainer_guards_bf16_cpu_models(tmp_path) -> None:
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Set ``NEUROMOE_CPU_BF16`` for one test (``native_cpu_bf16`` is cached per process)."""
+    def set_(value: str) -> None:
+        monkeypatch.setenv("NEUROMOE_CPU_BF16", value)
+        native_cpu_bf16.cache_clear()
+    yield set_
+    native_cpu_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_trainer_guards_bf16_cpu_models_and_falls_back_without_native_bf16(tmp_path, cpu_bf16, native) -> None:
     from neuromoe.engine.trainer import TrainConfig, Trainer
 
+    cpu_bf16(native)
     model = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ConvTranspose3d(2, 1, 2, stride=2))
-    Trainer(model, TrainConfig(precision="bf16", device="cpu"), [], run_dir=tmp_path)
-    assert type(model[0]).__name__ == "_ShallowSafeConv3d"
+    trainer = Trainer(model, TrainConfig(precision="bf16", device="cpu"), [], run_dir=tmp_path)
+    assert trainer.precision == ("bf16" if native == "1" else "fp32")
+    assert (type(model[0]).__name__ == "_ShallowSafeConv3d") == (native == "1")
     assert type(model[1]) is nn.ConvTranspose3d
+    with trainer._autocast():
+        assert (model(torch.zeros(1, 1, 4, 4, 4)).dtype == torch.bfloat16) == (native == "1")
     plain = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1))
     Trainer(plain, TrainConfig(precision="fp32", device="cpu"), [], run_dir=tmp_path / "b")
     assert type(plain[0]) is nn.Conv3d
+
+
+def test_resolve_precision(cpu_bf16) -> None:
+    cpu_bf16("0")
+    assert resolve_precision("bf16", "cpu") == "fp32"  # emulated bf16 is 2.5–11× slower than fp32
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cuda") == "bf16"
+    cpu_bf16("1")
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    cpu_bf16("")
+    feats = cpu_features()
+    assert resolve_precision("bf16", "cpu") == ("bf16" if feats["avx512_bf16"] or feats["amx_bf16"] else "fp32")

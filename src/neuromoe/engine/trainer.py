@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from neuromoe.config import save_config
 from neuromoe.engine import distributed as dist_utils
 from neuromoe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from neuromoe.engine.precision import guard_bf16_conv3d
+from neuromoe.engine.precision import guard_bf16_conv3d, resolve_precision
 from neuromoe.engine.schedule import WarmupCosine
 from neuromoe.engine.utils import resolve_device, seed_everything
 from neuromoe.errors import ConfigError
@@ -95,7 +95,8 @@ class Trainer:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.model = model.to(device)
-        if cfg.precision == "bf16" and device.type == "cpu":
+        self.precision = resolve_precision(cfg.precision, device)
+        if self.precision == "bf16" and device.type == "cpu":
             guard_bf16_conv3d(self.model)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
@@ -149,7 +150,7 @@ class Trainer:
         return self.run_dir / "checkpoints" / "last.safetensors"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.cfg.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

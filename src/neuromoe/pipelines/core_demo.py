@@ -183,11 +183,13 @@ def _predict(
     batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predicted ages (years) and the top-k experts chosen for each subject."""
+    from neuromoe.engine.precision import resolve_precision
+
     model.eval().to(device)
     preds, experts = [], []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16"):
             out = model(x)
         preds.append(out.prediction.squeeze(1).float().cpu().numpy() * std + mean)
         experts.append(out.stats.topk_idx.reshape(x.shape[0], -1).cpu())

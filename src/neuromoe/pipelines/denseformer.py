@@ -37,6 +37,7 @@ from torch import Tensor
 from neuromoe.config import load_family_config, save_config, to_dict
 from neuromoe.data.structural import MISSING_CLASS, StructuralDataset, TaskSpec, assign_splits, load_t1
 from neuromoe.engine import TrainConfig, Trainer
+from neuromoe.engine.precision import resolve_precision
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.conformal import (
     ConformalClassifier,
@@ -553,7 +554,9 @@ def _device(name: str) -> torch.device:
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _image_batches(dataset: StructuralDataset, batch_size: int = 8) -> Iterator[Tensor]:

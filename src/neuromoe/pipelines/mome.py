@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from neuromoe.config import load_family_config, save_config
 from neuromoe.data.lesion import LesionCase, LesionPatchDataset, load_lesion_cases
 from neuromoe.engine import TrainConfig, Trainer
+from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
@@ -336,6 +337,7 @@ def predict_volume(
         )
     model.eval()
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     x = torch.as_tensor(image, dtype=torch.float32, device=device)[None]
     avail = (
         torch.as_tensor(available, dtype=torch.float32, device=device)[None]
