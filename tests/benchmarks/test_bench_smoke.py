@@ -20,12 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # script -> (toy arguments, keys whose values must be finite positive numbers, dotted into the JSON)
 CASES: dict[str, tuple[list[str], list[str]]] = {
-    "bench_moe": (["--tokens", "64", "--dim", "16", "--hidden", "32", "--num-experts", "4", "--repeats", "1"],
+    "bench_moe": (["--tokens", "64", "--dim", "16", "--hidden", "32", "--num-experts", "4", "--repeats", "1",
+                   "--dtypes", "fp32"],
                   ["ratios.0.sparse_speedup_over_dense_E4"]),
-    # fp32 only: bf16 convolutions are emulated (≈ 11× slower) on CPUs without avx512_bf16 / AMX
+    # fp32 only (here and bench_moe): bf16 is emulated, ≈ 11× slower, on CPUs without avx512_bf16 / AMX
     "bench_denseformer": (["--size", "32", "--batch", "2", "--repeats", "1", "--preset", "tiny", "--precisions", "fp32"],
-                          ["mae_step.fp32.ratio_vs_mae_full", "matmul_gflops.bf16",
-                           "finetune_and_inference.denseformer_moe.fp32.fraction_of_bf16_matmul",
+                          ["mae_step.fp32.ratio_vs_mae_full", "matmul_gflops.fp32",
+                           "finetune_and_inference.denseformer_moe.fp32.fraction_of_matmul",
                            "finetune_and_inference.monai_densenet121_3d.fp32.inference_volumes_per_s"]),
     "bench_mome": (["--size", "32", "32", "32", "--train-size", "16", "16", "16"],
                    ["sparse_over_unet_time", "dense_over_sparse_time", "dense_ref_over_sparse_time"]),
