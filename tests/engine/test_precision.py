@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, native_cpu_bf16, resolve_precision
+from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, resolve_precision
 
 
 def _weight_grad(conv: nn.Module, x: torch.Tensor, g: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -41,7 +41,7 @@ def test_guarded_conv_matches_fp32_where_onednn_bf16_is_wrong(shape: tuple[int, 
 _AVX512_BUG = """
 import torch
 from torch import nn
-from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, native_cpu_bf16, resolve_precision
+from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, resolve_precision
 torch.manual_seed(0)
 conv = nn.Conv3d(32, 16, 3, padding=1)
 x, g = torch.randn(8, 32, 2, 2, 2), torch.randn(8, 16, 2, 2, 2)
@@ -84,16 +84,6 @@ def test_guard_leaves_deep_inputs_on_the_bf16_path() -> None:
         expected = nn.functional.conv3d(x.bfloat16(), conv.weight.bfloat16(), conv.bias.bfloat16(), padding=1)
     assert torch.equal(out, expected)
     assert set(conv.state_dict()) == {"weight", "bias"}
-
-
-@pytest.fixture
-def cpu_bf16(monkeypatch):
-    """Set ``NEUROMOE_CPU_BF16`` for one test (``native_cpu_bf16`` is cached per process)."""
-    def set_(value: str) -> None:
-        monkeypatch.setenv("NEUROMOE_CPU_BF16", value)
-        native_cpu_bf16.cache_clear()
-    yield set_
-    native_cpu_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("native", ["1", "0"])

@@ -260,12 +260,13 @@ class _RecordsAutocast(_FixedProbability):
         return super().forward(x)
 
 
-def test_inference_precision_is_applied_to_threshold_search_and_prediction(tmp_path) -> None:
+def test_inference_precision_is_applied_to_threshold_search_and_prediction(tmp_path, cpu_bf16) -> None:
     """``eval.precision`` reaches the sliding-window predictor (the threshold is tuned on the probabilities
-    ``evaluate`` will score); an unknown precision is refused."""
+    ``evaluate`` will score); an unknown precision is refused; bf16 runs as fp32 on a CPU without it."""
     from neuromoe.engine import TrainConfig
     from neuromoe.pipelines.mome import EvalSection, MoMETrainer, predict_volume
 
+    cpu_bf16("1")
     model = _RecordsAutocast()
     vol = np.zeros((12, 12, 12), np.float32)
     vol[3:7, 3:7, 3:7] = 1
@@ -281,3 +282,7 @@ def test_inference_precision_is_applied_to_threshold_search_and_prediction(tmp_p
     assert model.seen and all(model.seen)
     with pytest.raises(ConfigError, match="precision"):
         predict_volume(model, vol[None], (8, 8, 8), precision="fp16")
+    cpu_bf16("0")
+    model.seen.clear()
+    predict_volume(model, vol[None], (8, 8, 8), precision="bf16")
+    assert model.seen and not any(model.seen)
