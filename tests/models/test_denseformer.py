@@ -174,7 +174,7 @@ def test_masked_batch_norm_matches_autograd_over_visible_voxels():
         return y, mean.flatten(), var.flatten()
 
     results = []
-    for f in (plain, lambda: _MaskedBatchNorm.apply(x, m, w, b, 1e-5)):
+    for f in (plain, lambda: _MaskedBatchNorm.apply(x, m, float(m.sum()), w, b, 1e-5)):
         y, mean, var = f()
         grads = torch.autograd.grad((y * g).sum(), (x, w, b))
         results.append((y, mean, var, grads[0] * m, *grads[1:]))

@@ -247,13 +247,13 @@ class _MaskedBatchNorm(torch.autograd.Function):
     the all-voxel ones (one native pass) rescaled to the visible voxels, the output is native eval-mode
     BatchNorm with them, and the backward is native eval-mode BatchNorm backward plus the closed-form
     per-channel terms of the batch statistics (``tests/models/test_denseformer.py`` checks it against autograd).
-    Returns ``(y, mean, var)`` with ``y`` zero where ``m`` is 0 and the biased visible-voxel statistics.
+    ``n`` is the number of visible voxels. Returns ``(y, mean, var)`` with ``y`` zero where ``m`` is 0 and the
+    biased visible-voxel statistics.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, m: Tensor, weight: Tensor | None, bias: Tensor | None,
+    def forward(ctx: Any, x: Tensor, m: Tensor, n: float, weight: Tensor | None, bias: Tensor | None,
                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        n = float(m.sum(dtype=torch.float32))
         mean_all, var_all = torch.batch_norm_update_stats(x.float() if x.element_size() < 4 else x, None, None, 0.0)
         r = (x.numel() / x.shape[1]) / n
         mean = mean_all * r
@@ -276,7 +276,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
         c = -(w * istd / ctx.n) * (gb - mean * istd * gw)
         shape = (1, -1, *([1] * (x.dim() - 2)))
         dx = torch.addcmul(dx + c.to(dx.dtype).view(shape), x, a.to(dx.dtype).view(shape)).mul_(m)
-        return dx, None, gw if ctx.needs_input_grad[2] else None, gb if ctx.needs_input_grad[3] else None, None
+        return dx, None, None, gw if ctx.needs_input_grad[3] else None, gb if ctx.needs_input_grad[4] else None, None
 
 
 def _masked_batch_norm(bn: _BatchNorm, x: Tensor, m: Tensor) -> Tensor:
@@ -286,12 +286,12 @@ def _masked_batch_norm(bn: _BatchNorm, x: Tensor, m: Tensor) -> Tensor:
     """
     if not bn.training:
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps) * m
-    y, mean, var = _MaskedBatchNorm.apply(x, m, bn.weight, bn.bias, bn.eps)
+    n = float(m.sum(dtype=torch.float32))  # visible voxels (m is (B, 1, *spatial))
+    y, mean, var = _MaskedBatchNorm.apply(x, m, n, bn.weight, bn.bias, bn.eps)
     if bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked += 1
             mom = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            n = float(m.sum())
             bn.running_mean.lerp_(mean, mom)
             bn.running_var.lerp_(var * n / max(n - 1.0, 1.0), mom)
     return y
