@@ -34,7 +34,7 @@ def test_two_gloo_ranks_stay_in_sync(tmp_path: Path) -> None:
     # the expert only rank 1 uses was trained on both ranks (rank 0 contributed zeros, no hang)
     assert not torch.equal(w0["expert.weight"], w0["init.expert.weight"])
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "tb"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "runtime.json", "tb"]
     assert len(list((run / "tb").iterdir())) == 1
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.safetensors"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -115,11 +116,17 @@ def test_kill_during_checkpoint_keeps_last_loadable(tmp_path: Path, monkeypatch:
     assert [p.name for p in path.parent.iterdir()] == ["last.safetensors"]
 
 
-def test_bf16_max_steps_and_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_bf16_max_steps_and_config(tmp_path: Path, cpu_bf16, native: str) -> None:
+    cpu_bf16(native)
     cfg = from_dict(TrainConfig, {"precision": "bf16", "max_steps": 2, "device": "cpu", "progress": False,
                                   "epochs": 5})
     res = MSETrainer(_model(), cfg, _data(), run_dir=tmp_path).fit()
     assert math.isnan(res.best_metric) and res.history[-1]["step"] == 2
+    # the run directory says what ran: bf16 only where the CPU computes it natively
+    info = json.loads((tmp_path / "runtime.json").read_text())
+    assert info["precision_requested"] == "bf16" and info["precision"] == ("bf16" if native == "1" else "fp32")
+    assert info["device"] == "cpu" and info["world_size"] == 1 and "avx512_bf16" in info["cpu"]
     with pytest.raises(ConfigError):
         MSETrainer(_model(), _cfg(precision="fp8"), _data(), run_dir=tmp_path)
     with pytest.raises(ConfigError, match="monitor"):

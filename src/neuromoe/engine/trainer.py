@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from neuromoe.config import save_config
 from neuromoe.engine import distributed as dist_utils
 from neuromoe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from neuromoe.engine.precision import guard_bf16_conv3d, resolve_precision
+from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, resolve_precision
 from neuromoe.engine.schedule import WarmupCosine
 from neuromoe.engine.utils import resolve_device, seed_everything
 from neuromoe.errors import ConfigError
-from neuromoe.io.atomic import atomic_write_text
+from neuromoe.io.atomic import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -223,13 +223,28 @@ class Trainer:
         for t in tensors:
             torch.distributed.broadcast(t.data, src=0)
 
+    def runtime_info(self) -> dict[str, Any]:
+        """What actually ran, next to the config that was asked for: ``precision: bf16`` runs as fp32 on a
+        CPU without native bf16, and speed and bf16 results depend on the CPU's ISA and the thread count."""
+        info: dict[str, Any] = {
+            "device": str(self.device), "precision_requested": self.cfg.precision, "precision": self.precision,
+            "channels_last": self.cfg.channels_last, "world_size": self.world_size,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+        if self.device.type == "cpu":
+            info["cpu"] = cpu_features()
+        else:
+            info["cuda_device"] = torch.cuda.get_device_name(self.device)
+        return info
+
     # ------------------------------------------------------------------------------------- fit
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
         seed_everything(cfg.seed)
         self._broadcast(list(self.model.parameters()) + list(self.model.buffers()))
-        if self.rank == 0 and not (self.run_dir / "config.yaml").exists():
-            save_config(cfg, self.run_dir)  # families usually save their full config first
+        if self.rank == 0:
+            if not (self.run_dir / "config.yaml").exists():
+                save_config(cfg, self.run_dir)  # families usually save their full config first
+            atomic_write_json(self.run_dir / "runtime.json", self.runtime_info())
         steps_per_epoch = math.ceil(len(self._epoch_batches(self.train_set, 0, False)) / cfg.accum_steps)
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps > 0:
