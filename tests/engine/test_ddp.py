@@ -36,7 +36,7 @@ def test_two_gloo_ranks_stay_in_sync(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "runtime.json", "tb"]
     assert len(list((run / "tb").iterdir())) == 1
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.safetensors"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
 
 
 def test_family_cli_under_torchrun(tmp_path: Path) -> None:

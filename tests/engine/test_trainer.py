@@ -167,3 +167,29 @@ def test_channels_last_trains_the_same_model_and_restores_the_layout(tmp_path: P
         assert model[0].weight.is_contiguous()
         weights[cl] = model[0].weight.detach().clone()
     torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-5)
+
+
+def test_best_weights_survive_a_resume(tmp_path: Path) -> None:
+    """The best validation weights are those of the whole run, also when it was killed after the best epoch."""
+
+    class Worsening(MSETrainer):
+        def validation_end(self, outputs):
+            return {"val_loss": float(self.epoch)}  # epoch 0 is the best, every later one worse
+
+    full = Worsening(_model(), _cfg(), _data(), _data(8), run_dir=tmp_path / "a")
+    full.fit_best()
+    part = Worsening(_model(), _cfg(), _data(), _data(8), run_dir=tmp_path / "b")
+    part.fail_at = 7  # 3 steps/epoch: killed in epoch 2, after epochs 0 (the best) and 1 were validated
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    resumed = Worsening(_model(), _cfg(), _data(), _data(8), run_dir=tmp_path / "b")
+    res = resumed.fit_best(resume=True)
+    assert res.best_metric == 0.0 and res.best_step == 3
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    last = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")["model"]
+    assert not all(torch.equal(last[k], v) for k, v in resumed.model.state_dict().items())
+    # a fresh run in the same directory does not inherit the earlier run's best weights
+    fresh = Worsening(_model(), _cfg(epochs=1), _data(), run_dir=tmp_path / "b")
+    fresh.fit()
+    assert not (tmp_path / "b" / "checkpoints" / "best.safetensors").exists() and not fresh.load_best()

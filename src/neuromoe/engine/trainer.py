@@ -101,6 +101,9 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.history: list[dict[str, float]] = []
+        # Weights of the best validation so far (CPU copies), on every rank; also in checkpoints/best.safetensors
+        # so that a resumed run still ends with the best weights of the whole run, not of its resumed part.
+        self.best_state: dict[str, Tensor] | None = None
         self.global_step = 0
         self.epoch = 0
         self._writer: Any = None
@@ -121,7 +124,7 @@ class Trainer:
         """Called before each training epoch (after ``model.train()``), e.g. for curricula."""
 
     def on_best(self, metrics: dict[str, float]) -> None:
-        """Called on rank 0 when the monitored metric improves, e.g. to save the model directory."""
+        """Called on rank 0 when the monitored metric improves (after :attr:`best_state` is updated)."""
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Default: weight decay on matrices, none on biases and norm/scale vectors."""
@@ -148,6 +151,22 @@ class Trainer:
     @property
     def ckpt_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.safetensors"
+
+    def load_best(self) -> bool:
+        """Load the best validation weights into the model (the last epoch is rarely the best); False if none."""
+        if self.best_state is None:
+            return False
+        self.model.load_state_dict(self.best_state)
+        return True
+
+    def _keep_best(self, metric: float) -> None:
+        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.rank == 0:
+            save_checkpoint(self.best_path, {"model": self.best_state, "metric": metric, "step": self.global_step})
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "bf16":
@@ -263,6 +282,10 @@ class Trainer:
             best, best_step, bad = float(pos["best"]), int(pos["best_step"]), int(pos["bad"])
             self.history = list(state["history"])
             set_rng_state(state["rng"])
+            if self.best_path.is_file():
+                self.best_state = load_checkpoint(self.best_path)["model"]
+        elif self.rank == 0:
+            self.best_path.unlink(missing_ok=True)  # a fresh run never ends with an earlier run's weights
 
         def checkpoint(epoch: int, batch: int) -> None:
             if self.rank == 0:
@@ -341,6 +364,7 @@ class Trainer:
                 self._log({"step": self.global_step, "epoch": epoch, **metrics})
                 if self._better(value, best):
                     best, best_step, bad = value, self.global_step, 0
+                    self._keep_best(value)
                     if self.rank == 0:
                         self.on_best(metrics)
                 else:
@@ -358,6 +382,12 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.contiguous_format)
         return TrainResult(best_metric=best, best_step=best_step, history=self.history, run_dir=self.run_dir)
+
+    def fit_best(self, resume: bool = False) -> TrainResult:
+        """:meth:`fit`, then load the best validation weights of the whole run (also across a resume)."""
+        result = self.fit(resume=resume)
+        self.load_best()
+        return result
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -241,9 +241,7 @@ class ScanSet(Dataset):
 
 
 class ExpertTrainer(Trainer):
-    """Pretraining of one expert; keeps the best-validation weights (``best_state``)."""
-
-    best_state: dict[str, Tensor] | None = None
+    """Pretraining of one expert (``fit_best`` keeps the best-validation weights)."""
 
     def training_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         if isinstance(self.model, JEPAExpert):  # EMA step after the previous optimiser step
@@ -265,15 +263,6 @@ class ExpertTrainer(Trainer):
         n = sum(o["n"] for o in outputs)
         return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
 
-    def on_best(self, metrics: dict[str, float]) -> None:
-        self.best_state = copy.deepcopy(self.model.state_dict())
-
-
-def _fit(trainer: ExpertTrainer | FinetuneTrainer) -> Any:
-    result = trainer.fit()
-    if trainer.best_state is not None:
-        trainer.model.load_state_dict(trainer.best_state)
-    return result
 
 
 def _val_rows(groups: np.ndarray, labels: np.ndarray, seed: int, frac: float = 0.2) -> np.ndarray:
@@ -390,7 +379,7 @@ def pretrain(
         trainer = ExpertTrainer(
             expert, cfg.pretrain, sub.subset(~val), sub.subset(val), run_dir=run / "train"
         )
-        result = _fit(trainer)
+        result = trainer.fit_best()
         extra = {
             "kind": "expert",
             "expert_kind": cfg.expert.kind,
@@ -450,7 +439,7 @@ def _pretrain_router(
     tcfg = copy.deepcopy(cfg.pretrain)
     tcfg.epochs = cfg.model.router_prior_epochs
     trainer = ExpertTrainer(router, tcfg, sub.subset(~val), sub.subset(val), run_dir=run / "train")
-    result = _fit(trainer)
+    result = trainer.fit_best()
     router.eval()
     with torch.no_grad():
         _, logs = router.loss(sub.subset(val).tensors["fc"], target=sub.subset(val).tensors["target"])
@@ -590,9 +579,7 @@ def finetune_loss(
 
 
 class FinetuneTrainer(Trainer):
-    """Router + adapter training on cached (frozen) expert embeddings; keeps the best-validation weights."""
-
-    best_state: dict[str, Tensor] | None = None
+    """Router + adapter training on cached (frozen) expert embeddings (``fit_best``: best-validation weights)."""
 
     def __init__(self, *args: Any, age_stats: tuple[float, float], msec: ModelSection, **kwargs: Any):
         self.age_stats, self.msec = age_stats, msec
@@ -633,9 +620,6 @@ class FinetuneTrainer(Trainer):
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
         n = sum(o["n"] for o in outputs)
         return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
-
-    def on_best(self, metrics: dict[str, float]) -> None:
-        self.best_state = copy.deepcopy(self.model.state_dict())
 
 
 def _experts_for(experts_dir: Path) -> tuple[list[str], list[Expert], dict[str, Any], FCSpec]:
@@ -759,7 +743,7 @@ def _fit_moe(
         age_stats=age_stats,
         msec=cfg.model,
     )
-    result = _fit(trainer)
+    result = trainer.fit_best()
     model.dense_routing = False
     return model.cpu().eval(), age_stats, result
 

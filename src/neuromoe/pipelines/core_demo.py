@@ -12,8 +12,6 @@ size), the dominant age signal.
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +89,6 @@ def _make_trainer_class() -> type:
         def __init__(self, *args: Any, mean: float, std: float, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.mean, self.std = mean, std
-            self.best_mae, self.best_state = math.inf, None
             self.epoch_losses: list[float] = []
             self._running: list[float] = []
 
@@ -121,13 +118,7 @@ def _make_trainer_class() -> type:
             }
 
         def validation_end(self, outputs: list[dict[str, float]]) -> dict[str, float]:
-            mae = sum(o["abs_err"] for o in outputs) / max(sum(o["n"] for o in outputs), 1)
-            if mae < self.best_mae:
-                self.best_mae = mae
-                self.best_state = copy.deepcopy(
-                    {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-                )
-            return {"val_mae": mae}
+            return {"val_mae": sum(o["abs_err"] for o in outputs) / max(sum(o["n"] for o in outputs), 1)}
 
     return AgeTrainer
 
@@ -269,10 +260,8 @@ def run(
         mean=mean,
         std=std,
     )
-    trainer.fit()
+    trainer.fit_best()
     trainer.flush_epoch_loss()
-    if trainer.best_state is not None:
-        model.load_state_dict(trainer.best_state)
 
     dev = _device(device)
     pred, experts = _predict(model, images, mean, std, dev, cfg.precision, 4 * cfg.batch_size)

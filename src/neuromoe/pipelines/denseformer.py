@@ -18,7 +18,6 @@ Conventions shared by the steps:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -349,25 +348,6 @@ class FinetuneTrainer(Trainer):
         return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
 
 
-def _fit(trainer: Trainer, resume: bool = False) -> Any:
-    """Fit and load the best validation weights back into the model (the last epoch is not the best)."""
-    best: dict[str, Any] = {}
-    end = trainer.validation_end
-
-    def tracking_end(outputs: list[dict[str, Any]]) -> dict[str, float]:
-        metrics = end(outputs)
-        if "val_loss" in metrics and metrics["val_loss"] < best.get("loss", math.inf):
-            best["loss"] = metrics["val_loss"]
-            best["state"] = copy.deepcopy(trainer.model.state_dict())
-        return metrics
-
-    trainer.validation_end = tracking_end  # type: ignore[method-assign]
-    result = trainer.fit(resume=resume)
-    if "state" in best:
-        trainer.model.load_state_dict(best["state"])
-    return result
-
-
 # ------------------------------------------------------------------------------------------- pretrain
 
 
@@ -390,7 +370,7 @@ def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = 
                          norm_pix_loss=cfg.model.norm_pix_loss, **cfg.model.backbone, **cfg.model.decoder)
     save_config(cfg, out)
     trainer = MAETrainer(model, cfg.pretrain, train_set, val_set, run_dir=out, collate_fn=_collate)
-    result = _fit(trainer, resume)
+    result = trainer.fit_best(resume)
     extra = {"kind": "mae", "img_size": list(_img_size(cfg)), "best_val_loss": result.best_metric,
              "n_train": len(train_set), "n_val": 0 if val_set is None else len(val_set),
              "mask_ratio": cfg.model.mask_ratio}
@@ -523,7 +503,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         task_balance=ft.task_balance, regression_only_epochs=ft.regression_only_epochs,
         head_lr_scale=ft.head_lr_scale,
     )
-    result = _fit(trainer, resume)
+    result = trainer.fit_best(resume)
     model = model.cpu().eval()
     device = _device(cfg.train.device)
     refit = None

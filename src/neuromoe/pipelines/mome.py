@@ -202,21 +202,17 @@ class MoMETrainer(Trainer):
     """Curriculum ``w(r)·L_expert + (1 − w(r))·L_fused`` with ``r = epoch / epochs`` (paper schedule).
 
     A plain U-Net (stage-1 expert or pooled baseline) is trained with the deep-supervised Dice+CE alone.
-    Validation reports the fused loss only, and the best weights are kept in ``best_state``.
+    Validation reports the fused loss only; ``fit_best`` keeps the best weights.
     """
 
     def __init__(self, *args: Any, schedule: str = "quadratic", gate_weight: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.schedule, self.expert_weight, self.gate_weight = schedule, 1.0, gate_weight
-        self.best_state: dict[str, Tensor] | None = None
 
     def on_epoch_start(self, epoch: int) -> None:
         self.expert_weight = curriculum_weight(epoch, self.cfg.epochs, self.schedule)  # type: ignore[arg-type]
         if isinstance(self.train_set, LesionPatchDataset):
             self.train_set.set_epoch(epoch)
-
-    def on_best(self, metrics: dict[str, float]) -> None:
-        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], Tensor]:
         """Loss, logs and the full-resolution (fused) logits."""
@@ -262,13 +258,6 @@ class MoMETrainer(Trainer):
             "val_dice": float(dice[best]),
             "val_dice_p50": float(dice[int(np.argmin(np.abs(THRESHOLDS - 0.5)))]),
         }
-
-    def fit_best(self, resume: bool = False) -> float:
-        """Fit, then load the best validation weights back (the last epoch is not the best)."""
-        result = self.fit(resume=resume)
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
-        return result.best_metric
 
     def threshold(
         self,
@@ -547,7 +536,7 @@ def pretrain(
         )
         val_set = LesionPatchDataset(va, d.patch_size, modalities=(m,), seed=cfg.seed + 1000) if va else None
         trainer = MoMETrainer(expert, cfg.pretrain, train_set, val_set, run_dir=out / "stage1" / m)
-        best = trainer.fit_best(resume)
+        best = trainer.fit_best(resume).best_metric
         save_model(
             expert.cpu(),
             out / "experts" / m,
@@ -641,7 +630,7 @@ def train(
         schedule=cfg.curriculum,
         gate_weight=cfg.gate_supervision,
     )
-    best = trainer.fit_best(resume)
+    best = trainer.fit_best(resume).best_metric
     threshold = trainer.threshold(cfg.eval, cases["val"], m.modalities, d.patch_size, multimodal)
     save_model(
         model.cpu(),
