@@ -14,11 +14,13 @@ import contextlib
 import csv
 import io
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -28,7 +30,7 @@ from neuromoe.engine import distributed as dist_utils
 from neuromoe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, resolve_precision
 from neuromoe.engine.schedule import WarmupCosine
-from neuromoe.engine.utils import resolve_device, seed_everything
+from neuromoe.engine.utils import decays, resolve_device, seed_everything
 from neuromoe.errors import ConfigError
 from neuromoe.io.atomic import atomic_write_json, atomic_write_text
 
@@ -81,6 +83,33 @@ def _check(cfg: TrainConfig) -> None:
             raise ConfigError(f"train.{name} must be >= 1", fix=f"set train.{name}=1 or more")
 
 
+class _SeededSamples(Dataset):
+    """Fetches item ``i`` under CPU RNG seeds derived from ``(base, i)`` and restores the caller's RNG after.
+
+    Random augmentation then depends on the item and the epoch only, not on which DataLoader worker fetched
+    it or how many items that worker fetched before (exact resume with ``num_workers > 0``), and ranks no
+    longer draw identical augmentation noise."""
+
+    def __init__(self, dataset: Dataset, base: int):
+        self.dataset, self.base = dataset, base
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        s = (self.base * 1_000_003 + int(i)) % 2**63
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.default_generator.manual_seed(s)  # CPU generator only; CUDA streams untouched
+        try:
+            return self.dataset[i]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
 class Trainer:
     """Generic supervised/self-supervised loop; subclass and override the hooks."""
 
@@ -131,7 +160,7 @@ class Trainer:
         decay, no_decay = [], []
         for _, p in self.model.named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                (decay if decays(p) else no_decay).append(p)
         return [{"params": decay, "weight_decay": self.cfg.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
@@ -185,6 +214,7 @@ class Trainer:
     def _loader(self, dataset: Dataset, batches: list[list[int]], epoch: int) -> DataLoader:
         # An explicit generator keeps the DataLoader from drawing on the global RNG (exact resume).
         gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        dataset = _SeededSamples(dataset, self.cfg.seed * 100003 + epoch)
         return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate_fn,
                           num_workers=self.cfg.num_workers, generator=gen,
                           pin_memory=self.device.type == "cuda")
@@ -226,14 +256,32 @@ class Trainer:
             return
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        used = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [used])
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat /= self.world_size
+        used_anywhere = (flat[-len(params):] > 0).tolist()
+        flat = flat[:-len(params)] / self.world_size
         offset = 0
-        for p in params:
+        for p, u in zip(params, used_anywhere, strict=True):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p)  # views into one buffer, as DDP's bucket views
+            # a parameter no rank touched keeps grad None, so AdamW skips it as in a 1-process run
+            p.grad = flat[offset:offset + n].view_as(p) if u else None  # views into one buffer, like DDP's
             offset += n
+
+    def _reduce_logs(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        """Per-key mean over the micro-batches (of all ranks) that logged the key; keys matched by name."""
+        keys = set(sums)
+        if self.world_size > 1:
+            gathered: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, sorted(keys))
+            keys = set().union(*gathered)
+        order = sorted(keys)
+        t = torch.tensor([[sums.get(k, 0.0), float(counts.get(k, 0))] for k in order], dtype=torch.float64)
+        if self.world_size > 1:
+            if torch.distributed.get_backend() == "nccl":
+                t = t.cuda()
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return {f"train_{k}": s / c for k, (s, c) in zip(order, t.tolist(), strict=True) if c > 0}
 
     def _broadcast(self, tensors: list[Tensor]) -> None:
         """Copy rank 0's values: parameters at the start, buffers (BatchNorm stats) after every step, like DDP."""
@@ -303,7 +351,7 @@ class Trainer:
             bar = tqdm(total=total, initial=self.global_step, desc="train", dynamic_ncols=True)
         # A run killed after its last optimiser step but before that epoch's validation and final
         # checkpoint resumes at (epoch, batch=end): it must still validate, not stop at once.
-        stop = self.global_step >= total and skip == 0
+        stop = skip == 0 and (self.global_step >= total or bool(cfg.patience and bad >= cfg.patience))
         for epoch in range(start_epoch, cfg.epochs):
             if stop:
                 break
@@ -312,9 +360,12 @@ class Trainer:
             self.on_epoch_start(epoch)
             batches = self._epoch_batches(self.train_set, epoch, True)
             first = skip if epoch == start_epoch else 0
+            if self.global_step >= total:  # resumed after the last step, before its validation: validate only
+                first = len(batches)
             loader = self._loader(self.train_set, batches[first:], epoch)
             optimizer.zero_grad(set_to_none=True)
             running: dict[str, float] = {}
+            seen: dict[str, int] = {}
             n_micro = 0
             for i, batch in enumerate(loader, start=first):
                 # the last group of an epoch may be shorter than accum_steps; scale by its real size
@@ -325,9 +376,9 @@ class Trainer:
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.global_step}")
                 (loss.float() / group_size).backward()
-                running["loss"] = running.get("loss", 0.0) + float(loss.detach())
-                for k, v in logs.items():
+                for k, v in {"loss": float(loss.detach()), **logs}.items():
                     running[k] = running.get(k, 0.0) + float(v)
+                    seen[k] = seen.get(k, 0) + 1
                 n_micro += 1
                 if i + 1 - group_start < group_size:
                     continue
@@ -335,6 +386,7 @@ class Trainer:
                 if cfg.grad_clip > 0:
                     running["grad_norm"] = running.get("grad_norm", 0.0) + group_size * float(
                         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                    seen["grad_norm"] = seen.get("grad_norm", 0) + group_size
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 self._broadcast(list(self.model.buffers()))
@@ -346,9 +398,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{running['loss'] / n_micro:.4g}", lr=f"{lr:.2e}")
                 if self.global_step % cfg.log_every == 0 or self.global_step == total:
                     row = {"step": self.global_step, "epoch": epoch, "lr": lr}
-                    row.update({f"train_{k}": dist_utils.all_reduce_mean(v / n_micro) for k, v in running.items()})
+                    row.update(self._reduce_logs(running, seen))
                     self._log(row)
-                    running, n_micro = {}, 0
+                    running, seen, n_micro = {}, {}, 0
                 if cfg.ckpt_every and self.global_step % cfg.ckpt_every == 0:
                     checkpoint(epoch, i + 1)
                 if self.global_step >= total:
@@ -394,11 +446,19 @@ class Trainer:
         """Run validation_step over this rank's share of val_set; metrics averaged over ranks."""
         assert self.val_set is not None
         self.model.eval()
-        batches = self._epoch_batches(self.val_set, 0, False)
+        # every item exactly once (DistributedSampler would pad with duplicates), and validation_end sees
+        # all ranks' outputs, so non-decomposable metrics (Dice, AUC, max) are computed on the whole set
+        order = list(range(self.rank, len(self.val_set), self.world_size))  # type: ignore[arg-type]
+        bs = self.cfg.batch_size
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
         outputs = []
         for batch in self._loader(self.val_set, batches, 0):
             with self._autocast():
                 outputs.append(self.validation_step(self.to_device(batch)))
-        metrics = {k: float(dist_utils.all_reduce_mean(float(v))) for k, v in self.validation_end(outputs).items()}
+        if self.world_size > 1:
+            gathered: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, outputs)
+            outputs = [o for part in gathered for o in part]
+        metrics = {k: float(v) for k, v in self.validation_end(outputs).items()}
         self.model.train()
         return metrics

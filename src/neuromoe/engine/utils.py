@@ -10,6 +10,12 @@ import torch
 from neuromoe.errors import ConfigError
 
 
+def decays(p: torch.nn.Parameter) -> bool:
+    """Whether weight decay applies: to matrices and kernels, not to biases, norm scales or parameters marked
+    ``_no_weight_decay`` (stacked per-expert biases are 2-D but still biases)."""
+    return p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) so a run is a function of its seed."""
     random.seed(seed)

@@ -188,7 +188,12 @@ class TopKRouter(nn.Module):
                 scores = logits + torch.randn_like(logits) * self.noise_std
             probs = scores.softmax(dim=-1)
             top_p, top_i = probs.topk(self.k, dim=-1)
-            top_w = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny)
+            if self.k == 1:
+                # renormalised, a single weight is the constant 1 and the task loss would never reach the
+                # router; p / p.detach() is still exactly 1 but carries the gradient of p (straight through)
+                top_w = top_p / top_p.detach().clamp_min(torch.finfo(top_p.dtype).tiny)
+            else:
+                top_w = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny)
         return RouterOutput(logits, probs, top_i, top_w)
 
 
@@ -235,6 +240,7 @@ class ExpertMLP(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_dim))
         self.b2 = nn.Parameter(torch.empty(num_experts, out_dim))
+        self.b1._no_weight_decay = self.b2._no_weight_decay = True  # stacked biases: 2-D but still biases
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

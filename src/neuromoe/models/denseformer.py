@@ -43,6 +43,7 @@ from monai.networks.nets.densenet import _DenseBlock, _DenseLayer, _Transition
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from neuromoe.engine.utils import decays
 from neuromoe.models.registry import register_model
 
 __all__ = [
@@ -832,7 +833,7 @@ def layerwise_lr_groups(
         if not p.requires_grad:
             continue
         layer = model.layer_id(name)
-        no_wd = p.ndim == 1 or name.endswith(("cls_token", "task_embed.weight"))
+        no_wd = not decays(p) or name.endswith(("cls_token", "task_embed.weight"))
         head = name.startswith("head.")
         key = (layer, no_wd, head)
         if key not in groups:

@@ -164,10 +164,10 @@ def _json_checked(obj: Any, what: str, directory: Path) -> Any:
 def _to_json(obj: Any) -> Any:
     if isinstance(obj, (tuple, set)):
         return list(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy / torch scalars and arrays
         return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
