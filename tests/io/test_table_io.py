@@ -32,6 +32,10 @@ def test_bids_roles_states_and_participants(tmp_path):
     df = load_table(tmp_path)
     validate_table(df, roles=["t1"], labels=["age"])
     assert df["age"].dtype.kind == "f"
+    # BIDS writes a missing value as n/a: it is missing, not a label
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t30\tM\nsub-02\tn/a\tn/a\n")
+    df = load_table(tmp_path).set_index("subject")
+    assert df["age"].dtype.kind == "f" and np.isnan(df.loc["sub-02", "age"]) and pd.isna(df.loc["sub-02", "sex"])
 
 
 def test_manifest_relative_paths_duplicates_and_grids(tmp_path):

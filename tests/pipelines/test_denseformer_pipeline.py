@@ -49,6 +49,9 @@ def test_label_encoding_masks_missing_and_rejects_unknown():
     with pytest.raises(InputError, match="'XX'"):
         encode_labels(pd.DataFrame({"age": [1.0], "dx_ad": ["XX"]}), tasks, "m.csv")
     assert (encode_labels(pd.DataFrame({"age": [1.0]}), tasks)["dx_ad"] == -1).all()  # absent column
+    # 0/1-coded classes: a column with a blank is read as float, and 1.0 must still be class "1"
+    coded = [TaskSpec("dx_pd", "classification", "dx_pd", ["0", "1"])]
+    assert encode_labels(pd.DataFrame({"dx_pd": [0.0, 1.0, np.nan]}), coded)["dx_pd"].tolist() == [0, 1, -1]
 
 
 def test_splits_deterministic_and_stratified():
@@ -58,6 +61,37 @@ def test_splits_deterministic_and_stratified():
     assert (s1[t.cohort == "b"] == "test").sum() == 3 and (s1[t.cohort == "a"] == "test").sum() == 6
     given = pd.DataFrame({"split": ["train", "val", "test"]})
     assert assign_splits(given).tolist() == ["train", "val", "test"]
+    # a split column with blanks is refused: silently re-splitting would train on the user's test subjects
+    with pytest.raises(InputError, match="blank for 1"):
+        assign_splits(pd.DataFrame({"split": ["train", np.nan, "test"]}))
+
+
+def test_calibration_skips_a_regression_task_without_validation_labels():
+    """A task labelled in one cohort only (e.g. MMSE on ADNI) may have no labelled validation subject."""
+    tasks = [TaskSpec("mmse", "regression", "mmse")]
+    cal = pipe._calibrate({"mmse": np.array([20.0, 25.0, 28.0])}, {"mmse": np.full(3, np.nan)},
+                          np.ones(3, bool), tasks, pipe.EvalSection())
+    assert cal["mmse"] == {}
+
+
+def test_predicted_sets_draw_their_own_randomisation_per_scan():
+    """predict() scores one scan at a time: each scan needs its own APS draw, or the sets over-cover."""
+    from neuromoe.eval.conformal import ConformalClassifier, set_coverage
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, (3000, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=p) for p in probs])
+    cc = ConformalClassifier(0.1, method="aps", seed=0).fit(probs[:1000], y[:1000])
+    task = TaskSpec("dx", "classification", "dx", ["a", "b", "c"])
+    extra = {"calibration": {"dx": {"conformal": cc.to_dict()}}}
+    res = {"dx": probs[1000:]}
+    sets = [pipe._prediction_row(res, i, [task], extra, None, key=f"scan{i}.nii.gz")["dx_set"].split("|")
+            for i in range(len(y) - 1000)]
+    member = np.array([[c in s for c in task.classes] for s in sets])
+    assert abs(set_coverage(member, y[1000:]) - 0.9) < 0.025
+    again = pipe._prediction_row(res, 0, [task], extra, None, key="scan0.nii.gz")["dx_set"]
+    assert again == "|".join(sets[0])  # reproducible per scan
 
 
 def test_multitask_loss_masks_missing_labels():
@@ -166,6 +200,7 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     run = pipe.train(cohort, tmp_path / "ft", cfg)
     meta = json.loads((run / "model" / "config.json").read_text())
     cal = meta["extra"]["calibration"]
+    assert meta["extra"]["split_seed"] == cfg.seed  # evaluate re-derives the same split (no training subject tested)
     assert "conformal" in cal["age"] and "dx_ad" in cal
     ev = pipe.evaluate(run / "model", cohort, tmp_path / "eval", n_bootstrap=20, cache_dir=cfg.cache_dir)
     metrics = json.loads((ev / "metrics.json").read_text())

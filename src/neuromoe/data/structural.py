@@ -93,7 +93,8 @@ def encode_labels(table: pd.DataFrame, tasks: Sequence[TaskSpec], source: str = 
             for i, v in enumerate(values):
                 if _blank(v):
                     continue
-                key = str(v).strip()
+                # a numeric column with blanks is read as float: 1.0 must match class "1" (as 1 does)
+                key = str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip()
                 if key not in index:
                     raise InputError(
                         f"column '{col}' has value '{key}' that is not a class of task '{t.name}' {t.classes}",
@@ -118,10 +119,13 @@ def encode_labels(table: pd.DataFrame, tasks: Sequence[TaskSpec], source: str = 
 def assign_splits(table: pd.DataFrame, seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.15,
                   stratify: Sequence[str] = ("cohort",)) -> pd.Series:
     """The table's ``split`` column when present, else a deterministic stratified train/val/test split."""
-    if "split" in table.columns and table["split"].notna().all():
-        bad = sorted(set(table["split"]) - {"train", "val", "test"})
+    if "split" in table.columns and table["split"].notna().any():
+        bad = sorted(set(table["split"].dropna()) - {"train", "val", "test"})
         if bad:
             raise InputError(f"split column has values {bad}", fix="use train, val or test")
+        if table["split"].isna().any():  # never silently replace the user's test set by a random split
+            raise InputError(f"split column is blank for {int(table['split'].isna().sum())} subjects",
+                             fix="fill in train, val or test for every row, or drop the column")
         return table["split"].astype(str)
     rng = np.random.default_rng(seed)
     keys = [c for c in stratify if c in table.columns]

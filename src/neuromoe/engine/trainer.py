@@ -155,6 +155,11 @@ class Trainer:
     def on_best(self, metrics: dict[str, float]) -> None:
         """Called on rank 0 when the monitored metric improves (after :attr:`best_state` is updated)."""
 
+    def patience_paused(self) -> bool:
+        """True while validations must not count towards early stopping (e.g. a curriculum phase whose
+        validation metric is a placeholder); default False."""
+        return False
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Default: weight decay on matrices, none on biases and norm/scale vectors."""
         decay, no_decay = [], []
@@ -419,7 +424,7 @@ class Trainer:
                     self._keep_best(value)
                     if self.rank == 0:
                         self.on_best(metrics)
-                else:
+                elif not self.patience_paused():
                     bad += 1
                     if cfg.patience and bad >= cfg.patience:
                         stop = True

@@ -118,11 +118,15 @@ class ConformalClassifier:
         self.n_calib = int(keep.sum())
         return self
 
-    def predict(self, probs: np.ndarray) -> np.ndarray:
-        """Boolean membership ``(n, K)``: class k is in the set iff its score ≤ the calibrated quantile."""
+    def predict(self, probs: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Boolean membership ``(n, K)``: class k is in the set iff its score ≤ the calibrated quantile.
+
+        ``rng`` draws the APS randomisation (one uniform per row); callers predicting one row at a time
+        must pass a different generator per row, else every row gets the same draw."""
         if self.q is None:
             raise RuntimeError("ConformalClassifier is not calibrated; call fit() on validation data")
-        return self._scores(probs, np.random.default_rng(self.seed + 1)) <= self.q + 1e-12
+        rng = np.random.default_rng(self.seed + 1) if rng is None else rng
+        return self._scores(probs, rng) <= self.q + 1e-12
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

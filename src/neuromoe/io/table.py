@@ -54,10 +54,16 @@ def _load_bids(root: Path) -> pd.DataFrame:
     return df
 
 
+# How missing label values are written: BIDS uses n/a, R and pandas exports NA / NaN.
+MISSING_TOKENS = ("n/a", "N/A", "NA", "NaN", "nan")
+
+
 def _coerce(df: pd.DataFrame) -> pd.DataFrame:
+    """Label columns: missing-value tokens become empty, all-numeric columns numbers."""
     for col in df.columns:
         if col in ROLES or col in ("subject", "session", "state", "run"):
             continue
+        df[col] = df[col].replace(list(MISSING_TOKENS), np.nan)
         num = pd.to_numeric(df[col], errors="coerce")
         if num.notna().sum() == df[col].notna().sum():
             df[col] = num

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,6 +340,9 @@ class FinetuneTrainer(Trainer):
         loss, _ = multitask_loss(out, batch["labels"], self.tasks, self.target_stats)
         return {"loss": float(loss - out.aux_loss.float()), "n": batch["image"].shape[0]}
 
+    def patience_paused(self) -> bool:
+        return self.epoch < self.regression_only_epochs  # the placeholder validations below are no stalls
+
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
         """Mean validation loss over all tasks; ``inf`` while the classification tasks are still held back,
         so the kept checkpoint (lowest loss) is never one whose classification heads were not trained."""
@@ -521,7 +525,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         "extra": {"kind": "multitask", "img_size": list(_img_size(cfg)), "target_stats": target_stats,
                   "calibration": calibration, "head": m.head, "pretrained": ft.pretrained,
                   "label_fraction": ft.label_fraction, "n_train": int(train_mask.sum()),
-                  "best_val_loss": result.best_metric, "head_refit": refit},
+                  "best_val_loss": result.best_metric, "head_refit": refit, "split_seed": cfg.seed},
     }
     save_model(model, out / "model", meta)
     return out
@@ -677,7 +681,8 @@ def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows:
                     entry["bias"] = bias
                     p = np.full_like(p, np.nan, dtype=np.float64)
                     p[have] = _loo_corrected_age(y[have], pred[t.name][have], bias)
-            entry["conformal"] = ConformalRegressor(ev.alpha).fit(y, p).to_dict()
+            if (np.isfinite(y) & np.isfinite(p)).sum() >= 2:  # as for classification: no labels, no calibrator
+                entry["conformal"] = ConformalRegressor(ev.alpha).fit(y, p).to_dict()
             cal[t.name] = entry
         else:
             if (y >= 0).sum() >= 2:
@@ -812,7 +817,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     extra = meta["extra"]
     table, source = _resolve_table(data)
     _require_labels(table, source)
-    splits = assign_splits(table, seed=seed).to_numpy()
+    splits = assign_splits(table, seed=extra.get("split_seed", seed)).to_numpy()  # the split train() used
     rows = splits == split
     if not rows.any():
         raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
@@ -1060,7 +1065,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
         x = torch.from_numpy(np.stack([a for _, a in pending]))
         res = _predict_batches(model, iter([x]), tasks, extra["target_stats"], dev, "fp32")
         for i, (base, _) in enumerate(pending):
-            rows.append({**base, **_prediction_row(res, i, tasks, extra, base.get("age"))})
+            rows.append({**base, **_prediction_row(res, i, tasks, extra, base.get("age"), key=str(base["t1"]))})
         pending.clear()
 
     failed_rows: list[dict[str, str]] = []
@@ -1098,7 +1103,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
 
 
 def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec], extra: dict[str, Any],
-                    age: float | None) -> dict[str, Any]:
+                    age: float | None, key: str = "") -> dict[str, Any]:
     cal = extra["calibration"]
     row: dict[str, Any] = {}
     for t in tasks:
@@ -1121,7 +1126,9 @@ def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec
             for ci, c in enumerate(t.classes):
                 row[f"{t.name}_p_{c}"] = float(v[ci])
             if t.name in cal:
-                members = ConformalClassifier.from_dict(cal[t.name]["conformal"]).predict(v[None])[0]
+                cc = ConformalClassifier.from_dict(cal[t.name]["conformal"])
+                u = np.random.default_rng([cc.seed + 1, zlib.crc32(key.encode())])  # own (reproducible) U per scan
+                members = cc.predict(v[None], rng=u)[0]
                 row[f"{t.name}_set"] = "|".join(c for c, m in zip(t.classes, members) if m)
         if f"{t.name}/experts" in res:
             row[f"{t.name}_experts"] = " ".join(str(e) for e in res[f"{t.name}/experts"][i])
