@@ -113,7 +113,7 @@ def run(verb: str, args: argparse.Namespace) -> int:
             split=args.split,
             tta=args.tta or cfg.eval.tta,
             device=args.device,
-            seed=cfg.seed,
+            seed=args.seed,  # None: the split seed stored with the model
             cache_dir=cfg.cache_dir,
             n_overlays=cfg.eval.n_overlays,
             precision=args.precision,

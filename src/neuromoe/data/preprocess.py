@@ -87,6 +87,9 @@ class Preprocessed:
 
     data: np.ndarray
     affine: np.ndarray
+    # voxel -> world of the first role's INPUT grid in the same world as ``affine`` (the MNI-registered
+    # affine when ``spec.register``): what outputs are resampled back onto
+    ref_affine: np.ndarray | None = None
 
 
 def antialias_sigma(affine: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
@@ -162,7 +165,7 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
         for k, i in enumerate(group):
             out[i] = arr[k]
         out_aff = np.asarray(mt.affine, dtype=np.float64)
-    return Preprocessed(np.stack([out[i] for i in range(len(roles))]), out_aff)
+    return Preprocessed(np.stack([out[i] for i in range(len(roles))]), out_aff, np.asarray(ref_aff, dtype=np.float64))
 
 
 def _check_content(role: str, img: Image) -> None:

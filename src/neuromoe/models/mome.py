@@ -273,13 +273,18 @@ class MoME(PretrainedMixin, nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         probs = sel = None
         active = list(range(E))
-        prior = log_prior = None
+        prior = log_prior = st = None
         if self.top_k:
             probs, sel, w, bal = self.route(x, available)
             aux = aux + self.balance_coef * bal
             active = sorted(set(sel.flatten().tolist()))
             prior = torch.zeros(B, E, device=x.device, dtype=torch.float32).scatter(1, sel, w)
             log_prior = prior.clamp_min(1e-9).log()  # not selected → effectively -inf in the gate softmax
+            if self.top_k == 1:
+                # top-1: softmax(g + log w) with every other expert at log(1e-9) is saturated, so no task
+                # gradient reaches the router through log_prior; multiply by p / p.detach() (exactly 1)
+                p_sel = probs.gather(1, sel)
+                st = (p_sel / p_sel.detach()).view(B, 1, *([1] * self.spatial_dims))
         skips = {k: self.experts[k].forward_features(xin[:, k : k + 1]) for k in active}
         gate_in = [x]
         if self.multimodal:
@@ -301,6 +306,8 @@ class MoME(PretrainedMixin, nn.Module):
                 if log_prior is not None:
                     g = g + log_prior.view(B, E, *([1] * self.spatial_dims))
                 g = g.softmax(1)
+                if st is not None:  # value unchanged; the log-space prior is saturated at top-1
+                    g = g * st
             elif prior is not None:
                 g = g * prior.view(B, E, *([1] * self.spatial_dims))
             gates.append(g)
@@ -422,13 +429,14 @@ def mome_loss(
             logs["loss_gate"] = float(gate.detach())
     own = _intended_experts(out.gates[0].shape[1], modality_idx, available)
     if expert_weight > 0 and own is not None:
-        terms = []
+        terms, n_terms = [], 0
         for k, lg in out.expert_logits.items():
             idx = (own[:, k] > 0).nonzero().flatten()
             if idx.numel():
                 terms.append(deep_supervised_loss([t[idx] for t in lg], target[idx]) * idx.numel())
+                n_terms += idx.numel()
         if terms:
-            expert = sum(terms) / (own > 0).sum()
+            expert = sum(terms) / n_terms  # mean over the (sample, expert) pairs that ran
             loss = loss + expert_weight * expert
             logs["loss_expert"] = float(expert.detach())
     logs["loss"] = float(loss.detach())

@@ -17,6 +17,7 @@ Conventions shared by the steps:
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -210,7 +211,11 @@ class MoMETrainer(Trainer):
         self.schedule, self.expert_weight, self.gate_weight = schedule, 1.0, gate_weight
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.expert_weight = curriculum_weight(epoch, self.cfg.epochs, self.schedule)  # type: ignore[arg-type]
+        epochs = self.cfg.epochs
+        if self.cfg.max_steps > 0:  # the run ends at max_steps: the curriculum must span the epochs that run
+            per_epoch = math.ceil(len(self._epoch_batches(self.train_set, 0, False)) / self.cfg.accum_steps)
+            epochs = min(epochs, math.ceil(self.cfg.max_steps / max(per_epoch, 1)))
+        self.expert_weight = curriculum_weight(epoch, epochs, self.schedule)  # type: ignore[arg-type]
         if isinstance(self.train_set, LesionPatchDataset):
             self.train_set.set_epoch(epoch)
 
@@ -341,9 +346,11 @@ def predict_volume(
                 return (model(patch)[0].float().softmax(1)[:, 1:],)
             out = model(patch, None if avail is None else avail.expand(patch.shape[0], -1))
             experts = torch.zeros(patch.shape[0], model.num_experts, *patch.shape[2:], device=patch.device)
+            ran = torch.zeros_like(experts)  # sparse: which experts ran in this window
             for k, lg in out.expert_logits.items():
                 experts[:, k] = lg[0].float().softmax(1)[:, 1]
-            return out.logits[0].float().softmax(1)[:, 1:], out.gates[0].float(), experts
+                ran[:, k] = 1.0
+            return out.logits[0].float().softmax(1)[:, 1:], out.gates[0].float(), experts, ran
 
     flips = _flips(x.ndim - 2, tta)
     sums: list[Tensor] = []
@@ -356,7 +363,8 @@ def predict_volume(
     maps = [(s / len(flips))[0].cpu().numpy() for s in sums]
     pred = VolumePrediction(maps[0][0])
     if is_mome:
-        pred.gate, pred.expert_prob = maps[1], maps[2]
+        # an expert's probability averaged over the windows where it ran; NaN where it never ran (sparse)
+        pred.gate, pred.expert_prob = maps[1], np.where(maps[3] > 0, maps[2] / np.maximum(maps[3], 1e-12), np.nan)
         w = np.clip(pred.prob, 1e-3, None)
         pred.gate_share = (pred.gate * w).reshape(len(pred.gate), -1).sum(1) / w.sum()
     return pred
@@ -407,7 +415,8 @@ def evaluate_cases(
                 row.update({f"gate_{m}": float(s) for m, s in zip(modalities, pred.gate_share, strict=True)})
             if pred.expert_prob is not None and not multimodal:
                 for m, ep in zip(modalities, pred.expert_prob, strict=True):
-                    row[f"expert_dice_{m}"] = _dice(ep > threshold, gt) if ep.any() else float("nan")
+                    # scored only if the expert ran on the whole volume (sparse routing is per window)
+                    row[f"expert_dice_{m}"] = _dice(ep > threshold, gt) if np.isfinite(ep).all() else float("nan")
             rows.append(row)
             if on_prediction is not None:
                 on_prediction(ci, name, pred)
@@ -551,6 +560,7 @@ def pretrain(
                     "threshold": trainer.threshold(cfg.eval, va, (m,), d.patch_size),
                     "precision": cfg.eval.precision,
                     "best_val_loss": best,
+                    "split_seed": cfg.seed,
                     "n_train_images": len(tr),
                 },
             },
@@ -650,6 +660,7 @@ def train(
                 "threshold": threshold,
                 "precision": cfg.eval.precision,
                 "best_val_loss": best,
+                "split_seed": cfg.seed,
                 "n_train_cases": len(cases["train"]),
             },
         },
@@ -674,7 +685,7 @@ def evaluate(
     split: str = "test",
     tta: bool = False,
     device: str = "auto",
-    seed: int = 0,
+    seed: int | None = None,
     cache_dir: str | None = None,
     n_overlays: int = 3,
     precision: str | None = None,
@@ -691,6 +702,8 @@ def evaluate(
     extra = meta["extra"]
     mods = extra["modalities"]
     precision = precision or extra.get("precision", "fp32")
+    if seed is None:  # the split seed the model was trained with (cases without a 'split' column)
+        seed = int(extra.get("split_seed", 0))
     cfg = MoMEConfig(cache_dir=cache_dir, seed=seed)
     cfg.model.modalities = list(mods)
     cases = _split_cases(data, cfg, PreprocSpec.from_dict(meta["preprocessing"]), (split,))[split]
@@ -781,14 +794,17 @@ def _add_evaluation(
         section.add_table(rows, "Expert specialisation: Dice of each expert alone (rows: image modality).")
     if maps:
         section.add_figure(
-            _overlay_figure(cases, maps, mods),
+            _overlay_figure(cases, maps, mods, metrics["threshold"]),
             "Axial slice through the largest lesion area: ground truth (green) and prediction (red) "
             "contours, then the full-resolution gate weight of each expert.",
         )
 
 
 def _overlay_figure(
-    cases: Sequence[LesionCase], maps: list[tuple[int, str, VolumePrediction]], mods: Sequence[str]
+    cases: Sequence[LesionCase],
+    maps: list[tuple[int, str, VolumePrediction]],
+    mods: Sequence[str],
+    threshold: float = 0.5,
 ) -> Any:
     import matplotlib
 
@@ -807,7 +823,7 @@ def _overlay_figure(
         img = case["images"][first][:, :, z]
         ax = axes[r, 0]
         ax.imshow(np.rot90(img), cmap="gray")
-        for mask, colour in ((gt[:, :, z], "lime"), (pred.prob[:, :, z] > 0.5, "red")):
+        for mask, colour in ((gt[:, :, z], "lime"), (pred.prob[:, :, z] > threshold, "red")):
             if mask.any():
                 ax.contour(np.rot90(mask.astype(float)), levels=[0.5], colors=colour, linewidths=0.8)
         ax.set_title(f"{case['meta'].get('subject', ci)} · {name}", fontsize=8)
@@ -878,7 +894,9 @@ def _segment_case(
         ]
     prob = np.mean([p.prob for p in preds], axis=0)
     mask_pre = (prob > extra.get("threshold", 0.5)).astype(np.float32)
-    mask = resample_to_grid(mask_pre, pre.affine, ref.data.shape, ref.affine, order=0) > 0.5
+    # back onto the input grid, in the world pre.affine lives in (MNI when preprocessing.register)
+    ref_world = pre.ref_affine if pre.ref_affine is not None else ref.affine
+    mask = resample_to_grid(mask_pre, pre.affine, ref.data.shape, ref_world, order=0) > 0.5
     voxel_ml = abs(float(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
     _, n_comp = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 3))
     sidecar: dict[str, Any] = {
@@ -901,7 +919,7 @@ def _segment_case(
         }
     save_nifti(mask.astype(np.uint8), output, like=ref, dtype=np.uint8)
     if probabilities:
-        prob_in = np.clip(resample_to_grid(prob, pre.affine, ref.data.shape, ref.affine, order=1), 0.0, 1.0)
+        prob_in = np.clip(resample_to_grid(prob, pre.affine, ref.data.shape, ref_world, order=1), 0.0, 1.0)
         prob_path = _with_suffix(output, "_prob.nii.gz")
         save_nifti(prob_in.astype(np.float32), prob_path, like=ref, dtype=np.float32)
         sidecar["probabilities"] = prob_path.name
@@ -965,6 +983,8 @@ def segment(
     sidecars, failures = [], []
     for _, row in table.iterrows():
         subject = str(row.get("subject", len(sidecars) + len(failures)))
+        # one output per table row: the sessions / runs of a subject must not overwrite each other
+        name = "_".join([subject, *(str(row[k]) for k in ("session", "state", "run") if k in row and pd.notna(row[k]) and str(row[k]))])
         paths = {m: row[m] for m in mods if m in row and isinstance(row[m], str) and row[m]}
         try:
             sidecars.append(
@@ -974,7 +994,7 @@ def segment(
                         model,
                         meta,
                         paths,
-                        out_dir / f"{subject}_mask.nii.gz",
+                        out_dir / f"{name}_mask.nii.gz",
                         probabilities=probabilities,
                         tta=tta,
                         precision=precision,
