@@ -1,7 +1,9 @@
-"""Run by test_ddp.py under torchrun: a tiny regression trained on 2 gloo ranks; each rank dumps its weights."""
+"""Run by test_ddp.py under torchrun: a tiny regression trained on 2 gloo ranks; each rank dumps its weights,
+then validates an odd-sized set of item ids and writes what it saw to ``report_rank{rank}.json``."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,12 +16,14 @@ from neuromoe.engine import TrainConfig, Trainer, cleanup, init_distributed
 
 
 class RankRouted(nn.Module):
-    """An MLP plus an 'expert' that only rank 1's items reach: its gradient is None on rank 0."""
+    """An MLP plus an 'expert' that only rank 1's items reach: its gradient is None on rank 0; and one that
+    no item on any rank reaches (``unused``): its gradient must stay None everywhere."""
 
     def __init__(self, use_expert: bool) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
         self.expert = nn.Linear(5, 1)
+        self.unused = nn.Linear(5, 1)
         self.use_expert = use_expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,11 +34,26 @@ class MSETrainer(Trainer):
     def training_step(self, batch):
         x, y = batch
         loss = nn.functional.mse_loss(self.model(x), y)
-        return loss, {}
+        # the same keys in a different order per rank: they must be averaged by name (a: 5.5, b: 11.0)
+        return loss, ({"a": 1.0, "b": 2.0} if self.rank == 0 else {"b": 20.0, "a": 10.0})
 
     def validation_step(self, batch):
         x, y = batch
         return {"loss": float(nn.functional.mse_loss(self.model(x), y))}
+
+
+class IdTrainer(MSETrainer):
+    """Validation over item ids: records this rank's items and what validation_end is given."""
+
+    def validation_step(self, batch):
+        ids = batch[0][:, 0].tolist()
+        self.local_ids += ids
+        return {"ids": ids}
+
+    def validation_end(self, outputs):
+        ids = [i for o in outputs for i in o["ids"]]
+        self.end_ids = sorted(ids)
+        return {"val_n": len(ids), "val_max_id": max(ids), "val_mean_id": sum(ids) / len(ids)}
 
 
 def main(out: Path) -> None:
@@ -49,6 +68,13 @@ def main(out: Path) -> None:
     result = MSETrainer(model, cfg, data, data, run_dir=out / "run").fit()
     save_file({k: v.contiguous() for k, v in {**model.state_dict(), **init}.items()}, str(out / f"weights_rank{rank}.safetensors"),
               metadata={"world": str(world), "best": repr(result.best_metric)})
+    # 7 validation items on 2 ranks: each must be validated once, and max / count be over all 7 items
+    ids = TensorDataset(torch.arange(7.0)[:, None])
+    probe = IdTrainer(model, cfg, data, ids, run_dir=out / "val")
+    probe.local_ids, probe.end_ids = [], []
+    metrics = probe.validate()
+    (out / f"report_rank{rank}.json").write_text(
+        json.dumps({"val": metrics, "local_ids": probe.local_ids, "end_ids": probe.end_ids}))
     cleanup()
 
 

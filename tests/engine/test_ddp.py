@@ -1,12 +1,16 @@
-"""DDP on CPU: two gloo ranks under torchrun end with identical weights; only rank 0 writes the run dir."""
+"""DDP on CPU: two gloo ranks under torchrun end with identical weights; only rank 0 writes the run dir;
+validation sees every item once; logs are matched by name; a parameter no rank used is left alone."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,11 +23,22 @@ def _torchrun(out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_two_gloo_ranks_stay_in_sync(tmp_path: Path) -> None:
+DdpRun = tuple[Path, subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> DdpRun:
+    """One torchrun launch of ddp_script.py (~7 s), shared by the 2-rank checks below."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
     proc = _torchrun(tmp_path)
-    done = all((tmp_path / f"weights_rank{r}.safetensors").is_file() for r in (0, 1))
+    done = all((tmp_path / f"report_rank{r}.json").is_file() for r in (0, 1))
     if proc.returncode != 0 and done and "SIGABRT" in proc.stderr:
         proc = _torchrun(tmp_path)  # known rare gloo abort at process exit, after the work completed
+    return tmp_path, proc
+
+
+def test_two_gloo_ranks_stay_in_sync(ddp_run: DdpRun) -> None:
+    tmp_path, proc = ddp_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0 = load_file(str(tmp_path / "weights_rank0.safetensors"))
     w1 = load_file(str(tmp_path / "weights_rank1.safetensors"))
@@ -37,6 +52,38 @@ def test_two_gloo_ranks_stay_in_sync(tmp_path: Path) -> None:
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "runtime.json", "tb"]
     assert len(list((run / "tb").iterdir())) == 1
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
+
+
+def test_ddp_validation_sees_each_item_once_and_all_outputs(ddp_run: DdpRun) -> None:
+    """7 items on 2 ranks: DistributedSampler padding validated item 0 twice, and averaging per-rank
+    validation_end values made a max or a count wrong; every rank must now get the whole set's metrics."""
+    tmp_path, proc = ddp_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report_rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(reports[0]["local_ids"] + reports[1]["local_ids"]) == [float(i) for i in range(7)]
+    for rep in reports:
+        assert rep["end_ids"] == [float(i) for i in range(7)]
+        assert rep["val"] == {"val_n": 7.0, "val_max_id": 6.0, "val_mean_id": 3.0}
+
+
+def test_ddp_training_logs_are_averaged_by_key_name(ddp_run: DdpRun) -> None:
+    """The ranks log the same keys in a different order; each key's mean must come from that key on
+    every rank (rank 0 logs a=1, b=2, rank 1 b=20, a=10), not from whatever came at the same position."""
+    tmp_path, proc = ddp_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open()) if r.get("train_a")]
+    assert rows and all((float(r["train_a"]), float(r["train_b"])) == (5.5, 11.0) for r in rows)
+
+
+def test_ddp_parameter_no_rank_used_is_not_moved(ddp_run: DdpRun) -> None:
+    """A parameter no rank used in a step keeps grad None, so AdamW skips it as in a 1-process run; a
+    zero gradient made weight decay (and old momentum) move it on every rank."""
+    tmp_path, proc = ddp_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0 = load_file(str(tmp_path / "weights_rank0.safetensors"))
+    w1 = load_file(str(tmp_path / "weights_rank1.safetensors"))
+    for name in ("unused.weight", "unused.bias"):  # rank 0's initial values, broadcast at the start
+        assert torch.equal(w0[name], w0[f"init.{name}"]) and torch.equal(w1[name], w0[f"init.{name}"]), name
 
 
 def test_family_cli_under_torchrun(tmp_path: Path) -> None:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from neuromoe.config import from_dict
 from neuromoe.engine import TrainConfig, Trainer, load_checkpoint, resolve_device
 from neuromoe.errors import ConfigError, ModelFormatError
+from neuromoe.layers.moe import ExpertMLP, MoELayer
+from neuromoe.models.denseformer import PRESETS, DenseFormerMoE, layerwise_lr_groups
 
 
 def _data(n: int = 40, seed: int = 0) -> TensorDataset:
@@ -193,3 +197,202 @@ def test_best_weights_survive_a_resume(tmp_path: Path) -> None:
     fresh = Worsening(_model(), _cfg(epochs=1), _data(), run_dir=tmp_path / "b")
     fresh.fit()
     assert not (tmp_path / "b" / "checkpoints" / "best.safetensors").exists() and not fresh.load_best()
+
+
+def test_patience_paused_validations_do_not_stop_the_run(tmp_path: Path) -> None:
+    """A family's warm-up validations (e.g. DenseFormer's age-first curriculum reports inf) are no stalls."""
+
+    class Curriculum(MSETrainer):
+        def patience_paused(self):
+            return self.epoch < 3
+
+        def validation_end(self, outputs):
+            return {"val_loss": math.inf if self.epoch < 3 else 1.0}
+
+    tr = Curriculum(_model(), _cfg(epochs=5, patience=2), _data(), _data(8), run_dir=tmp_path)
+    res = tr.fit()
+    assert tr.epoch == 4 and res.best_metric == 1.0
+
+
+def test_resume_after_the_last_step_only_validates(tmp_path: Path) -> None:
+    """max_steps reached mid-epoch, killed during the final validation: the resume must validate and stop,
+    not train on the rest of the epoch (it took one extra optimiser step)."""
+
+    class DiesInValidation(MSETrainer):
+        die = False
+
+        def validation_step(self, batch):
+            if self.die:
+                raise KeyboardInterrupt("simulated kill during validation")
+            return super().validation_step(batch)
+
+    cfg = _cfg(epochs=3, max_steps=3, accum_steps=1, ckpt_every=1)  # 5 batches/epoch: step 3 is mid-epoch
+    full = DiesInValidation(_model(), cfg, _data(), _data(16, 1), run_dir=tmp_path / "a")
+    full.fit()
+    part = DiesInValidation(_model(), cfg, _data(), _data(16, 1), run_dir=tmp_path / "b")
+    part.die = True
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    pos = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.safetensors")["position"]
+    assert (pos["global_step"], pos["epoch"], pos["batch"]) == (3, 0, 3)
+    resumed = DiesInValidation(_model(), cfg, _data(), _data(16, 1), run_dir=tmp_path / "b")
+    resumed.fit(resume=True)
+    assert resumed.global_step == full.global_step == 3
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert resumed.history == full.history  # the same train rows and one validation row
+
+
+def test_resume_of_an_early_stopped_run_stays_stopped(tmp_path: Path) -> None:
+    """A re-queued ``--resume`` of a run that stopped early (patience) must be a no-op, like that of a run
+    that finished all its epochs; before, it trained at least one more epoch."""
+
+    class Stale(MSETrainer):
+        def validation_end(self, outputs):
+            return {"score": 1.0}  # never improves after the first validation
+
+    cfg = _cfg(epochs=10, accum_steps=1, monitor="score", monitor_mode="max", patience=2, ckpt_every=0)
+    first = Stale(_model(), cfg, _data(), _data(8), run_dir=tmp_path)
+    first.fit()
+    assert first.epoch == 2 and first.global_step == 15  # stopped early: 3 of 10 epochs
+    resumed = Stale(_model(), cfg, _data(), _data(8), run_dir=tmp_path)
+    resumed.fit(resume=True)
+    assert resumed.global_step == 15 and resumed.history == first.history
+    for (name, p), q in zip(first.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+class _Augmented(Dataset):
+    """Random augmentation inside ``__getitem__``, drawn in the DataLoader worker that fetches the item."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.base[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+
+class _RecordingTrainer(MSETrainer):
+    """Records each step's first augmented input value."""
+
+    def training_step(self, batch):
+        if self.fail_at is None or self.global_step != self.fail_at:
+            self.seen[self.global_step] = float(batch[0][0, 0])
+        return super().training_step(batch)
+
+
+def _recorded_fit(run_dir: Path, num_workers: int, fail_at: int | None = None,
+                  resume: bool = False) -> _RecordingTrainer:
+    tr = _RecordingTrainer(_model(), _cfg(epochs=1, accum_steps=1, ckpt_every=2, num_workers=num_workers),
+                           _Augmented(_data()), run_dir=run_dir)
+    tr.seen, tr.fail_at = {}, fail_at
+    if fail_at is None:
+        tr.fit(resume=resume)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            tr.fit()
+    return tr
+
+
+def test_resume_is_bit_exact_with_workers_and_random_augmentation(tmp_path: Path) -> None:
+    """With ``num_workers > 0`` the augmentation was drawn from per-worker RNGs that a resume does not
+    restore (and a resumed loader hands batches to other workers): now each item's augmentation depends
+    on (seed, epoch, index) only, so a resume, and a ``num_workers=0`` run, see the same batches."""
+    full = _recorded_fit(tmp_path / "a", num_workers=2)
+    _recorded_fit(tmp_path / "b", num_workers=2, fail_at=3)  # killed after the checkpoint at step 2
+    resumed = _recorded_fit(tmp_path / "b", num_workers=2, resume=True)
+    assert sorted(resumed.seen) == [2, 3, 4]
+    assert resumed.seen == {s: full.seen[s] for s in resumed.seen}
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    in_process = _recorded_fit(tmp_path / "c", num_workers=0)
+    assert in_process.seen == full.seen
+    for (name, p), q in zip(full.model.named_parameters(), in_process.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_dataset_randomness_leaves_the_callers_rng_streams_alone(tmp_path: Path) -> None:
+    """Items fetched in the main process (``num_workers=0``) draw under their own seeds and restore the
+    global torch / numpy / random state after, so dropout and other training-step randomness do not
+    depend on how much randomness the dataset used."""
+
+    class Greedy(Dataset):
+        def __init__(self, base: Dataset) -> None:
+            self.base = base
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            torch.rand(3), np.random.rand(3), random.random()
+            return self.base[i]
+
+    class Drawing(MSETrainer):
+        def training_step(self, batch):
+            self.draws.append((float(torch.rand(())), float(np.random.rand()), random.random()))
+            return super().training_step(batch)
+
+    draws = {}
+    for name, data in (("plain", _data()), ("greedy", Greedy(_data()))):
+        tr = Drawing(_model(), _cfg(epochs=1, accum_steps=1), data, run_dir=tmp_path / name)
+        tr.draws = []
+        tr.fit()
+        draws[name] = tr.draws
+    assert len(draws["plain"]) == 5 and draws["greedy"] == draws["plain"]
+
+
+def test_expert_biases_get_no_weight_decay(tmp_path: Path) -> None:
+    """The stacked ExpertMLP biases ``b1 (E, H)`` / ``b2 (E, D)`` are 2-D but biases: the ``ndim >= 2``
+    rule decayed them (unlike the same biases in ``nn.ModuleList`` experts)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = MoELayer(8, 4, k=2)
+            self.lin = nn.Linear(8, 1)
+
+    tr = Trainer(Net(), _cfg(weight_decay=0.05), _data(), run_dir=tmp_path)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    by_decay = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in tr.param_groups()}
+    assert by_decay == {
+        0.05: ["lin.weight", "moe.experts.w1", "moe.experts.w2", "moe.router.proj.weight"],
+        0.0: ["lin.bias", "moe.experts.b1", "moe.experts.b2", "moe.router.proj.bias"],
+    }
+
+
+def test_denseformer_layer_decay_groups_skip_stacked_expert_biases() -> None:
+    """DenseFormer's layer-decay param groups follow the same rule: with stacked (grouped) experts in the
+    MoE head, their 2-D biases get no weight decay, their weights do."""
+    torch.manual_seed(0)
+    tasks = [{"name": "age", "type": "regression", "num_outputs": 1}]
+    m = DenseFormerMoE(tasks, head="moe", num_experts=4, **PRESETS["tiny"])
+    dim = PRESETS["tiny"]["embed_dim"]
+    m.head.moe.experts = ExpertMLP(4, dim, 2 * dim)
+    wd = {id(p): g["weight_decay"] for g in layerwise_lr_groups(m, 1e-3, 0.05) for p in g["params"]}
+    experts = m.head.moe.experts
+    assert [wd[id(p)] for p in (experts.w1, experts.w2, experts.b1, experts.b2)] == [0.05, 0.05, 0.0, 0.0]
+    assert wd[id(m.head.out["age"].bias)] == 0.0 and wd[id(m.head.out["age"].weight)] == 0.05
+
+
+def test_a_log_key_is_averaged_over_the_micro_batches_that_logged_it(tmp_path: Path) -> None:
+    """A key logged by only some micro-batches (e.g. a per-task loss when the batch has no label for that
+    task) was summed over those but divided by all of them: a constant 1.0 came out as 0.5."""
+
+    class Sometimes(MSETrainer):
+        calls = 0
+
+        def training_step(self, batch):
+            loss, logs = super().training_step(batch)
+            self.calls += 1
+            return loss, {**logs, **({"task": 1.0} if self.calls % 2 else {})}
+
+    # 5 micro-batches/epoch, accum 2: steps of 2, 2, 1 micro-batches; rows at steps 2 and 3 (the last)
+    tr = Sometimes(_model(), _cfg(epochs=1, accum_steps=2, log_every=2), _data(), run_dir=tmp_path)
+    tr.fit()
+    rows = [r for r in tr.history if "train_loss" in r]
+    assert [r["step"] for r in rows] == [2, 3]
+    assert [r["train_task"] for r in rows] == [1.0, 1.0]

@@ -330,3 +330,32 @@ def test_grouped_matmul_equals_per_expert_segments_with_empty_experts() -> None:
     g2 = torch.autograd.grad(segmented.square().sum(), [xs, experts.w1, experts.b2])
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "reference", "dense"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_top1_gate_is_exactly_one_but_the_router_gets_the_task_gradient(mode: str, grouped: bool) -> None:
+    """k=1: renormalising the single gate made it the constant 1, so the task loss never reached the
+    router. The gate must stay exactly 1 (output = the chosen expert's) and pass p's gradient straight
+    through, i.e. the router gradient of ``Σ_t c_t·log p_t`` with ``c_t = ∂L/∂gate_t``."""
+    layer = make_layer(mode, grouped, num_experts=E, k=1, balance_coef=0.0, z_coef=0.0)
+    x = torch.randn(32, D)
+    out = layer(x)
+    assert torch.equal(out.stats.topk_weights, torch.ones(32, 1))
+    idx = out.stats.topk_idx[:, 0]
+    with torch.no_grad():
+        chosen = torch.stack([
+            layer.experts.forward_expert(int(e), x[t : t + 1])[0] if grouped else layer.experts[int(e)](x[t])
+            for t, e in enumerate(idx)
+        ])
+    torch.testing.assert_close(out.output, chosen)
+    out.output.pow(2).sum().backward()  # task loss only: balance and z-loss are off
+    grad = layer.router.proj.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 1e-2  # was ~4e-6 (rounding noise)
+
+    # oracle: ∂L/∂gate_t = <2·y_t, y_t>, and the straight-through gate has ∂gate/∂p = 1/p
+    router = TopKRouter(D, E, 1)
+    router.load_state_dict(layer.router.state_dict())
+    p = router(x).probs.gather(-1, idx[:, None])[:, 0]
+    (2 * chosen.pow(2).sum(-1) * p.log()).sum().backward()
+    torch.testing.assert_close(grad, router.proj.weight.grad)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -226,3 +230,32 @@ def test_directory_symlinks_are_not_followed(saved: Path, tmp_path: Path) -> Non
     os.symlink(tmp_path, saved / "sub")
     with pytest.raises(ModelFormatError, match="symlink points outside"):
         load_model(saved)
+
+
+class _WidthsNet(PretrainedMixin, nn.Module):
+    def __init__(self, widths: list[int] | None = None):
+        super().__init__()
+        widths = [int(w) for w in (widths if widths is not None else [4, 4])]
+        self.layers = nn.Sequential(*(nn.Linear(a, b) for a, b in itertools.pairwise(widths)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@register_model("test_registry_widths", family="testfam_arrays")  # own family: list_models("testfam") is pinned
+def _widths(**kw) -> _WidthsNet:
+    return _WidthsNet(**kw)
+
+
+@pytest.mark.parametrize("array", [np.array, torch.tensor], ids=["numpy", "torch"])
+def test_array_valued_kwargs_are_saved_as_lists(tmp_path: Path, array: Callable[[list[int]], Any]) -> None:
+    """A numpy array / tensor kwarg (e.g. layer widths read from a config) is saved as a JSON list: every
+    array has ``.item()``, so trying it before ``.tolist()`` refused (numpy) or crashed (torch) the save."""
+    torch.manual_seed(0)
+    model = create_model("test_registry_widths", widths=array([4, 6, 2])).eval()
+    extra = {"scale": array([0.5, 2.0]), "n": np.int64(3), "t": torch.tensor(0.25)}  # scalars stay numbers
+    loaded, meta = load_model(save_model(model, tmp_path / "m", {"extra": extra}))
+    assert meta["kwargs"] == {"widths": [4, 6, 2]} and meta["extra"] == {"scale": [0.5, 2.0], "n": 3, "t": 0.25}
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
