@@ -231,3 +231,71 @@ def test_segment_precision_flag_overrides_the_stored_one(model_dir, anatomical, 
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--precision", "fp16"])
     assert exc.value.code == 2
+
+
+def test_batch_mode_writes_one_mask_per_session_of_a_subject(
+    model_dir, anatomical, mni, tmp_path, capsys
+) -> None:
+    """A BIDS folder with two sessions of one subject: each session gets its own mask and sidecar
+    (``<subject>_mask.nii.gz`` made the second session silently overwrite the first one's)."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    inputs = {"ses-1": anatomical, "ses-2": mni}  # different shapes: each mask shows which scan it is of
+    for ses, src in inputs.items():
+        anat = tmp_path / "bids" / "sub-01" / ses / "anat"
+        anat.mkdir(parents=True)
+        shutil.copy(src, anat / f"sub-01_{ses}_T1w.nii.gz")
+    out = tmp_path / "masks"
+    rc = main(["segment", "--model", model_dir, "--input", str(tmp_path / "bids"), "--output", str(out),
+               "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    names = list(pd.read_csv(out / "segment.csv")["mask"])
+    assert len(set(names)) == 2 and sorted(p.name for p in out.glob("*_mask.nii.gz")) == sorted(names)
+    for name in names:
+        (t1,) = json.loads((out / name.replace("_mask.nii.gz", "_mask.json")).read_text())["inputs"].values()
+        (ses,) = [s for s in inputs if s in t1]
+        assert ses in name and nib.load(str(out / name)).shape == nib.load(inputs[ses]).shape
+
+
+def test_evaluate_without_seed_scores_the_split_the_model_was_trained_on(
+    model_dir, tmp_path, capsys
+) -> None:
+    """A manifest without a ``split`` column: ``evaluate`` without ``--seed`` must re-draw the split with
+    the seed stored with the model (``split_seed``), not the preset's 0, whose test case is one of this
+    model's training cases; ``--seed`` still overrides it."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from neuromoe.data.structural import assign_splits
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["extra"]["split_seed"] = 1
+    (model / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    rows = []
+    for i in range(6):
+        mask = np.zeros((16, 24, 16), np.uint8)
+        mask[6:10, 8:12, 6:9] = 1
+        paths = {k: str(tmp_path / f"s{i}_{k}.nii.gz") for k in ("t1", "mask")}
+        nib.save(nib.Nifti1Image((1 + 0.1 * rng.normal(size=mask.shape)).astype(np.float32), affine), paths["t1"])
+        nib.save(nib.Nifti1Image(mask, affine), paths["mask"])
+        rows.append({"subject": f"s{i}", **paths})
+    table = pd.DataFrame(rows)
+    table.to_csv(tmp_path / "lesion.csv", index=False)
+    split = {s: assign_splits(table, seed=s) for s in (0, 1)}
+    test = {s: set(table["subject"][split[s] == "test"]) for s in (0, 1)}
+    assert test[0] and test[0] <= set(table["subject"][split[1] == "train"])
+    argv = ["evaluate", "--family", "mome", "--model", str(model), "--data", str(tmp_path / "lesion.csv"),
+            "--device", "cpu", "--cache", str(tmp_path / "cache"), "--set", "eval.n_overlays=0"]
+    for extra, seed in (([], 1), (["--seed", "0"], 0)):
+        out = tmp_path / f"ev{seed}"
+        assert main([*argv, "--out", str(out), *extra]) == 0, capsys.readouterr().err
+        assert set(pd.read_csv(out / "per_case.csv")["subject"]) == test[seed]

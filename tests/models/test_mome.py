@@ -11,6 +11,7 @@ from neuromoe.models.mome import (
     MoME,
     MoMEOutput,
     curriculum_weight,
+    deep_supervised_loss,
     deep_supervision_weights,
     gate_supervision_loss,
     mome_loss,
@@ -222,3 +223,43 @@ def test_registry_roundtrip_and_presets(tmp_path) -> None:
     assert [t.shape[1] for t in unet(torch.randn(1, 1, 16, 16))] == [2, 2]
     with pytest.raises(ConfigError):
         create_model("mome_tiny", top_k=9)
+
+
+@pytest.mark.parametrize("multimodal", [False, True])
+def test_top1_softmax_gate_passes_the_fused_loss_gradient_to_the_router(multimodal: bool) -> None:
+    """top_k=1 with the (default) softmax gate: softmax(g + log w) with every other expert at log(1e-9) is
+    saturated, so the fused loss gave the router exactly zero gradient and it learnt from the balance loss
+    alone. The straight-through factor must carry the task gradient without changing the gate's value
+    (the selected expert's gate stays 1, the fused logits stay that expert's)."""
+    m = _mome(multimodal=multimodal, top_k=1, balance_coef=0.0)
+    x = torch.randn(2, 5 if multimodal else 1, 32, 32)
+    y = torch.zeros(2, 1, 32, 32)
+    y[:, :, 8:16, 8:16] = 1
+    out = m(x, torch.ones(2, 5) if multimodal else None)
+    for b, k in enumerate(out.selected[:, 0].tolist()):
+        torch.testing.assert_close(out.gates[0][b, k], torch.ones_like(out.gates[0][b, k]))
+        torch.testing.assert_close(out.logits[0][b], out.expert_logits[k][0][b])
+    loss, _ = mome_loss(out, y, None, 0.0)  # fused loss only; balance_coef=0: no aux gradient either
+    loss.backward()
+    params = [*m.router.parameters(), *m.router_encoder.parameters()]
+    assert sum(float(p.grad.abs().sum()) for p in params if p.grad is not None) > 0
+
+
+def test_sparse_expert_loss_is_the_mean_over_the_pairs_that_ran() -> None:
+    """Sparse MoME / MoME+: a (sample, expert) pair whose expert was not selected contributes no expert
+    term, so it must not count in the denominator either (it diluted the term by k/#intended, i.e. changed
+    the effective curriculum weight). Here only expert 0 ran."""
+    torch.manual_seed(0)
+    B, E, S = 2, 3, 8
+    target = torch.zeros(B, 1, S, S)
+    target[:, :, 2:5, 2:5] = 1
+    lg0 = [torch.randn(B, 2, S, S), torch.randn(B, 2, S // 2, S // 2)]
+    gates = [torch.full((B, E, S, S), 1 / E), torch.full((B, E, S // 2, S // 2), 1 / E)]
+    out = MoMEOutput(lg0, {0: lg0}, gates, torch.zeros(()), selected=torch.tensor([[0], [0]]))
+    # MoME: sample 1 is a modality-1 image, its own expert did not run → the term is sample 0's alone
+    _, logs = mome_loss(out, target, torch.tensor([0, 1]), expert_weight=1.0)
+    only = deep_supervised_loss([t[:1] for t in lg0], target[:1])
+    assert logs["loss_expert"] == pytest.approx(float(only), rel=1e-5)
+    # MoME+: three present modalities each, one expert ran → expert 0's loss on both samples
+    _, logs = mome_loss(out, target, None, 1.0, available=torch.ones(B, E))
+    assert logs["loss_expert"] == pytest.approx(float(deep_supervised_loss(lg0, target)), rel=1e-5)

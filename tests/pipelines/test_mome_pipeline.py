@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -286,3 +288,174 @@ def test_inference_precision_is_applied_to_threshold_search_and_prediction(tmp_p
     model.seen.clear()
     predict_volume(model, vol[None], (8, 8, 8), precision="bf16")
     assert model.seen and not any(model.seen)
+
+
+def test_segment_with_registration_maps_the_mask_back_through_the_registered_affine(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``preprocessing.register``: the model grid lives in the registered (MNI) world, so the mask must go
+    back onto the input grid through the registered input affine; through the native one it landed off by
+    the registration. ``register_to_mni`` is stood in for by a +6 mm x-shift of the world, which leaves the
+    model grid's content unchanged, so the mask must be the unregistered one (the model's probability is
+    the z-scored image: the mask is the bright cube)."""
+    import nibabel as nib
+
+    import neuromoe.data.registration as registration
+    from neuromoe.data.preprocess import PreprocSpec
+    from neuromoe.pipelines import mome
+
+    def shifted(image: Any, **_: object) -> np.ndarray:
+        t = np.eye(4)
+        t[0, 3] = 6.0
+        return t @ image.affine
+
+    monkeypatch.setattr(registration, "register_to_mni", shifted)
+    data = (100 + 5 * np.random.default_rng(0).normal(size=(32, 32, 32))).astype(np.float32)
+    truth = np.zeros(data.shape, bool)
+    truth[13:21, 13:21, 13:21] = True
+    data[truth] = 400
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "t1.nii.gz"))
+    masks: dict[bool, np.ndarray] = {}
+    probs: dict[bool, np.ndarray] = {}
+    for register in (False, True):
+        spec = PreprocSpec(spacing=(2.0, 2.0, 2.0), shape=None, antialias=False, register=register)
+        extra = {"kind": "unet", "modalities": ["t1"], "patch_size": [16, 16, 16], "multimodal": False}
+        meta = {"family": "mome", "preprocessing": spec.to_dict(), "extra": {**extra, "threshold": 0.5}}
+        monkeypatch.setattr(mome, "_load", lambda _, meta=meta: (_FixedProbability().eval(), meta))
+        out = tmp_path / f"mask_{register}.nii.gz"
+        mome.segment("model", {"t1": tmp_path / "t1.nii.gz"}, out, probabilities=True, device="cpu")
+        masks[register] = np.asarray(nib.load(str(out)).dataobj) > 0
+        probs[register] = nib.load(str(tmp_path / f"mask_{register}_prob.nii.gz")).get_fdata() > 0.5
+    assert 2 * (masks[False] & truth).sum() / (masks[False].sum() + truth.sum()) > 0.8
+    np.testing.assert_array_equal(masks[True], masks[False])  # was 6 voxels off along x
+    np.testing.assert_array_equal(probs[True], probs[False])
+
+
+def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(tmp_path) -> None:
+    """Without a ``split`` column the split is drawn from the seed: ``train --seed 1`` must store it and
+    ``evaluate`` (no seed given) must re-draw the same split, not seed 0's, whose test cases include
+    training cases of this model."""
+    import json
+
+    import pandas as pd
+
+    from neuromoe.data.structural import assign_splits
+    from neuromoe.pipelines import mome
+
+    root = tmp_path / "cohort"
+    _mini_cohort(root)
+    manifest = root / "manifests" / "lesion.csv"
+    table = pd.read_csv(manifest).drop(columns=["split", "lesion_type"])  # one stratum: 1 test case
+    table.to_csv(manifest, index=False)
+    split = {s: assign_splits(table, seed=s, stratify=("lesion_type",)) for s in (0, 1)}
+    trained_on = set(table["subject"][split[1] == "train"])
+    seed0_test = set(table["subject"][split[0] == "test"])
+    assert seed0_test & trained_on  # what evaluate used to score: the test would be vacuous otherwise
+    cfg = mome.load_mome_config(
+        "tiny",
+        ["model.modalities=[t1,flair]", "train.max_steps=1", "eval.tune_threshold=false"],
+        seed=1,
+        device="cpu",
+    )
+    cfg.cache_dir = str(tmp_path / "cache")
+    run = mome.train(manifest, tmp_path / "run", cfg)
+    assert json.loads((run / "model" / "config.json").read_text())["extra"]["split_seed"] == 1
+    ev = mome.evaluate(run / "model", manifest, tmp_path / "ev", device="cpu", n_overlays=0,
+                       cache_dir=cfg.cache_dir)
+    scored = set(pd.read_csv(ev / "per_case.csv")["subject"])
+    assert scored == set(table["subject"][split[1] == "test"]) and not scored & trained_on
+
+
+def test_curriculum_spans_the_epochs_that_max_steps_lets_run(tmp_path) -> None:
+    """``train.max_steps`` ends the run (and fits the LR schedule) early: the curriculum must reach the
+    fused-loss end within the steps that run, not stay near the expert end of a 10-epoch schedule."""
+    from neuromoe.engine import TrainConfig
+    from neuromoe.pipelines.mome import MoMETrainer
+
+    class Recorder(MoMETrainer):
+        seen: list[float]
+
+        def training_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            self.seen.append(self.expert_weight)
+            return super().training_step(batch)
+
+    ds = LesionPatchDataset(_cases(2, shape=(16, 16, 16)), (16, 16, 16), modalities=("t1", "flair"))
+    torch.manual_seed(0)
+    model = create_model("mome_tiny", modalities=("t1", "flair"))
+    cfg = TrainConfig(epochs=10, max_steps=3, batch_size=4, device="cpu", progress=False, val_every=100)
+    trainer = Recorder(model, cfg, ds, run_dir=tmp_path)
+    trainer.seen = []
+    trainer.fit()
+    # 4 items / batch 4 = 1 step per epoch → 3 epochs run: (1 - e/3)², not (1 - e/10)² = 1, 0.81, 0.64
+    np.testing.assert_allclose(trainer.seen, [1.0, 4 / 9, 1 / 9], rtol=1e-6)
+
+
+def test_sparse_expert_probability_is_nan_where_the_expert_never_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparse routing runs per sliding window: an expert's map must average only the windows where it ran
+    (NaN where it never did), and ``expert_dice_<m>`` is only scored for an expert that covered the whole
+    volume; zeros from skipped windows used to be averaged in and scored as the expert's prediction."""
+    from neuromoe.pipelines.mome import evaluate_cases, predict_volume
+
+    torch.manual_seed(0)
+    mods = ("t1", "flair", "dwi")
+    m = create_model("mome_tiny", modalities=mods, top_k=1).eval()
+    route = m.route
+
+    def by_position(x: torch.Tensor, available: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        probs, _, w, bal = route(x, available)  # expert 0 for windows with the bright slab, 1 elsewhere
+        sel = (x.flatten(1).mean(1) < 1.0).long()[:, None]
+        return probs, sel, torch.ones_like(w), bal
+
+    monkeypatch.setattr(m, "route", by_position)
+    # windows start at x = 0, 8, 16 and run two per batch: expert 0 runs on the first batch (x < 24) only
+    img = np.random.default_rng(0).normal(size=(32, 16, 16)).astype(np.float32)
+    img[:8] += 3.0
+    pred = predict_volume(m, img[None], (16, 16, 16))
+    ep = pred.expert_prob
+    assert np.isnan(ep[2]).all()  # never selected: no map (was all zeros)
+    assert np.isfinite(ep[0][:24]).all() and np.isnan(ep[0][24:]).all()
+    assert np.isfinite(ep[1]).all() and 0 <= np.nanmin(ep) <= np.nanmax(ep) <= 1
+    with torch.no_grad():  # expert 0 ran only on the first window: its map is that window's own output
+        own = m.experts[0](torch.as_tensor(img[None, None, :16]))[0].softmax(1)[0, 1].numpy()
+    np.testing.assert_allclose(ep[0][:8], own[:8], atol=1e-5)
+    case = {"images": {"t1": img}, "mask": (img > 2.5).astype(np.uint8), "meta": {"subject": "s0"}}
+    row = evaluate_cases(m, [case], mods, (16, 16, 16)).iloc[0]
+    assert np.isnan(row["expert_dice_t1"]) and np.isnan(row["expert_dice_dwi"])
+    assert np.isfinite(row["expert_dice_flair"])
+
+
+def test_report_overlay_draws_the_prediction_at_the_model_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlay must show what ``evaluate`` scored: with a tuned threshold of 0.25 and lesion p = 0.4
+    the prediction contour (red) is drawn; at the hard-coded 0.5 it was missing from the figure."""
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from neuromoe.pipelines import mome
+
+    mask = np.zeros((16, 16, 16), np.uint8)
+    mask[5:10, 5:10, 5:10] = 1
+    case = {"images": {"t1": np.zeros(mask.shape, np.float32)}, "mask": mask, "meta": {"subject": "s0"}}
+    prob = np.where(mask > 0, 0.4, 0.01).astype(np.float32)
+    pred = mome.VolumePrediction(prob, gate=np.ones((1, *mask.shape), np.float32), gate_share=np.ones(1))
+    row = {"modality": "t1", **mome.segmentation_metrics(prob > 0.25, mask > 0, (1, 1, 1))}
+    metrics = {"split": "test", "n_cases": 1, "n_predictions": 1, "multimodal": False, "tta": False,
+               "threshold": 0.25, "mean": {k: row[k] for k in mome.SUMMARY_METRICS}}
+    colours: list[object] = []
+    contour = Axes.contour
+
+    def spy(ax: Axes, *args: object, **kwargs: object) -> object:
+        colours.append(kwargs.get("colors"))
+        return contour(ax, *args, **kwargs)
+
+    class Section:
+        def add_text(self, *_: object) -> None: ...
+        def add_table(self, *_: object) -> None: ...
+        def add_figure(self, fig: object, _: str) -> None:
+            matplotlib.pyplot.close(fig)
+
+    monkeypatch.setattr(Axes, "contour", spy)
+    mome._add_evaluation(Section(), metrics, pd.DataFrame([row]), [case], [(0, "t1", pred)], ["t1"])
+    assert row["dice"] == 1.0 and colours == ["lime", "red"]
