@@ -125,3 +125,47 @@ def test_resample_identity_and_flip():
     flip = aff.copy()
     flip[0, 0], flip[0, 3] = -2.0, 8.0
     np.testing.assert_allclose(resample_to_grid(data, aff, data.shape, flip, order=0), data[::-1])
+
+
+def test_saved_masks_keep_the_inputs_qform_sform_and_their_codes(tmp_path):
+    """Readers differ in which transform they trust (qform- or sform-first, code-aware): an output written
+    with the input's own transforms and codes lands where every reader puts the input."""
+    aff_s = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff_q = aff_s.copy()
+    aff_q[0, 3] = 10.0  # a stale qform, 10 mm off
+    img = nib.Nifti1Image(np.random.default_rng(0).random((6, 7, 8)).astype(np.float32), aff_s)
+    img.header.set_sform(aff_s, code=4)  # MNI
+    img.header.set_qform(aff_q, code=1)
+    nib.save(img, tmp_path / "in.nii.gz")
+    src = load_nifti(tmp_path / "in.nii.gz")
+    save_nifti((src.data > 0.5).astype(np.uint8), tmp_path / "mask.nii.gz", like=src, dtype=np.uint8)
+    out = nib.load(tmp_path / "mask.nii.gz").header
+    assert (int(out["sform_code"]), int(out["qform_code"])) == (4, 1)
+    np.testing.assert_allclose(out.get_sform(), aff_s)
+    np.testing.assert_allclose(out.get_qform(), aff_q, atol=1e-5)
+
+
+def test_singleton_fourth_axis_round_trips_and_corrupt_gzip_is_refused(tmp_path):
+    """Converters often write (X, Y, Z, 1): a mask of such an input has that shape too. A damaged .nii.gz
+    whose data block still decompresses (nibabel does not check the gzip CRC) is refused, not half-read."""
+    data = np.random.default_rng(1).random((6, 7, 8, 1)).astype(np.float32) + 0.1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "a.nii.gz")
+    src = load_nifti(tmp_path / "a.nii.gz")
+    assert src.data.shape == (6, 7, 8) and src.orig_shape == (6, 7, 8, 1)
+    save_nifti(src.data, tmp_path / "b.nii.gz", like=src)
+    assert nib.load(tmp_path / "b.nii.gz").shape == (6, 7, 8, 1)
+    # a gzip member whose checksum does not match its content: nibabel reads the data block and stops
+    raw = gzip.compress(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)).to_bytes())
+    bad = bytearray(raw)
+    bad[-8:-4] = bytes(a ^ 0xFF for a in bad[-8:-4])  # the CRC32 of the trailer
+    (tmp_path / "bad.nii.gz").write_bytes(bytes(bad))
+    with pytest.raises(InputError, match="bad.nii.gz"):
+        load_nifti(tmp_path / "bad.nii.gz")
+
+
+def test_inspect_spacing_is_the_affines_voxel_size(tmp_path):
+    """pixdim can be zero or stale where the sform is right; spacing comes from the affine, as preprocessing reads it."""
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+    img.header["pixdim"][1:4] = [1.0, 1.0, 1.0]
+    nib.save(img, tmp_path / "s.nii")
+    assert inspect_nifti(tmp_path / "s.nii")["spacing"] == [2.0, 2.0, 3.0]

@@ -459,3 +459,27 @@ def test_report_overlay_draws_the_prediction_at_the_model_threshold(monkeypatch:
     monkeypatch.setattr(Axes, "contour", spy)
     mome._add_evaluation(Section(), metrics, pd.DataFrame([row]), [case], [(0, "t1", pred)], ["t1"])
     assert row["dice"] == 1.0 and colours == ["lime", "red"]
+
+
+def test_segment_covers_the_whole_field_of_view_not_the_training_crop(tmp_path, monkeypatch) -> None:
+    """Real scans carry noise everywhere, so the foreground crop keeps the whole field of view and the
+    training shape's centre crop would cut off a lesion near its edge (a FLAIR with the neck in it loses
+    the top of the head); the sliding window takes any size, so segment crops nothing."""
+    import nibabel as nib
+
+    from neuromoe.data.preprocess import PreprocSpec
+    from neuromoe.pipelines import mome
+
+    data = (100 + np.random.default_rng(0).normal(size=(40, 32, 32))).astype(np.float32)
+    truth = np.zeros(data.shape, bool)
+    truth[1:7, 12:18, 12:18] = True  # outside the central 16-voxel crop along x
+    data[truth] = 400
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "t1.nii.gz"))
+    spec = PreprocSpec(spacing=(1.0, 1.0, 1.0), shape=(16, 32, 32), antialias=False)
+    extra = {"kind": "unet", "modalities": ["t1"], "patch_size": [16, 16, 16], "multimodal": False, "threshold": 0.5}
+    meta = {"family": "mome", "preprocessing": spec.to_dict(), "extra": extra}
+    monkeypatch.setattr(mome, "_load", lambda _: (_FixedProbability().eval(), meta))
+    mome.segment("model", {"t1": tmp_path / "t1.nii.gz"}, tmp_path / "mask.nii.gz", device="cpu")
+    mask = np.asarray(nib.load(str(tmp_path / "mask.nii.gz")).dataobj) > 0
+    assert mask.shape == data.shape
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.8

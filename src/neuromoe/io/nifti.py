@@ -131,10 +131,10 @@ def inspect_nifti(path: str | Path, *, allow_4d: bool = True, max_voxels: int = 
     path = Path(path)
     img = _open_header(path)
     _check_header(img, path, allow_4d, max_voxels)
-    zooms = img.header.get_zooms()
     return {
         "path": str(path), "version": "NIfTI-2" if isinstance(img, nib.Nifti2Image) else "NIfTI-1",
-        "shape": [int(s) for s in img.shape], "spacing": [round(float(z), 6) for z in zooms[:3]],
+        "shape": [int(s) for s in img.shape],
+        "spacing": [round(float(z), 6) for z in np.linalg.norm(img.affine[:3, :3], axis=0)],
         "orientation": "".join(nib.aff2axcodes(img.affine)), "dtype": str(img.get_data_dtype()),
     }
 
@@ -149,6 +149,15 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MA
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
         raise InputError(f"data block unreadable or truncated ({type(exc).__name__})", path=path,
                          fix="re-copy or re-export the file") from None
+    if path.name.endswith(".gz"):  # nibabel stops at the end of the data block: check the gzip CRC too
+        try:
+            with gzip.open(path, "rb") as gz:
+                while gz.read(1 << 20):  # bounded memory
+                    pass
+        except (EOFError, OSError, zlib.error) as exc:
+            raise InputError(f"compressed data is corrupt ({type(exc).__name__}: {exc})", path=path,
+                             fix="re-copy or re-export the file") from None
+    file_shape = tuple(int(x) for x in img.shape)
     if data.ndim == 4 and not allow_4d:
         data = data[..., 0]
     if not np.all(np.isfinite(data)):
@@ -163,7 +172,7 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MA
     for key in _IDENTIFYING:
         if key in header:  # NIfTI-2 has no db_name
             header[key] = b""
-    return Image(np.ascontiguousarray(ras, dtype=np.float32), affine, img.affine.copy(), tuple(data.shape),
+    return Image(np.ascontiguousarray(ras, dtype=np.float32), affine, img.affine.copy(), file_shape,
                  start, header, str(path))
 
 
@@ -175,16 +184,25 @@ def save_nifti(data: np.ndarray, path: str | Path, *, like: Image | None = None,
     if like is not None:
         back = ornt.ornt_transform(ornt.axcodes2ornt(("R", "A", "S")), like.orig_ornt)
         arr = ornt.apply_orientation(arr, back)
+        extra = tuple(like.orig_shape[arr.ndim:])
+        if extra and all(d == 1 for d in extra) and arr.shape == tuple(like.orig_shape[:arr.ndim]):
+            arr = arr.reshape(like.orig_shape)  # e.g. an (X, Y, Z, 1) input gets an (X, Y, Z, 1) mask
         out_aff = like.orig_affine
     elif affine is not None:
         out_aff = np.asarray(affine, dtype=np.float64)
     else:
         raise InputError("save_nifti needs like= or affine=", path=path, fix="pass the source Image")
     img = nib.Nifti1Image(np.asarray(arr, dtype=dtype or arr.dtype), out_aff)
-    img.header.set_sform(out_aff, code=1)
-    img.header.set_qform(out_aff, code=1)
     if like is not None and like.header is not None:
-        img.header.set_xyzt_units(*like.header.get_xyzt_units())
+        # the input's own qform/sform and codes: every reader (qform- or sform-first, code-aware) then puts
+        # the output exactly where it puts the input
+        src = like.header
+        img.header.set_sform(src.get_sform(), code=int(src["sform_code"]))
+        img.header.set_qform(src.get_qform(), code=int(src["qform_code"]))
+        img.header.set_xyzt_units(*src.get_xyzt_units())
+    else:
+        img.header.set_sform(out_aff, code=1)
+        img.header.set_qform(out_aff, code=1)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return path

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -870,7 +870,10 @@ def _segment_case(
     # other grids: resampled, or refused if not co-registered
     images = {m: load_nifti(paths[m]) for m in ordered}
     ref = images[ordered[0]]
-    pre = preprocess_image(images, PreprocSpec.from_dict(meta["preprocessing"]))
+    # the whole field of view: the training crop (spec.shape) cuts off lesions outside it; the sliding
+    # window takes any size
+    spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
+    pre = preprocess_image(images, spec)
     arrays = dict(zip(ordered, pre.data, strict=True))
     patch = extra["patch_size"]
     if extra["multimodal"]:
