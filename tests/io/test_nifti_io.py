@@ -159,7 +159,7 @@ def test_singleton_fourth_axis_round_trips_and_corrupt_gzip_is_refused(tmp_path)
     bad = bytearray(raw)
     bad[-8:-4] = bytes(a ^ 0xFF for a in bad[-8:-4])  # the CRC32 of the trailer
     (tmp_path / "bad.nii.gz").write_bytes(bytes(bad))
-    with pytest.raises(InputError, match="bad.nii.gz"):
+    with pytest.raises(InputError, match=r"bad\.nii\.gz"):
         load_nifti(tmp_path / "bad.nii.gz")
 
 
