@@ -240,3 +240,14 @@ def test_synthetic_bold_cohort_end_to_end(tmp_path: Path) -> None:
     assert min(agree) > 0.8
     tan = table_connectivity(df, "tangent", atlas=out["atlas"], cache=cache, source="bold")
     assert tan.shape == (6, 12, 12) and np.isfinite(tan).all()
+
+
+def test_a_missing_value_in_the_first_volume_is_not_a_header(tmp_path):
+    """n/a in row 1 of a headerless table was taken for a header and the volume silently dropped."""
+    from neuromoe.data.fmri import load_timeseries
+
+    (tmp_path / "a.tsv").write_text("1.0\tn/a\t2.0\n" + "\n".join("\t".join(["1", str(i), "3"]) for i in range(5)))
+    with pytest.raises(InputError, match="1 NaN/Inf values \\(first at timepoint 0, ROI 1\\)"):
+        load_timeseries(tmp_path / "a.tsv")
+    (tmp_path / "b.tsv").write_text("roi_a\troi_b\n" + "\n".join(f"{i}\t{i * i}" for i in range(5)))
+    assert load_timeseries(tmp_path / "b.tsv").shape == (5, 2)

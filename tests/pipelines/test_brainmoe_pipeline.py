@@ -74,7 +74,7 @@ def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
 
     csv, _ = bm.embed(run / "model", cohort / "manifests" / "fmri.csv", tmp_path / "emb.csv")
     emb = pd.read_csv(csv)
-    assert list(emb.columns[:2]) == ["subject", "state"] and emb.shape[1] == 2 + model.dim
+    assert list(emb.columns[:3]) == ["subject", "session", "state"] and emb.shape[1] == 3 + model.dim
     npy, _ = bm.embed(pretrained / "experts" / "rest", cohort, tmp_path / "emb.npy")
     arr = np.load(npy)
     ids = pd.read_csv(tmp_path / "emb_subjects.csv")
@@ -268,3 +268,65 @@ def test_embedding_correlation_is_a_matrix_for_any_number_of_experts():
         assert corr.shape == (e, e)
         np.testing.assert_allclose(np.diag(corr), 1.0)
         np.testing.assert_allclose(corr, corr.T)
+
+
+def test_batch_modes_skip_a_scan_with_a_constant_roi_and_keep_sessions_apart(cohort, pretrained, tmp_path):
+    """A constant ROI is a per-scan failure (was: the whole batch refused); two sessions of one subject and
+    state stay two distinguishable rows (session column)."""
+    table = bm.load_scans(cohort)
+    x = np.load(table.loc[0, "timeseries"]).copy()
+    x[:, 3] = 0.0
+    np.save(tmp_path / "const.npy", x)
+    table.loc[0, "timeseries"] = str(tmp_path / "const.npy")
+    table.loc[2, ["subject", "state"]] = table.loc[1, ["subject", "state"]].to_numpy()
+    table.loc[2, "session"] = "ses-2"
+    table.to_csv(tmp_path / "m.csv", index=False)
+    out, failures = bm.embed(pretrained / "experts" / "rest", tmp_path / "m.csv", tmp_path / "emb.csv")
+    assert len(failures) == 1 and "const.npy" in failures[0]["error"] and "ROI 3 is constant" in failures[0]["error"]
+    emb = pd.read_csv(out)
+    assert len(emb) == len(table) - 1 and not emb.duplicated(["subject", "session", "state"]).any()
+
+
+def test_a_folder_of_sub_named_series_files_is_not_a_bids_root(cohort, pretrained, tmp_path):
+    import shutil
+
+    for p in bm.load_scans(cohort)["timeseries"].head(3):
+        shutil.copy(p, tmp_path)  # sub-XXXX_task-<state>_timeseries.npy
+    out, failures = bm.embed(pretrained / "experts" / "rest", tmp_path, tmp_path / "e.csv")
+    assert failures == [] and len(pd.read_csv(out)) == 3
+
+
+def test_pretraining_scans_need_a_state(cohort, tmp_path):
+    table = bm.load_scans(cohort)
+    table.loc[0, "state"] = ""
+    table.to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(InputError, match="without a cognitive state"):
+        bm.pretrain(tmp_path / "m.csv", tmp_path / "pre", _cfg())
+
+
+def test_expert_validation_leaves_the_training_rng_alone(tmp_path):
+    """Validation fixes its masks with its own seed; the training steps' RNG is not reset every epoch."""
+    from neuromoe.engine import TrainConfig
+    from neuromoe.models.brainmoe import FCMAEExpert
+
+    torch.manual_seed(0)
+    fc = torch.randn(16, 8, 8)
+    scans = bm.ScanSet({"fc": (fc + fc.transpose(1, 2)) / 2})
+    expert = FCMAEExpert(8, 8, 0, 2)
+    drawn, orig = [], expert.random_mask
+    expert.random_mask = lambda b, d, g=None: drawn.append(orig(b, d, g)) or drawn[-1]
+    cfg = TrainConfig(epochs=3, batch_size=16, device="cpu", progress=False)
+    bm.ExpertTrainer(expert, cfg, scans.subset(np.arange(12)), scans.subset(np.arange(12, 16)), run_dir=tmp_path).fit()
+    train_masks = drawn[0::2]  # train, val, train, val, ...
+    assert len(train_masks) == 3 and not torch.equal(train_masks[1], train_masks[2])
+    assert torch.equal(drawn[1], drawn[3])  # validation masks are the same every epoch
+
+
+def test_baselines_keep_every_class_column_when_a_fold_lacks_the_last_class():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 4))
+    y = {"phenotype": np.array([0, 1] * 6)}
+    base = bm._sklearn_baselines(x[:8], x[8:], {"phenotype": y["phenotype"][:8]}, bm.EvalSection(svm_c=[1.0]), 0,
+                                 {"phenotype": 3})
+    assert base["mlp"]["phenotype"].shape == (4, 3) and base["svm"]["phenotype"].shape == (4, 3)
+    assert bm._fold_metrics(base["mlp"], {"phenotype": np.array([0, 1, 2, 2])})["phenotype_accuracy"] <= 1

@@ -65,10 +65,12 @@ def _read_text_table(p: Path, sep: str) -> np.ndarray:
         ) from None
     if raw.empty:
         raise InputError("empty time series table", path=p, fix="save T rows × M numeric columns")
+    missing = ["n/a", "nan", "NaN"]
     first = pd.to_numeric(raw.iloc[0], errors="coerce")
-    body = raw.iloc[1:] if first.isna().any() else raw  # a non-numeric first row is a header
+    header = (first.isna() & ~raw.iloc[0].isin(missing)).any()  # a non-numeric first row; n/a is data
+    body = raw.iloc[1:] if header else raw
     num = body.apply(pd.to_numeric, errors="coerce")
-    bad = num.isna() & ~body.isin(["n/a", "nan", "NaN"])
+    bad = num.isna() & ~body.isin(missing)
     if bad.to_numpy().any():
         r, c = np.argwhere(bad.to_numpy())[0]
         raise InputError(

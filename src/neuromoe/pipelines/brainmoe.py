@@ -182,12 +182,13 @@ def _timeseries(table: pd.DataFrame) -> list[np.ndarray]:
     return [scan_timeseries(row) for _, row in table.iterrows()]
 
 
-def _fc(ts: list[np.ndarray], spec: FCSpec) -> np.ndarray:
+def _fc(ts: list[np.ndarray], spec: FCSpec, sources: list[str] | None = None) -> np.ndarray:
     from neuromoe.data.connectivity import connectivity
 
     ref = None if spec.reference is None else np.asarray(spec.reference, dtype=np.float64)
     return np.asarray(
-        connectivity(ts, kind=spec.kind, fisher_z=spec.fisher_z, reference=ref), dtype=np.float32
+        connectivity(ts, kind=spec.kind, fisher_z=spec.fisher_z, reference=ref, sources=sources),
+        dtype=np.float32,
     )
 
 
@@ -249,14 +250,16 @@ class ExpertTrainer(Trainer):
         return self.model.loss(batch["fc"], batch.get("ts"), batch.get("target"))
 
     def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(1234)
-        torch.manual_seed(1234)  # the same masks every validation
-        mask = (
-            self.model.random_mask(len(batch["fc"]), batch["fc"].device, gen)
-            if hasattr(self.model, "random_mask")
-            else None
-        )
-        loss, logs = self.model.loss(batch["fc"], batch.get("ts"), batch.get("target"), mask=mask)
+        # the same masks every validation, without resetting the RNG the training steps draw from
+        with torch.random.fork_rng(devices=[batch["fc"].device] if batch["fc"].is_cuda else []):
+            gen = torch.Generator().manual_seed(1234)
+            torch.manual_seed(1234)
+            mask = (
+                self.model.random_mask(len(batch["fc"]), batch["fc"].device, gen)
+                if hasattr(self.model, "random_mask")
+                else None
+            )
+            loss, logs = self.model.loss(batch["fc"], batch.get("ts"), batch.get("target"), mask=mask)
         return {"loss": float(loss), "n": len(batch["fc"]), **logs}
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
@@ -298,6 +301,13 @@ def _states(table: pd.DataFrame, cfg: BrainMoEConfig, states: Sequence[str] | No
     if "state" not in table.columns:
         raise InputError(
             "scans have no 'state' column", fix="add the cognitive state (BIDS task-<state>) per scan"
+        )
+    blank = table["state"].isna() | table["state"].astype(str).str.strip().eq("")
+    if blank.any():
+        raise InputError(
+            f"subject {table.loc[blank, 'subject'].iloc[0]}: pretraining scan without a cognitive state",
+            path=table.attrs.get("source"),
+            fix="fill the state column (BIDS task-<state>) of every pretraining scan",
         )
     present = sorted(table["state"].astype(str).unique())
     wanted = list(states or cfg.data.states or present)
@@ -845,7 +855,12 @@ def _run_moe(
 
 
 def _sklearn_baselines(
-    x_tr: np.ndarray, x_te: np.ndarray, y_tr: dict[str, np.ndarray], ev: EvalSection, seed: int
+    x_tr: np.ndarray,
+    x_te: np.ndarray,
+    y_tr: dict[str, np.ndarray],
+    ev: EvalSection,
+    seed: int,
+    n_classes: dict[str, int] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Pooled-expert embedding + MLP and + SVM (linear/RBF, C by inner CV): class probabilities / ages."""
     from sklearn.model_selection import GridSearchCV
@@ -875,7 +890,7 @@ def _sklearn_baselines(
             out["mlp"][task] = mlp.fit(xt, yt).predict(x_te)
             out["svm"][task] = svm.fit(xt, yt).predict(x_te)
             continue
-        n_cls = int(y.max()) + 1
+        n_cls = (n_classes or {}).get(task, int(y.max()) + 1)  # also classes absent from this fold
         mlp = make_pipeline(
             StandardScaler(),
             MLPClassifier(hidden_layer_sizes=(ev.mlp_hidden,), max_iter=2000, random_state=seed),
@@ -961,14 +976,19 @@ def evaluate(
         )
         if pooled is not None:
             base = _sklearn_baselines(
-                pooled[tr], pooled[te], {k: v[tr] for k, v in y.items()}, cfg.eval, cfg.seed
+                pooled[tr], pooled[te], {k: v[tr] for k, v in y.items()}, cfg.eval, cfg.seed,
+                {"phenotype": len(down.classes), "sex": len(down.sex_classes)},
             )
             per_fold["pooled+MLP"].append(_fold_metrics(base["mlp"], yte))
             per_fold["pooled+SVM"].append(_fold_metrics(base["svm"], yte))
     per_fold = {k: v for k, v in per_fold.items() if v}
+
+    def _mean_std(v: list[dict[str, float]], k: str) -> list[float]:
+        x = np.array([f.get(k, np.nan) for f in v], dtype=float)  # a task a fold's baseline skipped: NaN
+        return [float(np.nanmean(x)), float(np.nanstd(x))] if np.isfinite(x).any() else [np.nan, np.nan]
+
     summary = {
-        m: {k: [float(np.nanmean([f[k] for f in v])), float(np.nanstd([f[k] for f in v]))] for k in v[0]}
-        for m, v in per_fold.items()
+        m: {k: _mean_std(v, k) for k in dict.fromkeys(k for f in v for k in f)} for m, v in per_fold.items()
     }
     combos = Counter("+".join(sorted(names[i] for i in row)) for row in oof["topk_idx"])
     share = {n: float((oof["topk_idx"] == i).any(1).mean()) for i, n in enumerate(names)}
@@ -994,13 +1014,8 @@ def evaluate(
         "expert_embedding_correlation": corr.tolist(),
     }
     atomic_write_json(out / "metrics.json", metrics)
-    frame = pd.DataFrame(
-        {
-            "subject": down.table["subject"],
-            "state": down.table.get("state"),
-            "phenotype": down.table[cfg.data.phenotype],
-        }
-    )
+    frame = _scan_ids(down.table)
+    frame["phenotype"] = down.table[cfg.data.phenotype].to_numpy()
     for ci, c in enumerate(down.classes):
         frame[f"phenotype_p_{c}"] = oof["phenotype"][:, ci]
     frame["top_experts"] = [" ".join(names[i] for i in row) for row in oof["topk_idx"]]
@@ -1125,7 +1140,8 @@ def _input_scans(source: str | Path) -> pd.DataFrame:
         and not _is_manifest(source)
     ):
         return pd.DataFrame({"subject": [source.name.split(".")[0]], "timeseries": [str(source)]})
-    if source.is_dir() and not (source / "manifests").is_dir() and not list(source.glob("sub-*")):
+    bids = source.is_dir() and any(p.is_dir() for p in source.glob("sub-*"))  # sub-* FILES are series
+    if source.is_dir() and not (source / "manifests").is_dir() and not bids:
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".npy", ".tsv"))
         if files:
             return pd.DataFrame(
@@ -1147,6 +1163,15 @@ def _is_manifest(path: Path) -> bool:
     return bool(head) and "subject" in head[0]
 
 
+def _scan_ids(table: pd.DataFrame) -> pd.DataFrame:
+    """subject + whichever of session/state/run the table has: what tells one scan's row from another's."""
+    ids = pd.DataFrame({"subject": table["subject"].astype(str).to_numpy()})
+    for col in ("session", "state", "run"):
+        if col in table.columns:
+            ids[col] = table[col].to_numpy()
+    return ids
+
+
 def _scan_file(row: pd.Series) -> str:
     for role in ("timeseries", "bold"):
         if isinstance(row.get(role), str) and row.get(role):
@@ -1159,6 +1184,7 @@ def _batch_scans(
 ) -> tuple[ScanSet, pd.DataFrame, list[dict[str, str]]]:
     """Model inputs of every scan that loads; a scan that does not is skipped and reported, so one bad file
     never stops a batch. One scan (``len(table) == 1``) raises its own error; all failing raises."""
+    from neuromoe.data.connectivity import check_timeseries
     from neuromoe.data.fmri import scan_timeseries
 
     spec = FCSpec(**meta["extra"]["fc"])
@@ -1168,6 +1194,7 @@ def _batch_scans(
         try:
             x = scan_timeseries(row)
             _check_rois([x], spec, file or where)
+            check_timeseries(x, source=file or where)  # what _fc refuses (constant ROI) fails this scan only
             if spec.n_timepoints:  # the JEPA window, checked and cut once per scan
                 crops.append(_crop([x], spec.n_timepoints, file or where)[0])
         except Exception as exc:
@@ -1183,7 +1210,8 @@ def _batch_scans(
         raise InputError(
             f"no scan could be {what} ({len(failures)} failed, listed above)", path=where, fix="fix the listed files"
         )
-    tensors = {"fc": torch.from_numpy(_fc(series, spec))}
+    files = [_scan_file(table.loc[i]) or str(where) for i in kept]
+    tensors = {"fc": torch.from_numpy(_fc(series, spec, files))}
     if spec.n_timepoints:
         tensors["ts"] = torch.from_numpy(np.stack(crops))
     return ScanSet(tensors), table.loc[kept].reset_index(drop=True), failures
@@ -1206,9 +1234,7 @@ def predict(
     scans, table, failures = _batch_scans(meta, _input_scans(inputs), inputs, "predicted")
     res = _run_moe(model, scans, meta["extra"]["age_stats"])
     names, lm = meta["extra"]["experts"], meta["label_maps"]
-    frame = pd.DataFrame({"subject": table["subject"].astype(str).to_numpy()})
-    if "state" in table.columns:
-        frame["state"] = table["state"].to_numpy()
+    frame = _scan_ids(table)
     frame["phenotype"] = [lm["phenotype"][i] for i in res["phenotype"].argmax(1)]
     for ci, c in enumerate(lm["phenotype"]):
         frame[f"phenotype_p_{c}"] = res["phenotype"][:, ci]
@@ -1239,9 +1265,7 @@ def embed(
         vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]
     else:
         vectors = _embeddings_single(model, scans)
-    ids = pd.DataFrame({"subject": table["subject"].astype(str).to_numpy()})
-    if "state" in table.columns:
-        ids["state"] = table["state"].to_numpy()
+    ids = _scan_ids(table)
     out = Path(out)
     if out.suffix.lower() == ".npy":
         with atomic_path(out, suffix=".npy") as tmp:
