@@ -161,6 +161,16 @@ def k_truncated_gz(root: Path) -> Case:
     return Case("truncated_gz", "image", bad, True, bad)
 
 
+def k_gz_bad_checksum(root: Path) -> Case:
+    """A .nii.gz whose data decompresses but whose gzip CRC fails: nibabel alone never reads that far."""
+    good = _img(root, "ok.nii.gz")
+    raw = bytearray(good.read_bytes())
+    raw[-8:-4] = bytes(b ^ 0xFF for b in raw[-8:-4])
+    bad = root / "bad_checksum.nii.gz"
+    bad.write_bytes(bytes(raw))
+    return Case("gz_bad_checksum", "image", bad, True, bad)
+
+
 def k_wrong_magic(root: Path) -> Case:
     p = _patch_header(_img(root, "magic.nii"), magic=b"xyz\x00")
     return Case("wrong_magic", "image", p, True, p)
