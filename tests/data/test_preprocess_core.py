@@ -123,3 +123,16 @@ def test_rank_norm_is_the_same_for_any_monotonic_intensity_change(tmp_path):
     assert abs(a[fg].mean()) < 1e-3 and abs(a[fg].std() - 1) < 0.05 and (a[~fg] == 0).all()
     z = PreprocSpec(spacing=None, shape=None, crop_foreground=False, norm="zscore")
     assert not np.allclose(*(preprocess_image(i, z).data[0] for i in (img, gamma)), atol=1e-2)
+
+
+def test_cache_key_depends_on_the_reference_role(tmp_path):
+    """The first role is the reference grid whose foreground sets the crop: the same files in another
+    role order must not hit the entry computed for the first order (it held another grid)."""
+    from neuromoe.data.preprocess import PreprocCache, PreprocSpec
+
+    for name in ("t1", "flair"):
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    a = {"t1": str(tmp_path / "t1.nii.gz"), "flair": str(tmp_path / "flair.nii.gz")}
+    b = {"flair": a["flair"], "t1": a["t1"]}
+    cache, spec = PreprocCache(tmp_path / "cache"), PreprocSpec(spacing=(1.0, 1.0, 1.0), shape=None)
+    assert cache.key(a, spec) != cache.key(b, spec) and cache.key(a, spec) == cache.key(dict(a), spec)

@@ -236,6 +236,7 @@ class PreprocCache:
 
     def key(self, paths: dict[str, str], spec: PreprocSpec) -> str:
         h = hashlib.sha256(spec.digest().encode())
+        h.update(("order:" + "|".join(paths)).encode())  # the first role is the reference grid and crop
         for role in sorted(paths):
             p = Path(paths[role])
             try:
