@@ -33,7 +33,10 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> DdpRun:
     proc = _torchrun(tmp_path)
     done = all((tmp_path / f"report_rank{r}.json").is_file() for r in (0, 1))
     if proc.returncode != 0 and done and "SIGABRT" in proc.stderr:
-        proc = _torchrun(tmp_path)  # known rare gloo abort at process exit, after the work completed
+        # known rare gloo abort at process exit, after the work completed: once more, in a fresh folder
+        # (a second run into the same one would add a second TensorBoard file)
+        tmp_path = tmp_path_factory.mktemp("ddp_retry")
+        proc = _torchrun(tmp_path)
     return tmp_path, proc
 
 
