@@ -65,6 +65,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier --set {part}=...",
+                                  fix=f"set either '{part}' or its sub-keys, not both")
         node[parts[-1]] = value
     return out
 
@@ -107,7 +110,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or value in ("none", "None")):  # YAML's null is "null" or "~"
             return None
         errors = []
         for arg in args:
@@ -138,6 +141,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         vt = args[1] if args else Any
         return {k: _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 / 5E-4 as strings
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"'{key}' must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' must be a number, got {value!r}")
         return float(value)
@@ -196,11 +204,15 @@ def load_family_config(
     """A family config (with ``seed``, ``pretrain`` and ``train`` sections): preset ← ``--set`` overrides ←
     ``--seed``/``--device``, which also reach both training configs so one flag sets every stage."""
     cfg = load_config(cls, family, preset, overrides)
+    explicit = parse_overrides(overrides)
     if seed is not None:
         cfg.seed = seed  # type: ignore[attr-defined]
-    for tc in (cfg.pretrain, cfg.train):  # type: ignore[attr-defined]
-        tc.seed = cfg.seed  # type: ignore[attr-defined]
-        if device is not None:
+    for stage in ("pretrain", "train"):
+        tc = getattr(cfg, stage)
+        given = explicit.get(stage) if isinstance(explicit.get(stage), dict) else {}
+        if seed is not None or "seed" not in given:  # --seed wins; else an explicit --set <stage>.seed stays
+            tc.seed = cfg.seed  # type: ignore[attr-defined]
+        if device is not None and (device != "auto" or "device" not in given):  # "auto" = flag not given
             tc.device = device
     return cfg
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from neuromoe.config import load_config, parse_overrides, read_yaml, save_config, to_dict
+from neuromoe.config import load_config, load_family_config, parse_overrides, read_yaml, save_config, to_dict
 from neuromoe.errors import ConfigError
 
 
@@ -79,3 +79,38 @@ def test_bad_yaml_names_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml"):
         load_config(Outer, "none", bad)
+
+
+def test_exponent_floats_and_none_for_optional_fields(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string: ``--set train.lr=1e-3`` (the help's own example) was refused;
+    ``none`` set an optional field to the string 'none'."""
+    for text, value in (("1e-3", 1e-3), ("5e-4", 5e-4), ("1E-1", 0.1)):
+        assert load_config(Outer, "none", None, [f"train.lr={text}"]).train.lr == value
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  lr: 1e-4\n")  # a user's preset written the same way
+    assert load_config(Outer, "none", preset).train.lr == 1e-4
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_config(Outer, "none", None, ["train.lr=fast"])
+    assert load_config(Outer, "none", None, ["note=hello", "note=none"]).note is None
+    assert load_config(Outer, "none", None, ["name=none"]).name == "none"  # a plain string stays a string
+
+
+def test_conflicting_overrides_fail_clearly():
+    with pytest.raises(ConfigError, match="conflicts with an earlier"):
+        parse_overrides(["train=3", "train.lr=0.1"])
+
+
+def test_stage_level_seed_and_device_overrides_are_kept():
+    """The CLI always passes device='auto' (its default) and seed=None when no flag is given: that must not
+    silently replace ``--set train.device=cpu`` or ``--set pretrain.seed=7``."""
+    from neuromoe.pipelines.denseformer import DenseFormerConfig
+
+    sets = ["train.device=cpu", "pretrain.seed=7", "train.seed=5"]
+    cfg = load_family_config(DenseFormerConfig, "denseformer", "tiny", sets, seed=None, device="auto")
+    assert (cfg.train.device, cfg.pretrain.seed, cfg.train.seed) == ("cpu", 7, 5)
+    assert cfg.pretrain.device == "auto"
+    # an explicit --seed / --device flag still sets every stage
+    cfg = load_family_config(DenseFormerConfig, "denseformer", "tiny", sets, seed=3, device="cpu")
+    assert (cfg.pretrain.seed, cfg.train.seed, cfg.pretrain.device, cfg.train.device) == (3, 3, "cpu", "cpu")
+    cfg = load_family_config(DenseFormerConfig, "denseformer", "tiny", [], seed=None, device="auto")
+    assert cfg.pretrain.seed == cfg.train.seed == cfg.seed
