@@ -44,3 +44,17 @@ def test_preprocess_manifest_and_bad_inputs(tmp_path, t1, capsys):
         err = capsys.readouterr().err
         assert err.startswith("neuromoe: error:") and "Traceback" not in err and err.count("\n") == 1
         assert not (tmp_path / "o2").exists()
+
+
+def test_preprocess_of_an_fmri_manifest_and_synth_with_a_bad_spacing_are_one_line_errors(tmp_path, capsys):
+    """No row of an fMRI manifest can be preprocessed: exit 2 naming the manifest (was exit 1 plus a failures
+    table in --out); ``synth --spacing 0`` gave a traceback and left an empty folder."""
+    (tmp_path / "fmri.csv").write_text("subject,timeseries\ns1,a.npy\ns2,b.npy\n")
+    runs = [(["preprocess", "--data", str(tmp_path / "fmri.csv"), "--out", str(tmp_path / "o"), "--no-progress"],
+             "fmri.csv")]
+    runs += [(["synth", "--out", str(tmp_path / "o"), "--spacing", s], "spacing") for s in ("0", "-3", "nan")]
+    for argv, needle in runs:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("neuromoe: error:") and needle in err and err.count("\n") == 1
+        assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pytest
 
 from neuromoe.data.preprocess import (
     PreprocCache,
@@ -136,3 +137,53 @@ def test_cache_key_depends_on_the_reference_role(tmp_path):
     b = {"flair": a["flair"], "t1": a["t1"]}
     cache, spec = PreprocCache(tmp_path / "cache"), PreprocSpec(spacing=(1.0, 1.0, 1.0), shape=None)
     assert cache.key(a, spec) != cache.key(b, spec) and cache.key(a, spec) == cache.key(dict(a), spec)
+
+
+def test_shards_keep_their_own_failures_and_a_clean_rerun_leaves_none(tmp_path):
+    """``--shard i/n`` jobs share one cache dir: each used to overwrite one failures.csv, and a clean re-run
+    left the old table naming subjects that no longer fail."""
+    import zlib
+
+    rows = [{"subject": f"s{i}", "t1": str(_brain(tmp_path / f"s{i}.nii.gz", np.eye(4), seed=i))} for i in range(4)]
+    bad = {}
+    for k in range(100):  # one failing subject in each shard of 2
+        bad.setdefault(zlib.crc32(f"bad{k}".encode()) % 2, f"bad{k}")
+    for s in bad.values():
+        rows.append({"subject": s, "t1": str(tmp_path / f"{s}_missing.nii.gz")})
+    table = pd.DataFrame(rows)
+    spec = PreprocSpec(spacing=None, shape=(16, 16, 16))
+    cache = tmp_path / "c"
+    for i in range(2):
+        out = preprocess_cohort(table, spec, cache, shard=(i, 2), workers=1, progress=False)
+        assert out["failures_csv"].endswith(f"failures_shard{i}of2.csv")
+    for i in range(2):
+        assert pd.read_csv(cache / f"failures_shard{i}of2.csv")["subject"].tolist() == [bad[i]]
+    clean = preprocess_cohort(table[~table["subject"].isin(bad.values())], spec, cache, workers=1, progress=False)
+    assert clean["failed"] == 0 and clean["failures_csv"] == "" and not list(cache.glob("failures*.csv"))
+
+
+def test_a_table_without_image_columns_is_one_clear_error(tmp_path):
+    from neuromoe.errors import InputError
+
+    table = pd.DataFrame({"subject": ["s1", "s2"], "timeseries": ["a.npy", "b.npy"]})
+    table.attrs["source"] = str(tmp_path / "fmri.csv")
+    with pytest.raises(InputError, match=r"fmri\.csv.*no image column"):
+        preprocess_cohort(table, PreprocSpec(), tmp_path / "c", workers=1, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("bad", [{"spacing": "none"}, {"spacing": 0}, {"spacing": [2, 2]}, {"shape": [64, 64]},
+                                 {"shape": [64.5, 64, 64]}, {"register": "yes please"}, {"crop_margin": "two"},
+                                 {"antialias": "maybe"}, {"percentiles": [99, 1]}])
+def test_preprocessing_overrides_are_type_checked(bad):
+    """``preprocessing`` is a free dict in the family configs: bad values crashed with a bare TypeError or were
+    taken as given ('yes please' counted as true)."""
+    from neuromoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="preprocessing"):
+        PreprocSpec.from_dict(bad)
+
+
+def test_a_scalar_spacing_or_shape_means_isotropic():
+    spec = PreprocSpec.from_dict({"spacing": 3, "shape": 64})
+    assert spec.spacing == (3.0, 3.0, 3.0) and spec.shape == (64, 64, 64)

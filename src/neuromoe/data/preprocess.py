@@ -31,6 +31,23 @@ IMAGE_ROLES = ("t1", "t1c", "t2", "flair", "dwi")
 NORMS = ("zscore", "rank", "percentile", "none")
 
 
+def _numbers(name: str, value: Any, n: int, kind: type) -> tuple | None:
+    """``value`` as ``n`` positive numbers of ``kind`` (a scalar means isotropic), or None; else one ConfigError."""
+    if value is None and n == 3:
+        return None
+    vals = [value] * n if isinstance(value, (int, float)) else value
+    ok = isinstance(vals, (list, tuple)) and len(vals) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in vals)
+    if ok and kind is int:
+        ok = all(float(v).is_integer() for v in vals)
+    if not ok or (name != "percentiles" and min(vals) <= 0):
+        raise ConfigError(f"preprocessing {name} must be {n} {'' if name == 'percentiles' else 'positive '}"
+                          f"{'whole ' if kind is int else ''}numbers"
+                          f"{' or null' if n == 3 else ''}, got {value!r}", fix=f"e.g. --set preprocessing.{name}="
+                          + ("[2,2,2]" if name == "spacing" else "[64,64,64]" if name == "shape" else "[1,99]"))
+    return tuple(kind(v) for v in vals)
+
+
 @dataclass
 class PreprocSpec:
     """What is done to every volume; stored in each model's config.json so prediction replays it."""
@@ -57,9 +74,16 @@ class PreprocSpec:
             raise ConfigError(f"orientation {self.orientation!r} unsupported", fix="use 'RAS'")
         if self.norm not in NORMS:
             raise ConfigError(f"norm {self.norm!r} unknown", fix=f"use one of {', '.join(NORMS)}")
-        self.spacing = None if self.spacing is None else tuple(float(s) for s in self.spacing)
-        self.shape = None if self.shape is None else tuple(int(s) for s in self.shape)
-        self.percentiles = tuple(float(p) for p in self.percentiles)
+        self.spacing = _numbers("spacing", self.spacing, 3, float)
+        self.shape = _numbers("shape", self.shape, 3, int)
+        self.percentiles = _numbers("percentiles", self.percentiles, 2, float)
+        if not (0 <= self.percentiles[0] < self.percentiles[1] <= 100):
+            raise ConfigError(f"preprocessing percentiles {list(self.percentiles)} invalid", fix="e.g. [1, 99]")
+        if isinstance(self.crop_margin, bool) or not isinstance(self.crop_margin, int) or self.crop_margin < 0:
+            raise ConfigError(f"preprocessing crop_margin must be a whole number of voxels >= 0, got {self.crop_margin!r}")
+        for name in ("crop_foreground", "register", "antialias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"preprocessing {name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -316,6 +340,10 @@ def preprocess_cohort(table: pd.DataFrame, spec: PreprocSpec, cache_dir: str | P
     """Preprocess every row into the cache; failures go to ``failures.csv`` and the rest finish."""
     from rich.progress import Progress
 
+    roles = (*IMAGE_ROLES, "mask")
+    if not any(r in table.columns for r in roles):
+        raise InputError(f"no image column to preprocess (one of {', '.join(roles)})", path=table.attrs.get("source"),
+                         fix="point --data at a structural or lesion manifest / BIDS folder with anat images")
     rows = shard_rows(table, shard)
     counts = {"done": 0, "cached": 0, "failed": 0}
     failures: list[dict[str, str]] = []
@@ -334,6 +362,9 @@ def preprocess_cohort(table: pd.DataFrame, spec: PreprocSpec, cache_dir: str | P
                 counts["failed"] += 1
                 failures.append({"subject": futs[fut], "error": str(exc)})
             bar.advance(task)
-    fail_csv = Path(cache_dir) / "failures.csv"
+    # shards share the cache dir: one failures table per shard, and none left over from an earlier run
+    fail_csv = Path(cache_dir) / ("failures.csv" if shard[1] == 1 else f"failures_shard{shard[0]}of{shard[1]}.csv")
+    for stale in [fail_csv, *(Path(cache_dir).glob("failures_shard*of*.csv") if shard[1] == 1 else [])]:
+        stale.unlink(missing_ok=True)
     write_failures(fail_csv, sorted(failures, key=lambda f: f["subject"]))
     return {**counts, "failures_csv": str(fail_csv) if failures else ""}
