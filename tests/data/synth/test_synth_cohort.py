@@ -111,3 +111,37 @@ def test_effect_directions() -> None:
 
     assert edge("wm", True) - edge("wm", False) > 0.15
     assert abs(edge("rest", True) - edge("rest", False)) < 0.1
+
+
+def test_adding_fmri_subjects_keeps_the_earlier_ones(tmp_path: Path) -> None:
+    """Pretrain/downstream and patient/control were assigned by halves of ``n_fmri``: a larger cohort moved
+    earlier subjects between cohorts, flipped their phenotype and changed their scans."""
+    kw = {**KW, "kinds": ("fmri",)}
+    small, large = tmp_path / "small", tmp_path / "large"
+    synth_cohort(small, **{**kw, "n_fmri": 4})
+    synth_cohort(large, **{**kw, "n_fmri": 6})
+    a = _rows(small / "manifests" / "fmri.csv")
+    b = [r for r in _rows(large / "manifests" / "fmri.csv") if r["subject"] in {r["subject"] for r in a}]
+    cols = ("subject", "state", "cohort", "phenotype", "sex", "age", "site", "timeseries")
+    assert [tuple(r[c] for c in cols) for r in a] == [tuple(r[c] for c in cols) for r in b]
+    assert {r["cohort"] for r in a} == {"pretrain", "downstream"}
+    for r in a:
+        np.testing.assert_array_equal(np.load(small / "manifests" / r["timeseries"]),
+                                      np.load(large / "manifests" / r["timeseries"]))
+
+
+@pytest.mark.parametrize("spacing", [1.0, 1.5, 2.0, 3.0])
+def test_bold_rois_are_6mm_spheres_at_any_spacing(spacing: float) -> None:
+    """The ROI window was ±3 voxels: below 2 mm the promised 6 mm sphere was clipped to a cube."""
+    from neuromoe.data.synth.anatomy import Anatomy
+    from neuromoe.data.synth.cohort import bold_image
+
+    n = int(40 / spacing) + 1
+    aff = np.diag([spacing, spacing, spacing, 1.0])
+    aff[:3, 3] = -20.0
+    z = np.zeros((n, n, n), np.float32)
+    anat = Anatomy(aff, z, z, z, z, np.ones((n, n, n), bool))
+    vol = bold_image(anat, np.zeros((1, 3)), np.full((1, 1), 1000.0, np.float32), np.random.default_rng(0))
+    roi = vol[..., 0] > 5000  # signal 10·1000 above a baseline of 100 ± 5 noise
+    sphere = sum(x**2 for x in anat.mm_grid()) <= 36.0
+    assert sphere.sum() > 20 and np.array_equal(roi, sphere)

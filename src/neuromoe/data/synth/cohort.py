@@ -68,6 +68,8 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
                  progress: bool = True, n_timepoints: int = 160, tr: float = 2.0) -> dict:
     """Generate the cohort; returns paths of the manifests, participants.tsv and ground_truth.json."""
     out = Path(out_dir)
+    if not (np.isfinite(spacing) and spacing > 0):
+        raise InputError(f"spacing {spacing!r} mm is not a positive number", fix="use e.g. --spacing 3 (6 for tests)")
     bad = [m for m in modalities if m not in MODALITIES]
     if bad:
         raise InputError(f"unknown modalities {bad}; choose from {','.join(MODALITIES)}")
@@ -155,15 +157,15 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
             f"roi-{i + 1:03d}\t{c[0]:g}\t{c[1]:g}\t{c[2]:g}\n" for i, c in enumerate(coords)))
         rows = []
         subj_rows: list[list[dict]] = []
-        n_pre = n_fmri // 2
         for i in tqdm(range(n_fmri), desc="fmri", disable=not progress):
             rng = np.random.default_rng([seed, 3, i])
             sub = next_id()
-            cohort = "pretrain" if i < n_pre else "downstream"
+            # alternate by index (not first/second half of n_fmri) so adding subjects never relabels earlier ones
+            cohort = "pretrain" if i % 2 == 0 else "downstream"
             sex = "F" if rng.random() < 0.5 else "M"
             age = float(rng.uniform(20, 70))
             site = sites[int(rng.integers(len(sites)))]
-            patient = cohort == "downstream" and (i - n_pre) % 2 == 1
+            patient = cohort == "downstream" and (i // 2) % 2 == 1
             states = fm.STATES if cohort == "pretrain" else (fm.INFORMATIVE_STATE,)
             these = []
             for st in states:
@@ -214,10 +216,11 @@ def bold_image(anat, coords: np.ndarray, ts: np.ndarray, rng: np.random.Generato
     vol = np.zeros((*anat.shape, n_t), np.float32)
     inv = np.linalg.inv(anat.affine)
     g = anat.mm_grid()
+    half = np.ceil(6.0 / np.linalg.norm(anat.affine[:3, :3], axis=0)).astype(int)  # 6 mm in voxels per axis
     for i, c in enumerate(coords):
         v = np.round(inv[:3, :3] @ c + inv[:3, 3]).astype(int)
-        lo = np.maximum(v - 3, 0)
-        hi = np.minimum(v + 4, anat.shape)
+        lo = np.maximum(v - half, 0)
+        hi = np.minimum(v + half + 1, anat.shape)
         sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         d2 = sum((g[k][sl] - c[k]) ** 2 for k in range(3))
         vol[sl][d2 <= 36.0] = ts[:, i]
