@@ -121,3 +121,16 @@ def test_cli_report(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "<h1>CLI</h1>" in out.read_text()
     assert main(["report", str(tmp_path / "absent"), "--out", str(out)]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_scrub_paths_with_spaces_in_folder_names(tmp_path: Path) -> None:
+    """Path scrubbing stopped at the first space: '/Users/Jane Doe/My Study/…' left 'Jane Doe/My Study/…'."""
+    posix = "/Users/Jane Doe/My Study/sub-01/sub-01_T1w.nii.gz"
+    assert scrub_paths(f"input {posix}.") == "input sub-01_T1w.nii.gz."
+    assert scrub_paths(r"C:\Users\Jane Doe\site A\y.nii.gz") == "y.nii.gz"
+    assert scrub_paths("see /home/u/x.nii.gz or train/val") == "see x.nii.gz or train/val"  # prose kept
+    section = Report("test").section("privacy")
+    section.add_text(f"Trained on {posix} and C:\\Users\\Jane Doe\\site A\\y.nii.gz")
+    section.save(tmp_path / "run")
+    page = build_report([tmp_path / "run"], tmp_path / "report.html").read_text()
+    assert "sub-01_T1w.nii.gz" in page and not any(s in page for s in ("Jane Doe", "My Study", "site A"))

@@ -36,7 +36,13 @@ SECTION_FILE = "section.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # An absolute POSIX/Windows path (≥ 2 components) not glued to a word: "/data/x/sub-01_T1w.nii.gz".
-_ABS_PATH = re.compile(r"(?<![\w.~])(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"<>|]+[/\\])+([^\s/\\'\"<>|]*)")
+# Directory components may contain spaces ("/Users/Jane Doe/My Study/…") but not start or end with one, and
+# a space-containing run stops before what reads as the end of a file name or a new path (".gz and C:\…",
+# ".nii.gz or train/val"), so prose between two paths, or after one, is kept.
+_SEP, _STOP = r"[/\\]", r"(?!\.\w+\s|\s[A-Za-z]:[/\\])"
+_END = r"[^\s/\\'\"<>|]"
+_COMPONENT = rf"{_END}(?:(?:{_STOP}[^/\\'\"<>|\n])*?{_END})?"
+_ABS_PATH = re.compile(rf"(?<![\w.~])(?:[A-Za-z]:)?{_SEP}(?:{_COMPONENT}{_SEP})+({_END}*)")
 
 
 def scrub_paths(text: str) -> str:
