@@ -254,6 +254,25 @@ def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):
         pipe.train(cohort, tmp_path / "ft_patch", patch_cfg)
 
 
+def test_finetune_refuses_test_scans_that_mae_pretraining_saw(cohort, tmp_path):
+    """Without a split column each step splits by its seed: a fine-tune with another seed than the MAE's would
+    test on scans the encoder was pretrained on, so it is refused; the same seed is fine."""
+    manifest = tmp_path / "nosplit.csv"
+    table = pd.read_csv(cohort).drop(columns="split")
+    table["t1"] = [str(cohort.parent / p) for p in table["t1"]]
+    table.to_csv(manifest, index=False)
+    cfg = _cfg(tmp_path, **{"pretrain.max_steps": 1, "train.max_steps": 1})
+    mae_run = pipe.pretrain(manifest, tmp_path / "mae", cfg)
+    other = _cfg(tmp_path, **{"train.max_steps": 1})
+    other.seed = 1
+    other.finetune.pretrained = str(mae_run / "model")
+    with pytest.raises(InputError, match="used for MAE pretraining"):
+        pipe.train(manifest, tmp_path / "ft_leak", other)
+    assert not (tmp_path / "ft_leak" / "model").exists()
+    cfg.finetune.pretrained = str(mae_run / "model")
+    assert (pipe.train(manifest, tmp_path / "ft", cfg) / "model" / "config.json").is_file()
+
+
 def test_cli_train_scratch_shared_head_and_bad_pretrained(cohort, tmp_path):
     rc = cli_main(["train", "--family", "denseformer", "--config", "tiny", "--data", str(cohort),
                    "--out", str(tmp_path / "ft"), "--head", "shared", "--label-fraction", "0.5",

@@ -18,12 +18,13 @@ Conventions shared by the steps:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -377,7 +378,8 @@ def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = 
     result = trainer.fit_best(resume)
     extra = {"kind": "mae", "img_size": list(_img_size(cfg)), "best_val_loss": result.best_metric,
              "n_train": len(train_set), "n_val": 0 if val_set is None else len(val_set),
-             "mask_ratio": cfg.model.mask_ratio}
+             "mask_ratio": cfg.model.mask_ratio, "split_seed": cfg.seed,
+             "scan_fingerprints": sorted(_scan_fingerprints(table["t1"][split != "test"]))}
     save_model(model.cpu(), out / "model", {"family": FAMILY, "preprocessing": spec.to_dict(), "tasks": [],
                                             "extra": extra})
     fig_path = out / "reconstruction.png"
@@ -443,10 +445,29 @@ def _add_pretrain(section: Any, extra: dict[str, Any], fig: Path) -> None:
 # ---------------------------------------------------------------------------------------------- train
 
 
-def _load_pretrained(model: DenseFormerMoE, model_dir: str | Path) -> None:
+def _scan_fingerprints(paths: Iterable[Any]) -> set[str]:
+    """Short hashes of absolute scan paths: lets fine-tuning check that MAE pretraining never saw its test
+    scans without storing the cohort's file names in a shareable model."""
+    return {hashlib.sha1(os.path.abspath(str(p)).encode()).hexdigest()[:16] for p in paths}
+
+
+def _check_pretrain_leak(meta: dict[str, Any], test_scans: pd.Series, source: str, seed: int) -> None:
+    """Refuse a fine-tune whose test scans were MAE-pretraining inputs (another seed's split, or another split
+    column): its test metrics would be optimistic. Models pretrained before 2026-12-03 carry no fingerprints."""
+    seen = set(meta.get("extra", {}).get("scan_fingerprints", []))
+    leaked = len(seen & _scan_fingerprints(test_scans))
+    if leaked:
+        pseed = meta["extra"].get("split_seed")
+        raise InputError(f"{leaked} of the {len(test_scans)} test scans were used for MAE pretraining "
+                         f"(pretrained with split seed {pseed}, fine-tuning with {seed})", path=source,
+                         fix=f"fine-tune with --seed {pseed}, or give both steps the same 'split' column")
+
+
+def _load_pretrained(model: DenseFormerMoE, model_dir: str | Path) -> dict[str, Any]:
+    """Copy the MAE encoder into ``model``'s backbone; return the pretrained model's config."""
     from neuromoe.models.registry import load_model
 
-    mae, _ = load_model(model_dir)
+    mae, meta = load_model(model_dir)
     if not isinstance(mae, DenseFormerMAE):
         raise ModelFormatError("not a DenseFormer MAE model directory", path=model_dir,
                                fix="pass the 'model' folder written by 'neuromoe pretrain --family denseformer'")
@@ -455,6 +476,7 @@ def _load_pretrained(model: DenseFormerMoE, model_dir: str | Path) -> None:
     except RuntimeError:
         raise ModelFormatError("pretrained encoder does not match the fine-tuning architecture", path=model_dir,
                                fix="use the same --config preset (and model.backbone overrides) as pretraining") from None
+    return meta
 
 
 def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = None, *,
@@ -495,7 +517,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         **m.backbone,
     )
     if ft.pretrained:
-        _load_pretrained(model, ft.pretrained)
+        _check_pretrain_leak(_load_pretrained(model, ft.pretrained), table["t1"][split == "test"], source, cfg.seed)
     if ft.freeze:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
