@@ -330,3 +330,26 @@ def test_baselines_keep_every_class_column_when_a_fold_lacks_the_last_class():
                                  {"phenotype": 3})
     assert base["mlp"]["phenotype"].shape == (4, 3) and base["svm"]["phenotype"].shape == (4, 3)
     assert bm._fold_metrics(base["mlp"], {"phenotype": np.array([0, 1, 2, 2])})["phenotype_accuracy"] <= 1
+
+
+def test_svm_baseline_inner_cv_never_splits_a_subject(monkeypatch):
+    """Several scans (runs) per subject: the C chosen by the SVM's inner CV must come from subject-disjoint folds."""
+    from sklearn.model_selection import GridSearchCV
+
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(12), 3)  # 12 subjects × 3 runs
+    x = rng.standard_normal((36, 4)) + subjects[:, None] * 0.1
+    y = {"phenotype": (subjects % 2).astype(np.int64), "age": 20.0 + subjects.astype(float)}
+    seen, fit = [], GridSearchCV.fit
+
+    def spy(self, xx, yy, groups=None, **kw):
+        seen.append((self.cv, xx, yy, groups))
+        return fit(self, xx, yy, groups=groups, **kw)
+
+    monkeypatch.setattr(GridSearchCV, "fit", spy)
+    bm._sklearn_baselines(x[:30], x[30:], {k: v[:30] for k, v in y.items()}, bm.EvalSection(svm_c=[0.1, 1.0]), 0,
+                          {"phenotype": 2}, subjects[:30])
+    assert len(seen) == 2  # phenotype and age
+    for cv, xx, yy, groups in seen:
+        assert groups is not None and hasattr(cv, "split")
+        assert all(not set(groups[tr]) & set(groups[te]) for tr, te in cv.split(xx, yy, groups))

@@ -861,9 +861,13 @@ def _sklearn_baselines(
     ev: EvalSection,
     seed: int,
     n_classes: dict[str, int] | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Pooled-expert embedding + MLP and + SVM (linear/RBF, C by inner CV): class probabilities / ages."""
-    from sklearn.model_selection import GridSearchCV
+    """Pooled-expert embedding + MLP and + SVM (linear/RBF, C by inner CV): class probabilities / ages.
+
+    The inner CV is grouped by ``groups`` (the subject of each training row): with several scans per subject
+    an ungrouped split would pick C on scans of subjects it was fitted on."""
+    from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
     from sklearn.neural_network import MLPClassifier, MLPRegressor
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -876,6 +880,10 @@ def _sklearn_baselines(
         if have.sum() < 4 or (task != "age" and len(np.unique(y[have])) < 2):
             continue
         xt, yt = x_tr[have], y[have]
+        gt = np.arange(len(y))[have] if groups is None else np.asarray(groups)[have]
+        n_groups = len(np.unique(gt))
+        if n_groups < 2:
+            continue
         if task == "age":
             mlp = make_pipeline(
                 StandardScaler(),
@@ -884,11 +892,11 @@ def _sklearn_baselines(
             svm = GridSearchCV(
                 make_pipeline(StandardScaler(), SVR()),
                 [{"svr__kernel": ["linear", "rbf"], "svr__C": ev.svm_c}],
-                cv=3,
+                cv=GroupKFold(min(3, n_groups)),
                 scoring="neg_mean_squared_error",
             )
             out["mlp"][task] = mlp.fit(xt, yt).predict(x_te)
-            out["svm"][task] = svm.fit(xt, yt).predict(x_te)
+            out["svm"][task] = svm.fit(xt, yt, groups=gt).predict(x_te)
             continue
         n_cls = (n_classes or {}).get(task, int(y.max()) + 1)  # also classes absent from this fold
         mlp = make_pipeline(
@@ -899,10 +907,11 @@ def _sklearn_baselines(
         p = np.zeros((len(x_te), n_cls))
         p[:, mlp.classes_] = mlp.predict_proba(x_te)
         out["mlp"][task] = p
-        cv = max(2, min(3, int(np.bincount(yt.astype(int)).min())))
+        n_cv = max(2, min(3, n_groups, int(np.bincount(yt.astype(int)).min())))
+        cv = StratifiedGroupKFold(n_cv, shuffle=True, random_state=seed)
         svm = GridSearchCV(make_pipeline(StandardScaler(), SVC()), grid, cv=cv, scoring="f1_macro")
         out["svm"][task] = np.eye(n_cls)[
-            svm.fit(xt, yt.astype(int)).predict(x_te)
+            svm.fit(xt, yt.astype(int), groups=gt).predict(x_te)
         ]  # one-hot: F1/accuracy only
     return out
 
@@ -977,7 +986,7 @@ def evaluate(
         if pooled is not None:
             base = _sklearn_baselines(
                 pooled[tr], pooled[te], {k: v[tr] for k, v in y.items()}, cfg.eval, cfg.seed,
-                {"phenotype": len(down.classes), "sex": len(down.sex_classes)},
+                {"phenotype": len(down.classes), "sex": len(down.sex_classes)}, groups[tr],
             )
             per_fold["pooled+MLP"].append(_fold_metrics(base["mlp"], yte))
             per_fold["pooled+SVM"].append(_fold_metrics(base["svm"], yte))
