@@ -38,6 +38,17 @@ def test_bids_roles_states_and_participants(tmp_path):
     assert df["age"].dtype.kind == "f" and np.isnan(df.loc["sub-02", "age"]) and pd.isna(df.loc["sub-02", "sex"])
 
 
+def test_bids_two_images_of_one_role_are_refused_not_collapsed(tmp_path):
+    """Two T1w variants of one session (acq-) used to keep whichever sorted last, without a word."""
+    _img(tmp_path / "sub-01/ses-1/anat/sub-01_ses-1_acq-mprage_T1w.nii.gz")
+    _img(tmp_path / "sub-01/ses-1/anat/sub-01_ses-1_acq-spgr_T1w.nii.gz")
+    _img(tmp_path / "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz")
+    with pytest.raises(InputError, match=r"two t1 images for sub-01_ses-1: .*acq-mprage.* and .*acq-spgr"):
+        load_table(tmp_path)
+    (tmp_path / "sub-01/ses-1/anat/sub-01_ses-1_acq-spgr_T1w.nii.gz").unlink()
+    assert len(load_table(tmp_path)) == 2  # one T1 per session is fine
+
+
 def test_manifest_relative_paths_duplicates_and_grids(tmp_path):
     _img(tmp_path / "a.nii.gz")
     _img(tmp_path / "b.nii.gz", shape=(9, 8, 8))

@@ -36,7 +36,12 @@ def _load_bids(root: Path) -> pd.DataFrame:
         ent = dict(_ENTITY.findall(f.name))
         key = (f"sub-{ent.get('sub', '')}", f"ses-{ent['ses']}" if "ses" in ent else "", ent.get("task", ""),
                ent.get("run", ""))
-        rows.setdefault(key, {})[role] = str(f.resolve())
+        row = rows.setdefault(key, {})
+        if role in row:  # e.g. two acq-/rec- variants or a .nii beside a .nii.gz: which one is meant is unknowable
+            raise InputError(f"two {role} images for {'_'.join(f'{e}-{ent[e]}' for e in ('sub', 'ses', 'task', 'run') if e in ent)}: {Path(row[role]).name} and "
+                             f"{f.name}", path=root,
+                             fix="keep one per subject/session/task/run, or list the scans to use in a manifest CSV")
+        row[role] = str(f.resolve())
     if not rows:
         raise InputError("no BIDS images found (sub-*/[ses-*/]anat|func)", path=root,
                          fix="point --data at a BIDS root or a manifest CSV")
