@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -355,13 +356,15 @@ def test_expert_biases_get_no_weight_decay(tmp_path: Path) -> None:
             self.moe = MoELayer(8, 4, k=2)
             self.lin = nn.Linear(8, 1)
 
-    tr = Trainer(Net(), _cfg(weight_decay=0.05), _data(), run_dir=tmp_path)
-    names = {id(p): n for n, p in tr.model.named_parameters()}
-    by_decay = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in tr.param_groups()}
-    assert by_decay == {
-        0.05: ["lin.weight", "moe.experts.w1", "moe.experts.w2", "moe.router.proj.weight"],
-        0.0: ["lin.bias", "moe.experts.b1", "moe.experts.b2", "moe.router.proj.bias"],
-    }
+    # also for a deep copy (EMA, model soups): copy.deepcopy drops attributes set on a Parameter
+    for i, net in enumerate((Net(), copy.deepcopy(Net()))):
+        tr = Trainer(net, _cfg(weight_decay=0.05), _data(), run_dir=tmp_path / str(i))
+        names = {id(p): n for n, p in tr.model.named_parameters()}
+        by_decay = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in tr.param_groups()}
+        assert by_decay == {
+            0.05: ["lin.weight", "moe.experts.w1", "moe.experts.w2", "moe.router.proj.weight"],
+            0.0: ["lin.bias", "moe.experts.b1", "moe.experts.b2", "moe.router.proj.bias"],
+        }
 
 
 def test_denseformer_layer_decay_groups_skip_stacked_expert_biases() -> None:

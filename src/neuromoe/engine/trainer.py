@@ -30,7 +30,7 @@ from neuromoe.engine import distributed as dist_utils
 from neuromoe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, resolve_precision
 from neuromoe.engine.schedule import WarmupCosine
-from neuromoe.engine.utils import decays, resolve_device, seed_everything
+from neuromoe.engine.utils import decays, no_decay_names, resolve_device, seed_everything
 from neuromoe.errors import ConfigError
 from neuromoe.io.atomic import atomic_write_json, atomic_write_text
 
@@ -163,9 +163,10 @@ class Trainer:
     def param_groups(self) -> list[dict[str, Any]]:
         """Default: weight decay on matrices, none on biases and norm/scale vectors."""
         decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
+        exempt = no_decay_names(self.model)
+        for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (decay if decays(p) else no_decay).append(p)
+                (decay if decays(name, p, exempt) else no_decay).append(p)
         return [{"params": decay, "weight_decay": self.cfg.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 

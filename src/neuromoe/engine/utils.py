@@ -10,10 +10,18 @@ import torch
 from neuromoe.errors import ConfigError
 
 
-def decays(p: torch.nn.Parameter) -> bool:
-    """Whether weight decay applies: to matrices and kernels, not to biases, norm scales or parameters marked
-    ``_no_weight_decay`` (stacked per-expert biases are 2-D but still biases)."""
-    return p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+def no_decay_names(model: torch.nn.Module) -> frozenset[str]:
+    """Full names of the parameters that their module lists in ``no_weight_decay_params``: stacked per-expert
+    biases are 2-D but still biases. A module attribute, not a mark on the Parameter, because ``copy.deepcopy``
+    (EMA copies, model soups) drops attributes set on a Parameter."""
+    return frozenset(f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
+                     for n in getattr(m, "no_weight_decay_params", ()))
+
+
+def decays(name: str, p: torch.nn.Parameter, exempt: frozenset[str] = frozenset()) -> bool:
+    """Whether weight decay applies: to matrices and kernels, not to biases, norm scales or ``exempt`` names
+    (:func:`no_decay_names`)."""
+    return p.ndim >= 2 and name not in exempt
 
 
 def seed_everything(seed: int) -> None:

@@ -218,6 +218,8 @@ class ExpertMLP(nn.Module):
     dense baseline (one batched matmul over all experts); :meth:`forward_expert` runs one expert.
     """
 
+    no_weight_decay_params = ("b1", "b2")  # stacked biases: 2-D but still biases (engine.utils.no_decay_names)
+
     def __init__(
         self,
         num_experts: int,
@@ -240,7 +242,6 @@ class ExpertMLP(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_dim))
         self.b2 = nn.Parameter(torch.empty(num_experts, out_dim))
-        self.b1._no_weight_decay = self.b2._no_weight_decay = True  # stacked biases: 2-D but still biases
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

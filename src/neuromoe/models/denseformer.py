@@ -43,7 +43,7 @@ from monai.networks.nets.densenet import _DenseBlock, _DenseLayer, _Transition
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from neuromoe.engine.utils import decays
+from neuromoe.engine.utils import decays, no_decay_names
 from neuromoe.models.registry import register_model
 
 __all__ = [
@@ -829,11 +829,12 @@ def layerwise_lr_groups(
     """
     n_layers = len(model.backbone.blocks) + 1
     groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
+    exempt = no_decay_names(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         layer = model.layer_id(name)
-        no_wd = not decays(p) or name.endswith(("cls_token", "task_embed.weight"))
+        no_wd = not decays(name, p, exempt) or name.endswith(("cls_token", "task_embed.weight"))
         head = name.startswith("head.")
         key = (layer, no_wd, head)
         if key not in groups:
