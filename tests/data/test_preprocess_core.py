@@ -72,6 +72,11 @@ def test_cohort_second_pass_recomputes_nothing_and_records_failures(tmp_path):
     first = preprocess_cohort(table, spec, tmp_path / "c", workers=1, progress=False)
     assert (first["done"], first["cached"], first["failed"]) == (3, 0, 1)
     assert "sbad" in pd.read_csv(first["failures_csv"])["subject"].tolist()
+    # with sessions, a failure row says which session failed
+    two = pd.DataFrame([{**rows[0], "session": "ses-1"}, {"subject": "s0", "session": "ses-2", "t1": str(bad)}])
+    out = preprocess_cohort(two, spec, tmp_path / "e", workers=1, progress=False)
+    failed = pd.read_csv(out["failures_csv"], dtype=str)
+    assert failed[["subject", "session"]].values.tolist() == [["s0", "ses-2"]]
     second = preprocess_cohort(table, spec, tmp_path / "c", workers=1, progress=False)
     assert (second["done"], second["cached"]) == (0, 3)
     shards = [preprocess_cohort(table, spec, tmp_path / "d", shard=(i, 2), progress=False) for i in range(2)]

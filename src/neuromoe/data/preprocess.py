@@ -347,24 +347,26 @@ def preprocess_cohort(table: pd.DataFrame, spec: PreprocSpec, cache_dir: str | P
     rows = shard_rows(table, shard)
     counts = {"done": 0, "cached": 0, "failed": 0}
     failures: list[dict[str, str]] = []
-    jobs = [(str(r["subject"]), _row_paths(r)) for _, r in rows.iterrows()]
+    # a failure row names the scan, not only the subject: sessions/states/runs of one subject differ there
+    ident = [c for c in ("subject", "session", "state", "run") if c in rows.columns]
+    jobs = [({c: "" if pd.isna(r[c]) else str(r[c]) for c in ident}, _row_paths(r)) for _, r in rows.iterrows()]
     with Progress(disable=not progress) as bar, ProcessPoolExecutor(max(1, workers)) as pool:
         task = bar.add_task("preprocess", total=len(jobs))
-        futs = {pool.submit(_work, paths, spec, str(cache_dir)): subj for subj, paths in jobs if paths}
-        for subj, paths in jobs:
+        futs = {pool.submit(_work, paths, spec, str(cache_dir)): who for who, paths in jobs if paths}
+        for who, paths in jobs:
             if not paths:
                 counts["failed"] += 1
-                failures.append({"subject": subj, "error": "no image columns"})
+                failures.append({**who, "error": "no image columns"})
         for fut in as_completed(futs):
             try:
                 counts[fut.result()] += 1
             except Exception as exc:  # one bad file must not stop the cohort
                 counts["failed"] += 1
-                failures.append({"subject": futs[fut], "error": str(exc)})
+                failures.append({**futs[fut], "error": str(exc)})
             bar.advance(task)
     # shards share the cache dir: one failures table per shard, and none left over from an earlier run
     fail_csv = Path(cache_dir) / ("failures.csv" if shard[1] == 1 else f"failures_shard{shard[0]}of{shard[1]}.csv")
     for stale in [fail_csv, *(Path(cache_dir).glob("failures_shard*of*.csv") if shard[1] == 1 else [])]:
         stale.unlink(missing_ok=True)
-    write_failures(fail_csv, sorted(failures, key=lambda f: f["subject"]))
+    write_failures(fail_csv, sorted(failures, key=lambda f: [f[c] for c in ident]))
     return {**counts, "failures_csv": str(fail_csv) if failures else ""}
