@@ -145,3 +145,23 @@ def test_bold_rois_are_6mm_spheres_at_any_spacing(spacing: float) -> None:
     roi = vol[..., 0] > 5000  # signal 10·1000 above a baseline of 100 ± 5 noise
     sphere = sum(x**2 for x in anat.mm_grid()) <= 36.0
     assert sphere.sum() > 20 and np.array_equal(roi, sphere)
+
+
+def test_regenerating_into_a_cohort_folder_leaves_no_stale_subjects(tmp_path: Path) -> None:
+    """A smaller cohort written over a larger one left the larger one's subject folders, which a BIDS reader
+    of the folder then picked up; a folder that synth did not write is refused, not mixed into."""
+    from neuromoe.io.table import load_table
+
+    out = tmp_path / "c"
+    synth_cohort(out, **{**KW, "n_structural": 6})
+    synth_cohort(out, **{**KW, "n_structural": 3})
+    gt = json.loads((out / "ground_truth.json").read_text())["subjects"]
+    on_disk = {p.name for p in out.glob("sub-*")} | {p.name for p in (out / "derivatives" / "lesions").glob("sub-*")}
+    assert on_disk == set(gt) and len(gt) == 3 + 5 + 4
+    assert set(load_table(out)["subject"]) == set(gt)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="not empty"):
+        synth_cohort(user, **KW)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
     badk = [k for k in kinds if k not in KINDS]
     if badk:
         raise InputError(f"unknown kinds {badk}; choose from {','.join(KINDS)}")
+    _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
     anat = load_anatomy(float(spacing))
     sites = sorted(SITES)
@@ -208,6 +210,32 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
     result["participants"] = out / "participants.tsv"
     result["ground_truth"] = out / "ground_truth.json"
     return {k: str(v) for k, v in result.items()}
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove an earlier cohort written into ``out`` (its subjects, manifests and truth), so a smaller or other
+    cohort leaves no stale subject folders for a BIDS reader to pick up; refuse a folder synth did not write."""
+    import shutil
+
+    if not out.exists() or not any(out.iterdir()):
+        return
+    truth = out / "ground_truth.json"
+    if not truth.is_file():
+        raise InputError("output folder is not empty and holds no earlier synthetic cohort", path=out,
+                         fix="choose a new or empty --out folder")
+    try:
+        subjects = json.loads(truth.read_text())["subjects"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError("ground_truth.json of the earlier cohort is unreadable", path=truth,
+                         fix="remove the folder or choose a new --out folder") from None
+    for sub in subjects:
+        for folder in (out / sub, out / "derivatives" / "lesions" / sub):
+            if sub.startswith("sub-") and "/" not in sub and folder.is_dir():
+                shutil.rmtree(folder)
+    for name in ("manifests", "atlas"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("participants.tsv", "dataset_description.json", "quicklook.png", "ground_truth.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 def bold_image(anat, coords: np.ndarray, ts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
