@@ -177,7 +177,7 @@ def test_a_table_without_image_columns_is_one_clear_error(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("bad", [{"spacing": "none"}, {"spacing": 0}, {"spacing": [2, 2]}, {"shape": [64, 64]},
+@pytest.mark.parametrize("bad", [{"spacing": "fine"}, {"spacing": 0}, {"spacing": [2, 2]}, {"shape": [64, 64]},
                                  {"shape": [64.5, 64, 64]}, {"register": "yes please"}, {"crop_margin": "two"},
                                  {"antialias": "maybe"}, {"percentiles": [99, 1]}])
 def test_preprocessing_overrides_are_type_checked(bad):
@@ -192,3 +192,4 @@ def test_preprocessing_overrides_are_type_checked(bad):
 def test_a_scalar_spacing_or_shape_means_isotropic():
     spec = PreprocSpec.from_dict({"spacing": 3, "shape": 64})
     assert spec.spacing == (3.0, 3.0, 3.0) and spec.shape == (64, 64, 64)
+    assert PreprocSpec.from_dict({"spacing": "none"}).spacing is None  # like config.py's optional fields

@@ -33,7 +33,7 @@ NORMS = ("zscore", "rank", "percentile", "none")
 
 def _numbers(name: str, value: Any, n: int, kind: type) -> tuple | None:
     """``value`` as ``n`` positive numbers of ``kind`` (a scalar means isotropic), or None; else one ConfigError."""
-    if value is None and n == 3:
+    if n == 3 and (value is None or value in ("none", "None")):  # as config.py reads none for optional fields
         return None
     vals = [value] * n if isinstance(value, (int, float)) else value
     ok = isinstance(vals, (list, tuple)) and len(vals) == n and all(
