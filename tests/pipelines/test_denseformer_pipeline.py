@@ -66,6 +66,20 @@ def test_splits_deterministic_and_stratified():
         assign_splits(pd.DataFrame({"split": ["train", np.nan, "test"]}))
 
 
+def test_splits_keep_the_sessions_of_a_subject_together():
+    """Longitudinal cohorts (ADNI, PPMI) have several sessions per subject: a per-row split put 9 of 20 subjects'
+    sessions in more than one split, i.e. tested models on subjects they were trained on."""
+    t = pd.DataFrame({"subject": [f"s{i // 3}" for i in range(60)], "session": ["ses-1", "ses-2", "ses-3"] * 20,
+                      "cohort": ["adni"] * 30 + ["ppmi"] * 30}).sample(frac=1.0, random_state=0)
+    for seed in range(3):
+        split = assign_splits(t, seed=seed)
+        assert (t.assign(split=split).groupby("subject")["split"].nunique() == 1).all()
+        assert set(split) == {"train", "val", "test"}
+    given = t.assign(split=["train"] * 59 + ["test"])
+    with pytest.raises(InputError, match="more than one split"):
+        assign_splits(given)
+
+
 def test_calibration_skips_a_regression_task_without_validation_labels():
     """A task labelled in one cohort only (e.g. MMSE on ADNI) may have no labelled validation subject."""
     tasks = [TaskSpec("mmse", "regression", "mmse")]
