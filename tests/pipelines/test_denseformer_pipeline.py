@@ -247,6 +247,14 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     frame, failures = pipe.predict(run / "model", cohort, tmp_path / "p4.csv", progress=False,
                                    cache_dir=cfg.cache_dir)
     assert not failures and frame["brain_age_gap"].notna().all()
+    # two sessions of one subject: the output tells them apart
+    long = pd.read_csv(cohort).head(2).assign(subject="sub-long", session=["ses-1", "ses-2"])
+    long["t1"] = [str(cohort.parent / p) for p in long["t1"]]
+    long.to_csv(tmp_path / "long.csv", index=False)
+    frame, _ = pipe.predict(run / "model", tmp_path / "long.csv", tmp_path / "p5.csv", progress=False,
+                            cache_dir=cfg.cache_dir)
+    assert pd.read_csv(tmp_path / "p5.csv")[["subject", "session"]].values.tolist() == [
+        ["sub-long", "ses-1"], ["sub-long", "ses-2"]]
 
 
 def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):

@@ -1093,7 +1093,8 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     failed_rows: list[dict[str, str]] = []
     for _, r in tqdm(table.iterrows(), total=len(table), disable=not progress, desc="predict", unit="scan",
                      file=sys.stderr):
-        base = {"subject": r["subject"], "t1": r["t1"]}
+        base = {"subject": r["subject"], **{k: r[k] for k in ("session", "run") if k in r and pd.notna(r[k])},
+                "t1": r["t1"]}  # a longitudinal subject's sessions are told apart by their own column
         try:
             arr = load_t1(r["t1"], spec, extra["img_size"], cache)
             age = r.get("age")
