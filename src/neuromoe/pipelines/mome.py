@@ -920,12 +920,13 @@ def _segment_case(
         sidecar["gate_share"] = {
             m: round(float(s), 4) for m, s in zip(mods, np.mean(shares, axis=0), strict=True)
         }
-    save_nifti(mask.astype(np.uint8), output, like=ref, dtype=np.uint8)
+    prob_in = None  # everything is computed before the first file is written: a failure leaves no partial set
     if probabilities:
         prob_in = np.clip(resample_to_grid(prob, pre.affine, ref.data.shape, ref_world, order=1), 0.0, 1.0)
-        prob_path = _with_suffix(output, "_prob.nii.gz")
-        save_nifti(prob_in.astype(np.float32), prob_path, like=ref, dtype=np.float32)
-        sidecar["probabilities"] = prob_path.name
+        sidecar["probabilities"] = _with_suffix(output, "_prob.nii.gz").name
+    save_nifti(mask.astype(np.uint8), output, like=ref, dtype=np.uint8)
+    if prob_in is not None:
+        save_nifti(prob_in.astype(np.float32), _with_suffix(output, "_prob.nii.gz"), like=ref, dtype=np.float32)
     atomic_write_json(_with_suffix(output, ".json"), sidecar)
     return sidecar
 
