@@ -193,3 +193,25 @@ def test_a_scalar_spacing_or_shape_means_isotropic():
     spec = PreprocSpec.from_dict({"spacing": 3, "shape": 64})
     assert spec.spacing == (3.0, 3.0, 3.0) and spec.shape == (64, 64, 64)
     assert PreprocSpec.from_dict({"spacing": "none"}).spacing is None  # like config.py's optional fields
+
+
+def test_cache_key_sees_new_voxels_with_the_same_size_and_mtime(tmp_path):
+    """An uncompressed .nii rewritten with other voxels keeps its size; with the same mtime too (cp -p, rsync -a
+    of another version) the key read only the header and background, and the cache returned the old volume."""
+    import os
+
+    path = tmp_path / "t1.nii"
+    spec = PreprocSpec(spacing=None, shape=(16, 16, 16), norm="none", antialias=False)
+    cache = PreprocCache(tmp_path / "cache")
+    outs = []
+    for value in (1.0, 5.0):
+        data = np.zeros((32, 32, 32), np.float32)
+        data[8:24, 8:24, 8:24] = value
+        nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+        if value == 1.0:
+            st = os.stat(path)
+        else:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert os.stat(path).st_size == st.st_size
+        outs.append(float(preprocess_case({"t1": str(path)}, spec, cache)["t1"].max()))
+    assert outs == [1.0, 5.0] and cache.hits == 0

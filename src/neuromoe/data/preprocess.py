@@ -250,8 +250,20 @@ def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
     return np.asarray(t[0], dtype=np.float32)
 
 
+def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) -> bytes:
+    """Digest of the header, 8 evenly spaced blocks and the tail: a file rewritten with other voxels but the
+    same size and mtime (``cp -p``/``rsync -a`` of another version, coarse-mtime filesystems) gets another key.
+    The tail of a .nii.gz is its gzip trailer (CRC-32 of the whole content)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for offset in (0, *(size * k // (n_mid + 1) for k in range(1, n_mid + 1)), max(0, size - block)):
+            fh.seek(offset)
+            h.update(fh.read(block))
+    return h.digest()
+
+
 class PreprocCache:
-    """On-disk cache of preprocessed cases keyed by (path, size, mtime_ns, header hash, spec hash)."""
+    """On-disk cache of preprocessed cases keyed by (path, size, mtime_ns, content sample, role order, spec hash)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -265,12 +277,10 @@ class PreprocCache:
             p = Path(paths[role])
             try:
                 st = p.stat()
-                with open(p, "rb") as fh:
-                    head = fh.read(4096)
+                h.update(f"{role}|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+                h.update(_content_sample(p, st.st_size))
             except OSError:
                 raise InputError("file not found or unreadable", path=p, fix="check the path") from None
-            h.update(f"{role}|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
-            h.update(hashlib.sha256(head).digest())
         return h.hexdigest()[:32]
 
     def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
