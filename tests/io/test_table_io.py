@@ -49,6 +49,19 @@ def test_bids_two_images_of_one_role_are_refused_not_collapsed(tmp_path):
     assert len(load_table(tmp_path)) == 2  # one T1 per session is fine
 
 
+def test_bids_lesion_masks_from_derivatives_and_no_brain_masks(tmp_path):
+    """docs/recipes.md promises lesion masks from derivatives/lesions/: they were never looked for, so a BIDS
+    lesion dataset had no masks; skull-stripping masks (desc-brain) are not lesion labels."""
+    _img(tmp_path / "sub-01/anat/sub-01_FLAIR.nii.gz")
+    _img(tmp_path / "sub-01/anat/sub-01_desc-brain_mask.nii.gz")
+    _img(tmp_path / "derivatives/lesions/sub-01/anat/sub-01_desc-lesion_mask.nii.gz")
+    _img(tmp_path / "derivatives/fmriprep/sub-01/anat/sub-01_desc-brain_mask.nii.gz")
+    _img(tmp_path / "derivatives/fmriprep/sub-01/anat/sub-01_desc-preproc_T1w.nii.gz")
+    row = load_table(tmp_path).set_index("subject").loc["sub-01"]
+    assert row["mask"].endswith("derivatives/lesions/sub-01/anat/sub-01_desc-lesion_mask.nii.gz")
+    assert "t1" not in row.index or pd.isna(row["t1"])  # a derivative T1 is not a raw input
+
+
 def test_manifest_relative_paths_duplicates_and_grids(tmp_path):
     _img(tmp_path / "a.nii.gz")
     _img(tmp_path / "b.nii.gz", shape=(9, 8, 8))

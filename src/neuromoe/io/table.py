@@ -22,6 +22,8 @@ def _bids_role(name: str) -> str | None:
     if not name.endswith((".nii", ".nii.gz")):
         return None
     suffix = stem.rsplit("_", 1)[-1]
+    if suffix == "mask" and "desc-brain" in stem:  # a skull-stripping mask is not a lesion label
+        return None
     if suffix == "T1w":
         return "t1c" if "_ce-" in stem else "t1"
     return {"T2w": "t2", "FLAIR": "flair", "dwi": "dwi", "DWI": "dwi", "bold": "bold", "mask": "mask"}.get(suffix)
@@ -29,9 +31,12 @@ def _bids_role(name: str) -> str | None:
 
 def _load_bids(root: Path) -> pd.DataFrame:
     rows: dict[tuple[str, str, str, str], dict[str, str]] = {}
-    for f in sorted(root.glob("sub-*/**/*")):
+    # lesion masks also come as derivatives (derivatives/<pipeline>/sub-*/[ses-*/]anat/*lesion*_mask.nii.gz);
+    # other derivatives (brain masks, preprocessed images) are not inputs
+    derived = [f for f in sorted(root.glob("derivatives/*/sub-*/**/*")) if "lesion" in f.name.lower()]
+    for f in [*sorted(root.glob("sub-*/**/*")), *derived]:
         role = _bids_role(f.name)
-        if role is None or f.parent.name not in ("anat", "func", "dwi"):
+        if role is None or f.parent.name not in ("anat", "func", "dwi") or (f in derived and role != "mask"):
             continue
         ent = dict(_ENTITY.findall(f.name))
         key = (f"sub-{ent.get('sub', '')}", f"ses-{ent['ses']}" if "ses" in ent else "", ent.get("task", ""),
