@@ -58,3 +58,18 @@ def test_preprocess_of_an_fmri_manifest_and_synth_with_a_bad_spacing_are_one_lin
         err = capsys.readouterr().err
         assert err.startswith("neuromoe: error:") and needle in err and err.count("\n") == 1
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override", ["preprocessing.register=maybe", "preprocessing.spacing=fine",
+                                      "preprocessing.crop_margin=two"])
+def test_train_with_a_bad_preprocessing_override_is_a_one_line_error(tmp_path, capsys, override):
+    """``preprocessing`` is a free dict in the family configs: a bad ``--set`` value gave a traceback
+    (spacing) or was taken as given and failed later per subject (register, crop_margin)."""
+    rows = [f"s{i},s{i}_T1w.nii.gz,{60 + i},{'MF'[i % 2]},{('train', 'train', 'val', 'test')[i % 4]}" for i in range(8)]
+    (tmp_path / "m.csv").write_text("subject,t1,age,sex,split\n" + "\n".join(rows) + "\n")  # images never read
+    argv = ["train", "--family", "denseformer", "--config", "tiny", "--set", override,
+            "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neuromoe: error: preprocessing") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
