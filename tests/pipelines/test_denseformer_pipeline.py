@@ -378,3 +378,13 @@ def test_bias_corrected_age_intervals_keep_their_coverage() -> None:
     exact = 1 - np.floor(alpha * (n + 1)) / (n + 1)  # split-conformal coverage with n calibration points
     assert len(coverage) > 280
     assert exact - 0.02 < np.mean(coverage) < exact + 0.04
+
+
+def test_paper_preset_preprocesses_to_its_backbone_input_and_cuda_without_gpu_is_a_config_error():
+    """The paper preset had no preprocessing section: 2 mm / 64³ zero-padded into the 160×192×160 input."""
+    cfg = pipe.load_denseformer_config("paper")
+    spec = pipe._spec(cfg)
+    assert spec.spacing == (1.0, 1.0, 1.0) and spec.shape == pipe._img_size(cfg) == (160, 192, 160)
+    if not torch.cuda.is_available():  # evaluate/predict crashed with a raw traceback here
+        with pytest.raises(ConfigError, match="no CUDA"):
+            pipe._device("cuda")

@@ -39,6 +39,7 @@ from neuromoe.config import load_family_config, save_config, to_dict
 from neuromoe.data.structural import MISSING_CLASS, StructuralDataset, TaskSpec, assign_splits, load_t1
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.engine.precision import resolve_precision
+from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.conformal import (
     ConformalClassifier,
@@ -554,9 +555,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto``/``cpu``/``cuda``; CUDA asked for on a machine without it is one clear error (exit 2)."""
+    return resolve_device(name)
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
