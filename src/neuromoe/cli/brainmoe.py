@@ -80,7 +80,7 @@ def run(verb: str, args: argparse.Namespace) -> int:
     from neuromoe.pipelines import brainmoe as pipe
 
     if verb == "predict":
-        frame, failures = pipe.predict(args.model, args.input, args.output)
+        frame, failures = pipe.predict(args.model, args.input, args.output, device=args.device)
         print(f"wrote {len(frame)} predictions to {args.output}; {len(failures)} failed", file=sys.stderr)
         return 1 if failures else 0
     if verb == "embed":
@@ -88,7 +88,7 @@ def run(verb: str, args: argparse.Namespace) -> int:
             raise InputError(
                 "output must end in .csv or .npy", path=args.out, fix="e.g. --out embeddings.csv"
             )
-        out, failures = pipe.embed(args.model, args.data, args.out)
+        out, failures = pipe.embed(args.model, args.data, args.out, device=args.device)
         print(out)
         if failures:
             print(f"{len(failures)} scan(s) failed, listed in {out.stem}_failures.csv", file=sys.stderr)

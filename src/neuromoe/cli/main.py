@@ -60,16 +60,21 @@ EPILOG = """examples:
 """
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every family verb understands."""
+INFERENCE_VERBS = ("predict", "segment", "embed")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """Options every family verb understands. Inference verbs replay the config stored in the model, so they
+    take no --config/--set/--seed: accepting and ignoring them would mislead (argparse refuses them, exit 2)."""
     g = parser.add_argument_group("common options")
-    g.add_argument("--config", "-c", default=None, help="preset name (tiny, demo, paper) or a YAML file")
-    g.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=1e-3 (repeatable)",
-    )
+    if verb not in INFERENCE_VERBS:
+        g.add_argument("--config", "-c", default=None, help="preset name (tiny, demo, paper) or a YAML file")
+        g.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config value, e.g. --set train.lr=1e-3 (repeatable)",
+        )
+        g.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
-    g.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -119,7 +124,7 @@ def _run_family_verb(verb: str, argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--family", default=implied or family, choices=fams, help="model family")
-    add_common_arguments(parser)
+    add_common_arguments(parser, verb)
     module.add_arguments(verb, parser)
     args = parser.parse_args(argv)
     return int(module.run(verb, args) or 0)

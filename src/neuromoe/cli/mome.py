@@ -37,11 +37,12 @@ def _precision_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cache",
-        default=None,
-        help="preprocessing cache folder (default: $NEUROMOE_CACHE or ~/.cache/neuromoe/preprocess)",
-    )
+    if verb != "segment":  # segment reads each scan once, on its own grid: nothing to cache
+        parser.add_argument(
+            "--cache",
+            default=None,
+            help="preprocessing cache folder (default: $NEUROMOE_CACHE or ~/.cache/neuromoe/preprocess)",
+        )
     if verb in ("pretrain", "train"):
         parser.add_argument(
             "--data", required=True, help="cohort folder, lesion manifest CSV/TSV or BIDS folder"

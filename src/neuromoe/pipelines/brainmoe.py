@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer
+from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json
 from neuromoe.io.table import failures_path, write_failures
@@ -826,9 +827,10 @@ def _run_moe(
 ) -> dict[str, np.ndarray]:
     """Probabilities, de-standardised age, top-k experts/weights, router probs and joint embedding per scan."""
     model.eval()
+    dev = next(model.parameters()).device  # the batches follow the model (CPU or --device cuda)
     res: dict[str, list[np.ndarray]] = {}
     for s in range(0, len(scans), batch_size):
-        b = scans.subset(np.arange(s, min(s + batch_size, len(scans)))).tensors
+        b = {k: v.to(dev) for k, v in scans.subset(np.arange(s, min(s + batch_size, len(scans)))).tensors.items()}
         emb = b.get("emb")
         if emb is None:
             emb = model.expert_embeddings(b["fc"], b.get("ts"))
@@ -1041,13 +1043,14 @@ def evaluate(
 @torch.no_grad()
 def _embeddings_single(expert: Expert, scans: ScanSet, batch_size: int = 32) -> np.ndarray:
     expert.eval()
-    t = scans.tensors
+    dev = next(expert.parameters()).device
+    t = {k: v.to(dev) for k, v in scans.tensors.items()}
     return torch.cat(
         [
             expert.embed(t["fc"][s : s + batch_size], None if "ts" not in t else t["ts"][s : s + batch_size])
             for s in range(0, len(scans), batch_size)
         ]
-    ).numpy()
+    ).float().cpu().numpy()
 
 
 def _embedding_correlation(emb: np.ndarray) -> np.ndarray:
@@ -1120,9 +1123,10 @@ def _add_evaluation(
 # ------------------------------------------------------------------------------------ predict / embed
 
 
-def _load_moe(model_dir: str | Path) -> tuple[BrainMoE | Expert, dict[str, Any]]:
+def _load_moe(model_dir: str | Path, device: str = "cpu") -> tuple[BrainMoE | Expert, dict[str, Any]]:
     from neuromoe.models.registry import load_model
 
+    dev = resolve_device(device)  # before loading: --device cuda without a GPU is one clear error
     model, meta = load_model(model_dir)
     if meta["family"] != FAMILY or meta.get("extra", {}).get("kind") not in ("brainmoe", "expert"):
         raise ModelFormatError(
@@ -1130,7 +1134,7 @@ def _load_moe(model_dir: str | Path) -> tuple[BrainMoE | Expert, dict[str, Any]]
             path=model_dir,
             fix="pass RUN/model from 'neuromoe train --family brainmoe' (or an expert folder)",
         )
-    return model, meta
+    return model.to(dev), meta
 
 
 def _input_scans(source: str | Path) -> pd.DataFrame:
@@ -1227,13 +1231,13 @@ def _batch_scans(
 
 
 def predict(
-    model_dir: str | Path, inputs: str | Path, output: str | Path
+    model_dir: str | Path, inputs: str | Path, output: str | Path, *, device: str = "auto"
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """Per scan: phenotype class + probabilities, sex, age, top experts with router weights → CSV.
 
     Returns ``(table, failures)``; failed scans are listed in ``<output>_failures.csv``.
     """
-    model, meta = _load_moe(model_dir)
+    model, meta = _load_moe(model_dir, device)
     if not isinstance(model, BrainMoE):
         raise ModelFormatError(
             "an expert cannot predict phenotypes",
@@ -1261,14 +1265,14 @@ def predict(
 
 
 def embed(
-    model_dir: str | Path, data: str | Path, out: str | Path
+    model_dir: str | Path, data: str | Path, out: str | Path, *, device: str = "auto"
 ) -> tuple[Path, list[dict[str, str]]]:
     """Joint embeddings (router-weighted top-k expert embeddings; or one expert's embedding) per scan.
 
     ``out`` ending in ``.npy`` writes the (N, D) array plus ``<stem>_subjects.csv``; otherwise a CSV with
     subject (state) and ``e0..e{D-1}`` columns. Returns ``(out, failures)`` like :func:`predict`.
     """
-    model, meta = _load_moe(model_dir)
+    model, meta = _load_moe(model_dir, device)
     scans, table, failures = _batch_scans(meta, _input_scans(data), data, "embedded")
     if isinstance(model, BrainMoE):
         vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]
