@@ -237,7 +237,8 @@ def test_batch_mode_writes_one_mask_per_session_of_a_subject(
     model_dir, anatomical, mni, tmp_path, capsys
 ) -> None:
     """A BIDS folder with two sessions of one subject: each session gets its own mask and sidecar
-    (``<subject>_mask.nii.gz`` made the second session silently overwrite the first one's)."""
+    (``<subject>_mask.nii.gz`` made the second session silently overwrite the first one's). The sessions' func/
+    scans are not cases (they used to be "failures" and made the batch exit 1)."""
     import json
     import shutil
 
@@ -248,6 +249,8 @@ def test_batch_mode_writes_one_mask_per_session_of_a_subject(
         anat = tmp_path / "bids" / "sub-01" / ses / "anat"
         anat.mkdir(parents=True)
         shutil.copy(src, anat / f"sub-01_{ses}_T1w.nii.gz")
+        (anat.parent / "func").mkdir()
+        np.save(anat.parent / "func" / f"sub-01_{ses}_task-rest_timeseries.npy", np.zeros((20, 5), np.float32))
     out = tmp_path / "masks"
     rc = main(["segment", "--model", model_dir, "--input", str(tmp_path / "bids"), "--output", str(out),
                "--device", "cpu"])

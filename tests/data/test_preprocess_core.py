@@ -215,3 +215,26 @@ def test_cache_key_sees_new_voxels_with_the_same_size_and_mtime(tmp_path):
             assert os.stat(path).st_size == st.st_size
         outs.append(float(preprocess_case({"t1": str(path)}, spec, cache)["t1"].max()))
     assert outs == [1.0, 5.0] and cache.hits == 0
+
+
+def test_bids_root_with_func_scans_preprocesses_anat_only(tmp_path):
+    """A BIDS root lists its func/ scans too; they are skipped (and counted), not failures with exit 1. A
+    manifest row with no image at all is still a failure."""
+    from neuromoe.io.table import load_table
+
+    root = tmp_path / "bids"
+    for i in range(2):
+        anat, func = root / f"sub-0{i}" / "anat", root / f"sub-0{i}" / "func"
+        anat.mkdir(parents=True)
+        func.mkdir()
+        _brain(anat / f"sub-0{i}_T1w.nii.gz", np.eye(4), seed=i)
+        for task in ("rest", "wm"):
+            np.save(func / f"sub-0{i}_task-{task}_timeseries.npy", np.zeros((20, 5), np.float32))
+    table = load_table(root)
+    assert len(table) == 6
+    spec = PreprocSpec(spacing=None, shape=(16, 16, 16))
+    out = preprocess_cohort(table, spec, tmp_path / "c", workers=1, progress=False)
+    assert (out["done"], out["failed"], out["skipped_fmri"], out["failures_csv"]) == (2, 0, 4, "")
+    empty = pd.DataFrame([{"subject": "s0", "t1": table["t1"].dropna().iloc[0]}, {"subject": "s1", "t1": ""}])
+    out = preprocess_cohort(empty, spec, tmp_path / "d", workers=1, progress=False)
+    assert (out["done"], out["failed"], out["skipped_fmri"]) == (1, 1, 0)

@@ -337,6 +337,18 @@ def _row_paths(row: pd.Series) -> dict[str, str]:
     return {r: row[r] for r in (*IMAGE_ROLES, "mask") if r in row and isinstance(row[r], str) and row[r]}
 
 
+def fmri_only_rows(table: pd.DataFrame, roles: tuple[str, ...]) -> pd.Series:
+    """Rows with a BOLD / ROI time series and none of ``roles`` (an all-empty row stays: a manifest error)."""
+
+    def has(cols: tuple[str, ...]) -> pd.Series:
+        present = [c for c in cols if c in table.columns]
+        if not present:
+            return pd.Series(False, index=table.index)
+        return table[present].map(lambda v: isinstance(v, str) and bool(v)).any(axis=1)
+
+    return has(("bold", "timeseries")) & ~has(roles)
+
+
 def _work(paths: dict[str, str], spec: PreprocSpec, cache_dir: str) -> str:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -354,8 +366,10 @@ def preprocess_cohort(table: pd.DataFrame, spec: PreprocSpec, cache_dir: str | P
     if not any(r in table.columns for r in roles):
         raise InputError(f"no image column to preprocess (one of {', '.join(roles)})", path=table.attrs.get("source"),
                          fix="point --data at a structural or lesion manifest / BIDS folder with anat images")
-    rows = shard_rows(table, shard)
-    counts = {"done": 0, "cached": 0, "failed": 0}
+    # a BIDS root also lists its func/ scans: those rows are not this command's input, not failures
+    fmri = fmri_only_rows(table, roles)
+    rows = shard_rows(table[~fmri], shard)
+    counts = {"done": 0, "cached": 0, "failed": 0, "skipped_fmri": int(fmri.sum())}
     failures: list[dict[str, str]] = []
     # a failure row names the scan, not only the subject: sessions/states/runs of one subject differ there
     ident = [c for c in ("subject", "session", "state", "run") if c in rows.columns]

@@ -976,6 +976,7 @@ def segment(
                 device=dev,
             )
         ], []
+    from neuromoe.data.preprocess import fmri_only_rows
     from neuromoe.io.table import load_table
 
     source = Path(inputs)
@@ -983,6 +984,7 @@ def segment(
         source = source / "manifests" / "lesion.csv"
     table = load_table(source)
     mods = meta["extra"]["modalities"]
+    table = table[~fmri_only_rows(table, (*mods, "mask"))]  # a BIDS root's func/ scans are not cases
     out_dir = Path(output)
     sidecars, failures = [], []
     for _, row in table.iterrows():
