@@ -388,3 +388,22 @@ def test_paper_preset_preprocesses_to_its_backbone_input_and_cuda_without_gpu_is
     if not torch.cuda.is_available():  # evaluate/predict crashed with a raw traceback here
         with pytest.raises(ConfigError, match="no CUDA"):
             pipe._device("cuda")
+
+
+def test_tasks_without_any_label_are_dropped_not_trained_as_untrained_heads(cohort, tmp_path, capsys):
+    """A UK Biobank manifest (age, sex, site; no dx columns): the preset's dx_ad/dx_pd tasks are dropped with a
+    notice, so neither the model nor predict reports diagnoses from heads that never saw a label."""
+    ukb = pd.read_csv(cohort).drop(columns=["dx_ad", "dx_pd"])
+    ukb["t1"] = [str((cohort.parent / p).resolve()) for p in ukb["t1"]]  # the manifest's paths are relative to it
+    ukb.to_csv(tmp_path / "ukb.csv", index=False)
+    out = pipe.train(tmp_path / "ukb.csv", tmp_path / "ft", _cfg(tmp_path))
+    assert "task 'dx_ad' dropped" in capsys.readouterr().err
+    meta = json.loads((out / "model" / "config.json").read_text())
+    assert [t["name"] for t in meta["tasks"]] == ["age", "sex"]
+    assert "dx_ad" not in (out / "config.yaml").read_text()
+    frame, _ = pipe.predict(out / "model", tmp_path / "ukb.csv", tmp_path / "p.csv", device="cpu", progress=False)
+    assert not any(c.startswith("dx_") for c in frame.columns)
+    none = ukb.drop(columns=["age", "sex"])
+    none.to_csv(tmp_path / "none.csv", index=False)
+    with pytest.raises(InputError, match="no training subject has a label of any task"):
+        pipe.train(tmp_path / "none.csv", tmp_path / "ft2", _cfg(tmp_path))

@@ -25,7 +25,7 @@ import os
 import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neuromoe.config import load_family_config, save_config, to_dict
-from neuromoe.data.structural import MISSING_CLASS, StructuralDataset, TaskSpec, assign_splits, load_t1
+from neuromoe.data.structural import (
+    MISSING_CLASS,
+    StructuralDataset,
+    TaskSpec,
+    assign_splits,
+    encode_labels,
+    load_t1,
+)
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import resolve_device
@@ -480,6 +487,29 @@ def _load_pretrained(model: DenseFormerMoE, model_dir: str | Path) -> dict[str, 
     return meta
 
 
+def _learnable_tasks(table: pd.DataFrame, tasks: Sequence[TaskSpec], train_mask: np.ndarray,
+                     source: str) -> list[TaskSpec]:
+    """The tasks some training subject has a label for. A preset's task whose label this cohort does not have
+    at all (dx_ad on a UK Biobank manifest) is dropped with a notice: an untrained head would still answer."""
+    labels = encode_labels(table, tasks, source)
+    kept = []
+    for t in tasks:
+        y = labels[t.name][train_mask]
+        known = y[y != MISSING_CLASS] if t.type == "classification" else y[np.isfinite(y)]
+        if known.size == 0:
+            print(f"neuromoe: task '{t.name}' dropped: no training subject has a '{t.label_column}' label",
+                  file=sys.stderr)
+            continue
+        if t.type == "classification" and np.unique(known).size < 2:
+            print(f"neuromoe: warning: task '{t.name}': every training label is '{t.classes[int(known[0])]}', "
+                  "so its predictions carry no information", file=sys.stderr)
+        kept.append(t)
+    if not kept:
+        raise InputError(f"no training subject has a label of any task ({', '.join(t.label_column for t in tasks)})",
+                         path=source, fix="add label columns to the manifest (or participants.tsv)")
+    return kept
+
+
 def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = None, *,
           resume: bool = False) -> Path:
     """Multi-task fine-tuning → ``out/model`` (with calibration fitted on validation) and a report section."""
@@ -496,10 +526,12 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     _require_labels(table, source)
     split = assign_splits(table, seed=cfg.seed).to_numpy()
     spec = _spec(cfg)
-    dataset = StructuralDataset(table, ft.tasks, spec, _img_size(cfg), cache=_cache(cfg), source=source)
     train_mask = _label_subsample(table, split == "train", ft.label_fraction, cfg.seed)
     if not (split == "val").any():
         raise InputError("no validation subjects", path=source, fix="add 'val' rows to the split column")
+    ft = replace(ft, tasks=_learnable_tasks(table, ft.tasks, train_mask, source))
+    cfg = replace(cfg, finetune=ft)  # the saved config and model list the tasks actually trained
+    dataset = StructuralDataset(table, ft.tasks, spec, _img_size(cfg), cache=_cache(cfg), source=source)
     target_stats = {}
     for t in ft.tasks:
         if t.type == "regression":
