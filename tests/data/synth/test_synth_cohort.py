@@ -165,3 +165,37 @@ def test_regenerating_into_a_cohort_folder_leaves_no_stale_subjects(tmp_path: Pa
     with pytest.raises(InputError, match="not empty"):
         synth_cohort(user, **KW)
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
+
+
+def test_small_cohorts_get_every_split_and_big_ones_keep_theirs(cohort: Path) -> None:
+    """6 structural subjects over 7 strata (each under 3) used to be all 'train', so the documented train /
+    evaluate commands failed; now every kind of 3 or more has train, val and test."""
+    from neuromoe.data.synth.cohort import stratified_split
+
+    for name in ("structural", "lesion", "fmri"):
+        assert {r["split"] for r in _rows(cohort / "manifests" / f"{name}.csv")} == {"train", "val", "test"}
+    for n in (3, 4, 12):
+        split = stratified_split([f"s{i % 7}" for i in range(n)], seed=1)
+        assert {"train", "val", "test"} <= set(split) and split.count("train") >= 1
+    assert stratified_split(["a", "b"], seed=0) == ["train", "train"]
+    # strata of 3+ are split as before (70/15/15 per stratum); the top-up never runs there
+    big = stratified_split([f"s{i % 5}" for i in range(150)], seed=0)
+    assert (big.count("train"), big.count("val"), big.count("test")) == (110, 20, 20)
+
+
+def test_participants_tsv_carries_the_manifests_labels(cohort: Path) -> None:
+    """The cohort read as a BIDS root has the manifests' subject labels (it had only kind/age/sex)."""
+    from neuromoe.io.table import load_table
+
+    table = load_table(cohort)
+    struct = {r["subject"]: r for r in _rows(cohort / "manifests" / "structural.csv")}
+    fmri = {r["subject"]: r for r in _rows(cohort / "manifests" / "fmri.csv")}
+    for _, row in table.iterrows():
+        want = struct.get(row["subject"]) or fmri.get(row["subject"])
+        if want is None:
+            continue  # a lesion case
+        for col in ("dx_ad", "dx_pd", "phenotype", "site", "split"):
+            if col in want:
+                assert (want[col] or None) == (None if row[col] != row[col] else row[col]), (row["subject"], col)
+    lesion = _rows(cohort / "manifests" / "lesion.csv")[0]
+    assert table.set_index("subject").loc[lesion["subject"], "lesion_type"] == lesion["lesion_type"]

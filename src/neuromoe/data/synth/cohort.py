@@ -18,6 +18,8 @@ from neuromoe.errors import InputError
 from neuromoe.io.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 KINDS = ("structural", "lesion", "fmri")
+# subject-level label columns of the manifests (not paths, not the per-scan session/state)
+PARTICIPANT_COLS = ["age", "sex", "dx_ad", "dx_pd", "cohort", "site", "lesion_type", "dataset", "phenotype", "split"]
 _FILE_SUFFIX = {"t1": "T1w", "t1c": "ce-gd_T1w", "t2": "T2w", "flair": "FLAIR", "dwi": "DWI"}
 STRUCT_COLS = ["subject", "t1", "age", "sex", "dx_ad", "dx_pd", "cohort", "site", "split"]
 LESION_COLS = ["subject", "t1", "t1c", "t2", "flair", "dwi", "mask", "lesion_type", "dataset", "site", "split"]
@@ -49,17 +51,34 @@ def _write_csv(path: Path, cols: list[str], rows: Iterable[dict]) -> None:
 
 
 def stratified_split(strata: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) -> list[str]:
-    """Deterministic train/val/test per stratum so every label is present in every split when possible."""
+    """Deterministic train/val/test per stratum so every label is present in every split when possible.
+
+    Strata under 3 subjects stay in train; if that leaves val or test empty (a small cohort of many small
+    strata), it gets ``max(1, round(fraction * n))`` subjects from the strata with the most train rows left,
+    so every cohort of 3 or more has all three splits (big cohorts are unchanged).
+    """
     rng = np.random.default_rng([seed, 99])
     out = [""] * len(strata)
+    order: dict[str, list[int]] = {}
     for s in sorted(set(strata)):
         idx = [i for i, v in enumerate(strata) if v == s]
         rng.shuffle(idx)
+        order[s] = idx
         n = len(idx)
         n_val = round(fractions[1] * n) if n >= 3 else 0
         n_test = round(fractions[2] * n) if n >= 3 else 0
         for j, i in enumerate(idx):
             out[i] = "val" if j < n_val else "test" if j < n_val + n_test else "train"
+    if len(strata) >= 3:
+        for name, frac in (("val", fractions[1]), ("test", fractions[2])):
+            if name in out:
+                continue
+            for _ in range(max(1, round(frac * len(strata)))):
+                left = {s: [i for i in idx if out[i] == "train"] for s, idx in order.items()}
+                s = max(sorted(left), key=lambda k: len(left[k]))  # ties: the first stratum by name
+                if len(left[s]) <= 1 and sum(map(len, left.values())) <= 1:
+                    break  # keep at least one training subject
+                out[left[s][-1]] = name
     return out
 
 
@@ -114,13 +133,13 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
             row = {"subject": sub, "t1": rel, "age": round(float(age), 2), "sex": sex, "dx_ad": dx_ad,
                    "dx_pd": dx_pd, "cohort": cohort, "site": site}
             rows.append(row)
-            participants.append({"participant_id": sub, "kind": "structural", "age": row["age"], "sex": sex})
             truth["subjects"][sub] = {"kind": "structural", "age": float(age), "dx_ad": dx_ad, "dx_pd": dx_pd}
         strata = [f"{r['cohort']}-{r['dx_ad'] or r['dx_pd'] or r['sex']}" for r in rows]
         for r, s in zip(rows, stratified_split(strata, seed), strict=True):
             r["split"] = s
         result["structural"] = out / "manifests" / "structural.csv"
         _write_csv(result["structural"], STRUCT_COLS, rows)
+        participants += [{"kind": "structural", **r} for r in rows]
 
     if "lesion" in kinds and n_lesion > 0:
         rows = []
@@ -142,13 +161,13 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
             _save_nii(out / rel, mask, anat.affine, dtype=np.uint8)
             row["mask"] = rel
             rows.append(row)
-            participants.append({"participant_id": sub, "kind": "lesion"})
             truth["subjects"][sub] = {"kind": "lesion", "lesion_type": lt, "lesion_voxels": int(mask.sum()),
                                       "modalities": list(images)}
         for r, s in zip(rows, stratified_split([r["lesion_type"] for r in rows], seed), strict=True):
             r["split"] = s
         result["lesion"] = out / "manifests" / "lesion.csv"
         _write_csv(result["lesion"], LESION_COLS, rows)
+        participants += [{"kind": "lesion", **r} for r in rows]
 
     if "fmri" in kinds and n_fmri > 0:
         d = fm.design(n_rois, seed)
@@ -185,7 +204,6 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
                               "cohort": cohort, "phenotype": ("patient" if patient else "control")
                               if cohort == "downstream" else "", "sex": sex, "age": round(age, 2), "site": site})
             subj_rows.append(these)
-            participants.append({"participant_id": sub, "kind": "fmri", "age": round(age, 2), "sex": sex})
             truth["subjects"][sub] = {"kind": "fmri", "cohort": cohort, "patient": patient, "age": age}
         strata = [f"{r[0]['cohort']}-{r[0]['phenotype']}" for r in subj_rows]
         for these, s in zip(subj_rows, stratified_split(strata, seed), strict=True):
@@ -199,10 +217,13 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
         result["fmri"] = out / "manifests" / "fmri.csv"
         result["atlas"] = atlas
         _write_csv(result["fmri"], FMRI_COLS, rows)
+        participants += [{"kind": "fmri", **these[0]} for these in subj_rows]  # the labels are per subject
 
-    cols = ["participant_id", "kind", "age", "sex"]
+    # every per-subject label of the manifests, so the folder read as BIDS carries the same labels (n/a = none)
+    cols = ["participant_id", "kind", *PARTICIPANT_COLS]
     atomic_write_text(out / "participants.tsv", "\t".join(cols) + "\n" + "".join(
-        "\t".join(str(p.get(c, "n/a")) for c in cols) + "\n" for p in participants))
+        "\t".join([p["subject"], p["kind"], *(str(p.get(c, "")) or "n/a" for c in PARTICIPANT_COLS)]) + "\n"
+        for p in sorted(participants, key=lambda p: p["subject"])))
     atomic_write_json(out / "dataset_description.json", {
         "Name": "NeuroMoE synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
         "GeneratedBy": [{"Name": "neuromoe synth", "Description": f"seed={seed} spacing={spacing}"}]})
