@@ -38,3 +38,19 @@ def test_json_numpy(tmp_path):
 
     atomic_write_json(tmp_path / "a.json", {"x": np.float32(1.5), "y": np.arange(3)})
     assert (tmp_path / "a.json").read_text().count("1.5") == 1
+
+
+def test_strict_json_writes_null_for_nan_and_inf(tmp_path):
+    """Results files are standard JSON (a conformal interval of infinite width used to be written as Infinity,
+    which jq / JavaScript refuse); model configs keep NaN so they read back exactly."""
+    import json
+
+    import numpy as np
+
+    obj = {"mean_width": float("inf"), "r": [np.float32("nan"), 0.5], "nested": {"x": np.array([1.0, -np.inf])}}
+    atomic_write_json(tmp_path / "m.json", obj, strict=True)
+    text = (tmp_path / "m.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text) == {"mean_width": None, "r": [None, 0.5], "nested": {"x": [1.0, None]}}
+    atomic_write_json(tmp_path / "c.json", {"v": float("nan")})
+    assert np.isnan(json.loads((tmp_path / "c.json").read_text())["v"])

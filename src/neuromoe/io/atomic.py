@@ -75,8 +75,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, *, strict: bool = False) -> None:
+    """``strict``: NaN / ±inf become ``null``, so results files (metrics.json, sidecars) are standard JSON that
+    jq, JavaScript or R read; model configs keep Python's NaN/Infinity because they are read back exactly."""
+    if strict:
+        obj = _finite(obj)
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=not strict)
+    atomic_write_text(path, text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

@@ -1024,7 +1024,7 @@ def evaluate(
         },
         "expert_embedding_correlation": corr.tolist(),
     }
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics, strict=True)
     frame = _scan_ids(down.table)
     frame["phenotype"] = down.table[cfg.data.phenotype].to_numpy()
     for ci, c in enumerate(down.classes):

@@ -275,7 +275,7 @@ def run(
         sel = split == name
         if sel.any():
             metrics[name] = _split_metrics(ages[sel], pred[sel], mean, cfg.n_bootstrap, seed)
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics, strict=True)
     frame = pd.DataFrame({"subject": table["subject"], "split": split, "age": ages, "predicted_age": pred})
     with atomic_path(out / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)

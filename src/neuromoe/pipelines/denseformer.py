@@ -950,7 +950,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
             entry["expert_usage"] = np.bincount(pred[f"{t.name}/experts"].ravel(),
                                                 minlength=model.head.num_experts).tolist()
         metrics["tasks"][t.name] = entry
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics, strict=True)
     with atomic_path(out / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
     own = section is None

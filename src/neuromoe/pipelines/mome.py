@@ -755,7 +755,7 @@ def evaluate(
         }
     with atomic_path(out / "per_case.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics, strict=True)
     own = section is None
     section = _new_section("MoME: lesion segmentation on held-out cases") if own else section
     _add_evaluation(section, metrics, frame, cases, maps, mods)
@@ -927,7 +927,7 @@ def _segment_case(
     save_nifti(mask.astype(np.uint8), output, like=ref, dtype=np.uint8)
     if prob_in is not None:
         save_nifti(prob_in.astype(np.float32), _with_suffix(output, "_prob.nii.gz"), like=ref, dtype=np.float32)
-    atomic_write_json(_with_suffix(output, ".json"), sidecar)
+    atomic_write_json(_with_suffix(output, ".json"), sidecar, strict=True)
     return sidecar
 
 
