@@ -302,3 +302,23 @@ def test_evaluate_without_seed_scores_the_split_the_model_was_trained_on(
         out = tmp_path / f"ev{seed}"
         assert main([*argv, "--out", str(out), *extra]) == 0, capsys.readouterr().err
         assert set(pd.read_csv(out / "per_case.csv")["subject"]) == test[seed]
+
+
+def test_segment_cache_is_used_and_gives_the_same_mask(model_dir, anatomical, coarse, tmp_path, monkeypatch) -> None:
+    """segment --cache keeps the preprocessed inputs (it used to be accepted and ignored); a second run reads
+    them back instead of preprocessing again and writes the identical mask."""
+    import neuromoe.data.preprocess as prep
+
+    cache = tmp_path / "cache"
+    argv = ["segment", "--model", model_dir, "--t1", anatomical, "--flair", coarse, "--device", "cpu",
+            "--cache", str(cache)]
+    assert main([*argv, "--output", str(tmp_path / "a.nii.gz")]) == 0
+    assert len(list(cache.glob("*.npy"))) == 1
+
+    def no_preprocessing(*_a, **_k):
+        raise AssertionError("preprocessed again despite the cache")
+
+    monkeypatch.setattr(prep, "preprocess_image", no_preprocessing)
+    assert main([*argv, "--output", str(tmp_path / "b.nii.gz")]) == 0
+    a, b = (np.asarray(nib.load(str(tmp_path / f"{n}.nii.gz")).dataobj) for n in "ab")
+    np.testing.assert_array_equal(a, b)

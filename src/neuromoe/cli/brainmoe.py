@@ -79,6 +79,8 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
 def run(verb: str, args: argparse.Namespace) -> int:
     from neuromoe.pipelines import brainmoe as pipe
 
+    # checked for every verb: a typo in --config/--set is exit 2 even where the model's stored config runs
+    cfg = pipe.load_brainmoe_config(args.config or "demo", args.overrides, seed=args.seed, device=args.device)
     if verb == "predict":
         frame, failures = pipe.predict(args.model, args.input, args.output, device=args.device)
         print(f"wrote {len(frame)} predictions to {args.output}; {len(failures)} failed", file=sys.stderr)
@@ -93,7 +95,6 @@ def run(verb: str, args: argparse.Namespace) -> int:
         if failures:
             print(f"{len(failures)} scan(s) failed, listed in {out.stem}_failures.csv", file=sys.stderr)
         return 1 if failures else 0
-    cfg = pipe.load_brainmoe_config(args.config or "demo", args.overrides, seed=args.seed, device=args.device)
     if getattr(args, "unfreeze_experts", None) is not None:
         cfg.model.unfreeze_experts = args.unfreeze_experts
     if verb == "pretrain":

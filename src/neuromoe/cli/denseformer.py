@@ -52,14 +52,15 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
 def run(verb: str, args: argparse.Namespace) -> int:
     from neuromoe.pipelines import denseformer as pipe
 
+    # checked for every verb: a typo in --config/--set is exit 2 even where the model's stored config runs
+    cfg = pipe.load_denseformer_config(args.config or "demo", args.overrides, seed=args.seed,
+                                       device=args.device)
     if verb == "predict":
         frame, failures = pipe.predict(args.model, args.input, args.output, device=args.device,
                                        strict=args.strict, progress=not args.no_progress,
-                                       cache_dir=args.cache, batch_size=args.batch_size)
+                                       cache_dir=args.cache or cfg.cache_dir, batch_size=args.batch_size)
         print(f"wrote {len(frame)} predictions to {args.output}; {len(failures)} failed", file=sys.stderr)
         return 1 if failures else 0
-    cfg = pipe.load_denseformer_config(args.config or "demo", args.overrides, seed=args.seed,
-                                       device=args.device)
     if args.cache:
         cfg.cache_dir = args.cache
     if verb == "evaluate":

@@ -64,16 +64,16 @@ INFERENCE_VERBS = ("predict", "segment", "embed")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    """Options every family verb understands. Inference verbs replay the config stored in the model, so they
-    take no --config/--set/--seed: accepting and ignoring them would mislead (argparse refuses them, exit 2)."""
+    """Options every family verb understands. Inference verbs replay the preprocessing and architecture stored
+    with the model; they still check --config/--set (a typo is exit 2, never silently accepted)."""
     g = parser.add_argument_group("common options")
-    if verb not in INFERENCE_VERBS:
-        g.add_argument("--config", "-c", default=None, help="preset name (tiny, demo, paper) or a YAML file")
-        g.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override a config value, e.g. --set train.lr=1e-3 (repeatable)",
-        )
-        g.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
+    note = " (checked; the model's stored config is what runs)" if verb in INFERENCE_VERBS else ""
+    g.add_argument("--config", "-c", default=None, help=f"preset name (tiny, demo, paper) or a YAML file{note}")
+    g.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set train.lr=1e-3 (repeatable){note}",
+    )
+    g.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
 
 

@@ -37,12 +37,12 @@ def _precision_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
-    if verb != "segment":  # segment reads each scan once, on its own grid: nothing to cache
-        parser.add_argument(
-            "--cache",
-            default=None,
-            help="preprocessing cache folder (default: $NEUROMOE_CACHE or ~/.cache/neuromoe/preprocess)",
-        )
+    parser.add_argument(
+        "--cache",
+        default=None,
+        help="preprocessing cache folder (default: $NEUROMOE_CACHE or ~/.cache/neuromoe/preprocess; "
+        "segment: none)",
+    )
     if verb in ("pretrain", "train"):
         parser.add_argument(
             "--data", required=True, help="cohort folder, lesion manifest CSV/TSV or BIDS folder"
@@ -80,6 +80,10 @@ def run(verb: str, args: argparse.Namespace) -> int:
     from neuromoe.errors import InputError
     from neuromoe.pipelines import mome as pipe
 
+    # checked for every verb: a typo in --config/--set is exit 2 even where the model's stored config runs
+    cfg = pipe.load_mome_config(args.config or "demo", args.overrides, seed=args.seed, device=args.device)
+    if args.cache:
+        cfg.cache_dir = args.cache
     if verb == "segment":
         paths = {m: getattr(args, m) for m in DEFAULT_MODALITIES if getattr(args, m)}
         if bool(paths) == bool(args.input):
@@ -95,6 +99,7 @@ def run(verb: str, args: argparse.Namespace) -> int:
             tta=args.tta,
             precision=args.precision,
             device=args.device,
+            cache_dir=cfg.cache_dir,
         )
         if paths:
             print(json.dumps({k: v for k, v in sidecars[0].items() if k != "inputs"}))
@@ -103,9 +108,6 @@ def run(verb: str, args: argparse.Namespace) -> int:
                 f"segmented {len(sidecars)} cases into {args.output}; {len(failures)} failed", file=sys.stderr
             )
         return 1 if failures else 0
-    cfg = pipe.load_mome_config(args.config or "demo", args.overrides, seed=args.seed, device=args.device)
-    if args.cache:
-        cfg.cache_dir = args.cache
     if verb == "evaluate":
         out = pipe.evaluate(
             args.model,

@@ -300,27 +300,38 @@ class PreprocCache:
 
 
 class CaseResult(dict):
-    """Role → array on the common output grid, with the grid's ``affine``."""
+    """Role → array on the common output grid, with the grid's ``affine`` and the reference input grid's
+    ``ref_affine`` (see :class:`Preprocessed`)."""
 
     affine: np.ndarray
+    ref_affine: np.ndarray | None
 
 
-def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCache | None = None) -> CaseResult:
-    """Load and preprocess every role of one case onto one grid (reference = first role), cached."""
+def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCache | None = None, *,
+                    loaded: dict[str, Image] | None = None) -> CaseResult:
+    """Load and preprocess every role of one case onto one grid (reference = first role), cached.
+
+    ``loaded``: images the caller has already read (used on a cache miss instead of reading them again).
+    """
     paths = {r: str(p) for r, p in paths.items()}
+    loaded = loaded or {}
     key = cache.key(paths, spec) if cache is not None else None
     hit = cache.get(key) if cache is not None else None
+    if hit is not None and spec.register and "ref_affine" not in hit[1]:
+        hit = None  # written before entries kept the registered world of the input grid
     if hit is not None:
         cache.hits += 1
         data, meta = hit
     else:
-        pre = preprocess_image({r: load_nifti(p) for r, p in paths.items()}, spec)
-        data, meta = pre.data, {"roles": list(paths), "affine": pre.affine.tolist(), "paths": paths}
+        pre = preprocess_image({r: loaded[r] if r in loaded else load_nifti(p) for r, p in paths.items()}, spec)
+        data, meta = pre.data, {"roles": list(paths), "affine": pre.affine.tolist(), "paths": paths,
+                                "ref_affine": None if pre.ref_affine is None else pre.ref_affine.tolist()}
         if cache is not None:
             cache.misses += 1
             cache.put(key, data, meta)
     res = CaseResult({r: data[i] for i, r in enumerate(meta["roles"])})
     res.affine = np.asarray(meta["affine"])
+    res.ref_affine = None if meta.get("ref_affine") is None else np.asarray(meta["ref_affine"])
     return res
 
 

@@ -850,11 +850,12 @@ def _segment_case(
     tta: bool,
     precision: str,
     device: torch.device,
+    cache: Any = None,
 ) -> dict[str, Any]:
     """Segment one case; nothing is written unless every input is valid."""
     from scipy import ndimage
 
-    from neuromoe.data.preprocess import PreprocSpec, preprocess_image
+    from neuromoe.data.preprocess import PreprocSpec, preprocess_case
     from neuromoe.io.nifti import load_nifti, resample_to_grid, save_nifti
 
     extra = meta["extra"]
@@ -867,17 +868,17 @@ def _segment_case(
             f"model has no expert for {unknown}", path=paths[unknown[0]], fix=f"give images of {mods}"
         )
     ordered = [m for m in mods if m in paths]
-    # other grids: resampled, or refused if not co-registered
-    images = {m: load_nifti(paths[m]) for m in ordered}
-    ref = images[ordered[0]]
+    # the reference grid is always read (the mask is written on it); other grids are resampled, or refused if
+    # not co-registered, inside preprocess_case (or were, when the case was cached)
+    ref = load_nifti(paths[ordered[0]])
     # the whole field of view: the training crop (spec.shape) cuts off lesions outside it; the sliding
     # window takes any size
     spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
-    pre = preprocess_image(images, spec)
-    arrays = dict(zip(ordered, pre.data, strict=True))
+    pre = preprocess_case({m: str(paths[m]) for m in ordered}, spec, cache, loaded={ordered[0]: ref})
+    arrays = {m: pre[m] for m in ordered}
     patch = extra["patch_size"]
     if extra["multimodal"]:
-        shape = pre.data.shape[1:]
+        shape = arrays[ordered[0]].shape
         x = np.stack([arrays.get(m, np.zeros(shape, np.float32)) for m in mods])
         preds = [
             predict_volume(
@@ -945,6 +946,7 @@ def segment(
     tta: bool = False,
     precision: str | None = None,
     device: str = "auto",
+    cache_dir: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Segment new scans; returns ``(sidecars, failures)``.
 
@@ -952,12 +954,14 @@ def segment(
     :class:`InputError` and writes nothing), or a manifest / cohort / BIDS folder (``output`` = folder with
     ``<subject>_mask.nii.gz`` + JSON sidecar per case; failed cases are listed in ``failures.csv`` and the
     others still finish). The mask has exactly the input's shape and affine (nearest resampling).
-    ``precision`` defaults to the one the model's threshold was tuned with.
+    ``precision`` defaults to the one the model's threshold was tuned with. ``cache_dir``: keep the
+    preprocessed inputs there (no cache by default: segment usually sees each scan once).
     """
     model, meta = _load(model_dir)
     precision = precision or meta["extra"].get("precision", "fp32")
     dev = resolve_device(device)
     model.to(dev)
+    cache = None if cache_dir is None else _cache(str(cache_dir))
     if isinstance(inputs, dict):
         output = Path(output)
         if not output.name.endswith((".nii", ".nii.gz")):
@@ -974,6 +978,7 @@ def segment(
                 tta=tta,
                 precision=precision,
                 device=dev,
+                cache=cache,
             )
         ], []
     from neuromoe.data.preprocess import fmri_only_rows
@@ -1005,6 +1010,7 @@ def segment(
                         tta=tta,
                         precision=precision,
                         device=dev,
+                        cache=cache,
                     ),
                 }
             )
