@@ -407,3 +407,15 @@ def test_tasks_without_any_label_are_dropped_not_trained_as_untrained_heads(coho
     none.to_csv(tmp_path / "none.csv", index=False)
     with pytest.raises(InputError, match="no training subject has a label of any task"):
         pipe.train(tmp_path / "none.csv", tmp_path / "ft2", _cfg(tmp_path))
+
+
+def test_label_fraction_counts_subjects_not_sessions():
+    """--label-fraction 0.3 on three sessions per subject keeps 30 % of the subjects with all their sessions (it
+    kept 30 % of the rows, splitting subjects between labelled and unlabelled)."""
+    table = pd.DataFrame({"subject": [f"s{i // 3}" for i in range(60)], "session": [f"ses-{i % 3}" for i in range(60)],
+                          "cohort": ["adni"] * 30 + ["ppmi"] * 30})
+    keep = pipe._label_subsample(table, np.ones(60, bool), 0.3, seed=0)
+    per_subject = pd.Series(keep).groupby(table["subject"]).agg(["all", "any"])
+    assert (per_subject["all"] == per_subject["any"]).all()
+    kept = table.loc[keep].drop_duplicates("subject")
+    assert kept["cohort"].value_counts().to_dict() == {"adni": 3, "ppmi": 3}  # ceil(0.3 × 10) per cohort

@@ -131,22 +131,25 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 
 
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
-                 seed: int = 0, stratify: np.ndarray | None = None) -> tuple[float, float, float]:
+                 seed: int = 0, stratify: np.ndarray | None = None,
+                 groups: np.ndarray | None = None) -> tuple[float, float, float]:
     """``(point estimate, lower, upper)`` percentile bootstrap CI of ``metric_fn(*arrays)``.
 
-    Resamples subjects (the first axis of every array) with replacement; with ``stratify`` (e.g. the
+    Resamples rows (the first axis of every array) with replacement; with ``stratify`` (e.g. the
     class labels) each stratum is resampled to its own size, so rare classes never vanish from a
-    replicate and AUCs stay defined. Replicates giving NaN are dropped; all-NaN → NaN bounds.
+    replicate and AUCs stay defined. With ``groups`` (the subject of each row) whole subjects are resampled:
+    the sessions of one subject are not independent, and resampling them one by one gives too narrow a CI
+    (a subject's stratum is that of its first row). Replicates giving NaN are dropped; all-NaN → NaN bounds.
     """
     arrays = tuple(np.asarray(a) for a in arrays)
     n = arrays[0].shape[0]
     if any(a.shape[0] != n for a in arrays):
         raise ValueError("all arrays must have the same first dimension")
     rng = np.random.default_rng(seed)
-    if stratify is not None:
-        strata = [np.flatnonzero(np.asarray(stratify) == s) for s in np.unique(np.asarray(stratify))]
-    else:
-        strata = [np.arange(n)]
+    labels = np.zeros(n, dtype=int) if stratify is None else np.asarray(stratify)
+    if groups is not None and len(np.unique(np.asarray(groups))) < n:
+        return _cluster_bootstrap(metric_fn, arrays, n_boot, alpha, rng, labels, np.asarray(groups))
+    strata = [np.flatnonzero(labels == s) for s in np.unique(labels)]
     values = np.empty(n_boot)
     with warnings.catch_warnings():  # undefined metrics on small samples are NaN here, not console noise
         warnings.simplefilter("ignore")
@@ -156,11 +159,33 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: np.ndarray, n_boot: i
         for b in range(n_boot):
             idx = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in strata])
             values[b] = metric_fn(*(a[idx] for a in arrays))
+    return _percentile_ci(point, values, alpha)
+
+
+def _percentile_ci(point: float, values: np.ndarray, alpha: float) -> tuple[float, float, float]:
     values = values[np.isfinite(values)]
     if values.size == 0:
         return point, NAN, NAN
     lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return point, float(lo), float(hi)
+
+
+def _cluster_bootstrap(metric_fn: Callable[..., float], arrays: tuple[np.ndarray, ...], n_boot: int, alpha: float,
+                       rng: np.random.Generator, labels: np.ndarray,
+                       groups: np.ndarray) -> tuple[float, float, float]:
+    """Subjects resampled with replacement within their stratum; every row of a drawn subject comes along."""
+    names, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    rows = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    strata = [np.flatnonzero(labels[first] == s) for s in np.unique(labels[first])]
+    values = np.empty(n_boot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        point = float(metric_fn(*arrays))
+        for b in range(n_boot):
+            drawn = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in strata])
+            idx = np.concatenate([rows[g] for g in drawn])
+            values[b] = metric_fn(*(a[idx] for a in arrays))
+    return _percentile_ci(point, values, alpha)
 
 
 def _lesion_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int, int]:

@@ -205,16 +205,20 @@ def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _label_subsample(table: pd.DataFrame, train_mask: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Keep ``fraction`` of the training subjects (stratified by cohort) — the label-scarce regime."""
+    """Keep ``fraction`` of the training subjects (stratified by cohort; all sessions of a kept subject) — the
+    label-scarce regime. One row per subject: the same rows as drawing rows."""
     if fraction >= 1.0:
         return train_mask
-    keep = np.zeros(len(table), dtype=bool)
     rng = np.random.default_rng(seed + 1)
-    strata = table["cohort"].astype(str) if "cohort" in table.columns else pd.Series("all", index=table.index)
-    for _, idx in strata[train_mask].groupby(strata[train_mask]).groups.items():
-        idx = rng.permutation(np.asarray(idx))
-        keep[idx[: max(1, math.ceil(len(idx) * fraction))]] = True
-    return keep
+    rows = table.reset_index(drop=True)
+    subject = rows["subject"].astype(str) if "subject" in rows.columns else pd.Series(rows.index.astype(str))
+    strata = rows["cohort"].astype(str) if "cohort" in rows.columns else pd.Series("all", index=rows.index)
+    first = pd.DataFrame({"subject": subject, "stratum": strata})[train_mask].drop_duplicates("subject")
+    kept: list[str] = []
+    for _, subs in first.groupby("stratum")["subject"]:
+        subs = subs.to_numpy()[rng.permutation(len(subs))]
+        kept += list(subs[: max(1, math.ceil(len(subs) * fraction))])
+    return train_mask & subject.isin(kept).to_numpy()
 
 
 # ------------------------------------------------------------------------------------------ trainers
@@ -801,13 +805,15 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
 
 
-def _classification_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Point estimates with class-stratified bootstrap 95 % CIs (every replicate keeps every class)."""
+def _classification_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int,
+                            groups: np.ndarray | None = None) -> dict[str, Any]:
+    """Point estimates with class-stratified bootstrap 95 % CIs (every replicate keeps every class), resampling
+    subjects (``groups``) rather than sessions."""
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
     pb = p[:, 1] if p.shape[1] == 2 else p
     yhat = p.argmax(1)
-    kw = {"n_boot": n_boot, "seed": seed, "stratify": y}
+    kw = {"n_boot": n_boot, "seed": seed, "stratify": y, "groups": groups}
     res = {"n": len(y),
            "auc": bootstrap_ci(_auc, y, pb, **kw),
            "balanced_accuracy": bootstrap_ci(balanced_accuracy_score, y, yhat, **kw),
@@ -818,10 +824,11 @@ def _classification_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int
     return res
 
 
-def _regression_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+def _regression_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int,
+                        groups: np.ndarray | None = None) -> dict[str, Any]:
     from sklearn.metrics import r2_score
 
-    kw = {"n_boot": n_boot, "seed": seed}
+    kw = {"n_boot": n_boot, "seed": seed, "groups": groups}
     return {"n": len(y),
             "mae": bootstrap_ci(lambda a, b: np.mean(np.abs(a - b)), y, p, **kw),
             "r": bootstrap_ci(lambda a, b: np.corrcoef(a, b)[0, 1], y, p, **kw),
@@ -886,6 +893,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     cal = extra["calibration"]
     metrics: dict[str, Any] = {"split": split, "n": int(rows.sum()), "tasks": {}}
     frame = pd.DataFrame({"subject": table.loc[rows, "subject"].to_numpy() if "subject" in table else np.flatnonzero(rows)})
+    subjects = frame["subject"].astype(str).to_numpy()  # CIs resample subjects: their sessions are not independent
     for t in tasks:
         y_all = dataset.labels[t.name]
         y = y_all[rows]
@@ -898,13 +906,14 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 continue
             tcal = cal.get(t.name, {})
             corrected = _corrected_age(p, tcal)
-            entry["model"] = _regression_metrics(y[have], p[have], n_bootstrap, seed)
-            entry["model_bias_corrected"] = _regression_metrics(y[have], corrected[have], n_bootstrap, seed)
+            entry["model"] = _regression_metrics(y[have], p[have], n_bootstrap, seed, subjects[have])
+            entry["model_bias_corrected"] = _regression_metrics(y[have], corrected[have], n_bootstrap, seed,
+                                                                subjects[have])
             mean = float(np.nanmean(y_all[train_rows]))
             entry["predict_train_mean_mae"] = float(np.mean(np.abs(y[have] - mean)))
             entry["mae_ratio_to_mean"] = entry["model"]["mae"][0] / max(entry["predict_train_mean_mae"], 1e-9)
             if base is not None:
-                entry["tbv_baseline"] = _regression_metrics(y[have], base[have], n_bootstrap, seed)
+                entry["tbv_baseline"] = _regression_metrics(y[have], base[have], n_bootstrap, seed, subjects[have])
             if "conformal" in tcal:
                 lo, hi = ConformalRegressor.from_dict(tcal["conformal"]).predict(corrected)
                 entry["conformal"] = {"nominal": 1 - tcal["conformal"]["alpha"],
@@ -922,9 +931,10 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
             have = y >= 0
             if have.sum() < 3 or len(np.unique(y[have])) < 2:
                 continue
-            entry["model"] = _classification_metrics(y[have], p[have], n_bootstrap, seed)
+            entry["model"] = _classification_metrics(y[have], p[have], n_bootstrap, seed, subjects[have])
             if base is not None:
-                entry["tbv_baseline"] = _classification_metrics(y[have], base[have], n_bootstrap, seed)
+                entry["tbv_baseline"] = _classification_metrics(y[have], base[have], n_bootstrap, seed,
+                                                                subjects[have])
             pos = _positive_vs_reference(t)
             pos = pos if pos is not None and t.num_outputs > 2 else None  # e.g. AD vs CN on a CN/MCI/AD head
             sel = have & np.isin(y, list(pos or ()))
@@ -933,7 +943,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 score = p[sel, tgt] / (p[sel, tgt] + p[sel, ref] + 1e-12)
                 is_tgt = (y[sel] == tgt).astype(int)
                 entry[f"auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = bootstrap_ci(
-                    _auc, is_tgt, score, n_boot=n_bootstrap, seed=seed, stratify=is_tgt)
+                    _auc, is_tgt, score, n_boot=n_bootstrap, seed=seed, stratify=is_tgt, groups=subjects[sel])
                 if base is not None:
                     bscore = base[sel, tgt] / (base[sel, tgt] + base[sel, ref] + 1e-12)
                     entry[f"tbv_auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = _auc(
