@@ -353,3 +353,14 @@ def test_svm_baseline_inner_cv_never_splits_a_subject(monkeypatch):
     for cv, xx, yy, groups in seen:
         assert groups is not None and hasattr(cv, "split")
         assert all(not set(groups[tr]) & set(groups[te]) for tr, te in cv.split(xx, yy, groups))
+
+
+def test_pooled_baselines_say_which_task_they_skip(capsys):
+    """A fold with too few labelled scans for a task leaves that baseline out of the summary: it is now said."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 4))
+    y = {"phenotype": np.r_[np.zeros(5), np.ones(5)].astype(np.int64), "age": np.r_[20.0, 30.0, [np.nan] * 8]}
+    out = bm._sklearn_baselines(x[:8], x[8:], {k: v[:8] for k, v in y.items()}, bm.EvalSection(svm_c=[1.0]), 0,
+                                {"phenotype": 2}, np.arange(8))
+    assert "phenotype" in out["svm"] and "age" not in out["svm"]
+    assert "pooled baselines skip 'age' in this fold: 2 labelled training scans" in capsys.readouterr().err

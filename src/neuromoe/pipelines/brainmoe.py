@@ -879,13 +879,14 @@ def _sklearn_baselines(
     grid = [{"svc__kernel": ["linear", "rbf"], "svc__C": ev.svm_c}]
     for task, y in y_tr.items():
         have = np.isfinite(y) if task == "age" else y >= 0
-        if have.sum() < 4 or (task != "age" and len(np.unique(y[have])) < 2):
+        gt = np.arange(len(y))[have] if groups is None else np.asarray(groups)[have]
+        if have.sum() < 4 or len(np.unique(gt)) < 2 or (task != "age" and len(np.unique(y[have])) < 2):
+            # said, not silent: the summary then has no pooled+MLP/SVM entry for this task
+            print(f"neuromoe: pooled baselines skip '{task}' in this fold: {int(have.sum())} labelled training "
+                  "scans (need 4, of 2+ subjects and, for a class, 2+ classes)", file=sys.stderr)
             continue
         xt, yt = x_tr[have], y[have]
-        gt = np.arange(len(y))[have] if groups is None else np.asarray(groups)[have]
         n_groups = len(np.unique(gt))
-        if n_groups < 2:
-            continue
         if task == "age":
             mlp = make_pipeline(
                 StandardScaler(),
