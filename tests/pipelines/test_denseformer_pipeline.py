@@ -419,3 +419,15 @@ def test_label_fraction_counts_subjects_not_sessions():
     assert (per_subject["all"] == per_subject["any"]).all()
     kept = table.loc[keep].drop_duplicates("subject")
     assert kept["cohort"].value_counts().to_dict() == {"adni": 3, "ppmi": 3}  # ceil(0.3 × 10) per cohort
+
+
+def test_loose_bids_named_files_are_predicted_under_their_subject_and_session():
+    """predict --input folder/: sub-01_ses-2_T1w.nii.gz is subject sub-01, session ses-2 (it was 'sub-01_ses-2_T1w',
+    which joins no participants table); other names, and BIDS names that would collide, keep the file stem."""
+    table = pipe._file_table([Path("d/sub-01_ses-2_T1w.nii.gz"), Path("d/sub-01_ses-3_run-1_T1w.nii"),
+                              Path("d/scan7.nii.gz")])
+    assert table[["subject", "session"]].fillna("").values.tolist() == [["sub-01", "ses-2"], ["sub-01", "ses-3"],
+                                                                        ["scan7", ""]]
+    assert table["run"].fillna("").tolist() == ["", "run-1", ""]
+    clash = pipe._file_table([Path("d/sub-01_T1w.nii.gz"), Path("d/sub-01_acq-hi_T1w.nii.gz")])
+    assert clash["subject"].tolist() == ["sub-01_T1w", "sub-01_acq-hi_T1w"]

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -1082,15 +1083,30 @@ def _fmt_ci(v: Any) -> str:
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
+def _file_table(files: Sequence[Path]) -> pd.DataFrame:
+    """Loose NIfTI files: ``subject`` (and ``session``/``run``) from BIDS names (sub-01_ses-2_T1w → sub-01, ses-2),
+    so the rows join a participants table; other names, or BIDS names that would collide, keep the file stem."""
+    ids = []
+    for f in files:
+        ent = dict(re.findall(r"(sub|ses|run)-([A-Za-z0-9]+)", f.name))
+        ids.append({"subject": f"sub-{ent['sub']}", **{k: f"{k}-{ent[k]}" for k in ("ses", "run") if k in ent}}
+                   if "sub" in ent else {"subject": f.name.split(".")[0]})
+    if len({tuple(sorted(i.items())) for i in ids}) < len(ids):
+        ids = [{"subject": f.name.split(".")[0]} for f in files]
+    table = pd.DataFrame(ids).rename(columns={"ses": "session"})
+    table["t1"] = [str(f) for f in files]
+    return table
+
+
 def _prediction_inputs(source: str | Path) -> pd.DataFrame:
     """A table with ``subject`` and ``t1`` (and ``age`` when known) from a file, folder or manifest."""
     source = Path(source)
     if source.is_file() and source.name.endswith(_NIFTI_SUFFIXES):
-        return pd.DataFrame({"subject": [source.name.split(".")[0]], "t1": [str(source)]})
+        return _file_table([source])
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.name.endswith(_NIFTI_SUFFIXES))
         if files:
-            return pd.DataFrame({"subject": [f.name.split(".")[0] for f in files], "t1": [str(f) for f in files]})
+            return _file_table(files)
     table, _ = _resolve_table(source)
     if "subject" not in table.columns:
         table["subject"] = [Path(p).name.split(".")[0] for p in table["t1"]]
