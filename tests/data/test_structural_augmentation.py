@@ -39,3 +39,23 @@ def test_augmentation_is_a_function_of_its_seed() -> None:
     plain = augmentation(5, spatial=False)
     assert [type(s).__name__ for s in plain.transforms] == ["RandScaleIntensity", "RandShiftIntensity",
                                                            "RandGaussianNoise"]
+
+
+def test_an_items_augmentation_does_not_depend_on_what_was_fetched_before() -> None:
+    """The Trainer seeds the RNGs per (epoch, item); the MONAI transforms' own RNG used to carry state from item to
+    item, so a resumed run (or another worker / rank) augmented the same item differently: inexact resume."""
+    import pandas as pd
+
+    from neuromoe.data.structural import StructuralDataset
+    from neuromoe.engine.trainer import _SeededSamples
+
+    images = np.stack([_phantom().numpy() * (1 + 0.1 * k) for k in range(3)]).astype(np.float16)
+    table = pd.DataFrame({"subject": ["a", "b", "c"], "t1": ["a.nii", "b.nii", "c.nii"]})
+    for contrast in (False, True):
+        ds = _SeededSamples(StructuralDataset(table, [], None, (24, 24, 24), augment=True, contrast=contrast,
+                                              images=images), base=7)
+        after_others = [ds[i]["image"] for i in (0, 1, 2)][2]
+        alone = _SeededSamples(StructuralDataset(table, [], None, (24, 24, 24), augment=True, contrast=contrast,
+                                                 images=images), base=7)[2]["image"]
+        assert torch.equal(after_others, alone)
+        assert not torch.equal(ds[2]["image"], torch.from_numpy(images[2].astype(np.float32)))  # it does augment

@@ -248,6 +248,9 @@ class StructuralDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         img = torch.from_numpy(self.images[i].astype(np.float32))
         if self.transform is not None:
+            # MONAI transforms keep their own RNG, which would carry state from item to item (fetch order,
+            # workers, ranks, resume): reseed it from the global RNG, which the Trainer seeds per (epoch, item)
+            self.transform.set_random_state(int(np.random.randint(2**31)))
             img = torch.as_tensor(self.transform(img)).float()
         labels = {t.name: torch.tensor(self.labels[t.name][i]) for t in self.tasks}
         return {"image": img, "labels": labels, "index": i}
