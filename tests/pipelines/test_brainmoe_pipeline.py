@@ -364,3 +364,40 @@ def test_pooled_baselines_say_which_task_they_skip(capsys):
                                 {"phenotype": 2}, np.arange(8))
     assert "phenotype" in out["svm"] and "age" not in out["svm"]
     assert "pooled baselines skip 'age' in this fold: 2 labelled training scans" in capsys.readouterr().err
+
+
+def test_train_and_pretrain_resume_after_a_kill(cohort, pretrained, tmp_path, monkeypatch):
+    """BrainMoE had no --resume: an interrupted fine-tune or pretraining could only start over. Killed after the
+    step-3 checkpoint and resumed, the fine-tune ends with the uninterrupted run's weights; a finished pretraining
+    resumed trains nothing again."""
+    import neuromoe.engine.trainer as trainer_mod
+    from neuromoe.models.registry import load_model
+
+    def cfg():
+        c = _cfg(train__epochs=4)
+        c.train.ckpt_every = 1
+        return c
+
+    full = bm.train(cohort, tmp_path / "full", cfg(), experts=pretrained)
+    save = trainer_mod.save_checkpoint
+
+    def killed(path, state):
+        save(path, state)
+        if state.get("position", {}).get("global_step", 0) >= 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bm.train(cohort, tmp_path / "res", cfg(), experts=pretrained)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", save)
+    assert not (tmp_path / "res" / "model").exists()
+    bm.train(cohort, tmp_path / "res", cfg(), experts=pretrained, resume=True)
+    a, _ = load_model(full / "model")
+    b, _ = load_model(tmp_path / "res" / "model")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    before = {p: p.stat().st_mtime_ns for p in (pretrained / "experts").glob("*/train/checkpoints/last*")}
+    assert before
+    bm.pretrain(cohort, pretrained, _cfg(), resume=True)
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before  # nothing trained again: no checkpoint rewritten

@@ -52,6 +52,8 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         which.add_argument("--states", default=None, help="'all' or a comma list of states")
         parser.add_argument("--expert-kind", choices=["fc_mae", "jepa", "state_clf"], default=None)
         parser.add_argument("--no-pooled", action="store_true", help="skip the all-states pooled expert")
+    if verb in ("pretrain", "train"):
+        parser.add_argument("--resume", action="store_true", help="resume from the run's last checkpoints")
     if verb == "train":
         parser.add_argument("--data", required=True, help="labelled cohort folder, manifest or BIDS folder")
         parser.add_argument("--experts", required=True, help="folder written by 'pretrain'")
@@ -104,12 +106,12 @@ def run(verb: str, args: argparse.Namespace) -> int:
         if args.states and args.states != "all":
             states = [s.strip() for s in args.states.split(",") if s.strip()]
         pooled = False if args.no_pooled else (None if states is None else False)
-        print(pipe.pretrain(args.data, args.out, cfg, states=states, pooled=pooled))
+        print(pipe.pretrain(args.data, args.out, cfg, states=states, pooled=pooled, resume=args.resume))
         return 0
     if verb == "train":
         if args.top_k is not None:
             cfg.model.top_k = args.top_k
-        print(pipe.train(args.data, args.out, cfg, experts=args.experts) / "model")
+        print(pipe.train(args.data, args.out, cfg, experts=args.experts, resume=args.resume) / "model")
         return 0
     if args.folds is not None:
         cfg.eval.folds = args.folds

@@ -325,9 +325,12 @@ def pretrain(
     *,
     states: Sequence[str] | None = None,
     pooled: bool | None = None,
+    resume: bool = False,
 ) -> Path:
     """One expert per cognitive state (``out/experts/<state>``) plus, by default, the expert pretrained
-    on all states pooled (``out/experts/pooled``, for the baselines); ``out/experts.json`` lists them."""
+    on all states pooled (``out/experts/pooled``, for the baselines); ``out/experts.json`` lists them.
+    ``resume``: every expert (and the state router) continues from its last checkpoint; finished ones
+    are not trained again."""
     from neuromoe.models.registry import create_model, save_model
 
     cfg = cfg or load_brainmoe_config()
@@ -390,7 +393,7 @@ def pretrain(
         trainer = ExpertTrainer(
             expert, cfg.pretrain, sub.subset(~val), sub.subset(val), run_dir=run / "train"
         )
-        result = trainer.fit_best()
+        result = trainer.fit_best(resume)
         extra = {
             "kind": "expert",
             "expert_kind": cfg.expert.kind,
@@ -406,7 +409,7 @@ def pretrain(
         elif name not in manifest["states"]:
             manifest["states"].append(name)
     if cfg.model.router_prior:
-        _pretrain_router(scans, state_of, groups, all_states, cfg, out / ROUTER, spec)
+        _pretrain_router(scans, state_of, groups, all_states, cfg, out / ROUTER, spec, resume=resume)
         manifest["router"] = ROUTER
     manifest.update({"kind": cfg.expert.kind, "fc": spec.to_dict()})
     atomic_write_json(out / EXPERTS_FILE, manifest)
@@ -429,6 +432,8 @@ def _pretrain_router(
     cfg: BrainMoEConfig,
     run: Path,
     spec: FCSpec,
+    *,
+    resume: bool = False,
 ) -> StateRouter:
     """Fit the state router on all pretraining scans: PCA of their FC, then state cross-entropy (the
     validation accuracy on held-out subjects is saved with it)."""
@@ -450,7 +455,7 @@ def _pretrain_router(
     tcfg = copy.deepcopy(cfg.pretrain)
     tcfg.epochs = cfg.model.router_prior_epochs
     trainer = ExpertTrainer(router, tcfg, sub.subset(~val), sub.subset(val), run_dir=run / "train")
-    result = trainer.fit_best()
+    result = trainer.fit_best(resume)
     router.eval()
     with torch.no_grad():
         _, logs = router.loss(sub.subset(val).tensors["fc"], target=sub.subset(val).tensors["target"])
@@ -725,7 +730,8 @@ def _age_stats(down: Downstream, rows: np.ndarray) -> tuple[float, float]:
 
 
 def _fit_moe(
-    model: BrainMoE, down: Downstream, train_rows: np.ndarray, cfg: BrainMoEConfig, run_dir: Path
+    model: BrainMoE, down: Downstream, train_rows: np.ndarray, cfg: BrainMoEConfig, run_dir: Path,
+    resume: bool = False,
 ) -> tuple[BrainMoE, tuple[float, float], Any]:
     """Train router + adapter on ``train_rows``.
 
@@ -754,7 +760,7 @@ def _fit_moe(
         age_stats=age_stats,
         msec=cfg.model,
     )
-    result = trainer.fit_best()
+    result = trainer.fit_best(resume)
     model.dense_routing = False
     return model.cpu().eval(), age_stats, result
 
@@ -786,9 +792,11 @@ def _meta(
 
 
 def train(
-    data: str | Path, out: str | Path, cfg: BrainMoEConfig | None = None, *, experts: str | Path
+    data: str | Path, out: str | Path, cfg: BrainMoEConfig | None = None, *, experts: str | Path,
+    resume: bool = False,
 ) -> Path:
-    """Fine-tune router + adapter (experts frozen unless ``model.unfreeze_experts``) → ``out/model``."""
+    """Fine-tune router + adapter (experts frozen unless ``model.unfreeze_experts``) → ``out/model``;
+    ``resume`` continues from ``out``'s last checkpoint."""
     from neuromoe.models.registry import save_model
 
     cfg = cfg or load_brainmoe_config()
@@ -800,7 +808,7 @@ def train(
     rows = np.ones(len(down.table), dtype=bool)
     if "split" in down.table.columns and down.table["split"].astype(str).isin(["train", "val"]).any():
         rows = down.table["split"].astype(str).isin(["train", "val"]).to_numpy()
-    model, age_stats, result = _fit_moe(model, down, rows, cfg, out)
+    model, age_stats, result = _fit_moe(model, down, rows, cfg, out, resume)
     save_model(
         model,
         out / "model",
