@@ -322,3 +322,28 @@ def test_segment_cache_is_used_and_gives_the_same_mask(model_dir, anatomical, co
     assert main([*argv, "--output", str(tmp_path / "b.nii.gz")]) == 0
     a, b = (np.asarray(nib.load(str(tmp_path / f"{n}.nii.gz")).dataobj) for n in "ab")
     np.testing.assert_array_equal(a, b)
+
+
+def test_batch_mode_survives_an_unforeseen_error_in_one_case(model_dir, anatomical, mni, tmp_path, monkeypatch,
+                                                            capsys) -> None:
+    """Only InputError was caught per case: e.g. an out-of-memory RuntimeError on one scan ended the whole batch
+    with a traceback. Now that case is listed in failures.csv and the others finish (exit 1)."""
+    import neuromoe.pipelines.mome as mome_pipe
+
+    real, calls = mome_pipe.predict_volume, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mome_pipe, "predict_volume", flaky)
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"subject,t1\nfirst,{anatomical}\nsecond,{mni}\n")
+    out = tmp_path / "masks"
+    assert main(["segment", "--model", model_dir, "--input", str(manifest), "--output", str(out),
+                 "--device", "cpu"]) == 1
+    assert (out / "second_mask.nii.gz").is_file() and not (out / "first_mask.nii.gz").exists()
+    assert "RuntimeError: DefaultCPUAllocator" in (out / "failures.csv").read_text()
+    assert "1 failed" in capsys.readouterr().err

@@ -238,3 +238,15 @@ def test_bids_root_with_func_scans_preprocesses_anat_only(tmp_path):
     empty = pd.DataFrame([{"subject": "s0", "t1": table["t1"].dropna().iloc[0]}, {"subject": "s1", "t1": ""}])
     out = preprocess_cohort(empty, spec, tmp_path / "d", workers=1, progress=False)
     assert (out["done"], out["failed"], out["skipped_fmri"]) == (1, 1, 0)
+
+
+def test_a_header_with_wrong_voxel_units_is_refused_before_resampling(tmp_path):
+    """1000 mm voxels (metres written as mm) pass the header checks; resampling them to 2 mm asked torch for
+    terabytes and ended in a traceback. Now one InputError naming the file."""
+    from neuromoe.errors import InputError
+
+    path = _brain(tmp_path / "m.nii.gz", np.diag([1000.0, 1000.0, 1000.0, 1.0]))
+    with pytest.raises(InputError, match="1000×1000×1000 mm voxels") as exc:
+        preprocess_image(load_nifti(path), PreprocSpec(spacing=(2.0, 2.0, 2.0), shape=(16, 16, 16)))
+    assert "m.nii.gz" in str(exc.value) and "units" in str(exc.value)
+    preprocess_image(load_nifti(_brain(tmp_path / "ok.nii.gz", np.diag([4.0, 4.0, 4.0, 1.0]))), PreprocSpec())

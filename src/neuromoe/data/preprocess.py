@@ -24,7 +24,7 @@ from scipy import ndimage, special, stats
 
 from neuromoe.errors import ConfigError, InputError
 from neuromoe.io.atomic import atomic_path
-from neuromoe.io.nifti import Image, load_nifti, resample_to_grid
+from neuromoe.io.nifti import MAX_VOXELS, Image, load_nifti, resample_to_grid
 from neuromoe.io.table import write_failures
 
 IMAGE_ROLES = ("t1", "t1c", "t2", "flair", "dwi")
@@ -154,6 +154,7 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
         ref_aff = register_to_mni(ref)
     else:
         ref_aff = ref.affine
+    _check_output_grid(ref, ref_aff, spec)
     # one blur for every image role: they are all on the reference grid by then
     sigma = antialias_sigma(ref_aff, spec.spacing) if spec.antialias else np.zeros(3)
     chans = []
@@ -190,6 +191,21 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
             out[i] = arr[k]
         out_aff = np.asarray(mt.affine, dtype=np.float64)
     return Preprocessed(np.stack([out[i] for i in range(len(roles))]), out_aff, np.asarray(ref_aff, dtype=np.float64))
+
+
+def _check_output_grid(ref: Image, affine: np.ndarray, spec: PreprocSpec) -> None:
+    """A header with wrong units (1000 mm voxels: metres written as mm) passes every header check, then
+    resampling to ``spec.spacing`` asks for terabytes; refuse it here, naming the file."""
+    if spec.spacing is None:
+        return
+    vox = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    out = np.ceil(np.asarray(ref.data.shape[:3]) * vox / np.asarray(spec.spacing, dtype=np.float64))
+    if float(np.prod(out)) > MAX_VOXELS:
+        raise InputError(f"{'×'.join(f'{v:g}' for v in vox.round(3))} mm voxels resampled to "
+                         f"{'×'.join(f'{v:g}' for v in spec.spacing)} mm give {'×'.join(str(int(n)) for n in out)} "
+                         "voxels", path=ref.path,
+                         fix="check the header's voxel size and units (pixdim, xyzt_units): brain MRI voxels are "
+                             "~0.5-5 mm")
 
 
 def _check_content(role: str, img: Image) -> None:

@@ -1014,9 +1014,10 @@ def segment(
                     ),
                 }
             )
-        except InputError as exc:
-            failures.append({"subject": subject, "error": str(exc)})
-            print(f"neuromoe: skipped {subject}: {exc}", file=sys.stderr)
+        except Exception as exc:  # one bad case (also an unforeseen one) must not stop the batch
+            msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+            failures.append({"subject": subject, "error": msg})
+            print(f"neuromoe: skipped {subject}: {msg}", file=sys.stderr)
     summary = pd.DataFrame([{k: v for k, v in s.items() if not isinstance(v, dict)} for s in sidecars])
     with atomic_path(out_dir / "segment.csv") as tmp:
         summary.to_csv(tmp, index=False)
