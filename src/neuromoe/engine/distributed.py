@@ -49,4 +49,5 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
