@@ -250,3 +250,15 @@ def test_a_header_with_wrong_voxel_units_is_refused_before_resampling(tmp_path):
         preprocess_image(load_nifti(path), PreprocSpec(spacing=(2.0, 2.0, 2.0), shape=(16, 16, 16)))
     assert "m.nii.gz" in str(exc.value) and "units" in str(exc.value)
     preprocess_image(load_nifti(_brain(tmp_path / "ok.nii.gz", np.diag([4.0, 4.0, 4.0, 1.0]))), PreprocSpec())
+
+
+def test_cache_key_changes_with_the_cache_version(tmp_path, monkeypatch):
+    """An entry written by an older preprocessing (e.g. before units were honoured) is never served."""
+    import neuromoe.data.preprocess as prep
+
+    path = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), path)
+    cache, spec = prep.PreprocCache(tmp_path / "c"), prep.PreprocSpec()
+    key = cache.key({"t1": str(path)}, spec)
+    monkeypatch.setattr(prep, "CACHE_VERSION", prep.CACHE_VERSION + 1)
+    assert cache.key({"t1": str(path)}, spec) != key

@@ -169,3 +169,27 @@ def test_inspect_spacing_is_the_affines_voxel_size(tmp_path):
     img.header["pixdim"][1:4] = [1.0, 1.0, 1.0]
     nib.save(img, tmp_path / "s.nii")
     assert inspect_nifti(tmp_path / "s.nii")["spacing"] == [2.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(("unit", "per_mm"), [("meter", 1e-3), ("micron", 1e3)])
+def test_spatial_units_of_the_header_are_honoured(tmp_path, unit, per_mm):
+    """A header whose affine is in metres or microns (xyzt_units) is the same image as its mm twin: it was read as
+    0.006 mm or 6000 mm voxels. Written outputs keep the input's own affine and unit."""
+    rng = np.random.default_rng(0)
+    data = rng.random((8, 9, 10)).astype(np.float32) + 1
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    aff[:3, 3] = [-10, 20, -30]
+    paths = {}
+    for name, scale, u in (("mm", 1.0, "mm"), ("other", per_mm, unit)):
+        img = nib.Nifti1Image(data, np.diag([scale] * 3 + [1.0]) @ aff)
+        img.header.set_xyzt_units(u, "sec")
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(img, paths[name])
+    mm, other = load_nifti(paths["mm"]), load_nifti(paths["other"])
+    np.testing.assert_allclose(other.affine, mm.affine, rtol=1e-5, atol=1e-4)
+    assert inspect_nifti(paths["other"])["spacing"] == pytest.approx([2.0, 2.0, 3.0], rel=1e-5)
+    out = save_nifti(other.data > 1.5, tmp_path / "mask.nii.gz", like=other, dtype=np.uint8)
+    back = nib.load(str(out))
+    np.testing.assert_allclose(back.affine, nib.load(str(paths["other"])).affine)
+    assert back.header.get_xyzt_units()[0] == unit
+

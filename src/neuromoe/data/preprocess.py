@@ -278,6 +278,11 @@ def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) ->
     return h.digest()
 
 
+# bumped whenever loading or preprocessing gives other arrays for the same file and spec (v2: the header's
+# spatial unit is honoured), so an existing cache is never served stale by a newer version
+CACHE_VERSION = 2
+
+
 class PreprocCache:
     """On-disk cache of preprocessed cases keyed by (path, size, mtime_ns, content sample, role order, spec hash)."""
 
@@ -287,7 +292,7 @@ class PreprocCache:
         self.misses = 0
 
     def key(self, paths: dict[str, str], spec: PreprocSpec) -> str:
-        h = hashlib.sha256(spec.digest().encode())
+        h = hashlib.sha256(f"v{CACHE_VERSION}|{spec.digest()}".encode())
         h.update(("order:" + "|".join(paths)).encode())  # the first role is the reference grid and crop
         for role in sorted(paths):
             p = Path(paths[role])

@@ -101,6 +101,16 @@ def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: 
                          fix="repair the sform/qform")
 
 
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
+
+
+def _to_mm(img: nib.Nifti1Image) -> np.ndarray:
+    """World scaling from the header's spatial unit (xyzt_units) to mm; 'unknown' is read as mm, as every
+    neuroimaging tool does. Outputs keep the input's own affine and units (save_nifti)."""
+    s = _MM_PER_UNIT.get(img.header.get_xyzt_units()[0], 1.0)
+    return np.diag([s, s, s, 1.0])
+
+
 def _gz_size(path: Path, need: int, chunk: int = 1 << 20) -> int:
     """Uncompressed size of a .gz, at least up to ``need`` bytes, in bounded memory.
 
@@ -134,7 +144,7 @@ def inspect_nifti(path: str | Path, *, allow_4d: bool = True, max_voxels: int = 
     return {
         "path": str(path), "version": "NIfTI-2" if isinstance(img, nib.Nifti2Image) else "NIfTI-1",
         "shape": [int(s) for s in img.shape],
-        "spacing": [round(float(z), 6) for z in np.linalg.norm(img.affine[:3, :3], axis=0)],
+        "spacing": [round(float(z), 6) for z in np.linalg.norm((_to_mm(img) @ img.affine)[:3, :3], axis=0)],
         "orientation": "".join(nib.aff2axcodes(img.affine)), "dtype": str(img.get_data_dtype()),
     }
 
@@ -167,7 +177,7 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MA
         raise InputError("image is all zeros", path=path, fix="check the export; the volume is empty")
     start = ornt.io_orientation(img.affine)
     ras = ornt.apply_orientation(data, start)
-    affine = img.affine @ ornt.inv_ornt_aff(start, data.shape)
+    affine = _to_mm(img) @ img.affine @ ornt.inv_ornt_aff(start, data.shape)
     header = img.header.copy()
     for key in _IDENTIFYING:
         if key in header:  # NIfTI-2 has no db_name
