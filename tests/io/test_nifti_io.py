@@ -193,3 +193,14 @@ def test_spatial_units_of_the_header_are_honoured(tmp_path, unit, per_mm):
     np.testing.assert_allclose(back.affine, nib.load(str(paths["other"])).affine)
     assert back.header.get_xyzt_units()[0] == unit
 
+
+
+def test_an_invalid_units_code_reads_as_mm_and_outputs_still_write(tmp_path):
+    """xyzt_units = 4 is no NIfTI code; nibabel's get_xyzt_units raises KeyError on it (the fuzzer found it)."""
+    img = nib.Nifti1Image(np.random.default_rng(0).random((6, 6, 6)).astype(np.float32) + 1, np.diag([2.0, 2, 2, 1]))
+    img.header["xyzt_units"] = 4
+    nib.save(img, tmp_path / "u.nii.gz")
+    loaded = load_nifti(tmp_path / "u.nii.gz")
+    np.testing.assert_allclose(np.linalg.norm(loaded.affine[:3, :3], axis=0), [2.0, 2.0, 2.0])
+    save_nifti(loaded.data > 1.5, tmp_path / "m.nii.gz", like=loaded, dtype=np.uint8)
+    assert int(nib.load(str(tmp_path / "m.nii.gz")).header["xyzt_units"]) == 4

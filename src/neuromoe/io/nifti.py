@@ -101,13 +101,14 @@ def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: 
                          fix="repair the sform/qform")
 
 
-_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
+_MM_PER_UNIT = {1: 1000.0, 2: 1.0, 3: 1e-3}  # NIfTI xyzt_units spatial codes: metre, mm, micron
 
 
 def _to_mm(img: nib.Nifti1Image) -> np.ndarray:
-    """World scaling from the header's spatial unit (xyzt_units) to mm; 'unknown' is read as mm, as every
-    neuroimaging tool does. Outputs keep the input's own affine and units (save_nifti)."""
-    s = _MM_PER_UNIT.get(img.header.get_xyzt_units()[0], 1.0)
+    """World scaling from the header's spatial unit (xyzt_units) to mm; 'unknown' (or an invalid code, which
+    nibabel's get_xyzt_units cannot even name) is read as mm, as every neuroimaging tool does. Outputs keep the
+    input's own affine and units (save_nifti)."""
+    s = _MM_PER_UNIT.get(int(img.header["xyzt_units"]) % 8, 1.0)
     return np.diag([s, s, s, 1.0])
 
 
@@ -209,7 +210,7 @@ def save_nifti(data: np.ndarray, path: str | Path, *, like: Image | None = None,
         src = like.header
         img.header.set_sform(src.get_sform(), code=int(src["sform_code"]))
         img.header.set_qform(src.get_qform(), code=int(src["qform_code"]))
-        img.header.set_xyzt_units(*src.get_xyzt_units())
+        img.header["xyzt_units"] = src["xyzt_units"]  # raw: an invalid code must not break writing
     else:
         img.header.set_sform(out_aff, code=1)
         img.header.set_qform(out_aff, code=1)
