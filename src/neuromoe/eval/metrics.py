@@ -147,9 +147,11 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: np.ndarray, n_boot: i
         raise ValueError("all arrays must have the same first dimension")
     rng = np.random.default_rng(seed)
     labels = np.zeros(n, dtype=int) if stratify is None else np.asarray(stratify)
+    first, rows = np.arange(n), None  # the resampled units: rows, or subjects with all their rows
     if groups is not None and len(np.unique(np.asarray(groups))) < n:
-        return _cluster_bootstrap(metric_fn, arrays, n_boot, alpha, rng, labels, np.asarray(groups))
-    strata = [np.flatnonzero(labels == s) for s in np.unique(labels)]
+        _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        rows = [np.flatnonzero(inverse == g) for g in range(len(first))]
+    strata = [np.flatnonzero(labels[first] == s) for s in np.unique(labels[first])]
     values = np.empty(n_boot)
     with warnings.catch_warnings():  # undefined metrics on small samples are NaN here, not console noise
         warnings.simplefilter("ignore")
@@ -157,35 +159,14 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: np.ndarray, n_boot: i
         if n == 0:
             return point, NAN, NAN
         for b in range(n_boot):
-            idx = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in strata])
+            drawn = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in strata])
+            idx = drawn if rows is None else np.concatenate([rows[g] for g in drawn])
             values[b] = metric_fn(*(a[idx] for a in arrays))
-    return _percentile_ci(point, values, alpha)
-
-
-def _percentile_ci(point: float, values: np.ndarray, alpha: float) -> tuple[float, float, float]:
     values = values[np.isfinite(values)]
     if values.size == 0:
         return point, NAN, NAN
     lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return point, float(lo), float(hi)
-
-
-def _cluster_bootstrap(metric_fn: Callable[..., float], arrays: tuple[np.ndarray, ...], n_boot: int, alpha: float,
-                       rng: np.random.Generator, labels: np.ndarray,
-                       groups: np.ndarray) -> tuple[float, float, float]:
-    """Subjects resampled with replacement within their stratum; every row of a drawn subject comes along."""
-    names, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    rows = [np.flatnonzero(inverse == g) for g in range(len(names))]
-    strata = [np.flatnonzero(labels[first] == s) for s in np.unique(labels[first])]
-    values = np.empty(n_boot)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        point = float(metric_fn(*arrays))
-        for b in range(n_boot):
-            drawn = np.concatenate([rng.choice(s, size=s.size, replace=True) for s in strata])
-            idx = np.concatenate([rows[g] for g in drawn])
-            values[b] = metric_fn(*(a[idx] for a in arrays))
-    return _percentile_ci(point, values, alpha)
 
 
 def _lesion_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int, int]:

@@ -76,7 +76,7 @@ def stratified_split(strata: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) 
             for _ in range(max(1, round(frac * len(strata)))):
                 left = {s: [i for i in idx if out[i] == "train"] for s, idx in order.items()}
                 s = max(sorted(left), key=lambda k: len(left[k]))  # ties: the first stratum by name
-                if len(left[s]) <= 1 and sum(map(len, left.values())) <= 1:
+                if sum(map(len, left.values())) <= 1:
                     break  # keep at least one training subject
                 out[left[s][-1]] = name
     return out
