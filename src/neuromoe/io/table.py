@@ -15,6 +15,11 @@ ROLES = ("t1", "t1c", "t2", "flair", "dwi", "bold", "mask", "timeseries")
 _ENTITY = re.compile(r"(sub|ses|task|run|ce)-([A-Za-z0-9]+)")
 
 
+def bids_entities(name: str) -> dict[str, str]:
+    """The sub/ses/task/run/ce entities of a BIDS file name: ``sub-01_ses-2_T1w.nii.gz`` → {sub: 01, ses: 2}."""
+    return dict(_ENTITY.findall(name))
+
+
 def _bids_role(name: str) -> str | None:
     stem = name.split(".")[0]
     if name.endswith(("_timeseries.npy", "_timeseries.tsv")):
@@ -38,7 +43,7 @@ def _load_bids(root: Path) -> pd.DataFrame:
         role = _bids_role(f.name)
         if role is None or f.parent.name not in ("anat", "func", "dwi") or (f in derived and role != "mask"):
             continue
-        ent = dict(_ENTITY.findall(f.name))
+        ent = bids_entities(f.name)
         key = (f"sub-{ent.get('sub', '')}", f"ses-{ent['ses']}" if "ses" in ent else "", ent.get("task", ""),
                ent.get("run", ""))
         row = rows.setdefault(key, {})

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -1086,9 +1085,11 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 def _file_table(files: Sequence[Path]) -> pd.DataFrame:
     """Loose NIfTI files: ``subject`` (and ``session``/``run``) from BIDS names (sub-01_ses-2_T1w → sub-01, ses-2),
     so the rows join a participants table; other names, or BIDS names that would collide, keep the file stem."""
+    from neuromoe.io.table import bids_entities
+
     ids = []
     for f in files:
-        ent = dict(re.findall(r"(sub|ses|run)-([A-Za-z0-9]+)", f.name))
+        ent = bids_entities(f.name)
         ids.append({"subject": f"sub-{ent['sub']}", **{k: f"{k}-{ent[k]}" for k in ("ses", "run") if k in ent}}
                    if "sub" in ent else {"subject": f.name.split(".")[0]})
     if len({tuple(sorted(i.items())) for i in ids}) < len(ids):
