@@ -80,40 +80,49 @@ def _bad(tmp_path, kind):
     elif kind == "5d":
         nib.save(nib.Nifti1Image(np.ones((2, 2, 2, 2, 2), np.float32), np.eye(4)), p)
     elif kind == "4d":
-        nib.save(nib.Nifti1Image(np.ones((2, 2, 2, 3), np.float32), np.eye(4)), p)
+        nib.save(nib.Nifti1Image(np.ones((3, 3, 3, 2), np.float32), np.eye(4)), p)
     elif kind == "singular":
-        img = nib.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4))
+        img = nib.Nifti1Image(np.ones((3, 3, 3), np.float32), np.eye(4))
         hdr = img.header
         hdr.set_qform(None, code=0)
         hdr["sform_code"], hdr["srow_y"] = 1, [0.0, 0.0, 0.0, 0.0]
         hdr["vox_offset"] = 352
-        p.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + np.ones(8, np.float32).tobytes()))
+        p.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + np.ones(27, np.float32).tobytes()))
     elif kind == "nan":
-        d = np.ones((2, 2, 2), np.float32)
+        d = np.ones((3, 3, 3), np.float32)
         d[0, 0, 0] = np.nan
         nib.save(nib.Nifti1Image(d, np.eye(4)), p)
     elif kind == "zeros":
-        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), p)
+        nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)), p)
     elif kind == "huge":
-        img = nib.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4))
+        img = nib.Nifti1Image(np.ones((3, 3, 3), np.float32), np.eye(4))
         img.header.set_data_shape((4000, 4000, 4000))
         raw = img.header.binaryblock + b"\0" * 4 + b"\0" * 32
         p.write_bytes(gzip.compress(raw))
+    elif kind == "one_slice":  # how converters store a 2-D image: dim[0] = 3, nz = 1
+        nib.save(nib.Nifti1Image(np.ones((31, 37, 1), np.float32), np.diag([6.0, 6.0, 6.0, 1.0])), p)
+    elif kind == "two_cube":
+        nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.float32), np.diag([12.0, 12.0, 12.0, 1.0])), p)
     elif kind == "missing":
         pass
     return p
 
 
-@pytest.mark.parametrize("kind", ["magic", "truncated", "2d", "5d", "4d", "singular", "nan", "zeros", "huge",
-                                  "missing"])
+_BAD_MESSAGE = {"magic": "cannot read NIfTI header", "truncated": "truncated", "2d": "2 dimensions",
+                "5d": "5 dimensions", "4d": "4 dimensions", "singular": "singular", "nan": "NaN/Inf",
+                "zeros": "all zeros", "huge": "exceeds", "missing": "not found",
+                "one_slice": "1 voxel.* axis 2 .*not a 3D volume", "two_cube": "2 voxel.* axis 0 .*not a 3D volume"}
+
+
+@pytest.mark.parametrize("kind", sorted(_BAD_MESSAGE))
 def test_bad_inputs_raise_input_error(tmp_path, kind):
-    with pytest.raises(InputError) as err:
+    with pytest.raises(InputError, match=_BAD_MESSAGE[kind]) as err:
         load_nifti(_bad(tmp_path, kind))
     assert "\n" not in str(err.value) and "fix:" in str(err.value)
 
 
 def test_4d_allowed_on_request_and_inspect_reads_no_data(tmp_path):
-    assert load_nifti(_bad(tmp_path, "4d"), allow_4d=True).data.shape == (2, 2, 2, 3)
+    assert load_nifti(_bad(tmp_path, "4d"), allow_4d=True).data.shape == (3, 3, 3, 2)
     info = inspect_nifti(os.path.join(data_path, "example_nifti2.nii.gz"))
     assert info["version"] == "NIfTI-2" and len(info["spacing"]) == 3
 

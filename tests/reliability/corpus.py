@@ -203,6 +203,12 @@ def k_image_2d(root: Path) -> Case:
     return Case("image_2d", "image", p, True, p)
 
 
+def k_image_one_slice(root: Path) -> Case:
+    """The same slice as ``image_2d`` stored the way converters write 2-D images: 3-D with one slice."""
+    p = _img(root, "slice_as_3d.nii.gz", brain()[:, :, 10:11])
+    return Case("image_one_slice", "image", p, True, p)
+
+
 def k_image_5d(root: Path) -> Case:
     p = _img(root, "five_d.nii.gz", np.zeros((*SHAPE, 2, 2), np.float32) + 1)
     return Case("image_5d", "image", p, True, p)

@@ -278,9 +278,10 @@ def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) ->
     return h.digest()
 
 
-# bumped whenever loading or preprocessing gives other arrays for the same file and spec (v2: the header's
-# spatial unit is honoured), so an existing cache is never served stale by a newer version
-CACHE_VERSION = 2
+# bumped whenever loading or preprocessing gives other arrays for the same file and spec, or refuses a file it
+# used to take (v2: the header's spatial unit is honoured; v3: single slices stored as 3-D are refused), so an
+# existing cache is never served stale by a newer version
+CACHE_VERSION = 3
 
 
 class PreprocCache:

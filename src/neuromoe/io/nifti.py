@@ -23,6 +23,10 @@ from neuromoe.errors import InputError
 from neuromoe.io.atomic import atomic_path
 
 MAX_VOXELS = 512**3
+# one slice stored as (X, Y, 1), or a 2x2x2 "volume", is 3-D in name only and would get a brain age or a lesion
+# mask; a true 2-D file is refused, so these are too. Voxels, not mm: the thinnest real volumes (thick-slice
+# clinical scans, partial-FOV BOLD, nibabel's 3-slice functional.nii) must still load
+MIN_AXIS_VOXELS = 3
 _IDENTIFYING = ("descrip", "aux_file", "db_name", "intent_name")
 
 
@@ -99,6 +103,11 @@ def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: 
     if np.isnan(ornt.io_orientation(aff)).any():  # e.g. one axis 1e38 × the others: no RAS+ reorientation
         raise InputError("affine is degenerate (axes have no unique orientation)", path=path,
                          fix="repair the sform/qform")
+    thin = [k for k in range(3) if int(shape[k]) < MIN_AXIS_VOXELS]
+    if thin:
+        raise InputError(f"image has {int(shape[thin[0]])} voxel(s) along axis {thin[0]} of {tuple(shape)}: one or "
+                         f"two slices, not a 3D volume (need >= {MIN_AXIS_VOXELS} on every axis)", path=path,
+                         fix="give the whole 3D scan, not a single slice")
 
 
 _MM_PER_UNIT = {1: 1000.0, 2: 1.0, 3: 1e-3}  # NIfTI xyzt_units spatial codes: metre, mm, micron
