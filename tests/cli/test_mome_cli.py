@@ -165,6 +165,20 @@ def test_coregistered_modality_on_another_grid_is_resampled(
     np.testing.assert_allclose(mask.affine, ref.affine, atol=1e-6)
 
 
+def test_an_output_that_is_an_input_is_refused_and_the_scan_left_intact(
+    model_dir, anatomical, tmp_path, capsys
+) -> None:
+    t1 = tmp_path / "t1.nii.gz"
+    t1.write_bytes(Path(anatomical).read_bytes())
+    (tmp_path / "link.nii.gz").symlink_to(t1)
+    before = t1.read_bytes()
+    for out in (t1, tmp_path / "link.nii.gz"):
+        assert _segment_pair(model_dir, str(t1), anatomical, out) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "overwrite the input" in err
+    assert t1.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["link.nii.gz", "t1.nii.gz"]
+
+
 def test_unknown_modality_and_missing_inputs_are_clean_errors(
     model_dir, anatomical, tmp_path, capsys
 ) -> None:

@@ -80,6 +80,26 @@ def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
     ids = pd.read_csv(tmp_path / "emb_subjects.csv")
     assert arr.shape == (len(ids), model.dim) and np.isfinite(arr).all()
 
+    # an output that is an input (the manifest, or the one series) is refused and the input left intact
+    manifest = cohort / "manifests" / "fmri.csv"
+    before = manifest.read_bytes()
+    with pytest.raises(InputError, match="overwrite the input"):
+        bm.predict(run / "model", manifest, manifest)
+    with pytest.raises(InputError, match="overwrite the input"):
+        bm.embed(run / "model", manifest, manifest)
+    assert manifest.read_bytes() == before
+    series = tmp_path / "series.npy"
+    series.write_bytes(one.read_bytes())
+    with pytest.raises(InputError, match="overwrite the input"):
+        bm.predict(run / "model", series, series)
+    import nibabel as nib
+
+    nib.save(nib.AnalyzeImage(np.ones((8, 8, 8, 4), np.float32), np.eye(4)), tmp_path / "bold.img")
+    for f in ("bold.img", "bold.hdr"):
+        with pytest.raises(InputError, match="not a time-series file, a NIfTI file name"):
+            bm.predict(run / "model", tmp_path / f, tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
 
 def test_evaluate_reports_brainmoe_and_pooled_baselines(cohort, pretrained, tmp_path):
     out = bm.evaluate(pretrained, cohort, tmp_path / "eval", _cfg())

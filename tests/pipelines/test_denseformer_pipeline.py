@@ -255,6 +255,20 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
                             cache_dir=cfg.cache_dir)
     assert pd.read_csv(tmp_path / "p5.csv")[["subject", "session"]].values.tolist() == [
         ["sub-long", "ses-1"], ["sub-long", "ses-2"]]
+    # an output that is the manifest (or a scan) it reads is refused before any work; the input is intact
+    before = (tmp_path / "long.csv").read_bytes()
+    for out in (tmp_path / "long.csv", tmp_path / "." / "long.csv", Path(long["t1"][0])):
+        with pytest.raises(InputError, match="overwrite the input"):
+            pipe.predict(run / "model", tmp_path / "long.csv", out, progress=False, cache_dir=cfg.cache_dir)
+    assert (tmp_path / "long.csv").read_bytes() == before
+    # an Analyze pair is named as what it is (not "not a manifest")
+    import nibabel as nib
+
+    nib.save(nib.AnalyzeImage(np.ones((8, 8, 8), np.float32), np.eye(4)), tmp_path / "scan.img")
+    for f in ("scan.img", "scan.hdr"):
+        with pytest.raises(InputError, match="not a NIfTI file name"):
+            pipe.predict(run / "model", tmp_path / f, tmp_path / "p6.csv", progress=False)
+    assert not (tmp_path / "p6.csv").exists()
 
 
 def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):

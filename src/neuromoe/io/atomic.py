@@ -10,9 +10,11 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from neuromoe.errors import InputError
 
 
 def _umask() -> int:
@@ -23,6 +25,26 @@ def _umask() -> int:
 
 # mkstemp creates 0600 files; a finished output gets the mode a plain open() would have given it
 _NEW_FILE_MODE = 0o666 & ~_umask()
+
+
+def refuse_overwriting_inputs(outputs: Iterable[str | Path], inputs: Iterable[Any]) -> None:
+    """Raise :class:`InputError` before any work when an output would replace one of the inputs
+    (``segment --t1 scan.nii.gz --output scan.nii.gz``, ``predict --input m.csv --output m.csv``): the
+    atomic rename would silently destroy the user's scan or manifest. Symlinks and hard links count."""
+    def same(a: Path, b: Path) -> bool:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
+        try:
+            return a.samefile(b)
+        except OSError:  # the output (or an input) does not exist yet
+            return False
+
+    sources = [Path(p) for p in inputs if isinstance(p, (str, os.PathLike)) and str(p)]
+    for out in map(Path, outputs):
+        hit = next((src for src in sources if same(out, src)), None)
+        if hit is not None:
+            raise InputError(f"output would overwrite the input {hit}", path=out,
+                             fix="write the output to another file name")
 
 
 @contextlib.contextmanager

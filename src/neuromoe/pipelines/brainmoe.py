@@ -38,7 +38,7 @@ from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
-from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
 from neuromoe.io.table import failures_path, write_failures
 from neuromoe.layers.moe import load_balancing_loss, router_z_loss
 from neuromoe.models.brainmoe import BrainMoE, BrainMoEOutput, Expert, JEPAExpert, StateRouter, fit_pca
@@ -1162,6 +1162,13 @@ def _input_scans(source: str | Path) -> pd.DataFrame:
         and not _is_manifest(source)
     ):
         return pd.DataFrame({"subject": [source.name.split(".")[0]], "timeseries": [str(source)]})
+    if source.is_file() and not _is_manifest(source):  # e.g. Analyze .img/.hdr, .mgz
+        raise InputError(
+            "not a time-series file, a NIfTI file name, nor a manifest",
+            path=source,
+            fix="give ROI time series (.npy/.tsv/.txt/.csv), a 4D .nii/.nii.gz BOLD run, a folder, a manifest "
+            "(.csv/.tsv with a subject column) or a BIDS folder",
+        )
     bids = source.is_dir() and any(p.is_dir() for p in source.glob("sub-*"))  # sub-* FILES are series
     if source.is_dir() and not (source / "manifests").is_dir() and not bids:
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".npy", ".tsv"))
@@ -1199,6 +1206,11 @@ def _scan_file(row: pd.Series) -> str:
         if isinstance(row.get(role), str) and row.get(role):
             return str(row[role])
     return ""
+
+
+def _scan_inputs(source: str | Path, table: pd.DataFrame) -> list[Any]:
+    """The files a prediction reads: the source (a manifest or one series) and every scan's files."""
+    return [source, *(v for c in ("bold", "timeseries") if c in table for v in table[c])]
 
 
 def _batch_scans(
@@ -1253,7 +1265,9 @@ def predict(
             path=model_dir,
             fix="pass RUN/model from 'neuromoe train --family brainmoe'",
         )
-    scans, table, failures = _batch_scans(meta, _input_scans(inputs), inputs, "predicted")
+    table = _input_scans(inputs)
+    refuse_overwriting_inputs([output, failures_path(output)], _scan_inputs(inputs, table))
+    scans, table, failures = _batch_scans(meta, table, inputs, "predicted")
     res = _run_moe(model, scans, meta["extra"]["age_stats"])
     names, lm = meta["extra"]["experts"], meta["label_maps"]
     frame = _scan_ids(table)
@@ -1282,13 +1296,16 @@ def embed(
     subject (state) and ``e0..e{D-1}`` columns. Returns ``(out, failures)`` like :func:`predict`.
     """
     model, meta = _load_moe(model_dir, device)
-    scans, table, failures = _batch_scans(meta, _input_scans(data), data, "embedded")
+    table = _input_scans(data)
+    out = Path(out)
+    written = [out, failures_path(out)] + ([out.with_name(out.stem + "_subjects.csv")] if out.suffix.lower() == ".npy" else [])
+    refuse_overwriting_inputs(written, _scan_inputs(data, table))
+    scans, table, failures = _batch_scans(meta, table, data, "embedded")
     if isinstance(model, BrainMoE):
         vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]
     else:
         vectors = _embeddings_single(model, scans)
     ids = _scan_ids(table)
-    out = Path(out)
     if out.suffix.lower() == ".npy":
         with atomic_path(out, suffix=".npy") as tmp:
             np.save(tmp, vectors.astype(np.float32))

@@ -56,7 +56,7 @@ from neuromoe.eval.conformal import (
     set_coverage,
 )
 from neuromoe.eval.metrics import bootstrap_ci
-from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
 from neuromoe.io.table import failures_path, write_failures
 from neuromoe.models.denseformer import DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
@@ -1104,6 +1104,10 @@ def _prediction_inputs(source: str | Path) -> pd.DataFrame:
     source = Path(source)
     if source.is_file() and source.name.endswith(_NIFTI_SUFFIXES):
         return _file_table([source])
+    if source.is_file() and source.suffix.lower() not in (".csv", ".tsv"):  # e.g. Analyze .img/.hdr, .mgz
+        raise InputError("not a NIfTI file name, nor a manifest", path=source,
+                         fix="give a .nii or .nii.gz scan (convert others, e.g. mri_convert), a folder of them, "
+                             "a manifest (.csv/.tsv) or a BIDS folder")
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.name.endswith(_NIFTI_SUFFIXES))
         if files:
@@ -1135,6 +1139,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     spec = PreprocSpec.from_dict(meta["preprocessing"])
     cache = _cache(DenseFormerConfig(cache_dir=cache_dir))
     table = _prediction_inputs(inputs)
+    refuse_overwriting_inputs([output, failures_path(output)], [inputs, *table["t1"]])
     strict = strict or len(table) == 1  # one scan: its own error, one line, nothing written
     dev = _device(device)
     rows, failures = [], []

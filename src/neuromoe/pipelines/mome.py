@@ -38,7 +38,7 @@ from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
-from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
 from neuromoe.io.table import write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
@@ -868,6 +868,8 @@ def _segment_case(
             f"model has no expert for {unknown}", path=paths[unknown[0]], fix=f"give images of {mods}"
         )
     ordered = [m for m in mods if m in paths]
+    refuse_overwriting_inputs([output, _with_suffix(output, ".json"), _with_suffix(output, "_prob.nii.gz")],
+                              paths.values())
     # the reference grid is always read (the mask is written on it); other grids are resampled, or refused if
     # not co-registered, inside preprocess_case (or were, when the case was cached)
     ref = load_nifti(paths[ordered[0]])
@@ -991,6 +993,7 @@ def segment(
     mods = meta["extra"]["modalities"]
     table = table[~fmri_only_rows(table, (*mods, "mask"))]  # a BIDS root's func/ scans are not cases
     out_dir = Path(output)
+    refuse_overwriting_inputs([out_dir / "segment.csv", out_dir / "failures.csv"], [source])
     sidecars, failures = [], []
     for _, row in table.iterrows():
         subject = str(row.get("subject", len(sidecars) + len(failures)))
