@@ -11,6 +11,7 @@ from neuromoe.eval.conformal import (
     conformal_quantile,
     interval_coverage,
     mean_set_size,
+    one_per_group,
     set_coverage,
 )
 
@@ -84,3 +85,43 @@ def test_uncalibrated_raises():
         ConformalRegressor().predict(np.zeros(3))
     with pytest.raises(RuntimeError, match="fit"):
         ConformalClassifier().predict(np.full((2, 2), 0.5))
+
+
+def _sessions(n: int, rng: np.random.Generator, easy_sessions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals of ``n`` subjects: half are hard (sd 5, one scan), half easy (sd 1, ``easy_sessions`` scans);
+    a subject's sessions share its error, as a longitudinal subject's brain-age errors do."""
+    hard = rng.random(n) < 0.5
+    per_subject = rng.normal(0, np.where(hard, 5.0, 1.0))
+    m = np.where(hard, 1, easy_sessions)
+    return np.repeat(np.arange(n), m), np.repeat(per_subject, m) + rng.normal(0, 0.2, m.sum())
+
+
+def test_one_row_per_subject_restores_coverage_for_new_subjects():
+    """Pooled sessions let the many-session subjects set the quantile (coverage ~0.64 here); one row per
+    subject gives the nominal 0.9 for a new subject's scan."""
+    rng = np.random.default_rng(0)
+    cov = {"grouped": [], "pooled": []}
+    for _ in range(20):
+        groups, res = _sessions(200, rng, easy_sessions=10)
+        _, new = _sessions(2000, rng, easy_sessions=1)
+        for how, g in (("grouped", groups), ("pooled", None)):
+            lo, hi = ConformalRegressor(0.1).fit(res, np.zeros_like(res), groups=g).predict(np.zeros_like(new))
+            cov[how].append(interval_coverage(lo, hi, new))
+    assert abs(np.mean(cov["grouped"]) - 0.9) < 0.02 and np.mean(cov["pooled"]) < 0.8
+
+
+def test_groups_pick_one_kept_row_each_and_unique_groups_change_nothing():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.array(["a", "b", "c", "d"]), [3, 1, 4, 2])
+    keep = np.ones(10, bool)
+    keep[3] = False  # subject b's only row is unlabelled: b drops out
+    sel = one_per_group(groups, keep, seed=3)
+    assert sorted(groups[sel]) == ["a", "c", "d"] and not sel[3]
+    assert (one_per_group(groups, keep, seed=3) == sel).all()  # seeded
+    probs = rng.dirichlet(np.ones(3), 30)
+    y = rng.integers(-1, 3, 30)
+    res, pred = rng.normal(size=30), np.zeros(30)
+    ids = np.arange(30).astype(str)
+    assert ConformalClassifier(0.2).fit(probs, y, groups=ids).q == ConformalClassifier(0.2).fit(probs, y).q
+    assert ConformalRegressor(0.2).fit(res, pred, groups=ids).q == ConformalRegressor(0.2).fit(res, pred).q
+    assert ConformalRegressor(0.2).fit(res, pred, groups=np.zeros(30)).n_calib == 1

@@ -445,3 +445,15 @@ def test_loose_bids_named_files_are_predicted_under_their_subject_and_session():
     assert table["run"].fillna("").tolist() == ["", "run-1", ""]
     clash = pipe._file_table([Path("d/sub-01_T1w.nii.gz"), Path("d/sub-01_acq-hi_T1w.nii.gz")])
     assert clash["subject"].tolist() == ["sub-01_T1w", "sub-01_acq-hi_T1w"]
+
+
+def test_conformal_calibration_uses_one_session_per_validation_subject():
+    """Five sessions of one subject are one calibration point, not five (their errors are shared)."""
+    rng = np.random.default_rng(0)
+    subjects = np.repeat([f"sub-{i}" for i in range(12)], [5] + [1] * 11)  # 16 rows, 12 subjects
+    age = np.repeat(rng.uniform(50, 80, 12), [5] + [1] * 11)
+    pred = {"age": age + rng.normal(0, 3, 16), "dx": rng.dirichlet(np.ones(2), 16)}
+    labels = {"age": age, "dx": rng.integers(0, 2, 16)}
+    tasks = [TaskSpec("age", "regression", "age"), TaskSpec("dx", "classification", "dx", ["a", "b"])]
+    cal = pipe._calibrate(pred, labels, np.arange(16), tasks, pipe.EvalSection(), subjects)
+    assert cal["age"]["conformal"]["n_calib"] == 12 and cal["dx"]["conformal"]["n_calib"] == 12

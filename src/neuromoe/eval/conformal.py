@@ -8,6 +8,9 @@ directory can carry them and ``predict`` can emit intervals for new scans.
 
 * Regression: absolute-residual score ``|y − ŷ|`` (optionally divided by a per-sample ``scale``, e.g.
   a predicted spread, for adaptive widths) → interval ``ŷ ± q·scale``.
+* Several rows per subject (longitudinal sessions): rows are not exchangeable with a new subject's scan, the
+  subjects are. ``fit(..., groups=subject_ids)`` keeps one seeded random row per subject (the subsampling
+  method of Dunn, Wasserman & Ramdas 2022), which restores the guarantee for a new subject's scans.
 * Classification: ``lac`` (score ``1 − p_y``; smallest sets on average) or ``aps`` (adaptive prediction
   sets: cumulative probability mass down to the true class; randomised by default so coverage is exact
   rather than conservative, with a seeded generator so outputs are reproducible).
@@ -27,6 +30,7 @@ __all__ = [
     "conformal_quantile",
     "interval_coverage",
     "mean_set_size",
+    "one_per_group",
     "set_coverage",
 ]
 
@@ -47,6 +51,17 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     return float("inf") if rank > n else float(scores[rank - 1])
 
 
+def one_per_group(groups: np.ndarray | None, keep: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``keep`` restricted to one random (seeded) kept row per group; ``groups=None`` returns ``keep``."""
+    if groups is None:
+        return keep
+    rows = np.random.default_rng(seed).permutation(np.flatnonzero(keep))
+    _, first = np.unique(np.asarray(groups).astype(str).ravel()[rows], return_index=True)
+    out = np.zeros_like(keep)
+    out[rows[first]] = True  # the first row of each group in a random order: a uniform draw per group
+    return out
+
+
 @dataclass
 class ConformalRegressor:
     """Split-conformal interval ``ŷ ± q·scale`` calibrated on held-out residuals."""
@@ -55,7 +70,9 @@ class ConformalRegressor:
     q: float | None = None
     n_calib: int = 0
 
-    def fit(self, y: np.ndarray, pred: np.ndarray, scale: np.ndarray | None = None) -> ConformalRegressor:
+    def fit(self, y: np.ndarray, pred: np.ndarray, scale: np.ndarray | None = None,
+            groups: np.ndarray | None = None) -> ConformalRegressor:
+        """Calibrate on held-out targets and predictions; ``groups`` (e.g. subject ids): one row per group."""
         y, pred = np.asarray(y, float).ravel(), np.asarray(pred, float).ravel()
         keep = np.isfinite(y) & np.isfinite(pred)
         res = np.abs(y - pred)
@@ -63,6 +80,7 @@ class ConformalRegressor:
             s = np.asarray(scale, float).ravel()
             keep &= np.isfinite(s) & (s > 0)
             res = res / np.where(s > 0, s, 1.0)
+        keep = one_per_group(groups, keep)
         self.q = conformal_quantile(res[keep], self.alpha)
         self.n_calib = int(keep.sum())
         return self
@@ -109,10 +127,11 @@ class ConformalClassifier:
             cum = cum - rng.uniform(size=(probs.shape[0], 1)) * probs
         return cum
 
-    def fit(self, probs: np.ndarray, y: np.ndarray) -> ConformalClassifier:
-        """Calibrate on probabilities ``(n, K)`` and integer labels ``y`` (negative = missing, skipped)."""
+    def fit(self, probs: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> ConformalClassifier:
+        """Calibrate on probabilities ``(n, K)`` and integer labels ``y`` (negative = missing, skipped);
+        ``groups`` (e.g. subject ids): one row per group."""
         probs, y = np.asarray(probs, float), np.asarray(y).astype(int).ravel()
-        keep = y >= 0
+        keep = one_per_group(groups, y >= 0, self.seed)
         scores = self._scores(probs[keep], np.random.default_rng(self.seed))
         self.q = conformal_quantile(scores[np.arange(keep.sum()), y[keep]], self.alpha)
         self.n_calib = int(keep.sum())

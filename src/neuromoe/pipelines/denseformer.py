@@ -578,7 +578,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
                              target_stats)
     val_pred = _predict_dataset(model, dataset.subset(split == "val"), ft.tasks, target_stats, device,
                                 cfg.train.precision)
-    calibration = _calibrate(val_pred, dataset.labels, np.flatnonzero(split == "val"), ft.tasks, cfg.eval)
+    calibration = _calibrate(val_pred, dataset.labels, np.flatnonzero(split == "val"), ft.tasks, cfg.eval,
+                             dataset.table["subject"].to_numpy())
     meta = {
         "family": FAMILY, "preprocessing": spec.to_dict(), "tasks": [to_dict(t) for t in ft.tasks],
         "extra": {"kind": "multitask", "img_size": list(_img_size(cfg)), "target_stats": target_stats,
@@ -724,9 +725,11 @@ def _predict_dataset(model: DenseFormerMoE, dataset: StructuralDataset, tasks: S
 
 
 def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows: np.ndarray,
-               tasks: Sequence[TaskSpec], ev: EvalSection) -> dict[str, Any]:
-    """Fit on validation rows: brain-age linear bias correction, conformal interval and set calibrators."""
+               tasks: Sequence[TaskSpec], ev: EvalSection, subjects: np.ndarray) -> dict[str, Any]:
+    """Fit on validation rows: brain-age linear bias correction, conformal interval and set calibrators (one
+    calibration row per subject, so a longitudinal subject's sessions do not narrow the intervals)."""
     cal: dict[str, Any] = {"alpha": ev.alpha}
+    groups = subjects[rows]
     for t in tasks:
         y = labels[t.name][rows]
         if t.type == "regression":
@@ -740,12 +743,12 @@ def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows:
                     p = np.full_like(p, np.nan, dtype=np.float64)
                     p[have] = _loo_corrected_age(y[have], pred[t.name][have], bias)
             if (np.isfinite(y) & np.isfinite(p)).sum() >= 2:  # as for classification: no labels, no calibrator
-                entry["conformal"] = ConformalRegressor(ev.alpha).fit(y, p).to_dict()
+                entry["conformal"] = ConformalRegressor(ev.alpha).fit(y, p, groups=groups).to_dict()
             cal[t.name] = entry
         else:
             if (y >= 0).sum() >= 2:
                 cal[t.name] = {"conformal": ConformalClassifier(ev.alpha, method=ev.set_method).fit(
-                    pred[t.name], y).to_dict()}
+                    pred[t.name], y, groups=groups).to_dict()}
     return cal
 
 
