@@ -84,7 +84,7 @@ def test_calibration_skips_a_regression_task_without_validation_labels():
     """A task labelled in one cohort only (e.g. MMSE on ADNI) may have no labelled validation subject."""
     tasks = [TaskSpec("mmse", "regression", "mmse")]
     cal = pipe._calibrate({"mmse": np.array([20.0, 25.0, 28.0])}, {"mmse": np.full(3, np.nan)},
-                          np.ones(3, bool), tasks, pipe.EvalSection())
+                          np.ones(3, bool), tasks, pipe.EvalSection(), np.array(["a", "b", "c"]))
     assert cal["mmse"] == {}
 
 
@@ -383,7 +383,8 @@ def test_bias_corrected_age_intervals_keep_their_coverage() -> None:
     for _ in range(300):
         age = rng.uniform(45, 80, n + 100)
         pred = 0.5 * age + 31 + rng.normal(0, 3.0, n + 100)  # regression to the mean, as small models do
-        cal = pipe._calibrate({"age": pred[:n]}, {"age": age}, np.arange(n), tasks, pipe.EvalSection(alpha=alpha))
+        cal = pipe._calibrate({"age": pred[:n]}, {"age": age}, np.arange(n), tasks, pipe.EvalSection(alpha=alpha),
+                              np.arange(n + 100))
         if "bias" not in cal["age"]:  # 2 of 300 draws: slope not significant at n = 12, nothing corrected
             continue
         lo, hi = ConformalRegressor.from_dict(cal["age"]["conformal"]).predict(
@@ -457,3 +458,18 @@ def test_conformal_calibration_uses_one_session_per_validation_subject():
     tasks = [TaskSpec("age", "regression", "age"), TaskSpec("dx", "classification", "dx", ["a", "b"])]
     cal = pipe._calibrate(pred, labels, np.arange(16), tasks, pipe.EvalSection(), subjects)
     assert cal["age"]["conformal"]["n_calib"] == 12 and cal["dx"]["conformal"]["n_calib"] == 12
+
+
+def test_leave_one_out_bias_correction_leaves_out_the_whole_subject():
+    """A longitudinal subject's other sessions must not help fit the line that corrects it."""
+    from scipy.stats import linregress
+
+    rng = np.random.default_rng(0)
+    age = np.r_[np.full(5, 60.0), rng.uniform(45, 80, 10)]
+    pred = 0.6 * age + 25 + np.r_[np.full(5, 8.0), rng.normal(0, 2, 10)]  # sub-0: 5 sessions, 8 y off
+    subjects = np.r_[np.zeros(5), np.arange(1, 11)].astype(int).astype(str)
+    line = linregress(age[5:], pred[5:])
+    out = pipe._loo_corrected_age(age, pred, {"slope": 0.6, "intercept": 25.0}, subjects)
+    np.testing.assert_allclose(out[:5], (pred[:5] - line.intercept) / line.slope)
+    rows = pipe._loo_corrected_age(age, pred, {"slope": 0.6, "intercept": 25.0}, np.arange(15).astype(str))
+    assert abs(rows[0] - age[0]) < abs(out[0] - age[0])  # per row, its own sessions shrink its residual

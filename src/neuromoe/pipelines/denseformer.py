@@ -741,7 +741,7 @@ def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows:
                 if bias is not None:
                     entry["bias"] = bias
                     p = np.full_like(p, np.nan, dtype=np.float64)
-                    p[have] = _loo_corrected_age(y[have], pred[t.name][have], bias)
+                    p[have] = _loo_corrected_age(y[have], pred[t.name][have], bias, groups[have])
             if (np.isfinite(y) & np.isfinite(p)).sum() >= 2:  # as for classification: no labels, no calibrator
                 entry["conformal"] = ConformalRegressor(ev.alpha).fit(y, p, groups=groups).to_dict()
             cal[t.name] = entry
@@ -769,8 +769,10 @@ def _age_bias(age: np.ndarray, pred: np.ndarray) -> dict[str, float] | None:
     return {"slope": float(fit.slope), "intercept": float(fit.intercept)}
 
 
-def _loo_corrected_age(age: np.ndarray, pred: np.ndarray, bias: dict[str, float]) -> np.ndarray:
-    """Each validation subject's prediction corrected by a line fitted without it (jackknife).
+def _loo_corrected_age(age: np.ndarray, pred: np.ndarray, bias: dict[str, float],
+                       subjects: np.ndarray) -> np.ndarray:
+    """Each validation subject's predictions corrected by a line fitted without that subject (jackknife; all
+    of a longitudinal subject's sessions are left out together).
 
     Why: the conformal residuals must be exchangeable with a test subject's. Corrected by the line fitted
     on themselves, the validation residuals come out smaller than a new subject's (the fit absorbs part of
@@ -781,7 +783,10 @@ def _loo_corrected_age(age: np.ndarray, pred: np.ndarray, bias: dict[str, float]
 
     out = np.empty(len(age), dtype=np.float64)
     for i in range(len(age)):
-        rest = np.arange(len(age)) != i
+        rest = subjects != subjects[i]
+        if rest.sum() < 2:
+            out[i] = (pred[i] - bias["intercept"]) / bias["slope"]
+            continue
         fit = linregress(age[rest], pred[rest]) if np.std(pred[rest]) > 0 else None
         line = bias if fit is None or fit.slope < MIN_BIAS_SLOPE else {"slope": fit.slope, "intercept": fit.intercept}
         out[i] = (pred[i] - line["intercept"]) / line["slope"]
