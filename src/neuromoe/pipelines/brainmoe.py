@@ -877,6 +877,7 @@ def _sklearn_baselines(
 
     The inner CV is grouped by ``groups`` (the subject of each training row): with several scans per subject
     an ungrouped split would pick C on scans of subjects it was fitted on."""
+    from sklearn.compose import TransformedTargetRegressor
     from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
     from sklearn.neural_network import MLPClassifier, MLPRegressor
     from sklearn.pipeline import make_pipeline
@@ -896,13 +897,16 @@ def _sklearn_baselines(
         xt, yt = x_tr[have], y[have]
         n_groups = len(np.unique(gt))
         if task == "age":
-            mlp = make_pipeline(
+            mlp = make_pipeline(  # ages in years as the target: no convergence in 2000 epochs, MAE 20 y
                 StandardScaler(),
-                MLPRegressor(hidden_layer_sizes=(ev.mlp_hidden,), max_iter=2000, random_state=seed),
+                TransformedTargetRegressor(
+                    MLPRegressor(hidden_layer_sizes=(ev.mlp_hidden,), max_iter=2000, random_state=seed),
+                    transformer=StandardScaler(),
+                ),
             )
-            svm = GridSearchCV(
-                make_pipeline(StandardScaler(), SVR()),
-                [{"svr__kernel": ["linear", "rbf"], "svr__C": ev.svm_c}],
+            svm = GridSearchCV(  # standardised ages too: SVR's epsilon and C are in units of the target
+                TransformedTargetRegressor(make_pipeline(StandardScaler(), SVR()), transformer=StandardScaler()),
+                [{"regressor__svr__kernel": ["linear", "rbf"], "regressor__svr__C": ev.svm_c}],
                 cv=GroupKFold(min(3, n_groups)),
                 scoring="neg_mean_squared_error",
             )
