@@ -30,20 +30,26 @@ _NEW_FILE_MODE = 0o666 & ~_umask()
 def refuse_overwriting_inputs(outputs: Iterable[str | Path], inputs: Iterable[Any]) -> None:
     """Raise :class:`InputError` before any work when an output would replace one of the inputs
     (``segment --t1 scan.nii.gz --output scan.nii.gz``, ``predict --input m.csv --output m.csv``): the
-    atomic rename would silently destroy the user's scan or manifest. Symlinks and hard links count."""
-    def same(a: Path, b: Path) -> bool:
-        if os.path.realpath(a) == os.path.realpath(b):
-            return True
-        try:
-            return a.samefile(b)
-        except OSError:  # the output (or an input) does not exist yet
-            return False
-
-    sources = [Path(p) for p in inputs if isinstance(p, (str, os.PathLike)) and str(p)]
+    atomic rename would silently destroy the user's scan or manifest. Files are compared by identity
+    (device, inode), so other spellings, symlinks and hard links count; an output that does not exist yet
+    replaces nothing, so the usual case costs one failed stat per output."""
+    existing = {}
     for out in map(Path, outputs):
-        hit = next((src for src in sources if same(out, src)), None)
-        if hit is not None:
-            raise InputError(f"output would overwrite the input {hit}", path=out,
+        with contextlib.suppress(OSError):
+            st = out.stat()
+            existing[(st.st_dev, st.st_ino)] = out
+    if not existing:
+        return
+    for src in inputs:
+        if not isinstance(src, (str, os.PathLike)) or not str(src):
+            continue  # empty manifest cells (NaN, "")
+        try:
+            st = os.stat(src)
+        except OSError:
+            continue  # a missing input is reported by the loader
+        out = existing.get((st.st_dev, st.st_ino))
+        if out is not None:
+            raise InputError(f"output would overwrite the input {src}", path=out,
                              fix="write the output to another file name")
 
 

@@ -1302,18 +1302,18 @@ def embed(
     model, meta = _load_moe(model_dir, device)
     table = _input_scans(data)
     out = Path(out)
-    written = [out, failures_path(out)] + ([out.with_name(out.stem + "_subjects.csv")] if out.suffix.lower() == ".npy" else [])
-    refuse_overwriting_inputs(written, _scan_inputs(data, table))
+    npy, ids_csv = out.suffix.lower() == ".npy", out.with_name(out.stem + "_subjects.csv")  # ids beside a .npy
+    refuse_overwriting_inputs([out, failures_path(out), *([ids_csv] if npy else [])], _scan_inputs(data, table))
     scans, table, failures = _batch_scans(meta, table, data, "embedded")
     if isinstance(model, BrainMoE):
         vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]
     else:
         vectors = _embeddings_single(model, scans)
     ids = _scan_ids(table)
-    if out.suffix.lower() == ".npy":
+    if npy:
         with atomic_path(out, suffix=".npy") as tmp:
             np.save(tmp, vectors.astype(np.float32))
-        with atomic_path(out.with_name(out.stem + "_subjects.csv")) as tmp:
+        with atomic_path(ids_csv) as tmp:
             ids.to_csv(tmp, index=False)
     else:
         frame = pd.concat(
