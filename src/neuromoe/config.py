@@ -9,6 +9,7 @@ resolved config is saved in every run directory with :func:`save_config`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from importlib import resources
@@ -33,6 +34,20 @@ def preset_path(family: str, name: str) -> Path:
             fix=f"use one of {available} or a path to a YAML file",
         )
     return path
+
+
+def inherited_preset(preset: str | Path | None, stage_dir: str | Path | None) -> str | Path:
+    """``--config`` if given; else the resolved ``config.yaml`` of the run that wrote ``stage_dir`` (the
+    pretraining folder, or its ``model``/``experts`` subfolder), so a later stage rebuilds the architecture
+    its pretrained weights have; else the ``demo`` preset."""
+    if preset is not None or stage_dir is None:
+        return preset or "demo"
+    d = Path(stage_dir)
+    for candidate in (d / "config.yaml", *([d.parent / "config.yaml"] if d.name in ("model", "experts") else [])):
+        if candidate.is_file():
+            print(f"neuromoe: no --config given: using the pretraining run's {candidate}", file=sys.stderr)
+            return candidate
+    return "demo"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

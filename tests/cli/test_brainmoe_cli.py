@@ -142,3 +142,8 @@ def test_freeze_flags_override_the_preset(tmp_path):
         assert main(argv) == 0
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert saved["model"]["unfreeze_experts"] is expected
+    # no --config: train starts from the pretraining run's resolved config (tiny here), not from demo
+    argv = ["train", "--family", "brainmoe", "--device", "cpu", "--data", str(cohort), "--experts", str(pre),
+            "--out", str(tmp_path / "inherited"), "--set", "train.epochs=1"]
+    assert main(argv) == 0
+    assert yaml.safe_load((tmp_path / "inherited" / "config.yaml").read_text())["model"]["preset"] == "tiny"

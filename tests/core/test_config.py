@@ -114,3 +114,19 @@ def test_stage_level_seed_and_device_overrides_are_kept():
     assert (cfg.pretrain.seed, cfg.train.seed, cfg.pretrain.device, cfg.train.device) == (3, 3, "cpu", "cpu")
     cfg = load_family_config(DenseFormerConfig, "denseformer", "tiny", [], seed=None, device="auto")
     assert cfg.pretrain.seed == cfg.train.seed == cfg.seed
+
+
+def test_a_later_stage_without_config_inherits_the_pretraining_runs_config(tmp_path, capsys):
+    from neuromoe.config import inherited_preset
+
+    run = tmp_path / "mae"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 3\n")
+    assert inherited_preset(None, run) == run / "config.yaml"
+    assert inherited_preset(None, run / "model") == run / "config.yaml"
+    assert "pretraining run's" in capsys.readouterr().err
+    assert inherited_preset("tiny", run) == "tiny"  # --config wins
+    assert inherited_preset(None, None) == "demo"
+    other = run / "elsewhere"
+    other.mkdir()
+    assert inherited_preset(None, other) == "demo"  # only model/ and experts/ look one folder up

@@ -440,3 +440,16 @@ def test_pooled_baselines_learn_age_in_years():
     mean_mae = np.abs(age[n:] - age[:n].mean()).mean()
     for model in ("mlp", "svm"):
         assert np.abs(out[model]["age"] - age[n:]).mean() < 0.6 * mean_mae
+
+
+def test_the_adapter_preset_does_not_resize_pretrained_experts(cohort, pretrained, tmp_path):
+    """Experts pretrained with ``tiny`` (dim 32) under an adapter of the ``demo`` preset (dim 64): the
+    experts keep their own width. train and evaluate used to stop with a state-dict size mismatch."""
+    cfg = bm.load_brainmoe_config("demo", ["model.router_prior=false", "train.max_steps=2"], device="cpu",
+                                  seed=0)
+    run = bm.train(cohort, tmp_path / "ft", cfg, experts=pretrained)
+    model, _ = load_model(run / "model")
+    assert model.dim == 32 and len(model.experts) == 5
+    cfg.eval.folds = 2
+    metrics = json.loads((bm.evaluate(pretrained, cohort, tmp_path / "ev", cfg) / "metrics.json").read_text())
+    assert "BrainMoE" in json.dumps(metrics)

@@ -50,10 +50,11 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(verb: str, args: argparse.Namespace) -> int:
+    from neuromoe.config import inherited_preset
     from neuromoe.pipelines import denseformer as pipe
 
     # checked for every verb: a typo in --config/--set is exit 2 even where the model's stored config runs
-    cfg = pipe.load_denseformer_config(args.config or "demo", args.overrides, seed=args.seed,
+    cfg = pipe.load_denseformer_config(inherited_preset(args.config, getattr(args, "pretrained", None)), args.overrides, seed=args.seed,
                                        device=args.device)
     if verb == "predict":
         frame, failures = pipe.predict(args.model, args.input, args.output, device=args.device,

@@ -77,11 +77,12 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(verb: str, args: argparse.Namespace) -> int:
+    from neuromoe.config import inherited_preset
     from neuromoe.errors import InputError
     from neuromoe.pipelines import mome as pipe
 
     # checked for every verb: a typo in --config/--set is exit 2 even where the model's stored config runs
-    cfg = pipe.load_mome_config(args.config or "demo", args.overrides, seed=args.seed, device=args.device)
+    cfg = pipe.load_mome_config(inherited_preset(args.config, getattr(args, "experts", None)), args.overrides, seed=args.seed, device=args.device)
     if args.cache:
         cfg.cache_dir = args.cache
     if verb == "segment":

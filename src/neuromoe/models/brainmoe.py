@@ -540,6 +540,15 @@ _EXPERT_KEYS = ("dim", "depth", "heads")
 _MOE_KEYS = tuple(PRESETS["tiny"])
 
 
+def expert_architecture(architecture: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``dim``/``depth``/``heads`` an expert saved as ``brainmoe_expert_<size>`` + kwargs was built with,
+    so an adapter can be sized to pretrained experts whatever preset the adapter itself uses."""
+    size = architecture.removeprefix("brainmoe_expert_")
+    if size not in PRESETS:
+        raise KeyError(f"not a BrainMoE expert architecture: {architecture!r}")
+    return _preset(size, {k: v for k, v in kwargs.items() if k in _EXPERT_KEYS}, _EXPERT_KEYS)
+
+
 def _register_presets() -> None:
     for size in PRESETS:
 

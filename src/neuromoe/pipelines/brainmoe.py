@@ -41,7 +41,15 @@ from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
 from neuromoe.io.table import failures_path, write_failures
 from neuromoe.layers.moe import load_balancing_loss, router_z_loss
-from neuromoe.models.brainmoe import BrainMoE, BrainMoEOutput, Expert, JEPAExpert, StateRouter, fit_pca
+from neuromoe.models.brainmoe import (
+    BrainMoE,
+    BrainMoEOutput,
+    Expert,
+    JEPAExpert,
+    StateRouter,
+    expert_architecture,
+    fit_pca,
+)
 
 FAMILY = "brainmoe"
 POOLED = "pooled"
@@ -652,7 +660,7 @@ def _experts_for(experts_dir: Path) -> tuple[list[str], list[Expert], dict[str, 
     for n in names:
         e, meta = _load_expert(experts_dir / "experts" / n)
         experts.append(e)
-        kw = kw or meta["kwargs"]
+        kw = kw or {**meta["kwargs"], **expert_architecture(meta["architecture"], meta["kwargs"])}
     spec = FCSpec(**manifest["fc"])
     return names, experts, dict(kw or {}), spec
 
