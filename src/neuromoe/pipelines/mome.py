@@ -187,6 +187,21 @@ def _split_cases(
     }
 
 
+def _keep_trained_modalities(cfg: MoMEConfig, cases: dict[str, list[LesionCase]]) -> None:
+    """Leave out of the model every configured modality without a training image (BraTS has no DWI): its
+    expert could only stay at random weights and would still take a share of the gate's fusion."""
+    present = [m for m in cfg.model.modalities if any(m in c["images"] for c in cases["train"])]
+    for m in cfg.model.modalities:
+        if m not in present:
+            print(
+                f"neuromoe: no training images for modality '{m}': the model leaves it out "
+                "(model.modalities lists the ones to use)",
+                file=sys.stderr,
+            )
+    if present:
+        cfg.model.modalities = present
+
+
 def _only(case: LesionCase, modality: str) -> LesionCase:
     return {**case, "images": {modality: case["images"][modality]}}
 
@@ -458,6 +473,7 @@ def _load_experts(model: MoME, experts: str | Path, modalities: Sequence[str]) -
     loaded = []
     for k, m in enumerate(modalities):
         if not (root / m).is_dir():
+            print(f"neuromoe: no stage-1 expert for '{m}' in {root}: it starts from random weights", file=sys.stderr)
             continue
         expert, _ = load_model(root / m)
         if expert.logit_skip != model.experts[k].logit_skip:  # same parameters, different outputs
@@ -517,6 +533,7 @@ def pretrain(
     out = Path(out)
     spec = _spec(cfg)
     cases = _split_cases(data, cfg, spec, ("train", "val"))
+    _keep_trained_modalities(cfg, cases)
     save_config(cfg, out)
     kw: dict[str, Any] = {"logit_skip": cfg.model.logit_skip}
     if cfg.model.widths is not None:
@@ -526,10 +543,6 @@ def pretrain(
         tr = [_only(c, m) for c in cases["train"] if m in c["images"]]
         va = [_only(c, m) for c in cases["val"] if m in c["images"]]
         if not tr:
-            print(
-                f"neuromoe: no training images for modality '{m}'; its expert stays untrained",
-                file=sys.stderr,
-            )
             continue
         torch.manual_seed(cfg.seed + k)
         expert = create_model(f"unet_{cfg.model.preset}", **kw)
@@ -602,6 +615,7 @@ def train(
     cases = _split_cases(data, cfg, spec, ("train", "val"))
     if not cases["train"]:
         raise InputError("no training cases", path=str(data), fix="add 'train' rows to the split column")
+    _keep_trained_modalities(cfg, cases)
     torch.manual_seed(cfg.seed)
     model = create_model(f"{m.kind}_{m.preset}", **_model_kwargs(m))
     loaded: list[str] = []
