@@ -223,6 +223,22 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
             "tbv_baseline", "expert_usage"} <= set(age)
     assert len(age["model"]["mae"]) == 3 and sum(age["expert_usage"]) == metrics["n"] * 2
     assert (ev / "predictions.csv").is_file() and (ev / "report" / "section.json").is_file()
+    # a task without enough labelled test subjects is named as not scored, not silently missing
+    table = pd.read_csv(cohort)
+    table.loc[table["split"] == "test", "dx_pd"] = ""
+    table["t1"] = [str(cohort.parent / p) for p in table["t1"]]
+    table.to_csv(tmp_path / "no_pd.csv", index=False)
+    ev = pipe.evaluate(run / "model", tmp_path / "no_pd.csv", tmp_path / "eval2", n_bootstrap=5,
+                       cache_dir=cfg.cache_dir)
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert "dx_pd" not in metrics["tasks"] and "0 labelled 'test' subjects" in metrics["skipped"]["dx_pd"]
+    # nothing to score at all: one clear error and no output folder (it used to write "tasks": {})
+    test = table["split"] == "test"
+    pd.concat([table[~test], table[test].head(1)]).to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(InputError, match="no task can be scored"):
+        pipe.evaluate(run / "model", tmp_path / "one.csv", tmp_path / "eval3", n_bootstrap=5,
+                      cache_dir=cfg.cache_dir)
+    assert not (tmp_path / "eval3").exists()
 
     # predict: a folder with one good and one corrupt file
     scans = tmp_path / "scans"

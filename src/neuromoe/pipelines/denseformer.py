@@ -902,6 +902,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     metrics: dict[str, Any] = {"split": split, "n": int(rows.sum()), "tasks": {}}
     frame = pd.DataFrame({"subject": table.loc[rows, "subject"].to_numpy() if "subject" in table else np.flatnonzero(rows)})
     subjects = frame["subject"].astype(str).to_numpy()  # CIs resample subjects: their sessions are not independent
+    skipped: dict[str, str] = {}
     for t in tasks:
         y_all = dataset.labels[t.name]
         y = y_all[rows]
@@ -911,6 +912,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
         if t.type == "regression":
             have = np.isfinite(y)
             if have.sum() < 3:
+                skipped[t.name] = f"{int(have.sum())} labelled '{split}' subjects (at least 3 needed)"
                 continue
             tcal = cal.get(t.name, {})
             corrected = _corrected_age(p, tcal)
@@ -938,6 +940,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
         else:
             have = y >= 0
             if have.sum() < 3 or len(np.unique(y[have])) < 2:
+                skipped[t.name] = (f"{int(have.sum())} labelled '{split}' subjects in "
+                                   f"{len(np.unique(y[have]))} class(es) (at least 3 in 2 classes needed)")
                 continue
             entry["model"] = _classification_metrics(y[have], p[have], n_bootstrap, seed, subjects[have])
             if base is not None:
@@ -968,6 +972,12 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
             entry["expert_usage"] = np.bincount(pred[f"{t.name}/experts"].ravel(),
                                                 minlength=model.head.num_experts).tolist()
         metrics["tasks"][t.name] = entry
+    for name, why in skipped.items():
+        print(f"neuromoe: task '{name}' not scored: {why}", file=sys.stderr)
+    if not metrics["tasks"]:
+        raise InputError(f"no task can be scored on the '{split}' split ({metrics['n']} subjects)",
+                         path=source, fix="evaluate on a cohort with more labelled subjects, or another --split")
+    metrics["skipped"] = skipped
     atomic_write_json(out / "metrics.json", metrics, strict=True)
     with atomic_path(out / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
@@ -1006,6 +1016,7 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
         f"Held-out '{metrics['split']}' subjects (n={metrics['n']}). Brain age is bias-corrected with a linear "
         "fit on validation subjects; conformal intervals/sets are calibrated on validation only. The "
         "baseline is a linear/logistic model on total brain volume (TBV) fitted on training subjects."
+        + "".join(f" Task '{n}' is not scored: {why}." for n, why in metrics.get("skipped", {}).items())
     )
     table_rows = []
     for name, e in metrics["tasks"].items():
