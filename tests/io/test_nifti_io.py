@@ -163,6 +163,16 @@ def test_singleton_fourth_axis_round_trips_and_corrupt_gzip_is_refused(tmp_path)
     assert src.data.shape == (6, 7, 8) and src.orig_shape == (6, 7, 8, 1)
     save_nifti(src.data, tmp_path / "b.nii.gz", like=src)
     assert nib.load(tmp_path / "b.nii.gz").shape == (6, 7, 8, 1)
+    # (X, Y, Z, 1, 1) too (it used to be refused as 5-D); a real 4th/5th axis still is
+    nib.save(nib.Nifti1Image(data[..., None], np.eye(4)), tmp_path / "c.nii.gz")
+    src = load_nifti(tmp_path / "c.nii.gz")
+    assert src.data.shape == (6, 7, 8) and src.orig_shape == (6, 7, 8, 1, 1)
+    save_nifti(src.data, tmp_path / "d.nii.gz", like=src)
+    assert nib.load(tmp_path / "d.nii.gz").shape == (6, 7, 8, 1, 1)
+    assert load_nifti(tmp_path / "c.nii.gz", allow_4d=True).data.shape == (6, 7, 8, 1)
+    nib.save(nib.Nifti1Image(np.ones((6, 7, 8, 1, 2), np.float32), np.eye(4)), tmp_path / "e.nii.gz")
+    with pytest.raises(InputError, match="5 dimensions"):
+        load_nifti(tmp_path / "e.nii.gz")
     # a gzip member whose checksum does not match its content: nibabel reads the data block and stops
     raw = gzip.compress(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)).to_bytes())
     bad = bytearray(raw)

@@ -100,7 +100,7 @@ def _labels(i: int) -> dict[str, object]:
     return {"age": 60 + i, "sex": "FM"[i % 2], "dx_ad": ["CN", "AD"][i % 2]}
 
 
-SPLITS = ("train", "train", "train", "train", "val", "val", "test", "test")
+SPLITS = ("train", "train", "train", "train", "val", "val", "test", "test", "test")  # 3 test: evaluate scores age
 
 
 def lesion_mask(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> np.ndarray:
@@ -319,6 +319,12 @@ def k_missing_file(root: Path) -> Case:
 def k_nifti2_valid(root: Path) -> Case:
     p = _img(root, "nifti2.nii.gz", nifti2=True)
     return Case("nifti2_valid", "image", p, False, p)
+
+
+def k_trailing_singletons_valid(root: Path) -> Case:
+    """A 3-D volume stored as (X, Y, Z, 1, 1), as some converters write it."""
+    p = _img(root, "five_d_singletons.nii.gz", brain()[..., None, None])
+    return Case("trailing_singletons_valid", "image", p, False, p)
 
 
 def k_nonascii_path_valid(root: Path) -> Case:

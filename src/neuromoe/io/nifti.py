@@ -63,9 +63,19 @@ def _open_header(path: Path) -> nib.Nifti1Image:
     return img
 
 
+def _core_shape(shape: tuple[int, ...], allow_4d: bool) -> tuple[int, ...]:
+    """``shape`` without trailing singleton axes beyond the 3rd (4th with ``allow_4d``): converters write a
+    3-D volume as (X, Y, Z, 1) or (X, Y, Z, 1, 1)."""
+    core = tuple(int(s) for s in shape)
+    while len(core) > (4 if allow_4d else 3) and core[-1] == 1:
+        core = core[:-1]
+    return core
+
+
 def _check_header(img: nib.Nifti1Image, path: Path, allow_4d: bool, max_voxels: int) -> None:
     shape = img.header.get_data_shape()
-    if len(shape) not in (3, 4) or (len(shape) == 4 and not allow_4d and shape[3] != 1):
+    core = _core_shape(shape, allow_4d)
+    if len(core) not in (3, 4) or (len(core) == 4 and not allow_4d):
         want = "3D or 4D" if allow_4d else "3D"
         raise InputError(f"image has {len(shape)} dimensions {shape}, expected {want}", path=path,
                          fix="give a single 3D volume" if not allow_4d else "give a 3D/4D volume")
@@ -178,8 +188,7 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MA
             raise InputError(f"compressed data is corrupt ({type(exc).__name__}: {exc})", path=path,
                              fix="re-copy or re-export the file") from None
     file_shape = tuple(int(x) for x in img.shape)
-    if data.ndim == 4 and not allow_4d:
-        data = data[..., 0]
+    data = data.reshape(_core_shape(data.shape, allow_4d))
     if not np.all(np.isfinite(data)):
         raise InputError(f"{int((~np.isfinite(data)).sum())} NaN/Inf voxels", path=path,
                          fix="replace non-finite voxels (e.g. fslmaths -nan)")
