@@ -90,7 +90,8 @@ def test_ddp_parameter_no_rank_used_is_not_moved(ddp_run: DdpRun) -> None:
 
 
 def test_family_cli_under_torchrun(tmp_path: Path) -> None:
-    """A whole family command (BrainMoE tiny pretrain → train) runs on 2 gloo ranks; rank 0 alone prints."""
+    """A whole family command (BrainMoE tiny pretrain → train) runs on 2 gloo ranks; rank 0 alone prints,
+    notices included (train, without --config, announces the pretraining run's config once)."""
     from neuromoe.data.synth import synth_cohort
 
     synth_cohort(tmp_path / "c", n_structural=0, n_lesion=0, n_fmri=12, n_rois=12, n_timepoints=40, progress=False)
@@ -98,7 +99,8 @@ def test_family_cli_under_torchrun(tmp_path: Path) -> None:
     common = ["--family", "brainmoe", "--config", "tiny", "--device", "cpu", "--data", str(tmp_path / "c")]
     for argv in (
         ["pretrain", *common, "--out", str(tmp_path / "pre")],
-        ["train", *common, "--experts", str(tmp_path / "pre"), "--out", str(tmp_path / "ft")],
+        ["train", "--family", "brainmoe", *common[4:], "--experts", str(tmp_path / "pre"),
+         "--out", str(tmp_path / "ft")],
     ):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "neuromoe.cli.main", *argv]
@@ -107,4 +109,5 @@ def test_family_cli_under_torchrun(tmp_path: Path) -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+        assert proc.stderr.count("no --config given") == (argv[0] == "train"), proc.stderr[-3000:]
     assert (tmp_path / "ft" / "model" / "model.safetensors").is_file()

@@ -140,11 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         command, rest = argv[0], argv[1:]
         if command in FAMILY_VERBS:
-            # under torchrun every rank runs this; only rank 0 prints results (errors still show on all)
+            # under torchrun every rank runs this; only rank 0 prints results, notices and progress bars.
+            # Errors still show on every rank: they are printed (and tracebacks raised) outside the redirect.
             quiet = int(os.environ.get("RANK", "0")) > 0
             with contextlib.ExitStack() as stack:
                 if quiet:
-                    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+                    sink = stack.enter_context(open(os.devnull, "w"))
+                    stack.enter_context(contextlib.redirect_stdout(sink))
+                    stack.enter_context(contextlib.redirect_stderr(sink))
                 return _run_family_verb(command, rest)
         module = importlib.import_module(PLAIN_COMMANDS[command][0])
         parser = argparse.ArgumentParser(prog=f"neuromoe {command}", formatter_class=argparse.RawDescriptionHelpFormatter)
