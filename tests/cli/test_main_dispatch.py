@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +68,23 @@ def test_inference_verbs_check_config_options(argv, flag, message, capsys):
 )
 def test_brainmoe_inference_honours_device(argv, capsys, monkeypatch):
     """--device cuda reaches BrainMoE predict/embed (it used to be dropped and the scans ran on the CPU)."""
+    from neuromoe.pipelines import brainmoe
+
+    seen = {}
+
+    def spy(*args, device, **kw):
+        seen["device"] = device
+        return ([], []) if argv[0] == "predict" else (Path("o.csv"), [])
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(brainmoe, argv[0], spy)
+    assert main([*argv, "--device", "cuda"]) == 0 and seen == {"device": "cuda"}
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
+    """``train --device cuda`` on a CPU machine used to write OUT/config.yaml before the device error."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    out = tmp_path / "run"
+    argv = ["train", "--family", "mome", "--config", "tiny", "--data", str(tmp_path), "--out", str(out)]
     assert main([*argv, "--device", "cuda"]) == 2
-    assert "no CUDA GPU is available" in capsys.readouterr().err
+    assert "no CUDA GPU is available" in capsys.readouterr().err and not out.exists()

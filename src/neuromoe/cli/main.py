@@ -127,6 +127,9 @@ def _run_family_verb(verb: str, argv: list[str]) -> int:
     add_common_arguments(parser, verb)
     module.add_arguments(verb, parser)
     args = parser.parse_args(argv)
+    from neuromoe.engine.utils import resolve_device
+
+    resolve_device(getattr(args, "device", "auto"))  # --device cuda without a GPU: refused before any output
     return int(module.run(verb, args) or 0)
 
 
