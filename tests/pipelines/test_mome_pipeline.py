@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuromoe.data.lesion import LesionPatchDataset, sample_patch
-from neuromoe.errors import ConfigError, ModelFormatError
+from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.models import create_model
 from neuromoe.models.mome import mome_loss
 
@@ -183,6 +183,13 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     )
     flair_only = json.loads((ev / "metrics.json").read_text())
     assert flair_only["n_predictions"] == 2 and set(flair_only["by_modality"]) == {"flair"}
+    # a test case without its mask: the error says so (it said "no 'test' cases")
+    manifest = tmp_path / "cohort" / "manifests" / "lesion.csv"
+    table = manifest.read_text().splitlines()
+    unmasked = [",".join([*r.split(",")[:3], "", *r.split(",")[4:]]) if r.endswith(",test") else r for r in table]
+    (manifest.parent / "unmasked.csv").write_text("\n".join(unmasked) + "\n")
+    with pytest.raises(InputError, match="no 'test' case has a lesion mask"):
+        mome.evaluate(run / "train" / "model", manifest.parent / "unmasked.csv", tmp_path / "ev0", device="cpu")
     t1 = tmp_path / "cohort" / "sub-00" / "t1.nii.gz"
     sidecars, failures = mome.segment(
         run / "train" / "model", {"t1": t1}, tmp_path / "m.nii.gz", device="cpu"

@@ -722,7 +722,8 @@ def evaluate(
     cfg.model.modalities = list(mods)
     cases = _split_cases(data, cfg, PreprocSpec.from_dict(meta["preprocessing"]), (split,))[split]
     if not cases:
-        raise InputError(f"no '{split}' cases", path=str(data), fix="choose another --split")
+        raise InputError(f"no '{split}' case has a lesion mask and one of the model's modalities {list(mods)}",
+                         path=str(data), fix="choose another --split, or add the masks")
     dev = resolve_device(device)
     model.to(dev)
     maps: list[tuple[int, str, VolumePrediction]] = []
