@@ -227,7 +227,8 @@ _BM_OUTPUT = {
     "embed": "embeddings.csv",
 }
 _BM_3D_VALID = {k: "a 3D image is not a 4D BOLD run" for k in (
-    "nifti2_valid", "nonascii_spaces_valid", "scl_slope_nan_valid", "scl_slope_zero_valid"
+    "nifti2_valid", "nonascii_spaces_valid", "scl_slope_nan_valid", "scl_slope_zero_valid",
+    "trailing_singletons_valid",
 )}
 _BM_STRUCTURAL = {
     "manifest": "a structural manifest has no timeseries/bold column",
