@@ -83,7 +83,8 @@ def run(verb: str, args: argparse.Namespace) -> int:
     from neuromoe.pipelines import brainmoe as pipe
 
     # checked for every verb: a typo in --config/--set is exit 2 even where the model's stored config runs
-    cfg = pipe.load_brainmoe_config(inherited_preset(args.config, getattr(args, "experts", None)), args.overrides, seed=args.seed, device=args.device)
+    preset = inherited_preset(args.config, getattr(args, "experts", None))
+    cfg = pipe.load_brainmoe_config(preset, args.overrides, seed=args.seed, device=args.device)
     if verb == "predict":
         frame, failures = pipe.predict(args.model, args.input, args.output, device=args.device)
         print(f"wrote {len(frame)} predictions to {args.output}; {len(failures)} failed", file=sys.stderr)

@@ -54,8 +54,8 @@ def run(verb: str, args: argparse.Namespace) -> int:
     from neuromoe.pipelines import denseformer as pipe
 
     # checked for every verb: a typo in --config/--set is exit 2 even where the model's stored config runs
-    cfg = pipe.load_denseformer_config(inherited_preset(args.config, getattr(args, "pretrained", None)), args.overrides, seed=args.seed,
-                                       device=args.device)
+    preset = inherited_preset(args.config, getattr(args, "pretrained", None))
+    cfg = pipe.load_denseformer_config(preset, args.overrides, seed=args.seed, device=args.device)
     if verb == "predict":
         frame, failures = pipe.predict(args.model, args.input, args.output, device=args.device,
                                        strict=args.strict, progress=not args.no_progress,

@@ -82,7 +82,8 @@ def run(verb: str, args: argparse.Namespace) -> int:
     from neuromoe.pipelines import mome as pipe
 
     # checked for every verb: a typo in --config/--set is exit 2 even where the model's stored config runs
-    cfg = pipe.load_mome_config(inherited_preset(args.config, getattr(args, "experts", None)), args.overrides, seed=args.seed, device=args.device)
+    preset = inherited_preset(args.config, getattr(args, "experts", None))
+    cfg = pipe.load_mome_config(preset, args.overrides, seed=args.seed, device=args.device)
     if args.cache:
         cfg.cache_dir = args.cache
     if verb == "segment":

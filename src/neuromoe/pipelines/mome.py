@@ -473,7 +473,8 @@ def _load_experts(model: MoME, experts: str | Path, modalities: Sequence[str]) -
     loaded = []
     for k, m in enumerate(modalities):
         if not (root / m).is_dir():
-            print(f"neuromoe: no stage-1 expert for '{m}' in {root}: it starts from random weights", file=sys.stderr)
+            print(f"neuromoe: no stage-1 expert for '{m}' in {root}: it starts from random weights",
+                  file=sys.stderr)
             continue
         expert, _ = load_model(root / m)
         if expert.logit_skip != model.experts[k].logit_skip:  # same parameters, different outputs
