@@ -52,6 +52,22 @@ def test_pretrain_writes_one_expert_per_state_and_the_pooled_one(pretrained):
     assert pooled.n_states == 5 and meta["extra"]["states"] == manifest["states"]
 
 
+def test_pretraining_report_lists_the_experts_of_every_call(cohort, tmp_path):
+    """'neuromoe report' of a pretraining folder (it said "nothing to report"); an expert added by a later
+    call with other --states joins the table and the curves."""
+    from neuromoe.eval.report import build_report, load_section
+
+    out = bm.pretrain(cohort, tmp_path / "pre", _cfg(), states=["rest"], pooled=False)
+    bm.pretrain(cohort, out, _cfg(), states=["wm"], pooled=False)
+    section = load_section(out)
+    table = next(i for i in section.items if i["kind"] == "table")
+    rows = [dict(zip(table["columns"], r)) for r in table["rows"]]
+    assert [r["expert"] for r in rows] == ["rest", "wm"]
+    assert all(int(r["scans"]) > 0 and np.isfinite(float(r["best val loss"])) for r in rows)
+    assert sum(i["kind"] == "figure" for i in section.items) == 1
+    assert "per-state expert pretraining" in build_report([out], tmp_path / "r.html").read_text()
+
+
 def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
     run = bm.train(cohort, tmp_path / "ft", _cfg(), experts=pretrained)
     model, meta = load_model(run / "model")  # rebuilt from config.json + safetensors only

@@ -227,6 +227,15 @@ def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_p
     run = mome.pretrain(tmp_path / "cohort", tmp_path / "exp", cfg)
     steps = {m: pd.read_csv(run / "stage1" / m / "metrics.csv")["step"].max() for m in ("t1", "flair")}
     assert steps == {"t1": 3, "flair": 3}  # 12 patches / batch 4, one epoch
+    from neuromoe.eval.report import build_report, load_section
+
+    section = load_section(run)  # 'neuromoe report' of a stage-1 run (it said "nothing to report")
+    assert section.title == "MoME: stage-1 modality experts"
+    table = next(i for i in section.items if i["kind"] == "table")
+    rows = [dict(zip(table["columns"], r)) for r in table["rows"]]
+    assert [(r["expert"], r["train images"]) for r in rows] == [("t1", "4"), ("flair", "2")]
+    assert sum(i["kind"] == "figure" for i in section.items) == 2
+    assert "stage-1 modality experts" in build_report([run], tmp_path / "r.html").read_text()
 
 
 class _FixedProbability(torch.nn.Module):

@@ -106,6 +106,11 @@ def _read_metrics(source: str | Path | pd.DataFrame) -> pd.DataFrame:
                          fix="pass the metrics.csv written by the trainer") from None
 
 
+def _x_axis(df: pd.DataFrame) -> tuple[str | None, np.ndarray]:
+    x_name = next((c for c in ("step", "epoch") if c in df.columns), None)
+    return x_name, df[x_name].to_numpy(float) if x_name else np.arange(len(df), dtype=float)
+
+
 def training_curves(source: str | Path | pd.DataFrame, title: str = "training curves",
                     max_panels: int = 8) -> Figure:
     """One small panel per numeric column of a trainer ``metrics.csv`` against step (or epoch).
@@ -115,8 +120,7 @@ def training_curves(source: str | Path | pd.DataFrame, title: str = "training cu
     less often) are skipped per column.
     """
     df = _read_metrics(source)
-    x_name = next((c for c in ("step", "epoch") if c in df.columns), None)
-    x = df[x_name].to_numpy(float) if x_name else np.arange(len(df), dtype=float)
+    x_name, x = _x_axis(df)
     numeric = [c for c in df.columns if c not in INDEX_COLUMNS and pd.api.types.is_numeric_dtype(df[c])
                and df[c].notna().any()]
     panels: dict[str, list[str]] = {}
@@ -144,6 +148,37 @@ def training_curves(source: str | Path | pd.DataFrame, title: str = "training cu
     if not keys:
         axes[0].text(0.5, 0.5, "no numeric metrics", ha="center", va="center")
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def expert_curves(sources: Mapping[str, str | Path | pd.DataFrame], metric: str = "loss",
+                  title: str = "experts") -> Figure:
+    """Train (dashed) and validation (solid) ``metric`` of separately trained experts on one axis, one
+    colour each, so an expert that stopped learning or over-fits stands out among its peers."""
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.subplots()
+    positive, x_name = True, None
+    for i, (name, source) in enumerate(sources.items()):
+        df = _read_metrics(source)
+        x_name, x = _x_axis(df)
+        for split, style in (("train", "--"), ("val", "-")):
+            column = f"{split}_{metric}"
+            if column not in df.columns or not pd.api.types.is_numeric_dtype(df[column]):
+                continue
+            y = df[column].to_numpy(float)
+            ok = np.isfinite(y)
+            if ok.any():
+                positive &= bool((y[ok] > 0).all())
+                ax.plot(x[ok], y[ok], style, color=f"C{i % 10}", lw=1.2, marker="o" if ok.sum() < 30 else None,
+                        ms=3, label=f"{name} ({split})")
+    if not ax.lines:
+        ax.text(0.5, 0.5, f"no {metric} logged", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=7, ncol=2)
+        if positive:
+            ax.set_yscale("log")
+    ax.set(title=title, xlabel=x_name or "row", ylabel=metric)
     fig.tight_layout()
     return fig
 

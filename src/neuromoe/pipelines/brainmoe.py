@@ -46,7 +46,6 @@ from neuromoe.models.brainmoe import (
     BrainMoEOutput,
     Expert,
     JEPAExpert,
-    StateRouter,
     expert_architecture,
     fit_pca,
 )
@@ -412,16 +411,41 @@ def pretrain(
             "best_val_loss": result.best_metric,
         }
         save_model(expert.cpu(), run, {"family": FAMILY, "extra": extra})
+        manifest.setdefault("summary", {})[name] = {"scans": extra["n_scans"], "best val loss": result.best_metric}
         if name == POOLED:
             manifest["pooled"] = name
         elif name not in manifest["states"]:
             manifest["states"].append(name)
+    router_acc = None
     if cfg.model.router_prior:
-        _pretrain_router(scans, state_of, groups, all_states, cfg, out / ROUTER, spec, resume=resume)
+        router_acc = _pretrain_router(scans, state_of, groups, all_states, cfg, out / ROUTER, spec, resume=resume)
         manifest["router"] = ROUTER
     manifest.update({"kind": cfg.expert.kind, "fc": spec.to_dict()})
     atomic_write_json(out / EXPERTS_FILE, manifest)
+    _add_pretrain(out, cfg, manifest, router_acc)
     return out
+
+
+def _add_pretrain(out: Path, cfg: BrainMoEConfig, manifest: dict[str, Any], router_acc: float | None) -> None:
+    """The pretraining report section: one row and one pair of loss curves per expert (all experts of
+    the folder, also those pretrained by an earlier call with other ``--states``)."""
+    from neuromoe.eval.plots import expert_curves
+
+    names = [*manifest["states"], *([manifest["pooled"]] if manifest.get("pooled") else [])]
+    summary = manifest.get("summary", {})
+    section = _new_section("BrainMoE: per-state expert pretraining")
+    text = (f"One '{cfg.expert.preset}' {cfg.expert.kind} expert per cognitive state on "
+            f"{cfg.data.fc_kind} connectivity" + (", plus one on all states pooled (baseline)" if
+                                                  manifest.get("pooled") else "") + ".")
+    if router_acc is not None:
+        text += f" State router (the routing prior): validation state accuracy {router_acc:.3f}."
+    section.add_text(text)
+    section.add_table([{"expert": n, **summary.get(n, {})} for n in names],
+                      "Experts (validation loss on held-out subjects, fixed masks).")
+    curves = {n: out / "experts" / n / "train" / "metrics.csv" for n in names}
+    section.add_figure(expert_curves({n: p for n, p in curves.items() if p.is_file()}, title="experts: loss"),
+                       "Train (dashed) and validation (solid) loss per expert.")
+    section.save(out)
 
 
 def _check_router_cfg(m: ModelSection) -> None:
@@ -442,9 +466,9 @@ def _pretrain_router(
     spec: FCSpec,
     *,
     resume: bool = False,
-) -> StateRouter:
-    """Fit the state router on all pretraining scans: PCA of their FC, then state cross-entropy (the
-    validation accuracy on held-out subjects is saved with it)."""
+) -> float:
+    """Fit the state router on all pretraining scans: PCA of their FC, then state cross-entropy; returns
+    its validation state accuracy on held-out subjects (also saved with it)."""
     from neuromoe.models.registry import create_model, save_model
 
     _check_router_cfg(cfg.model)
@@ -475,7 +499,7 @@ def _pretrain_router(
         "best_val_loss": result.best_metric,
     }
     save_model(router.cpu(), run, {"family": FAMILY, "extra": extra})
-    return router
+    return float(logs["state_acc"])
 
 
 def _state_clf_rows(

@@ -587,7 +587,27 @@ def pretrain(
             fix="check the modality columns of the lesion manifest",
         )
     atomic_write_json(out / "experts" / "summary.json", rows)
+    _add_pretrain(out, cfg, rows)
     return out
+
+
+def _add_pretrain(out: Path, cfg: MoMEConfig, rows: list[dict[str, Any]]) -> None:
+    """The stage-1 report section: one row and one pair of curves per modality expert."""
+    from neuromoe.eval.plots import expert_curves
+
+    section = _new_section("MoME: stage-1 modality experts")
+    section.add_text(
+        f"One '{cfg.model.preset}' expert U-Net per modality, trained alone on that modality's images "
+        f"({list(cfg.data.patch_size)} patches, foreground fraction {cfg.data.fg_fraction}); 'neuromoe train "
+        "--family mome --experts' fuses them with the gate."
+    )
+    section.add_table(rows, "Stage-1 experts (validation loss = deep-supervised Dice+CE).")
+    curves = {r["expert"]: out / "stage1" / r["expert"] / "metrics.csv" for r in rows}
+    curves = {m: p for m, p in curves.items() if p.is_file()}
+    for metric, caption in (("loss", "Train (dashed) and validation (solid) loss per expert."),
+                            ("dice", "Validation Dice per expert (best threshold on its own modality).")):
+        section.add_figure(expert_curves(curves, metric, title=f"stage-1 experts: {metric}"), caption)
+    section.save(out)
 
 
 # --------------------------------------------------------------------------------------------- train
