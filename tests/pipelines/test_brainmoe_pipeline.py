@@ -11,6 +11,7 @@ import torch
 
 from neuromoe.data.synth import synth_cohort
 from neuromoe.errors import InputError
+from neuromoe.eval.report import load_section
 from neuromoe.models import load_model
 from neuromoe.pipelines import brainmoe as bm
 
@@ -55,7 +56,7 @@ def test_pretrain_writes_one_expert_per_state_and_the_pooled_one(pretrained):
 def test_pretraining_report_lists_the_experts_of_every_call(cohort, tmp_path):
     """'neuromoe report' of a pretraining folder (it said "nothing to report"); an expert added by a later
     call with other --states joins the table and the curves."""
-    from neuromoe.eval.report import build_report, load_section
+    from neuromoe.eval.report import build_report
 
     out = bm.pretrain(cohort, tmp_path / "pre", _cfg(), states=["rest"], pooled=False)
     bm.pretrain(cohort, out, _cfg(), states=["wm"], pooled=False)
@@ -74,6 +75,9 @@ def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
     assert meta["extra"]["experts"] == ["emotion", "language", "motor", "rest", "wm"]
     assert meta["label_maps"]["phenotype"] == ["control", "patient"]
     assert model.freeze_experts and len(model.experts) == 5
+    section = load_section(run)  # 'neuromoe report' of a fine-tuning run: setup and router preference
+    assert section.title == "BrainMoE: router + adapter fine-tuning"
+    assert [i["kind"] for i in section.items] == ["text", "table", "figure"]
 
     frame, failures = bm.predict(run / "model", cohort, tmp_path / "pred.csv")
     assert failures == [] and not (tmp_path / "pred_failures.csv").exists()

@@ -17,6 +17,7 @@ from neuromoe.cli.main import main as cli_main
 from neuromoe.data.structural import TaskSpec, assign_splits, encode_labels
 from neuromoe.data.synth import synth_cohort
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
+from neuromoe.eval.report import load_section
 from neuromoe.pipelines import denseformer as pipe
 
 
@@ -216,6 +217,13 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     cal = meta["extra"]["calibration"]
     assert meta["extra"]["split_seed"] == cfg.seed  # evaluate re-derives the same split (no training subject tested)
     assert "conformal" in cal["age"] and "dx_ad" in cal
+    section = load_section(run)  # 'neuromoe report' of a fine-tuning run: setup and labelled subjects per task
+    assert section.title == "DenseFormer-MoE: multi-task fine-tuning"
+    table = next(i for i in section.items if i["kind"] == "table")
+    rows = {r[0]: dict(zip(table["columns"], r)) for r in table["rows"]}
+    assert list(rows) == [t.name for t in cfg.finetune.tasks]
+    labelled = pd.read_csv(cohort).query("split == 'train'")["age"].notna().sum()
+    assert rows["age"]["labelled train"] == str(labelled)
     ev = pipe.evaluate(run / "model", cohort, tmp_path / "eval", n_bootstrap=20, cache_dir=cfg.cache_dir)
     metrics = json.loads((ev / "metrics.json").read_text())
     age = metrics["tasks"]["age"]

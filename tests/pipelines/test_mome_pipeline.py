@@ -172,6 +172,7 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     # stage-1 experts exist for the modalities with training images and were copied into the MoME
     assert cfg["extra"]["experts_loaded"] == ["t1", "flair"]
     assert cfg["extra"]["precision"] == "fp32"  # the `tiny` config's inference precision, stored
+    assert load_section(run / "train").title == "MoME: stage-2 training"  # 'neuromoe report' of the train run
     # a stage-1 expert evaluates alone on the cases that have its modality (train cases 0 and 2 have FLAIR)
     ev = mome.evaluate(
         run / "experts" / "experts" / "flair",

@@ -855,7 +855,44 @@ def train(
             experts_dir=str(experts),
         ),
     )
+    _add_train(out, cfg, model, down, rows, names, age_stats, result.best_metric)
     return out
+
+
+def _add_train(
+    out: Path,
+    cfg: BrainMoEConfig,
+    model: BrainMoE,
+    down: Downstream,
+    rows: np.ndarray,
+    names: list[str],
+    age_stats: tuple[float, float],
+    best: float,
+) -> None:
+    """What the router + adapter were fitted on and which experts the router now prefers on those scans
+    (out-of-fold scores: ``evaluate``)."""
+    from neuromoe.eval.plots import bar_chart
+
+    m = cfg.model
+    table = down.table[rows]
+    section = _new_section("BrainMoE: router + adapter fine-tuning")
+    section.add_text(
+        f"Experts {', '.join(names)} ({'fine-tuned' if m.unfreeze_experts else 'frozen'}); top-{m.top_k} router "
+        f"on {m.router_input} input{' started from the state router' if m.router_prior else ''}; '{m.preset}' "
+        f"adapter. Fitted on {len(table)} scans of {table['subject'].nunique()} subjects; best validation "
+        f"loss {f'{best:.4f}' if np.isfinite(best) else 'n/a (fixed epochs, no validation split)'}."
+    )
+    tasks = [("phenotype", ", ".join(down.classes))]
+    tasks += [("sex", ", ".join(down.sex_classes))] if down.sex_classes else []
+    tasks += [("age", "years (standardised in the loss)")] if down.has_age else []
+    section.add_table([{"task": t, "classes": c} for t, c in tasks], "Downstream tasks.")
+    top = _run_moe(model, down.scans.subset(rows), age_stats)["topk_idx"]
+    share = {n: float((top == i).any(1).mean()) for i, n in enumerate(names)}
+    section.add_figure(
+        bar_chart(share, title="expert selected among the top-k", ylabel="share of training scans"),
+        "Per expert: share of the training scans whose top-k includes it (router preference after fine-tuning).",
+    )
+    section.save(out)
 
 
 # ------------------------------------------------------------------------------------------ inference

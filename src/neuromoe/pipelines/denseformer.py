@@ -588,7 +588,34 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
                   "best_val_loss": result.best_metric, "head_refit": refit, "split_seed": cfg.seed},
     }
     save_model(model, out / "model", meta)
+    section = _new_section("DenseFormer-MoE: multi-task fine-tuning")
+    _add_train(section, cfg, meta["extra"], dataset.labels, train_mask, split == "val")
+    section.save(out)
     return out
+
+
+def _add_train(section: Any, cfg: DenseFormerConfig, extra: dict[str, Any], labels: dict[str, np.ndarray],
+               train_mask: np.ndarray, val_mask: np.ndarray) -> None:
+    """What was fine-tuned on how many labels per task (the scores are in the evaluate section)."""
+    m, ft = cfg.model, cfg.finetune
+    head = (f"MoE head ({m.num_experts} experts, top-{m.top_k}, task-conditioned router)" if m.head == "moe"
+            else f"'{m.head}' head")
+    start = "from the MAE-pretrained backbone" if ft.pretrained else "from scratch"
+    loss = extra["best_val_loss"]
+    section.add_text(
+        f"'{m.preset}' DenseNet+ViT backbone {start}{' (frozen: linear probe)' if ft.freeze else ''} with a {head}; "
+        f"{cfg.train.epochs} epochs, layer-wise lr decay {ft.layer_decay}, {100 * ft.label_fraction:g} % of the "
+        f"training labels. Best validation loss {'n/a' if loss is None else f'{loss:.4f}'}; brain-age bias "
+        "correction and conformal calibration fitted on the validation subjects."
+    )
+    rows = []
+    for t in ft.tasks:
+        y = labels[t.name]
+        have = np.isfinite(y) if t.type == "regression" else y >= 0
+        rows.append({"task": t.name, "type": t.type, "column": t.label_column,
+                     "classes": ", ".join(t.classes) if t.classes else "",
+                     "labelled train": int((have & train_mask).sum()), "labelled val": int((have & val_mask).sum())})
+    section.add_table(rows, "Tasks and their labelled subjects (losses are masked per task per subject).")
 
 
 def _device(name: str) -> torch.device:

@@ -586,7 +586,7 @@ def pretrain(
             path=str(data),
             fix="check the modality columns of the lesion manifest",
         )
-    atomic_write_json(out / "experts" / "summary.json", rows)
+    atomic_write_json(out / "experts" / "summary.json", rows, strict=True)
     _add_pretrain(out, cfg, rows)
     return out
 
@@ -601,7 +601,7 @@ def _add_pretrain(out: Path, cfg: MoMEConfig, rows: list[dict[str, Any]]) -> Non
         f"({list(cfg.data.patch_size)} patches, foreground fraction {cfg.data.fg_fraction}); 'neuromoe train "
         "--family mome --experts' fuses them with the gate."
     )
-    section.add_table(rows, "Stage-1 experts (validation loss = deep-supervised Dice+CE).")
+    section.add_table(rows, "Stage-1 experts (validation loss = deep-supervised Dice+CE; NaN: no validation images).")
     curves = {r["expert"]: out / "stage1" / r["expert"] / "metrics.csv" for r in rows}
     curves = {m: p for m, p in curves.items() if p.is_file()}
     for metric, caption in (("loss", "Train (dashed) and validation (solid) loss per expert."),
@@ -700,7 +700,32 @@ def train(
             },
         },
     )
+    _add_train(out, cfg, loaded, len(cases["train"]), len(cases["val"]), best, threshold)
     return out
+
+
+def _add_train(out: Path, cfg: MoMEConfig, loaded: list[str], n_train: int, n_val: int, best: float,
+               threshold: float) -> None:
+    """How stage 2 was set up and trained (Dice and gate shares on held-out cases: ``evaluate``)."""
+    m = cfg.model
+    if m.kind == "mome":
+        title = "MoME+: stage-2 training" if m.multimodal else "MoME: stage-2 training"
+        what = (f"MoME over the {', '.join(m.modalities)} experts "
+                f"({'stage-1 weights: ' + ', '.join(loaded) if loaded else 'no stage-1 weights, from scratch'}); "
+                f"{m.gate_norm} gate at every decoder scale"
+                + (f", sparse top-{m.top_k} case router" if m.top_k else "")
+                + (f", any-subset soft dispatch with modality dropout {cfg.data.modality_dropout}" if m.multimodal
+                   else "") + f", {cfg.curriculum} curriculum")
+    else:
+        title = "Pooled U-Net baseline: training"
+        what = f"U-Net on every modality's images pooled ({', '.join(m.modalities)})"
+    section = _new_section(title)
+    section.add_text(
+        f"'{m.preset}' {what}. {n_train} training and {n_val} validation cases, {list(cfg.data.patch_size)} patches "
+        f"with foreground fraction {cfg.data.fg_fraction}. Best validation loss "
+        f"{f'{best:.4f}' if np.isfinite(best) else 'n/a (no validation cases)'}; lesion threshold {threshold:.2f}."
+    )
+    section.save(out)
 
 
 # ------------------------------------------------------------------------------------------ evaluate
