@@ -75,7 +75,7 @@ def run_demo(out: str | Path, *, seed: int = 0, device: str = "auto", sizes: Dem
         timings,
         lambda: synth_cohort(
             cohort_dir, n_structural=sizes.n_structural, n_lesion=sizes.n_lesion, n_fmri=sizes.n_fmri,
-            seed=seed, spacing=sizes.spacing,
+            seed=seed, spacing=sizes.spacing, workers=2,
         ),
     )
     quicklook_png = out / "quicklook.png"

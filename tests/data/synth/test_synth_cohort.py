@@ -63,14 +63,16 @@ def test_lesion_masks_and_modalities(cohort: Path) -> None:
             assert nib.load(cohort / "manifests" / r[k]).shape == m.shape
 
 
-def test_deterministic(tmp_path: Path, cohort: Path) -> None:
-    synth_cohort(tmp_path, **KW)
-    for p in ("manifests/structural.csv", "manifests/lesion.csv", "manifests/fmri.csv", "ground_truth.json"):
+def test_deterministic_in_any_number_of_processes(tmp_path: Path, cohort: Path) -> None:
+    synth_cohort(tmp_path, **KW, workers=2)
+    for p in ("manifests/structural.csv", "manifests/lesion.csv", "manifests/fmri.csv", "ground_truth.json",
+              "participants.tsv"):
         assert (tmp_path / p).read_bytes() == (cohort / p).read_bytes()
-    r = _rows(cohort / "manifests" / "lesion.csv")[0]
-    a = np.asarray(nib.load(cohort / "manifests" / r["t1"]).dataobj)
-    b = np.asarray(nib.load(tmp_path / "manifests" / r["t1"]).dataobj)
-    assert np.array_equal(a, b)
+    images = sorted(p.relative_to(cohort) for p in cohort.rglob("*.nii.gz"))
+    assert images == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.nii.gz"))
+    for rel in images:
+        a = np.asarray(nib.load(cohort / rel).dataobj)
+        assert np.array_equal(a, np.asarray(nib.load(tmp_path / rel).dataobj)), rel
 
 
 def test_modalities_restricted(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -23,16 +24,33 @@ class Anatomy:
     wm: np.ndarray
     csf: np.ndarray
     brain: np.ndarray
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.t1.shape  # type: ignore[return-value]
 
+    def memo(self, key: object, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """A map that depends on the template only (regions, eroded masks), computed once per anatomy.
+
+        Every subject of a cohort needs the same few maps; recomputing them was half of the generation
+        time. The array is returned read-only, so a caller cannot alter what the next subject gets.
+        """
+        if key not in self._memo:
+            arr = make()
+            arr.flags.writeable = False
+            self._memo[key] = arr
+        return self._memo[key]
+
     def mm_grid(self) -> np.ndarray:
         """(3, X, Y, Z) MNI coordinates of every voxel centre, for coordinate-defined regions."""
-        idx = np.indices(self.shape).reshape(3, -1)
-        xyz = self.affine[:3, :3] @ idx + self.affine[:3, 3:4]
-        return xyz.reshape((3, *self.shape))
+
+        def make() -> np.ndarray:
+            idx = np.indices(self.shape).reshape(3, -1)
+            xyz = self.affine[:3, :3] @ idx + self.affine[:3, 3:4]
+            return xyz.reshape((3, *self.shape))
+
+        return self.memo("mm_grid", make)
 
     def region(self, centre: tuple[float, float, float], radii: tuple[float, float, float]) -> np.ndarray:
         """Soft ellipsoid weight (1 inside, smooth edge) around an MNI coordinate."""
@@ -76,6 +94,14 @@ def warp(vol: np.ndarray, disp: np.ndarray, scale: float, order: int = 1) -> np.
     """Resample ``vol`` under a global scale about the centre plus a smooth displacement (voxels)."""
     shape = vol.shape
     c = (np.array(shape) - 1) / 2.0
-    idx = np.indices(shape).astype(np.float32)
+    idx = index_grid(shape)
     coords = [(idx[i] - c[i]) / scale + c[i] + disp[i] for i in range(3)]
     return ndimage.map_coordinates(vol, coords, order=order, mode="constant").astype(vol.dtype)
+
+
+@lru_cache(maxsize=4)
+def index_grid(shape: tuple[int, ...]) -> np.ndarray:
+    """Voxel index grid as float32 (read-only), shared by every warp of a cohort."""
+    idx = np.indices(shape).astype(np.float32)
+    idx.flags.writeable = False
+    return idx

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -85,8 +87,12 @@ def stratified_split(strata: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) 
 def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int = 60, n_fmri: int = 240,
                  seed: int = 0, spacing: float = 3.0, modalities: tuple[str, ...] = MODALITIES,
                  kinds: tuple[str, ...] = KINDS, n_rois: int = 264, bold: bool = False,
-                 progress: bool = True, n_timepoints: int = 160, tr: float = 2.0) -> dict:
-    """Generate the cohort; returns paths of the manifests, participants.tsv and ground_truth.json."""
+                 progress: bool = True, n_timepoints: int = 160, tr: float = 2.0, workers: int = 1) -> dict:
+    """Generate the cohort; returns paths of the manifests, participants.tsv and ground_truth.json.
+
+    Every subject draws from its own seeded generator (``[seed, kind, index]``), so ``workers`` processes
+    write exactly the cohort one process writes.
+    """
     out = Path(out_dir)
     if not (np.isfinite(spacing) and spacing > 0):
         raise InputError(f"spacing {spacing!r} mm is not a positive number", fix="use e.g. --spacing 3 (6 for tests)")
@@ -98,42 +104,21 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
         raise InputError(f"unknown kinds {badk}; choose from {','.join(KINDS)}")
     _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
-    anat = load_anatomy(float(spacing))
+    anat = load_anatomy(float(spacing))  # loaded before any worker starts: forked workers inherit it
     sites = sorted(SITES)
     participants: list[dict] = []
     truth: dict = {"seed": seed, "spacing": spacing, "modalities": list(modalities), "subjects": {}}
     result: dict = {}
-    counter = 0
-
-    def next_id() -> str:
-        nonlocal counter
-        counter += 1
-        return f"sub-{counter:04d}"
+    counter = 0  # subjects numbered in the order structural, lesion, fMRI
 
     if "structural" in kinds and n_structural > 0:
         rows = []
-        for i in tqdm(range(n_structural), desc="structural", disable=not progress):
-            rng = np.random.default_rng([seed, 1, i])
-            sub = next_id()
-            cohort = ["ukb", "adni", "ppmi"][i % 3]
-            sex = "F" if rng.random() < 0.5 else "M"
-            dx_ad = dx_pd = ""
-            if cohort == "ukb":
-                age = rng.uniform(45, 80)
-            elif cohort == "adni":
-                dx_ad = ["CN", "MCI", "AD"][int(rng.integers(3))]
-                age = rng.uniform(60, 88)
-            else:
-                dx_pd = "PD" if rng.random() < 0.5 else "HC"
-                age = rng.uniform(50, 80)
-            site = sites[int(rng.integers(len(sites)))]
-            img = synth_t1(anat, rng, age=age, sex=sex, dx_ad=dx_ad, dx_pd=dx_pd, site=site)
-            rel = f"{sub}/anat/{sub}_T1w.nii.gz"
-            _save_nii(out / rel, img, anat.affine)
-            row = {"subject": sub, "t1": rel, "age": round(float(age), 2), "sex": sex, "dx_ad": dx_ad,
-                   "dx_pd": dx_pd, "cohort": cohort, "site": site}
+        job = partial(_structural_subject, out, spacing, seed, counter)
+        for row in _each(job, n_structural, workers, "structural", progress):
             rows.append(row)
-            truth["subjects"][sub] = {"kind": "structural", "age": float(age), "dx_ad": dx_ad, "dx_pd": dx_pd}
+            truth["subjects"][row["subject"]] = {"kind": "structural", "age": row.pop("_age"),
+                                                 "dx_ad": row["dx_ad"], "dx_pd": row["dx_pd"]}
+        counter += n_structural
         strata = [f"{r['cohort']}-{r['dx_ad'] or r['dx_pd'] or r['sex']}" for r in rows]
         for r, s in zip(rows, stratified_split(strata, seed), strict=True):
             r["split"] = s
@@ -143,26 +128,11 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
 
     if "lesion" in kinds and n_lesion > 0:
         rows = []
-        types = list(DATASETS)
-        for i in tqdm(range(n_lesion), desc="lesion", disable=not progress):
-            rng = np.random.default_rng([seed, 2, i])
-            sub = next_id()
-            lt = types[i % len(types)]
-            dataset, have = DATASETS[lt]
-            mods = tuple(m for m in have if m in modalities) or (modalities[0],)
-            images, mask = synth_lesion_case(anat, rng, lt, mods)
-            row = {"subject": sub, "lesion_type": lt, "dataset": dataset,
-                   "site": sites[int(rng.integers(len(sites)))]}
-            for mod, img in images.items():
-                rel = f"{sub}/anat/{sub}_{_FILE_SUFFIX[mod]}.nii.gz"
-                _save_nii(out / rel, img, anat.affine)
-                row[mod] = rel
-            rel = f"derivatives/lesions/{sub}/anat/{sub}_desc-lesion_mask.nii.gz"
-            _save_nii(out / rel, mask, anat.affine, dtype=np.uint8)
-            row["mask"] = rel
+        job = partial(_lesion_case, out, spacing, seed, counter, tuple(modalities))
+        for row in _each(job, n_lesion, workers, "lesion", progress):
             rows.append(row)
-            truth["subjects"][sub] = {"kind": "lesion", "lesion_type": lt, "lesion_voxels": int(mask.sum()),
-                                      "modalities": list(images)}
+            truth["subjects"][row["subject"]] = row.pop("_truth")
+        counter += n_lesion
         for r, s in zip(rows, stratified_split([r["lesion_type"] for r in rows], seed), strict=True):
             r["split"] = s
         result["lesion"] = out / "manifests" / "lesion.csv"
@@ -180,7 +150,7 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
         subj_rows: list[list[dict]] = []
         for i in tqdm(range(n_fmri), desc="fmri", disable=not progress):
             rng = np.random.default_rng([seed, 3, i])
-            sub = next_id()
+            sub = _subject_id(counter + i)
             # alternate by index (not first/second half of n_fmri) so adding subjects never relabels earlier ones
             cohort = "pretrain" if i % 2 == 0 else "downstream"
             sex = "F" if rng.random() < 0.5 else "M"
@@ -231,6 +201,67 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
     result["participants"] = out / "participants.tsv"
     result["ground_truth"] = out / "ground_truth.json"
     return {k: str(v) for k, v in result.items()}
+
+
+def _subject_id(index: int) -> str:
+    return f"sub-{index + 1:04d}"
+
+
+def _each(job: Callable[[int], dict], n: int, workers: int, desc: str, progress: bool) -> Iterator[dict]:
+    """``job(i)`` for i < n in index order, in ``workers`` processes when more than one."""
+    if workers <= 1:
+        yield from (job(i) for i in tqdm(range(n), desc=desc, disable=not progress))
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from tqdm(pool.map(job, range(n), chunksize=4), total=n, desc=desc, disable=not progress)
+
+
+def _structural_subject(out: Path, spacing: float, seed: int, first: int, i: int) -> dict:
+    """Structural subject ``i``: writes its T1, returns its manifest row (true age under ``_age``)."""
+    anat = load_anatomy(float(spacing))
+    rng = np.random.default_rng([seed, 1, i])
+    sub = _subject_id(first + i)
+    cohort = ["ukb", "adni", "ppmi"][i % 3]
+    sex = "F" if rng.random() < 0.5 else "M"
+    dx_ad = dx_pd = ""
+    if cohort == "ukb":
+        age = rng.uniform(45, 80)
+    elif cohort == "adni":
+        dx_ad = ["CN", "MCI", "AD"][int(rng.integers(3))]
+        age = rng.uniform(60, 88)
+    else:
+        dx_pd = "PD" if rng.random() < 0.5 else "HC"
+        age = rng.uniform(50, 80)
+    sites = sorted(SITES)
+    site = sites[int(rng.integers(len(sites)))]
+    img = synth_t1(anat, rng, age=age, sex=sex, dx_ad=dx_ad, dx_pd=dx_pd, site=site)
+    rel = f"{sub}/anat/{sub}_T1w.nii.gz"
+    _save_nii(out / rel, img, anat.affine)
+    return {"subject": sub, "t1": rel, "age": round(float(age), 2), "sex": sex, "dx_ad": dx_ad, "dx_pd": dx_pd,
+            "cohort": cohort, "site": site, "_age": float(age)}
+
+
+def _lesion_case(out: Path, spacing: float, seed: int, first: int, modalities: tuple[str, ...], i: int) -> dict:
+    """Lesion case ``i``: writes its images and mask, returns its manifest row (truth under ``_truth``)."""
+    anat = load_anatomy(float(spacing))
+    rng = np.random.default_rng([seed, 2, i])
+    sub = _subject_id(first + i)
+    types = list(DATASETS)
+    lt = types[i % len(types)]
+    dataset, have = DATASETS[lt]
+    mods = tuple(m for m in have if m in modalities) or (modalities[0],)
+    images, mask = synth_lesion_case(anat, rng, lt, mods)
+    sites = sorted(SITES)
+    row = {"subject": sub, "lesion_type": lt, "dataset": dataset, "site": sites[int(rng.integers(len(sites)))]}
+    for mod, img in images.items():
+        rel = f"{sub}/anat/{sub}_{_FILE_SUFFIX[mod]}.nii.gz"
+        _save_nii(out / rel, img, anat.affine)
+        row[mod] = rel
+    rel = f"derivatives/lesions/{sub}/anat/{sub}_desc-lesion_mask.nii.gz"
+    _save_nii(out / rel, mask, anat.affine, dtype=np.uint8)
+    row["mask"] = rel
+    row["_truth"] = {"kind": "lesion", "lesion_type": lt, "lesion_voxels": int(mask.sum()), "modalities": list(images)}
+    return row
 
 
 def _clear_previous(out: Path) -> None:

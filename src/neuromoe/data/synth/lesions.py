@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from neuromoe.data.synth.anatomy import Anatomy, smooth_field, warp
+from neuromoe.data.synth.anatomy import Anatomy, index_grid, smooth_field, warp
 
 MODALITIES = ("t1", "t1c", "t2", "flair", "dwi")
 # Dataset per lesion type and the modalities such datasets provide.
@@ -41,7 +41,7 @@ def _blob(anat: Anatomy, rng: np.random.Generator, centre_vox: np.ndarray, radiu
           rough: float = 0.3) -> np.ndarray:
     """Irregular ellipsoid: distance threshold perturbed by a smooth field."""
     sp = float(anat.affine[0, 0])
-    idx = np.indices(anat.shape).astype(np.float32)
+    idx = index_grid(anat.shape)
     axes = radius_mm / sp * rng.uniform(0.7, 1.3, 3)
     d = np.sqrt(sum(((idx[i] - centre_vox[i]) / axes[i]) ** 2 for i in range(3)))
     return d < 1.0 + rough * smooth_field(rng, anat.shape, 2.0)
@@ -55,8 +55,9 @@ def _pick(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
 def lesion_compartments(anat: Anatomy, rng: np.random.Generator, lesion_type: str) -> dict[str, np.ndarray]:
     """Boolean maps of each lesion compartment, all inside the brain."""
     sp = float(anat.affine[0, 0])
-    wm_deep = ndimage.binary_erosion(anat.wm > 0.5, iterations=max(1, round(4 / sp)))
-    periv = ndimage.binary_dilation(anat.csf > 0.5, iterations=max(1, round(6 / sp))) & (anat.wm > 0.4)
+    wm_deep = anat.memo("wm_deep", lambda: ndimage.binary_erosion(anat.wm > 0.5, iterations=max(1, round(4 / sp))))
+    periv = anat.memo("periventricular", lambda: ndimage.binary_dilation(
+        anat.csf > 0.5, iterations=max(1, round(6 / sp))) & (anat.wm > 0.4))
     brain = anat.brain
     out: dict[str, np.ndarray] = {}
     if lesion_type == "tumour":

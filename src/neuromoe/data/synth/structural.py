@@ -22,14 +22,16 @@ SITES = {"site-A": (0.05, 0.02, 1.0, 0.0), "site-B": (0.08, 0.04, 0.9, 0.5), "si
 
 
 def region_union(anat: Anatomy, regions) -> np.ndarray:
-    return np.clip(sum(anat.region(c, r) for c, r in regions), 0, 1)
+    return anat.memo(("regions", tuple(regions)),
+                     lambda: np.clip(sum(anat.region(c, r) for c, r in regions), 0, 1))
 
 
 def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, dx_ad: str, dx_pd: str,
              site: str) -> np.ndarray:
     """One subject's T1 (float32, template grid); effects act on tissue maps before contrast is applied."""
     gm, wm, csf = anat.gm.copy(), anat.wm.copy(), anat.csf.copy()
-    cortex = (gm > 0.3) & ~ndimage.binary_erosion(anat.brain, iterations=max(1, round(9 / float(anat.affine[0, 0]))))
+    cortex = anat.memo("cortex", lambda: (anat.gm > 0.3) & ~ndimage.binary_erosion(
+        anat.brain, iterations=max(1, round(9 / float(anat.affine[0, 0])))))
     age_z = (age - 45.0) / 30.0  # 0 at 45 y, 1 at 75 y
     # Age: cortical thinning, WM loss, ventricle growth (per-subject variability in rate).
     rate = max(0.0, 1.0 + 0.1 * rng.standard_normal())
