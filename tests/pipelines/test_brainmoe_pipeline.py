@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -393,6 +394,23 @@ def test_svm_baseline_inner_cv_never_splits_a_subject(monkeypatch):
     for cv, xx, yy, groups in seen:
         assert groups is not None and hasattr(cv, "split")
         assert all(not set(groups[tr]) & set(groups[te]) for tr, te in cv.split(xx, yy, groups))
+
+
+def test_svm_baseline_with_a_one_subject_class_fits_no_single_class_svm(capsys):
+    """A small cohort's fold can hold one subject of a class: the inner C search then fitted SVMs on one class
+    (sklearn printed FitFailedWarning tracebacks and picked C from all-NaN scores). Now: defaults, said once."""
+    from sklearn.exceptions import FitFailedWarning
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 4))
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 0, 1, 0])  # training part (first 8): one subject of class 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FitFailedWarning)
+        warnings.simplefilter("error", UserWarning)
+        out = bm._sklearn_baselines(x[:8], x[8:], {"phenotype": y[:8]}, bm.EvalSection(svm_c=[0.1, 1.0]), 0,
+                                    {"phenotype": 2}, np.arange(8))
+    assert out["svm"]["phenotype"].shape == (2, 2)
+    assert "a class has one labelled training subject" in capsys.readouterr().err
 
 
 def test_pooled_baselines_say_which_task_they_skip(capsys):

@@ -991,12 +991,18 @@ def _sklearn_baselines(
         p = np.zeros((len(x_te), n_cls))
         p[:, mlp.classes_] = mlp.predict_proba(x_te)
         out["mlp"][task] = p
-        n_cv = max(2, min(3, n_groups, int(np.bincount(yt.astype(int)).min())))
-        cv = StratifiedGroupKFold(n_cv, shuffle=True, random_state=seed)
-        svm = GridSearchCV(make_pipeline(StandardScaler(), SVC()), grid, cv=cv, scoring="f1_macro")
-        out["svm"][task] = np.eye(n_cls)[
-            svm.fit(xt, yt.astype(int), groups=gt).predict(x_te)
-        ]  # one-hot: F1/accuracy only
+        # every inner training fold needs every class: at most as many folds as the rarest class has subjects
+        n_cv = min(3, min(len(np.unique(gt[yt == c])) for c in np.unique(yt)))
+        if n_cv >= 2:
+            cv = StratifiedGroupKFold(n_cv, shuffle=True, random_state=seed)
+            svm = GridSearchCV(make_pipeline(StandardScaler(), SVC()), grid, cv=cv, scoring="f1_macro")
+            svm.fit(xt, yt.astype(int), groups=gt)
+        else:  # an inner search would fit SVMs on one class (sklearn: a wall of FitFailedWarnings, C arbitrary)
+            print(f"neuromoe: pooled+SVM for '{task}' in this fold: a class has one labelled training subject, "
+                  "too few to choose the kernel and C by inner CV; sklearn's default SVC (RBF, C=1) is used",
+                  file=sys.stderr)
+            svm = make_pipeline(StandardScaler(), SVC()).fit(xt, yt.astype(int))
+        out["svm"][task] = np.eye(n_cls)[svm.predict(x_te)]  # one-hot: F1/accuracy only
     return out
 
 
