@@ -64,9 +64,12 @@ def features(images: np.ndarray, spacing: float) -> dict[str, np.ndarray]:
 
 
 def _cv_predict(x: np.ndarray, y: np.ndarray, classify: bool, seed: int) -> np.ndarray:
-    if classify:
-        cv = StratifiedKFold(5, shuffle=True, random_state=seed)
-        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, max_iter=2000))
+    if classify:  # small cohorts: as many folds as the rarer class allows (callers skip fewer than 3)
+        m = int(np.bincount(y).min())
+        k = min(5, m)
+        inner = min(5, m - -(-m // k))  # the rarer class's count in every training fold (5 from 7 up)
+        cv = StratifiedKFold(k, shuffle=True, random_state=seed)
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=inner, max_iter=2000))
         return cross_val_predict(model, x, y, cv=cv, method="predict_proba")
     cv = KFold(5, shuffle=True, random_state=seed)
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
@@ -91,6 +94,10 @@ def check(cohort: Path, seed: int = 0) -> dict:
     out: dict = {"cohort": str(cohort), "n": len(table), "seed": seed, "results": {}}
     for name, (sel, y, classify) in labels.items():
         res: dict = {"n": int(sel.sum())}
+        if classify and (np.unique(y[sel]).size < 2 or np.bincount(y[sel]).min() < 3):
+            res["skipped"] = "fewer than 3 subjects in a class"
+            out["results"][name] = res
+            continue
         if not classify:
             res["mean_predictor_mae"] = float(np.abs(y[sel] - y[sel].mean()).mean())
         for fname, x in feats.items():
@@ -109,7 +116,10 @@ def markdown(res: dict) -> str:
     names = ["tbv", "tbv_icv", "blocks", "regional"]
     lines = ["| label | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, r in res["results"].items():
-        if "mean_predictor_mae" in r:
+        if "skipped" in r:
+            cells = [r["skipped"]] + [""] * (len(names) - 1)
+            label = f"{label} (n={r['n']})"
+        elif "mean_predictor_mae" in r:
             cells = [f"MAE {r[n]['mae']:.2f} y (R² {r[n]['r2']:.2f})" for n in names]
             label = f"{label} (n={r['n']}, mean-predictor MAE {r['mean_predictor_mae']:.2f} y)"
         else:
