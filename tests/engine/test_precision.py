@@ -113,3 +113,15 @@ def test_resolve_precision(cpu_bf16) -> None:
     cpu_bf16("")
     feats = cpu_features()
     assert resolve_precision("bf16", "cpu") == ("bf16" if feats["avx512_bf16"] or feats["amx_bf16"] else "fp32")
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"),
+                                                      ((9, 0), "bf16")])
+def test_bf16_on_a_gpu_without_bf16_units_runs_fp32(monkeypatch, capability, expected) -> None:
+    """V100 / T4 accept a bf16 autocast (PyTorch counts emulation as support) and run it slowly."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    assert resolve_precision("bf16", "cuda") == expected
+    assert resolve_precision("bf16", "cuda:0") == expected
+    assert resolve_precision("fp32", "cuda") == "fp32"

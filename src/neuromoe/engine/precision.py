@@ -45,23 +45,40 @@ def native_cpu_bf16() -> bool:
     return bool(feats["avx512_bf16"] or feats["amx_bf16"])
 
 
+def native_cuda_bf16(device: torch.device | str) -> bool:
+    """Whether this GPU computes bf16 natively: compute capability 8.0 (Ampere) or newer, or ROCm.
+
+    Older GPUs (V100, T4, P100) accept bf16 tensors but have no bf16 math units, so PyTorch's own check
+    (``torch.cuda.is_bf16_supported()``, which counts emulation) lets a bf16 autocast run there, slowly.
+    Without CUDA there is nothing to decide (the CLI refuses ``--device cuda`` before this matters).
+    """
+    if torch.version.hip or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability(torch.device(device).index)[0] >= 8
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """The precision to actually run: ``bf16`` asked for on a CPU without native bf16 runs as ``fp32``.
+    """The precision to actually run: ``bf16`` asked for on a CPU or GPU without native bf16 runs as ``fp32``.
 
     Why: oneDNN emulates bf16 there, and a DenseFormer MAE step (48³, batch 4, one thread) took 2.5× the
-    fp32 time with AVX-512 alone and 11× with AVX2, where with AMX it takes 0.6×. So the ``bf16`` of a
-    config means "bf16 where it is faster"; ``NEUROMOE_CPU_BF16=1`` forces it (e.g. for its memory savings).
+    fp32 time with AVX-512 alone and 11× with AVX2, where with AMX it takes 0.6×; pre-Ampere GPUs emulate
+    it too. So the ``bf16`` of a config means "bf16 where it is faster"; ``NEUROMOE_CPU_BF16=1`` forces it
+    on a CPU (e.g. for its memory savings).
     """
-    if precision == "bf16" and torch.device(device).type == "cpu" and not native_cpu_bf16():
-        _warn_once()
+    kind = torch.device(device).type
+    if precision == "bf16" and kind == "cpu" and not native_cpu_bf16():
+        _warn_once("this CPU has no native bf16 (avx512_bf16 / amx_bf16): running in fp32, which is faster "
+                   "here; set NEUROMOE_CPU_BF16=1 to force bf16")
+        return "fp32"
+    if precision == "bf16" and kind == "cuda" and not native_cuda_bf16(device):
+        _warn_once("this GPU has no native bf16 (compute capability below 8.0): running in fp32")
         return "fp32"
     return precision
 
 
 @cache
-def _warn_once() -> None:
-    log.warning("bf16 requested, but this CPU has no native bf16 (avx512_bf16 / amx_bf16): running in fp32, "
-                "which is faster here; set NEUROMOE_CPU_BF16=1 to force bf16")
+def _warn_once(why: str) -> None:
+    log.warning(f"bf16 requested, but {why}")
 
 
 def _needs_fp32(conv: nn.Conv3d, x: Tensor) -> bool:
