@@ -361,3 +361,31 @@ def test_batch_mode_survives_an_unforeseen_error_in_one_case(model_dir, anatomic
     assert (out / "second_mask.nii.gz").is_file() and not (out / "first_mask.nii.gz").exists()
     assert "RuntimeError: DefaultCPUAllocator" in (out / "failures.csv").read_text()
     assert "1 failed" in capsys.readouterr().err
+
+
+def test_segment_takes_a_bids_dwi_series_and_writes_a_3d_mask_on_its_grid(anatomical, tmp_path, capsys) -> None:
+    """A 4-D DWI (b0 + three b=1000 directions, .bval beside it, as BIDS dwi/ holds it) is read as its trace
+    image; the mask is one 3-D volume on the series' grid. Without the .bval: one line, exit 2, no mask."""
+    torch.manual_seed(0)
+    model = create_model("mome_tiny", modalities=["t1", "dwi"])
+    spec = PreprocSpec(spacing=(6.0, 6.0, 6.0), shape=(16, 24, 16))
+    model_dir = tmp_path / "model"
+    extra = {"kind": "mome", "modalities": ["t1", "dwi"], "patch_size": [16, 16, 16], "multimodal": False,
+             "threshold": 0.5}
+    save_model(model, model_dir, {"family": "mome", "preprocessing": spec.to_dict(), "extra": extra})
+    src = nib.load(anatomical)
+    t1 = np.asarray(src.dataobj, np.float32)
+    dwi = tmp_path / "sub-01_dwi.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([t1 * f for f in (2.0, 0.9, 1.0, 1.1)], -1), src.affine), str(dwi))
+    (tmp_path / "sub-01_dwi.bval").write_text("0 1000 1000 1000\n")
+    out = tmp_path / "mask.nii.gz"
+    rc = main(["segment", "--model", str(model_dir), "--dwi", str(dwi), "--output", str(out), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    mask = nib.load(str(out))
+    assert mask.shape == t1.shape
+    np.testing.assert_allclose(mask.affine, src.affine, atol=1e-6)
+    (tmp_path / "sub-01_dwi.bval").unlink()
+    out2 = tmp_path / "mask2.nii.gz"
+    rc = main(["segment", "--model", str(model_dir), "--dwi", str(dwi), "--output", str(out2), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "without a .bval file" in err and len(err.strip().splitlines()) == 1 and not out2.exists()

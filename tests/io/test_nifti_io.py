@@ -223,3 +223,47 @@ def test_an_invalid_units_code_reads_as_mm_and_outputs_still_write(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(loaded.affine[:3, :3], axis=0), [2.0, 2.0, 2.0])
     save_nifti(loaded.data > 1.5, tmp_path / "m.nii.gz", like=loaded, dtype=np.uint8)
     assert int(nib.load(str(tmp_path / "m.nii.gz")).header["xyzt_units"]) == 4
+
+
+def _dwi_series(tmp_path, bvals, shape=(12, 10, 8)) -> str:
+    """A 4-D DWI with one volume per b-value (volume k = k + 1 everywhere) and its BIDS .bval sidecar."""
+    rng = np.random.default_rng(0)
+    vols = np.stack([np.full(shape, k + 1.0) * (1 + 0.1 * rng.random(shape)) for k in range(len(bvals))], -1)
+    path = tmp_path / "sub-01_dwi.nii.gz"
+    nib.save(nib.Nifti1Image(vols.astype(np.float32), np.diag([-2.0, 2.0, 2.0, 1.0])), str(path))
+    (tmp_path / "sub-01_dwi.bval").write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
+    return str(path)
+
+
+def test_a_dwi_series_becomes_its_b1000_trace_image(tmp_path):
+    """BIDS dwi/ series (b0 + directions, .bval beside it) load as the geometric mean of the b≈1000 volumes."""
+    from neuromoe.io.nifti import load_dwi
+
+    path = _dwi_series(tmp_path, [0, 1000, 995, 1005, 2000])
+    img = load_dwi(path)
+    raw = nib.load(path).get_fdata()
+    expected = np.exp(np.log(raw[..., 1:4]).mean(-1))  # not b0, not the b = 2000 shell
+    assert img.data.shape == raw.shape[:3]
+    np.testing.assert_allclose(img.data, expected[::-1], rtol=1e-5)  # stored LAS, loaded RAS
+    np.testing.assert_allclose(img.orig_affine, nib.load(path).affine)
+    assert img.meta["dwi_shell"] == 1000 and img.meta["dwi_volumes"] == 3
+    trace = str(tmp_path / "trace.nii.gz")
+    nib.save(nib.Nifti1Image(expected.astype(np.float32), nib.load(path).affine), trace)
+    np.testing.assert_array_equal(load_dwi(trace).data, load_nifti(trace).data)  # a 3-D trace loads as is
+
+
+@pytest.mark.parametrize(("bvals", "message"), [(None, "without a .bval file"), ("0 1000", "2 b-values for 3"),
+                                               ("0 0 50", "no diffusion-weighted volume"), ("0 x 1", "unreadable")])
+def test_dwi_series_without_usable_b_values_is_refused(tmp_path, bvals, message):
+    from neuromoe.io.nifti import load_dwi
+
+    path = _dwi_series(tmp_path, [0, 1000, 1000])
+    side = tmp_path / "sub-01_dwi.bval"
+    if bvals is None:
+        side.unlink()
+    else:
+        side.write_text(bvals)
+    with pytest.raises(InputError, match=message):
+        load_dwi(path)
+    with pytest.raises(InputError, match="expected 3D"):
+        load_nifti(path)  # any other role stays 3-D only

@@ -24,7 +24,7 @@ from scipy import ndimage, special, stats
 
 from neuromoe.errors import ConfigError, InputError
 from neuromoe.io.atomic import atomic_path
-from neuromoe.io.nifti import MAX_VOXELS, Image, load_nifti, resample_to_grid
+from neuromoe.io.nifti import MAX_VOXELS, Image, bval_path, load_role, resample_to_grid
 from neuromoe.io.table import write_failures
 
 IMAGE_ROLES = ("t1", "t1c", "t2", "flair", "dwi")
@@ -301,6 +301,8 @@ class PreprocCache:
                 st = p.stat()
                 h.update(f"{role}|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
                 h.update(_content_sample(p, st.st_size))
+                if role == "dwi" and bval_path(p).is_file():  # a 4-D series' b-values choose its volumes
+                    h.update(bval_path(p).read_bytes())
             except OSError:
                 raise InputError("file not found or unreadable", path=p, fix="check the path") from None
         return h.hexdigest()[:32]
@@ -345,7 +347,7 @@ def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCach
         cache.hits += 1
         data, meta = hit
     else:
-        pre = preprocess_image({r: loaded[r] if r in loaded else load_nifti(p) for r, p in paths.items()}, spec)
+        pre = preprocess_image({r: loaded[r] if r in loaded else load_role(p, r) for r, p in paths.items()}, spec)
         data, meta = pre.data, {"roles": list(paths), "affine": pre.affine.tolist(), "paths": paths,
                                 "ref_affine": None if pre.ref_affine is None else pre.ref_affine.tolist()}
         if cache is not None:

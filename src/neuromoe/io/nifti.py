@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,54 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MA
             header[key] = b""
     return Image(np.ascontiguousarray(ras, dtype=np.float32), affine, img.affine.copy(), file_shape,
                  start, header, str(path))
+
+
+def bval_path(path: str | Path) -> Path:
+    """The b-value sidecar of a DWI series, as BIDS and dcm2niix name it: ``sub-01_dwi.nii.gz`` → ``sub-01_dwi.bval``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".bval")
+
+
+def load_dwi(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Image:
+    """A diffusion-weighted input as one 3-D volume.
+
+    Lesion datasets give DWI as a 3-D trace (b = 1000) image, which loads as is. A 4-D series (BIDS ``dwi/``,
+    dcm2niix) becomes the trace-weighted image readers use for acute stroke: the geometric mean of the
+    volumes of the shell nearest b = 1000 (b-values from the ``.bval`` sidecar, shells rounded to 100 s/mm²;
+    the geometric mean of orthogonal directions is the isotropic, direction-free DWI). The mask of such an
+    input is written as one 3-D volume on its grid.
+    """
+    path = Path(path)
+    img = load_nifti(path, allow_4d=True, max_voxels=max_voxels)
+    if img.data.ndim == 3:
+        return img
+    sidecar = bval_path(path)
+    fix = f"put its b-values next to it as {sidecar.name} (BIDS), or give the 3-D b=1000 trace image"
+    if not sidecar.is_file():
+        raise InputError(f"4-D DWI series ({img.data.shape[3]} volumes) without a .bval file", path=path, fix=fix)
+    try:
+        bvals = np.loadtxt(sidecar, ndmin=1, dtype=np.float64).ravel()
+    except ValueError:
+        raise InputError("b-values unreadable (expected numbers separated by spaces)", path=sidecar, fix=fix) from None
+    if bvals.size != img.data.shape[3] or not np.all(np.isfinite(bvals)):
+        raise InputError(f"{bvals.size} b-values for {img.data.shape[3]} volumes", path=sidecar,
+                         fix="give the .bval file written with this series")
+    shells = np.round(bvals, -2)
+    weighted = np.unique(shells[shells >= 500])
+    if weighted.size == 0:
+        raise InputError(f"no diffusion-weighted volume (largest b-value {bvals.max():g} s/mm²)", path=path,
+                         fix="give a series with b ≈ 1000 volumes, or the 3-D trace image")
+    shell = weighted[np.argmin(np.abs(weighted - 1000.0))]
+    vols = img.data[..., shells == shell]
+    floor = max(float(vols.max()), 1e-12) * 1e-6  # zeros (background) stay ~0 in the geometric mean
+    trace = np.exp(np.log(np.maximum(vols, floor)).mean(axis=-1)).astype(np.float32)
+    return replace(img, data=np.ascontiguousarray(trace), meta={**img.meta, "dwi_shell": float(shell),
+                                                                   "dwi_volumes": int(vols.shape[-1])})
+
+
+def load_role(path: str | Path, role: str) -> Image:
+    """An image of one manifest role: :func:`load_dwi` for ``dwi`` (3-D, or 4-D with b-values), else 3-D only."""
+    return load_dwi(path) if role == "dwi" else load_nifti(path)
 
 
 def save_nifti(data: np.ndarray, path: str | Path, *, like: Image | None = None,

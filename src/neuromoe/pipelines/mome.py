@@ -917,7 +917,7 @@ def _segment_case(
     from scipy import ndimage
 
     from neuromoe.data.preprocess import PreprocSpec, preprocess_case
-    from neuromoe.io.nifti import load_nifti, resample_to_grid, save_nifti
+    from neuromoe.io.nifti import load_role, resample_to_grid, save_nifti
 
     extra = meta["extra"]
     mods = list(extra["modalities"])
@@ -933,7 +933,7 @@ def _segment_case(
                               paths.values())
     # the reference grid is always read (the mask is written on it); other grids are resampled, or refused if
     # not co-registered, inside preprocess_case (or were, when the case was cached)
-    ref = load_nifti(paths[ordered[0]])
+    ref = load_role(paths[ordered[0]], ordered[0])
     # the whole field of view: the training crop (spec.shape) cuts off lesions outside it; the sliding
     # window takes any size
     spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
