@@ -62,6 +62,20 @@ def test_bids_lesion_masks_from_derivatives_and_no_brain_masks(tmp_path):
     assert "t1" not in row.index or pd.isna(row["t1"])  # a derivative T1 is not a raw input
 
 
+def test_bids_isles2022_layout_with_masks_beside_the_subject_folders_of_derivatives(tmp_path):
+    """ISLES 2022 keeps its masks as derivatives/sub-*/ses-*/*_msk.nii.gz (no pipeline folder, no anat/)."""
+    ses = tmp_path / "sub-strokecase0001/ses-0001"
+    _img(ses / "anat/sub-strokecase0001_ses-0001_FLAIR.nii.gz")
+    _img(ses / "dwi/sub-strokecase0001_ses-0001_dwi.nii.gz")
+    _img(ses / "dwi/sub-strokecase0001_ses-0001_adc.nii.gz")  # not a role
+    _img(tmp_path / "derivatives/sub-strokecase0001/ses-0001/sub-strokecase0001_ses-0001_msk.nii.gz")
+    df = load_table(tmp_path)
+    assert len(df) == 1
+    row = df.iloc[0]
+    assert row["session"] == "ses-0001" and row["dwi"].endswith("_dwi.nii.gz") and row["flair"].endswith("FLAIR.nii.gz")
+    assert row["mask"].endswith("derivatives/sub-strokecase0001/ses-0001/sub-strokecase0001_ses-0001_msk.nii.gz")
+
+
 def test_manifest_relative_paths_duplicates_and_grids(tmp_path):
     _img(tmp_path / "a.nii.gz")
     _img(tmp_path / "b.nii.gz", shape=(9, 8, 8))

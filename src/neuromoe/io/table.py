@@ -34,14 +34,21 @@ def _bids_role(name: str) -> str | None:
     return {"T2w": "t2", "FLAIR": "flair", "dwi": "dwi", "DWI": "dwi", "bold": "bold", "mask": "mask"}.get(suffix)
 
 
+def _derived_masks(root: Path) -> set[Path]:
+    """Lesion masks among the derivatives: ``derivatives/<pipeline>/sub-*/[ses-*/]anat/*lesion*_mask.nii.gz``
+    (BIDS) and ``derivatives/sub-*/[ses-*/]*_msk.nii.gz`` (the ISLES 2022 release). Other derivatives (brain
+    masks, preprocessed images) are not inputs."""
+    piped = {f for f in root.glob("derivatives/*/sub-*/**/*")
+             if "lesion" in f.name.lower() and _bids_role(f.name) == "mask"}
+    return piped | {f for f in root.glob("derivatives/sub-*/**/*") if f.name.endswith(("_msk.nii", "_msk.nii.gz"))}
+
+
 def _load_bids(root: Path) -> pd.DataFrame:
     rows: dict[tuple[str, str, str, str], dict[str, str]] = {}
-    # lesion masks also come as derivatives (derivatives/<pipeline>/sub-*/[ses-*/]anat/*lesion*_mask.nii.gz);
-    # other derivatives (brain masks, preprocessed images) are not inputs
-    derived = [f for f in sorted(root.glob("derivatives/*/sub-*/**/*")) if "lesion" in f.name.lower()]
-    for f in [*sorted(root.glob("sub-*/**/*")), *derived]:
-        role = _bids_role(f.name)
-        if role is None or f.parent.name not in ("anat", "func", "dwi") or (f in derived and role != "mask"):
+    masks = _derived_masks(root)
+    for f in [*sorted(root.glob("sub-*/**/*")), *sorted(masks)]:
+        role = "mask" if f in masks else _bids_role(f.name)
+        if role is None or (f not in masks and f.parent.name not in ("anat", "func", "dwi")):
             continue
         ent = bids_entities(f.name)
         key = (f"sub-{ent.get('sub', '')}", f"ses-{ent['ses']}" if "ses" in ent else "", ent.get("task", ""),
