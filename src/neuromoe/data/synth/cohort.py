@@ -38,6 +38,7 @@ def _save_nii(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32
 
 
 _PATH_COLS = {"t1", "t1c", "t2", "flair", "dwi", "mask", "timeseries", "bold"}
+_SITES = sorted(SITES)  # the order a subject's site draw indexes
 
 
 def _write_csv(path: Path, cols: list[str], rows: Iterable[dict]) -> None:
@@ -105,7 +106,6 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
     _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
     anat = load_anatomy(float(spacing))  # loaded before any worker starts: forked workers inherit it
-    sites = sorted(SITES)
     participants: list[dict] = []
     truth: dict = {"seed": seed, "spacing": spacing, "modalities": list(modalities), "subjects": {}}
     result: dict = {}
@@ -155,13 +155,13 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
             cohort = "pretrain" if i % 2 == 0 else "downstream"
             sex = "F" if rng.random() < 0.5 else "M"
             age = float(rng.uniform(20, 70))
-            site = sites[int(rng.integers(len(sites)))]
+            site = _SITES[int(rng.integers(len(_SITES)))]
             patient = cohort == "downstream" and (i // 2) % 2 == 1
             states = fm.STATES if cohort == "pretrain" else (fm.INFORMATIVE_STATE,)
             these = []
             for st in states:
                 ts = fm.synth_timeseries(d, rng, state=st, patient=patient, sex=sex, age=age, n_t=n_timepoints,
-                                         tr=tr, site_noise=0.3 + 0.2 * sites.index(site))
+                                         tr=tr, site_noise=0.3 + 0.2 * _SITES.index(site))
                 rel = f"{sub}/func/{sub}_task-{st}_timeseries.npy"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(out / rel, suffix=".npy") as tmp:
@@ -232,8 +232,7 @@ def _structural_subject(out: Path, spacing: float, seed: int, first: int, i: int
     else:
         dx_pd = "PD" if rng.random() < 0.5 else "HC"
         age = rng.uniform(50, 80)
-    sites = sorted(SITES)
-    site = sites[int(rng.integers(len(sites)))]
+    site = _SITES[int(rng.integers(len(_SITES)))]
     img = synth_t1(anat, rng, age=age, sex=sex, dx_ad=dx_ad, dx_pd=dx_pd, site=site)
     rel = f"{sub}/anat/{sub}_T1w.nii.gz"
     _save_nii(out / rel, img, anat.affine)
@@ -251,8 +250,7 @@ def _lesion_case(out: Path, spacing: float, seed: int, first: int, modalities: t
     dataset, have = DATASETS[lt]
     mods = tuple(m for m in have if m in modalities) or (modalities[0],)
     images, mask = synth_lesion_case(anat, rng, lt, mods)
-    sites = sorted(SITES)
-    row = {"subject": sub, "lesion_type": lt, "dataset": dataset, "site": sites[int(rng.integers(len(sites)))]}
+    row = {"subject": sub, "lesion_type": lt, "dataset": dataset, "site": _SITES[int(rng.integers(len(_SITES)))]}
     for mod, img in images.items():
         rel = f"{sub}/anat/{sub}_{_FILE_SUFFIX[mod]}.nii.gz"
         _save_nii(out / rel, img, anat.affine)
