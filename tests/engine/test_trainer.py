@@ -200,19 +200,24 @@ def test_best_weights_survive_a_resume(tmp_path: Path) -> None:
     assert not (tmp_path / "b" / "checkpoints" / "best.safetensors").exists() and not fresh.load_best()
 
 
-def test_patience_paused_validations_do_not_stop_the_run(tmp_path: Path) -> None:
-    """A family's warm-up validations (e.g. DenseFormer's age-first curriculum reports inf) are no stalls."""
+def test_skipped_validations_do_not_stop_the_run(tmp_path: Path) -> None:
+    """Epochs a family does not validate (e.g. DenseFormer's age-first curriculum) run no validation pass
+    and are no stalls for early stopping."""
+
+    calls: list[int] = []
 
     class Curriculum(MSETrainer):
-        def patience_paused(self):
-            return self.epoch < 3
+        def validates(self, epoch):
+            return epoch >= 3
 
         def validation_end(self, outputs):
-            return {"val_loss": math.inf if self.epoch < 3 else 1.0}
+            calls.append(self.epoch)
+            return {"val_loss": 1.0}
 
-    tr = Curriculum(_model(), _cfg(epochs=5, patience=2), _data(), _data(8), run_dir=tmp_path)
+    tr = Curriculum(_model(), _cfg(epochs=5, patience=1), _data(), _data(8), run_dir=tmp_path)
     res = tr.fit()
-    assert tr.epoch == 4 and res.best_metric == 1.0
+    assert calls == [3, 4] and tr.epoch == 4 and res.best_metric == 1.0
+    assert [r["epoch"] for r in res.history if "val_loss" in r] == [3, 4]
 
 
 def test_resume_after_the_last_step_only_validates(tmp_path: Path) -> None:
@@ -399,3 +404,15 @@ def test_a_log_key_is_averaged_over_the_micro_batches_that_logged_it(tmp_path: P
     rows = [r for r in tr.history if "train_loss" in r]
     assert [r["step"] for r in rows] == [2, 3]
     assert [r["train_task"] for r in rows] == [1.0, 1.0]
+
+
+def test_non_resumable_run_writes_no_checkpoint_and_trains_the_same(tmp_path: Path) -> None:
+    """``resumable: false`` (CV folds) skips the last.safetensors writes and changes nothing else."""
+    a = MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path / "a")
+    b = MSETrainer(_model(), _cfg(resumable=False), _data(), _data(16, 1), run_dir=tmp_path / "b")
+    ra, rb = a.fit_best(), b.fit_best()
+    assert (tmp_path / "a" / "checkpoints" / "last.safetensors").is_file()
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    assert ra.best_metric == rb.best_metric
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k])

@@ -60,6 +60,9 @@ class TrainConfig:
     monitor_mode: str = "min"  # min | max
     patience: int = 0  # validations without improvement before stopping; 0 = off
     ckpt_every: int = 0  # optimiser steps; 0 = only at the end of each epoch
+    # Write checkpoints/last.safetensors (each epoch, every ckpt_every steps) and best.safetensors so a
+    # killed run can resume; off for runs nobody resumes (cross-validation folds): the writes are pure cost.
+    resumable: bool = True
     num_workers: int = 0
     log_every: int = 10  # optimiser steps
     progress: bool = True
@@ -155,10 +158,10 @@ class Trainer:
     def on_best(self, metrics: dict[str, float]) -> None:
         """Called on rank 0 when the monitored metric improves (after :attr:`best_state` is updated)."""
 
-    def patience_paused(self) -> bool:
-        """True while validations must not count towards early stopping (e.g. a curriculum phase whose
-        validation metric is a placeholder); default False."""
-        return False
+    def validates(self, epoch: int) -> bool:
+        """Whether ``epoch`` may end with a validation pass; False skips it (e.g. a curriculum phase whose
+        validation loss could not pick a checkpoint) without counting towards early stopping."""
+        return True
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Default: weight decay on matrices, none on biases and norm/scale vectors."""
@@ -200,7 +203,7 @@ class Trainer:
 
     def _keep_best(self, metric: float) -> None:
         self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        if self.rank == 0:
+        if self.rank == 0 and self.cfg.resumable:  # on disk only for a resumed run to end with them
             save_checkpoint(self.best_path, {"model": self.best_state, "metric": metric, "step": self.global_step})
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -342,6 +345,8 @@ class Trainer:
             self.best_path.unlink(missing_ok=True)  # a fresh run never ends with an earlier run's weights
 
         def checkpoint(epoch: int, batch: int) -> None:
+            if not cfg.resumable:
+                return
             if self.rank == 0:
                 save_checkpoint(self.ckpt_path, {
                     "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -413,7 +418,8 @@ class Trainer:
                     stop = True
                     break
             stop = stop or self.global_step >= total
-            if self.val_set is not None and ((epoch + 1) % cfg.val_every == 0 or stop or epoch + 1 == cfg.epochs):
+            due = (epoch + 1) % cfg.val_every == 0 or stop or epoch + 1 == cfg.epochs
+            if self.val_set is not None and due and self.validates(epoch):
                 metrics = self.validate()
                 if cfg.monitor not in metrics:
                     raise ConfigError(f"train.monitor '{cfg.monitor}' is not a validation metric",
@@ -425,7 +431,7 @@ class Trainer:
                     self._keep_best(value)
                     if self.rank == 0:
                         self.on_best(metrics)
-                elif not self.patience_paused():
+                else:
                     bad += 1
                     if cfg.patience and bad >= cfg.patience:
                         stop = True

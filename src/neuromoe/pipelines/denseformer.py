@@ -353,14 +353,13 @@ class FinetuneTrainer(Trainer):
         loss, _ = multitask_loss(out, batch["labels"], self.tasks, self.target_stats)
         return {"loss": float(loss - out.aux_loss.float()), "n": batch["image"].shape[0]}
 
-    def patience_paused(self) -> bool:
-        return self.epoch < self.regression_only_epochs  # the placeholder validations below are no stalls
+    def validates(self, epoch: int) -> bool:
+        """No validation while the classification tasks are held back: the kept checkpoint (lowest loss)
+        must never be one whose classification heads were not trained."""
+        return epoch >= self.regression_only_epochs
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
-        """Mean validation loss over all tasks; ``inf`` while the classification tasks are still held back,
-        so the kept checkpoint (lowest loss) is never one whose classification heads were not trained."""
-        if self.epoch < self.regression_only_epochs:
-            return {"val_loss": math.inf}
+        """Mean validation loss over all tasks."""
         n = sum(o["n"] for o in outputs)
         return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
 
