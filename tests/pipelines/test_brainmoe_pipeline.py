@@ -131,6 +131,7 @@ def test_evaluate_reports_brainmoe_and_pooled_baselines(cohort, pretrained, tmp_
         assert 0.0 <= f1 <= 1.0 and sd >= 0.0
         assert "age_mae" in model and "sex_accuracy" in model
     assert metrics["folds"] == 2 and len(metrics["per_fold"]["BrainMoE"]) == 2
+    assert not list((out / "folds").rglob("*.safetensors"))  # folds are never resumed: nothing to write
     assert sum(metrics["router"]["combinations"].values()) == metrics["n_scans"]
     corr = np.asarray(metrics["expert_embedding_correlation"])
     assert corr.shape == (5, 5) and np.allclose(np.diag(corr), 1.0)

@@ -1058,6 +1058,8 @@ def evaluate(
         pe, _ = _load_expert(experts / "experts" / POOLED)
         pooled = _embeddings_single(pe, down.scans)
     splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=cfg.seed)
+    fold_cfg = copy.deepcopy(cfg)
+    fold_cfg.train.resumable = False  # folds are never resumed: no per-epoch checkpoint writes
     per_fold: dict[str, list[dict[str, float]]] = {"BrainMoE": [], "pooled+MLP": [], "pooled+SVM": []}
     oof: dict[str, np.ndarray] = {}
     names: list[str] = []
@@ -1065,7 +1067,7 @@ def evaluate(
         model, names, _ = _build_moe(experts, cfg, down)
         train_rows = np.zeros(len(groups), dtype=bool)
         train_rows[tr] = True
-        model, age_stats, _ = _fit_moe(model, down, train_rows, cfg, out / "folds" / f"fold{f}")
+        model, age_stats, _ = _fit_moe(model, down, train_rows, fold_cfg, out / "folds" / f"fold{f}")
         res = _run_moe(model, down.scans.subset(te), age_stats)
         for k, v in res.items():
             oof.setdefault(k, np.zeros((len(groups), *v.shape[1:]), dtype=v.dtype))[te] = v
