@@ -4,6 +4,7 @@ predict (bad files skipped, --strict), CLI exit codes."""
 from __future__ import annotations
 
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any
@@ -494,3 +495,20 @@ def test_leave_one_out_bias_correction_leaves_out_the_whole_subject():
     np.testing.assert_allclose(out[:5], (pred[:5] - line.intercept) / line.slope)
     rows = pipe._loo_corrected_age(age, pred, {"slope": 0.6, "intercept": 25.0}, np.arange(15).astype(str))
     assert abs(rows[0] - age[0]) < abs(out[0] - age[0])  # per row, its own sessions shrink its residual
+
+
+def test_too_few_validation_subjects_for_the_coverage_level_are_reported(capsys) -> None:
+    """8 validation subjects cannot give a 90 % split-conformal interval (9 needed): the calibrator is
+    unbounded, as it must be, and training says so once per task instead of writing ±inf silently."""
+    tasks = [TaskSpec("age", "regression", "age"), TaskSpec("sex", "classification", "sex", ["F", "M"])]
+    rng = np.random.default_rng(0)
+    for n, warned in ((8, True), (9, False)):
+        age = rng.uniform(50, 80, n)
+        probs = rng.dirichlet([1, 1], n)
+        cal = pipe._calibrate({"age": age + rng.normal(0, 3, n), "sex": probs},
+                              {"age": age, "sex": rng.integers(0, 2, n)}, np.arange(n), tasks,
+                              pipe.EvalSection(alpha=0.1), np.array([f"s{i}" for i in range(n)]))
+        err = capsys.readouterr().err
+        assert math.isinf(cal["age"]["conformal"]["q"]) is warned
+        assert ("'age' conformal interval is unbounded: 8 validation subjects" in err) is warned
+        assert ("'sex' conformal sets hold every class" in err) is warned

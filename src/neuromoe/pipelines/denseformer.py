@@ -775,6 +775,13 @@ def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows:
             if (y >= 0).sum() >= 2:
                 cal[t.name] = {"conformal": ConformalClassifier(ev.alpha, method=ev.set_method).fit(
                     pred[t.name], y, groups=groups).to_dict()}
+        conf = cal.get(t.name, {}).get("conformal")
+        if conf is not None and math.isinf(conf["q"]):
+            need = math.ceil(1 / ev.alpha - 1 - 1e-9)
+            what = "interval is unbounded" if t.type == "regression" else "sets hold every class"
+            print(f"neuromoe: '{t.name}' conformal {what}: {conf['n_calib']} validation subjects are too few for "
+                  f"{1 - ev.alpha:.0%} coverage (at least {need} needed); add validation subjects or raise "
+                  "eval.alpha", file=sys.stderr)
     return cal
 
 
