@@ -10,7 +10,7 @@ from neuromoe.models.mome import DEFAULT_MODALITIES
 
 VERBS = {
     "pretrain": "Stage 1: train one expert U-Net per modality, each alone on its modality's images; writes "
-    "RUN/experts/<modality>.\n\nexample:\n  neuromoe train-experts --family mome --config demo "
+    "RUN/experts/<modality>.\n\nexample:\n  neuromoe pretrain --family mome --config demo "
     "--data data/synth --out runs/mome_experts",
     "train": "Stage 2: MoME (hierarchical gate, curriculum), MoME+ (--set model.multimodal=true) or sparse "
     "experts (--set model.top_k=2), optionally starting from stage-1 experts; writes RUN/model.\n\nexample:\n"
