@@ -117,7 +117,7 @@ def test_pretrain_one_state_then_embed(tmp_path, capsys):
     assert not (out / "experts" / "pooled").exists()
     emb = tmp_path / "emb.npy"
     assert (
-        main(["embed", "--model", str(out / "experts" / "rest"), "--data", str(cohort), "--out", str(emb)])
+        main(["embed", "--model", str(out / "experts" / "rest"), "--input", str(cohort), "--output", str(emb)])
         == 0
     )
     arr = np.load(emb)

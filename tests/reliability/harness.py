@@ -266,9 +266,7 @@ def _brainmoe(verb: str) -> Callable[..., list[str]]:
         if verb == "evaluate":
             return [*base, "--experts", str(env.experts()), "--data", str(data), "--out", str(out)]
         model = str(env.model("brainmoe"))
-        if verb == "predict":
-            return [*base, "--model", model, "--input", str(data), "--output", str(out / _BM_OUTPUT[verb])]
-        return [*base, "--model", model, "--data", str(data), "--out", str(out / _BM_OUTPUT[verb])]
+        return [*base, "--model", model, "--input", str(data), "--output", str(out / _BM_OUTPUT[verb])]
 
     return argv
 

@@ -29,8 +29,8 @@ VERBS = {
     "--input data/synth/manifests/fmri.csv --output preds.csv",
     "embed": "Export joint embeddings (router-weighted top-k expert embeddings; or one expert's "
     "embedding when --model is an expert folder) with subject ids, as CSV or NPY (+ _subjects.csv).\n\n"
-    "example:\n  neuromoe embed --model runs/bm_ft/model --data data/synth/manifests/fmri.csv "
-    "--out embeddings.csv",
+    "example:\n  neuromoe embed --model runs/bm_ft/model --input data/synth/manifests/fmri.csv "
+    "--output embeddings.csv",
 }
 
 
@@ -74,8 +74,10 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--output", required=True, help="CSV file to write (atomically)")
     if verb == "embed":
         parser.add_argument("--model", required=True, help="model folder from 'train' or an expert folder")
-        parser.add_argument("--data", required=True, help="time-series file/folder, manifest or BIDS folder")
-        parser.add_argument("--out", required=True, help="output .csv or .npy")
+        # --input/--output as for predict and segment; --data/--out still accepted
+        parser.add_argument("--input", "--data", dest="input", required=True,
+                            help="time-series file/folder, manifest or BIDS folder")
+        parser.add_argument("--output", "--out", dest="output", required=True, help="output .csv or .npy")
 
 
 def run(verb: str, args: argparse.Namespace) -> int:
@@ -90,11 +92,11 @@ def run(verb: str, args: argparse.Namespace) -> int:
         print(f"wrote {len(frame)} predictions to {args.output}; {len(failures)} failed", file=sys.stderr)
         return 1 if failures else 0
     if verb == "embed":
-        if Path(args.out).suffix.lower() not in (".csv", ".npy"):
+        if Path(args.output).suffix.lower() not in (".csv", ".npy"):
             raise InputError(
-                "output must end in .csv or .npy", path=args.out, fix="e.g. --out embeddings.csv"
+                "output must end in .csv or .npy", path=args.output, fix="e.g. --output embeddings.csv"
             )
-        out, failures = pipe.embed(args.model, args.data, args.out, device=args.device)
+        out, failures = pipe.embed(args.model, args.input, args.output, device=args.device)
         print(out)
         if failures:
             print(f"{len(failures)} scan(s) failed, listed in {out.stem}_failures.csv", file=sys.stderr)
