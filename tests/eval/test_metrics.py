@@ -7,11 +7,14 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from neuromoe.eval.metrics import (
+    balanced_accuracy,
+    binary_auc,
     bootstrap_ci,
     classification_metrics,
+    macro_f1,
     regression_metrics,
     segmentation_metrics,
 )
@@ -131,3 +134,26 @@ def test_bootstrap_with_groups_resamples_subjects_not_sessions() -> None:
     auc = bootstrap_ci(lambda a, b: float(np.mean(b[a == 1]) - np.mean(b[a == 0])), y, np.repeat(p, 3), n_boot=100,
                        stratify=y, groups=np.repeat(np.arange(40), 3))
     assert np.isfinite(auc[1]) and np.isfinite(auc[2])  # every replicate keeps both classes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_numpy_metrics_equal_sklearn(seed: int) -> None:
+    """The bootstrap's numpy AUC / balanced accuracy / macro-F1 give sklearn's numbers: tied scores, a class
+    predicted but never true, a class true but never predicted, and explicit labels."""
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(5, 60)), int(rng.integers(2, 5))
+    y = rng.integers(0, k, n)
+    y[:2] = [0, 1]
+    score = np.round(rng.random(n), 1)  # many ties
+    yb = y == 1
+    assert binary_auc(yb, score) == pytest.approx(roc_auc_score(yb, score), abs=1e-12)
+    yhat = np.where(rng.random(n) < 0.6, y, rng.integers(0, k + 1, n))  # class k: predicted, never true
+    yhat[yhat == 0] = 1 if seed % 2 else 0  # odd seeds: class 0 true but never predicted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert balanced_accuracy(y, yhat) == pytest.approx(balanced_accuracy_score(y, yhat), abs=1e-12)
+        assert macro_f1(y, yhat) == pytest.approx(f1_score(y, yhat, average="macro", zero_division=0), abs=1e-12)
+        present = np.unique(y)
+        assert macro_f1(y, yhat, labels=present) == pytest.approx(
+            f1_score(y, yhat, labels=present, average="macro", zero_division=0), abs=1e-12)
+    assert math.isnan(binary_auc(np.ones(4, bool), np.arange(4.0)))

@@ -55,7 +55,7 @@ from neuromoe.eval.conformal import (
     mean_set_size,
     set_coverage,
 )
-from neuromoe.eval.metrics import bootstrap_ci
+from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1
 from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
 from neuromoe.io.table import failures_path, write_failures
 from neuromoe.models.denseformer import DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
@@ -836,29 +836,25 @@ def _corrected_age(values: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
     """Binary ROC-AUC, or the macro one-vs-rest AUC over the classes present; NaN with one class."""
-    from sklearn.metrics import roc_auc_score
-
     present = np.unique(y)
     if present.size < 2:
         return float("nan")
     if p.ndim == 1:
-        return float(roc_auc_score(y, p))
-    return float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
+        return binary_auc(y == present[1], p)
+    return float(np.mean([binary_auc(y == c, p[:, c]) for c in present]))
 
 
 def _classification_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int,
                             groups: np.ndarray | None = None) -> dict[str, Any]:
     """Point estimates with class-stratified bootstrap 95 % CIs (every replicate keeps every class), resampling
     subjects (``groups``) rather than sessions."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score
-
     pb = p[:, 1] if p.shape[1] == 2 else p
     yhat = p.argmax(1)
     kw = {"n_boot": n_boot, "seed": seed, "stratify": y, "groups": groups}
     res = {"n": len(y),
            "auc": bootstrap_ci(_auc, y, pb, **kw),
-           "balanced_accuracy": bootstrap_ci(balanced_accuracy_score, y, yhat, **kw),
-           "f1_macro": bootstrap_ci(lambda a, b: f1_score(a, b, average="macro", zero_division=0), y, yhat, **kw)}
+           "balanced_accuracy": bootstrap_ci(balanced_accuracy, y, yhat, **kw),
+           "f1_macro": bootstrap_ci(macro_f1, y, yhat, **kw)}
     if p.shape[1] == 2:
         res["sensitivity"] = float(np.mean(yhat[y == 1] == 1)) if (y == 1).any() else float("nan")
         res["specificity"] = float(np.mean(yhat[y == 0] == 0)) if (y == 0).any() else float("nan")
