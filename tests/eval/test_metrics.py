@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, r2_score, roc_auc_score
 
 from neuromoe.eval.metrics import (
     balanced_accuracy,
@@ -15,6 +15,7 @@ from neuromoe.eval.metrics import (
     bootstrap_ci,
     classification_metrics,
     macro_f1,
+    r_squared,
     regression_metrics,
     segmentation_metrics,
 )
@@ -157,3 +158,7 @@ def test_numpy_metrics_equal_sklearn(seed: int) -> None:
         assert macro_f1(y, yhat, labels=present) == pytest.approx(
             f1_score(y, yhat, labels=present, average="macro", zero_division=0), abs=1e-12)
     assert math.isnan(binary_auc(np.ones(4, bool), np.arange(4.0)))
+    t, p = rng.normal(60, 8, n), rng.normal(60, 8, n)
+    assert r_squared(t, p) == pytest.approx(r2_score(t, p), abs=1e-12)
+    for t, p in (([3.0, 3, 3], [3.0, 3, 3]), ([3.0, 3, 3], [3.0, 4, 3])):  # constant targets
+        assert r_squared(np.array(t), np.array(p)) == r2_score(t, p)

@@ -23,6 +23,7 @@ __all__ = [
     "bootstrap_ci",
     "classification_metrics",
     "macro_f1",
+    "r_squared",
     "regression_metrics",
     "segmentation_metrics",
 ]
@@ -31,7 +32,7 @@ NAN = float("nan")
 
 
 # Bootstrap replicates call a metric thousands of times on a few hundred rows, where scikit-learn's input
-# validation costs ~100× the arithmetic (20 s of a 29 s DenseFormer evaluate). These three compute the same
+# validation costs ~100× the arithmetic (20 s of a 29 s DenseFormer evaluate). These four compute the same
 # numbers as sklearn (tests/eval check them against it, ties and absent classes included) in numpy.
 def binary_auc(y_bin: np.ndarray, score: np.ndarray) -> float:
     """ROC-AUC as the Mann–Whitney statistic with mid-ranks for ties (= ``roc_auc_score``); NaN with one class."""
@@ -44,6 +45,16 @@ def binary_auc(y_bin: np.ndarray, score: np.ndarray) -> float:
         return NAN
     ranks = rankdata(np.asarray(score, dtype=float).ravel())
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def r_squared(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Coefficient of determination; a constant target scores 1 if predicted exactly, else 0 (= ``r2_score``)."""
+    y_true, y_pred = np.asarray(y_true, dtype=float).ravel(), np.asarray(y_pred, dtype=float).ravel()
+    ss_res = float(np.sum((y_true - y_pred) ** 2))
+    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
+    if ss_tot == 0:
+        return 1.0 if ss_res == 0 else 0.0
+    return 1.0 - ss_res / ss_tot
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

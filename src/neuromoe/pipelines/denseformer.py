@@ -55,7 +55,7 @@ from neuromoe.eval.conformal import (
     mean_set_size,
     set_coverage,
 )
-from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1
+from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
 from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
 from neuromoe.io.table import failures_path, write_failures
 from neuromoe.models.denseformer import DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
@@ -863,13 +863,11 @@ def _classification_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int
 
 def _regression_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int,
                         groups: np.ndarray | None = None) -> dict[str, Any]:
-    from sklearn.metrics import r2_score
-
     kw = {"n_boot": n_boot, "seed": seed, "groups": groups}
     return {"n": len(y),
             "mae": bootstrap_ci(lambda a, b: np.mean(np.abs(a - b)), y, p, **kw),
             "r": bootstrap_ci(lambda a, b: np.corrcoef(a, b)[0, 1], y, p, **kw),
-            "r2": bootstrap_ci(r2_score, y, p, **kw)}
+            "r2": bootstrap_ci(r_squared, y, p, **kw)}
 
 
 def _tbv(images: np.ndarray) -> np.ndarray:
