@@ -229,6 +229,14 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
             "tbv_baseline", "expert_usage"} <= set(age)
     assert len(age["model"]["mae"]) == 3 and sum(age["expert_usage"]) == metrics["n"] * 2
     assert (ev / "predictions.csv").is_file() and (ev / "report" / "section.json").is_file()
+    # each coverage says how many subjects calibrated it and whether they were too few (coverage 1 by default)
+    scored = {k: e["conformal"] for k, e in metrics["tasks"].items() if "conformal" in e}
+    assert set(scored) == {k for k in metrics["tasks"] if "conformal" in cal.get(k, {})}
+    for name, c in scored.items():
+        assert c["n_calib"] == cal[name]["conformal"]["n_calib"]
+        assert c["unbounded"] is math.isinf(cal[name]["conformal"]["q"])
+    trivial = "too few calibration subjects" in (ev / "report" / "section.json").read_text()
+    assert trivial is any(c["unbounded"] for c in scored.values())
     # a task without enough labelled test subjects is named as not scored, not silently missing
     table = pd.read_csv(cohort)
     table.loc[table["split"] == "test", "dx_pd"] = ""

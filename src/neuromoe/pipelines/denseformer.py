@@ -899,6 +899,13 @@ def _tbv_baseline(t: TaskSpec, tbv: np.ndarray, labels: np.ndarray, train: np.nd
     return proba
 
 
+def _calibration_size(task_cal: dict[str, Any]) -> dict[str, Any]:
+    """How many validation subjects calibrated a task, and whether that was too few for its level (then every
+    interval is infinite / every set holds all classes, and the coverage of 1 says nothing)."""
+    conf = task_cal["conformal"]
+    return {"n_calib": int(conf["n_calib"]), "unbounded": math.isinf(conf["q"])}
+
+
 def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
              device: str = "auto", n_bootstrap: int = 1000, seed: int = 0,
              cache_dir: str | None = None, section: Any = None) -> Path:
@@ -955,7 +962,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 lo, hi = ConformalRegressor.from_dict(tcal["conformal"]).predict(corrected)
                 entry["conformal"] = {"nominal": 1 - tcal["conformal"]["alpha"],
                                       "coverage": interval_coverage(lo[have], hi[have], y[have]),
-                                      "mean_width": float(np.mean(hi - lo))}
+                                      "mean_width": float(np.mean(hi - lo)), **_calibration_size(tcal)}
                 frame[f"{t.name}_lo"], frame[f"{t.name}_hi"] = lo, hi
             if t.name == AGE_TASK:
                 gap = corrected[have] - y[have]
@@ -991,7 +998,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 sets = ConformalClassifier.from_dict(cal[t.name]["conformal"]).predict(p)
                 entry["conformal"] = {"nominal": 1 - cal[t.name]["conformal"]["alpha"],
                                       "coverage": set_coverage(sets[have], y[have]),
-                                      "mean_set_size": mean_set_size(sets[have])}
+                                      "mean_set_size": mean_set_size(sets[have]), **_calibration_size(cal[t.name])}
             frame[t.name] = [t.classes[i] if i >= 0 else "" for i in y]
             for ci, c in enumerate(t.classes):
                 frame[f"{t.name}_p_{c}"] = p[:, ci]
@@ -1059,8 +1066,9 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
         if "conformal" in e:
             c = e["conformal"]
             size = c.get("mean_width", c.get("mean_set_size"))
+            trivial = "; too few calibration subjects: trivial" if c.get("unbounded") else ""
             table_rows.append({"task": name, "metric": f"conformal coverage (nominal {c['nominal']:.2f})",
-                               "model": f"{c['coverage']:.3f} (mean size {size:.2f})", "TBV baseline": ""})
+                               "model": f"{c['coverage']:.3f} (mean size {size:.2f}{trivial})", "TBV baseline": ""})
     section.add_table(table_rows, "Per-task metrics with 95 % bootstrap CIs.")
 
     cls_tasks = [t for t in tasks if t.type == "classification" and t.name in metrics["tasks"]]
