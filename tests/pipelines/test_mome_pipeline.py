@@ -502,3 +502,32 @@ def test_segment_covers_the_whole_field_of_view_not_the_training_crop(tmp_path, 
     mask = np.asarray(nib.load(str(tmp_path / "mask.nii.gz")).dataobj) > 0
     assert mask.shape == data.shape
     assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.8
+
+
+def test_mome_plus_sidecar_says_what_fills_a_missing_modality_expert(tmp_path, monkeypatch) -> None:
+    """MoME+ given T1 and FLAIR only: the DWI expert's input is a learned mix of those two, and the sidecar
+    says so (its gate share alone would read as if a DWI image had been used)."""
+    import nibabel as nib
+
+    from neuromoe.data.preprocess import PreprocSpec
+    from neuromoe.pipelines import mome
+
+    torch.manual_seed(0)
+    model = create_model("mome_tiny", modalities=("t1", "flair", "dwi"), multimodal=True).eval()
+    rng = np.random.default_rng(0)
+    for m in ("t1", "flair"):
+        nib.save(nib.Nifti1Image((100 + rng.normal(size=(16, 16, 16))).astype(np.float32), np.eye(4)),
+                 str(tmp_path / f"{m}.nii.gz"))
+    spec = PreprocSpec(spacing=(1.0, 1.0, 1.0), shape=None, antialias=False)
+    extra = {"kind": "mome", "modalities": ["t1", "flair", "dwi"], "patch_size": [16, 16, 16], "multimodal": True,
+             "threshold": 0.5}
+    monkeypatch.setattr(mome, "_load", lambda _: (model, {"family": "mome", "preprocessing": spec.to_dict(),
+                                                         "extra": extra}))
+    both = {m: tmp_path / f"{m}.nii.gz" for m in ("t1", "flair")}
+    sidecars, failures = mome.segment("model", both, tmp_path / "mask.nii.gz", device="cpu")
+    assert not failures and set(sidecars[0]["gate_share"]) == {"t1", "flair", "dwi"}
+    mix = sidecars[0]["expert_inputs"]
+    assert list(mix) == ["dwi"] and list(mix["dwi"]) == ["t1", "flair"]
+    expected = model.dispatch_matrix(torch.tensor([[1.0, 1.0, 0.0]]))[0, 2, :2]
+    np.testing.assert_allclose([mix["dwi"]["t1"], mix["dwi"]["flair"]], expected.detach().numpy(), atol=1e-4)
+    assert sum(mix["dwi"].values()) == pytest.approx(1.0, abs=1e-3)

@@ -984,6 +984,16 @@ def _segment_case(
         sidecar["gate_share"] = {
             m: round(float(s), 4) for m, s in zip(mods, np.mean(shares, axis=0), strict=True)
         }
+    if extra["multimodal"] and len(ordered) < len(mods):
+        # MoME+: the expert of a modality not given sees a learned mix of the given images; saying which
+        # keeps its gate share from being read as that modality's image having been used
+        avail = torch.tensor([[m in arrays for m in mods]], dtype=torch.float32, device=device)
+        with torch.no_grad():
+            mix = model.dispatch_matrix(avail)[0].cpu().numpy()
+        sidecar["expert_inputs"] = {
+            mods[e]: {mods[j]: round(float(mix[e, j]), 4) for j in range(len(mods)) if mods[j] in arrays}
+            for e in range(len(mods)) if mods[e] not in arrays
+        }
     prob_in = None  # everything is computed before the first file is written: a failure leaves no partial set
     if probabilities:
         prob_in = np.clip(resample_to_grid(prob, pre.affine, ref.data.shape, ref_world, order=1), 0.0, 1.0)
