@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import accuracy_score, confusion_matrix, mean_absolute_error, r2_score
+from sklearn.metrics import accuracy_score, confusion_matrix, mean_absolute_error
 
 __all__ = [
     "balanced_accuracy",
@@ -170,7 +170,7 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
     if t.size >= 2 and np.std(t) > 0 and np.std(p) > 0:
         out["r"] = float(np.corrcoef(t, p)[0, 1])
     if t.size >= 2 and np.std(t) > 0:
-        out["r2"] = float(r2_score(t, p))
+        out["r2"] = r_squared(t, p)
     return out
 
 
