@@ -181,6 +181,28 @@ def test_sparse_gate_skips_the_zero_stems_of_experts_that_did_not_run() -> None:
             torch.testing.assert_close(a, b)
 
 
+def test_sparse_case_output_does_not_depend_on_its_batch() -> None:
+    """A case batched with another that picks other experts gets the same output as alone: the experts only
+    the other case picked must look like experts that did not run (zero stems) to this case's gate."""
+    m = _mome(multimodal=True, top_k=2).eval()
+    with torch.no_grad():
+        torch.manual_seed(2)  # a decisive router, so different cases pick different experts
+        torch.nn.init.normal_(m.router.proj.weight, std=5.0)
+        m.router.proj.bias.zero_()
+    torch.manual_seed(1)
+    xs = torch.randn(8, 5, 32, 32)
+    avail = torch.ones(8, 5)
+    with torch.no_grad():
+        sel = m(xs, avail).selected
+        a, b = next((i, j) for i in range(8) for j in range(8) if set(sel[i].tolist()) != set(sel[j].tolist()))
+        alone = m(xs[a : a + 1], avail[:1])
+        paired = m(xs[[a, b]], avail[:2])
+    assert paired.selected[0].tolist() == alone.selected[0].tolist()
+    for s in range(len(alone.logits)):
+        torch.testing.assert_close(paired.logits[s][:1], alone.logits[s], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(paired.gates[s][:1], alone.gates[s], atol=1e-5, rtol=1e-5)
+
+
 def test_curriculum_schedules() -> None:
     assert curriculum_weight(0, 10) == 1.0 and curriculum_weight(10, 10) == 0.0
     assert curriculum_weight(5, 10) == pytest.approx(0.25)

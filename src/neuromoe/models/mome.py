@@ -292,12 +292,18 @@ class MoME(PretrainedMixin, nn.Module):
                 available.to(x.dtype).view(B, E, *([1] * self.spatial_dims)).expand(B, E, *x.shape[2:])
             )
         # The gate's input is [image, availability, stem_0 … stem_{E-1}]; the stems of experts that did not
-        # run are zero, so only the active ones are passed, with their channel indices.
+        # run are zero, so only the active ones are passed, with their channel indices. An expert runs on the
+        # whole batch when any case picked it; the cases that did not pick it see its stem as zeros, so a
+        # case's output does not depend on what else shares its batch (sliding-window pairs, training batches).
         base, w0 = sum(t.shape[1] for t in gate_in), self.experts[0].stem_channels
         channels = None
+        stems = [skips[k][0] for k in active]
         if len(active) < E:
             channels = [*range(base), *(base + k * w0 + c for k in active for c in range(w0))]
-        gate_logits = self.gate(torch.cat([*gate_in, *(skips[k][0] for k in active)], 1), channels)
+            assert sel is not None
+            picked = torch.zeros(B, E, device=x.device, dtype=stems[0].dtype).scatter(1, sel, 1.0)
+            stems = [s * picked[:, k].view(B, *([1] * (s.dim() - 1))) for s, k in zip(stems, active, strict=True)]
+        gate_logits = self.gate(torch.cat([*gate_in, *stems], 1), channels)
         expert_logits = {k: self.experts[k].forward_head(skips[k]) for k in active}
         fused, gates = [], []
         for s, g in enumerate(gate_logits):
