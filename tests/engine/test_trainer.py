@@ -416,3 +416,17 @@ def test_non_resumable_run_writes_no_checkpoint_and_trains_the_same(tmp_path: Pa
     assert ra.best_metric == rb.best_metric
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k])
+
+
+def test_on_optimizer_step_runs_once_per_optimiser_step(tmp_path: Path) -> None:
+    """With accumulation the hook runs per optimiser step (5 micro-batches, accum 2 → 3 steps per epoch)."""
+
+    hook_steps: list[int] = []
+
+    class Counting(MSETrainer):
+        def on_optimizer_step(self) -> None:
+            hook_steps.append(self.global_step)
+
+    tr = Counting(_model(), _cfg(epochs=2, accum_steps=2), _data(), run_dir=tmp_path)
+    tr.fit()
+    assert hook_steps == list(range(1, tr.global_step + 1)) and tr.global_step == 6

@@ -492,3 +492,20 @@ def test_the_adapter_preset_does_not_resize_pretrained_experts(cohort, pretraine
     cfg.eval.folds = 2
     metrics = json.loads((bm.evaluate(pretrained, cohort, tmp_path / "ev", cfg) / "metrics.json").read_text())
     assert "BrainMoE" in json.dumps(metrics)
+
+
+def test_jepa_target_moves_once_per_optimiser_step(tmp_path, monkeypatch) -> None:
+    """With gradient accumulation the EMA target takes one step per optimiser step; it used to take one per
+    micro-batch, i.e. an effective decay of ema**accum_steps."""
+    from neuromoe.engine import TrainConfig
+    from neuromoe.models.brainmoe import JEPAExpert
+
+    calls = []
+    monkeypatch.setattr(JEPAExpert, "update_target", lambda self: calls.append(1))
+    torch.manual_seed(0)
+    data = bm.ScanSet({"fc": torch.randn(8, 6, 6), "ts": torch.randn(8, 8, 6)})
+    model = JEPAExpert(6, 8, 0, 2, window=2, n_windows=4)
+    cfg = TrainConfig(epochs=1, batch_size=1, accum_steps=4, device="cpu", progress=False, resumable=False)
+    trainer = bm.ExpertTrainer(model, cfg, data, run_dir=tmp_path)
+    trainer.fit()
+    assert trainer.global_step == 2 and len(calls) == 2

@@ -155,6 +155,10 @@ class Trainer:
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (after ``model.train()``), e.g. for curricula."""
 
+    def on_optimizer_step(self) -> None:
+        """Called after every optimiser step (once per ``accum_steps`` micro-batches, before a checkpoint is
+        written), e.g. for a moving-average target network."""
+
     def on_best(self, metrics: dict[str, float]) -> None:
         """Called on rank 0 when the monitored metric improves (after :attr:`best_state` is updated)."""
 
@@ -404,6 +408,7 @@ class Trainer:
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 self.global_step += 1
+                self.on_optimizer_step()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{running['loss'] / n_micro:.4g}", lr=f"{lr:.2e}")

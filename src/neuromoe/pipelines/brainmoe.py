@@ -253,9 +253,11 @@ class ExpertTrainer(Trainer):
     """Pretraining of one expert (``fit_best`` keeps the best-validation weights)."""
 
     def training_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        if isinstance(self.model, JEPAExpert):  # EMA step after the previous optimiser step
-            self.model.update_target()
         return self.model.loss(batch["fc"], batch.get("ts"), batch.get("target"))
+
+    def on_optimizer_step(self) -> None:
+        if isinstance(self.model, JEPAExpert):  # one EMA step per optimiser step, not per micro-batch
+            self.model.update_target()
 
     def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         # the same masks every validation, without resetting the RNG the training steps draw from
