@@ -167,6 +167,7 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     assert {"by_modality", "by_lesion_type", "by_dataset", "expert_dice"} <= set(metrics)
     assert metrics["n_cases"] == 1 and metrics["n_predictions"] == 1  # the test case has T1 only
     assert 0.0 <= metrics["mean"]["dice"] <= 1.0
+    assert metrics["mean"]["n_hd95"] == int(np.isfinite(metrics["mean"]["hd95"]))
     cfg = json.loads((run / "train" / "model" / "config.json").read_text())
     assert cfg["preprocessing"]["spacing"] == [6.0, 6.0, 6.0]
     # stage-1 experts exist for the modalities with training images and were copied into the MoME
@@ -531,3 +532,18 @@ def test_mome_plus_sidecar_says_what_fills_a_missing_modality_expert(tmp_path, m
     expected = model.dispatch_matrix(torch.tensor([[1.0, 1.0, 0.0]]))[0, 2, :2]
     np.testing.assert_allclose([mix["dwi"]["t1"], mix["dwi"]["flair"]], expected.detach().numpy(), atol=1e-4)
     assert sum(mix["dwi"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_hd95_summaries_say_over_how_many_predictions_they_average() -> None:
+    """A missed lesion has no HD95 and drops out of the mean, so a model that misses it can look better than
+    one that finds it off target; the summaries count the predictions behind the HD95 mean."""
+    import pandas as pd
+
+    from neuromoe.pipelines.mome import _summary
+
+    frame = pd.DataFrame({"modality": ["t1", "t1", "flair"], "dice": [0.8, 0.0, 0.7],
+                          "hd95": [1.0, np.nan, 3.0], "lesion_f1": [1.0, 0.0, 1.0],
+                          "abs_volume_diff_ml": [0.1, 2.0, 0.2]})
+    table = _summary(frame, "modality").set_index("modality")
+    assert table.loc["t1", "n"] == 2 and table.loc["t1", "n_hd95"] == 1 and table.loc["t1", "hd95"] == 1.0
+    assert table.loc["flair", "n_hd95"] == 1

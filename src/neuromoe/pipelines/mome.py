@@ -732,9 +732,11 @@ def _add_train(out: Path, cfg: MoMEConfig, loaded: list[str], n_train: int, n_va
 
 
 def _summary(frame: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Means per group; ``n_hd95`` counts the predictions whose HD95 is defined (a missed lesion or a false
+    positive on a lesion-free scan has none), since the HD95 mean leaves the others out."""
     cols = [c for c in SUMMARY_METRICS if c in frame.columns]
     g = frame.groupby(by, dropna=False)
-    return g[cols].mean().round(4).assign(n=g.size()).reset_index()
+    return g[cols].mean().round(4).assign(n=g.size(), n_hd95=g["hd95"].count()).reset_index()
 
 
 def evaluate(
@@ -799,7 +801,7 @@ def evaluate(
         "multimodal": extra["multimodal"],
         "threshold": extra.get("threshold", 0.5),
         "precision": precision,
-        "mean": frame[list(SUMMARY_METRICS)].mean().round(4).to_dict(),
+        "mean": {**frame[list(SUMMARY_METRICS)].mean().round(4).to_dict(), "n_hd95": int(frame["hd95"].count())},
     }
     for by in ("modality", "lesion_type", "dataset"):
         if by in frame.columns:
@@ -837,7 +839,8 @@ def _add_evaluation(
     section.add_text(
         f"Held-out '{metrics['split']}' cases (n={metrics['n_cases']}, {metrics['n_predictions']} predictions; "
         f"{'MoME+: all available modalities at once' if metrics['multimodal'] else 'one prediction per modality, the gate infers which'}"
-        f"{', mirror TTA' if metrics['tta'] else ''}). Mean Dice {mean['dice']:.3f}, HD95 {mean['hd95']:.1f} mm, "
+        f"{', mirror TTA' if metrics['tta'] else ''}). Mean Dice {mean['dice']:.3f}, HD95 {mean['hd95']:.1f} mm "
+        f"(over the {mean['n_hd95']} predictions where it is defined: both masks non-empty or both empty), "
         f"lesion-wise F1 {mean['lesion_f1']:.3f}, |volume difference| {mean['abs_volume_diff_ml']:.2f} mL."
     )
     for by, caption in (
