@@ -285,3 +285,8 @@ def test_sparse_expert_loss_is_the_mean_over_the_pairs_that_ran() -> None:
     # MoME+: three present modalities each, one expert ran → expert 0's loss on both samples
     _, logs = mome_loss(out, target, None, 1.0, available=torch.ones(B, E))
     assert logs["loss_expert"] == pytest.approx(float(deep_supervised_loss(lg0, target)), rel=1e-5)
+    # expert 0 ran because sample 0 picked it; sample 1 (modality 0 too) picked expert 2: its term is absent
+    out.selected = torch.tensor([[0], [2]])
+    out.expert_logits = {0: lg0, 2: lg0}
+    _, logs = mome_loss(out, target, torch.tensor([0, 0]), expert_weight=1.0)
+    assert logs["loss_expert"] == pytest.approx(float(only), rel=1e-5)

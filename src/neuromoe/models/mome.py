@@ -420,8 +420,8 @@ def mome_loss(
 
     ``modality_idx`` (B,) names each sample's modality for the expert term (training only; the model
     never sees it). MoME+ passes ``available`` (B, M) instead: every present modality's expert is scored
-    on its own (identity-dispatched) input. Samples whose expert did not run (sparse mode) contribute no
-    expert term. ``gate_weight`` λ > 0 adds :func:`gate_supervision_loss` under the same curriculum
+    on its own (identity-dispatched) input. Samples whose router did not pick their expert (sparse mode)
+    contribute no expert term, even when a batch-mate's router ran that expert. ``gate_weight`` λ > 0 adds :func:`gate_supervision_loss` under the same curriculum
     weight: the gate starts from routing each input to its own (MoME) or available (MoME+) experts and is
     handed over to the fused loss as the curriculum proceeds.
     """
@@ -434,6 +434,8 @@ def mome_loss(
             loss = loss + expert_weight * gate_weight * gate
             logs["loss_gate"] = float(gate.detach())
     own = _intended_experts(out.gates[0].shape[1], modality_idx, available)
+    if own is not None and out.selected is not None:  # only the experts this sample's router picked
+        own = own * torch.zeros_like(own).scatter(1, out.selected, 1.0)
     if expert_weight > 0 and own is not None:
         terms, n_terms = [], 0
         for k, lg in out.expert_logits.items():
