@@ -547,3 +547,27 @@ def test_hd95_summaries_say_over_how_many_predictions_they_average() -> None:
     table = _summary(frame, "modality").set_index("modality")
     assert table.loc["t1", "n"] == 2 and table.loc["t1", "n_hd95"] == 1 and table.loc["t1", "hd95"] == 1.0
     assert table.loc["flair", "n_hd95"] == 1
+
+
+def test_zoom_augmentation_keeps_the_mask_on_its_image() -> None:
+    """The zoom resized the mask with legacy nearest sampling and the image with centre-aligned bilinear:
+    the mask sat ~0.4 voxel off the image on every axis (measured 0.42 / 0.39 / 0.42 over 200 blobs)."""
+    from monai.transforms import Compose
+
+    from neuromoe.data.lesion import augmentation
+
+    zoom = augmentation(3).transforms[2]
+    zoom.prob = 1.0
+    t = Compose([zoom])
+    rng = np.random.default_rng(0)
+    shifts = []
+    for i in range(40):
+        m = np.zeros((1, 24, 24, 24), np.float32)
+        lo, size = rng.integers(6, 12, 3), rng.integers(2, 6, 3)
+        m[(0, *[slice(a, a + b) for a, b in zip(lo, size, strict=True)])] = 1
+        t.set_random_state(i)
+        o = t({"image": m.copy(), "mask": m.copy()})
+        img, mask = np.asarray(o["image"])[0], np.asarray(o["mask"])[0]
+        g = np.indices(img.shape).reshape(3, -1)
+        shifts.append((g * mask.ravel()).sum(1) / mask.sum() - (g * img.ravel()).sum(1) / img.sum())
+    assert np.abs(np.mean(shifts, 0)).max() < 0.15
