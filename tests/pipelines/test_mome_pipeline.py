@@ -216,17 +216,24 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     assert not (tmp_path / "raw").exists()
 
 
-def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_path) -> None:
+def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_path, monkeypatch) -> None:
     """``data.expert_samples_per_epoch``: an expert with few images (here FLAIR, 2 of 4 train cases) gets as
-    many optimiser steps as one with many (T1, 4 cases), nnU-Net style."""
+    many optimiser steps as one with many (T1, 4 cases), nnU-Net style. Each expert's threshold is tuned
+    before it is moved to the CPU for saving (on CUDA the search would feed GPU inputs to a CPU model)."""
     import pandas as pd
 
     from neuromoe.pipelines import mome
 
+    events: list[str] = []
+    tune, to_cpu = mome.MoMETrainer.threshold, torch.nn.Module.cpu
+    monkeypatch.setattr(mome.MoMETrainer, "threshold", lambda self, *a, **k: (events.append("tune"),
+                                                                              tune(self, *a, **k))[1])
+    monkeypatch.setattr(torch.nn.Module, "cpu", lambda self: (events.append("cpu"), to_cpu(self))[1])
     _mini_cohort(tmp_path / "cohort")
     cfg = mome.load_mome_config("tiny", ["data.expert_samples_per_epoch=12"], device="cpu")
     cfg.cache_dir = str(tmp_path / "cache")
     run = mome.pretrain(tmp_path / "cohort", tmp_path / "exp", cfg)
+    assert events == ["tune", "cpu"] * 2
     steps = {m: pd.read_csv(run / "stage1" / m / "metrics.csv")["step"].max() for m in ("t1", "flair")}
     assert steps == {"t1": 3, "flair": 3}  # 12 patches / batch 4, one epoch
     from neuromoe.eval.report import build_report, load_section

@@ -560,6 +560,7 @@ def pretrain(
         val_set = LesionPatchDataset(va, d.patch_size, modalities=(m,), seed=cfg.seed + 1000) if va else None
         trainer = MoMETrainer(expert, cfg.pretrain, train_set, val_set, run_dir=out / "stage1" / m)
         best = trainer.fit_best(resume).best_metric
+        threshold = trainer.threshold(cfg.eval, va, (m,), d.patch_size)  # on the training device, before .cpu()
         save_model(
             expert.cpu(),
             out / "experts" / m,
@@ -571,7 +572,7 @@ def pretrain(
                     "modalities": [m],
                     "patch_size": list(d.patch_size),
                     "multimodal": False,
-                    "threshold": trainer.threshold(cfg.eval, va, (m,), d.patch_size),
+                    "threshold": threshold,
                     "precision": cfg.eval.precision,
                     "best_val_loss": best,
                     "split_seed": cfg.seed,
