@@ -491,8 +491,9 @@ def _pretrain_router(
     trainer = ExpertTrainer(router, tcfg, sub.subset(~val), sub.subset(val), run_dir=run / "train")
     result = trainer.fit_best(resume)
     router.eval()
+    held_out = trainer.to_device(sub.subset(val).tensors)  # the router is still on the training device
     with torch.no_grad():
-        _, logs = router.loss(sub.subset(val).tensors["fc"], target=sub.subset(val).tensors["target"])
+        _, logs = router.loss(held_out["fc"], target=held_out["target"])
     extra = {
         "kind": ROUTER,
         "states": all_states,
