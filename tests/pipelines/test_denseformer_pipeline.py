@@ -175,6 +175,34 @@ def test_balanced_training_step_sends_balanced_gradient_into_backbone(method, mo
         torch.testing.assert_close(g2[n], g0[n], rtol=1e-4, atol=1e-6)
 
 
+def test_validation_loss_is_the_per_task_mean_whatever_the_batching():
+    """val_loss = Σ_task mean loss over the subjects labelled for that task; it was a size-weighted mean of
+    per-batch sums, so a task labelled only in some batches (one cohort's diagnosis) counted by batch size."""
+    tasks = [TaskSpec("dx", "classification", "dx", ["a", "b"]), TaskSpec("age", "regression", "age")]
+
+    class Stub(torch.nn.Module):
+        def forward(self, x):
+            return types.SimpleNamespace(outputs={"dx": torch.cat([torch.zeros_like(x), x], 1), "age": x},
+                                         aux_loss=torch.tensor(0.5))
+
+    trainer = pipe.FinetuneTrainer.__new__(pipe.FinetuneTrainer)
+    trainer.model, trainer.tasks, trainer.target_stats = Stub(), tasks, {"age": (1.0, 2.0)}
+    img = torch.tensor([[0.0], [1.0], [2.0], [3.0], [0.5], [-1.0], [0.0], [2.5]])
+    dx = torch.tensor([1, 1, 0, -1, -1, -1, -1, -1])  # 3 labelled, all in the first half
+    age = torch.tensor([float("nan"), 3.0, 1.0, 5.0, 7.0, -1.0, float("nan"), 2.0])
+    have_dx, have_age = dx >= 0, torch.isfinite(age)
+    want_dx = torch.nn.functional.cross_entropy(torch.cat([torch.zeros(8, 1), img], 1)[have_dx], dx[have_dx])
+    want_age = torch.nn.functional.smooth_l1_loss(img[have_age, 0], (age[have_age] - 1.0) / 2.0)
+    for bs in (8, 4, 3, 2, 1):
+        outs = [trainer.validation_step({"image": img[i : i + bs], "labels": {"dx": dx[i : i + bs],
+                                                                              "age": age[i : i + bs]}})
+                for i in range(0, 8, bs)]
+        got = trainer.validation_end(outs)
+        assert got["val_loss_dx"] == pytest.approx(float(want_dx), rel=1e-6)
+        assert got["val_loss_age"] == pytest.approx(float(want_age), rel=1e-6)
+        assert got["val_loss"] == pytest.approx(float(want_dx + want_age), rel=1e-6)
+
+
 def test_regression_only_epochs_hide_classification_losses():
     """During the first ``regression_only_epochs`` only the regression task trains; then every task does."""
     from neuromoe.engine import TrainConfig

@@ -349,9 +349,16 @@ class FinetuneTrainer(Trainer):
         return total, _loss_logs(aux, losses)
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Per task: (sum of weighted losses, number of subjects with that label) in this batch."""
         out = self.model(batch["image"])
-        loss, _ = multitask_loss(out, batch["labels"], self.tasks, self.target_stats)
-        return {"loss": float(loss - out.aux_loss.float()), "n": batch["image"].shape[0]}
+        losses = task_losses(out, batch["labels"], self.tasks, self.target_stats)
+        stats = {}
+        for t in self.tasks:
+            if t.name in losses:
+                y = batch["labels"][t.name]
+                n = int((y != MISSING_CLASS).sum() if t.type == "classification" else torch.isfinite(y).sum())
+                stats[t.name] = (float(losses[t.name]) * n, n)
+        return {"tasks": stats}
 
     def validates(self, epoch: int) -> bool:
         """No validation while the classification tasks are held back: the kept checkpoint (lowest loss)
@@ -359,9 +366,16 @@ class FinetuneTrainer(Trainer):
         return epoch >= self.regression_only_epochs
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
-        """Mean validation loss over all tasks."""
-        n = sum(o["n"] for o in outputs)
-        return {"val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(n, 1)}
+        """Sum over tasks of each task's mean loss over the validation subjects labelled for it (the training
+        objective without the aux losses), so neither the batch size nor the row order of cohorts that carry
+        different labels changes it; also each task's own ``val_loss_<task>``."""
+        total: dict[str, list[float]] = {}
+        for o in outputs:
+            for name, (loss_sum, n) in o["tasks"].items():
+                acc = total.setdefault(name, [0.0, 0])
+                acc[0], acc[1] = acc[0] + loss_sum, acc[1] + n
+        per_task = {f"val_loss_{name}": loss_sum / n for name, (loss_sum, n) in total.items()}
+        return {"val_loss": sum(per_task.values()), **per_task}
 
 
 # ------------------------------------------------------------------------------------------- pretrain
