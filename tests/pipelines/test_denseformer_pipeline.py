@@ -548,3 +548,39 @@ def test_too_few_validation_subjects_for_the_coverage_level_are_reported(capsys)
         assert math.isinf(cal["age"]["conformal"]["q"]) is warned
         assert ("'age' conformal interval is unbounded: 8 validation subjects" in err) is warned
         assert ("'sex' conformal sets hold every class" in err) is warned
+
+
+def test_figures_name_the_split_and_mask_ratio_they_show(tmp_path, monkeypatch) -> None:
+    """Evaluation figures on `--split val` said "test", and the MAE figure said 75 % at any mask ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from neuromoe.eval.report import Report
+    from neuromoe.models.registry import create_model
+
+    titles: list[str] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (
+        titles.extend(ax.get_title() for ax in self.axes), save(self, *a, **k))[1])
+    section = Report("x").section("y")
+    tasks = [TaskSpec("age", "regression", "age"), TaskSpec("dx", "classification", "dx", ["CN", "AD"])]
+    n = 6
+    frame = pd.DataFrame({"subject": list("abcdef"), "age": np.arange(n) + 60.0, "age_pred": np.arange(n) + 61.0,
+                          "age_corrected": np.arange(n) + 60.5})
+    metrics = {"split": "val", "n": n, "tasks": {"age": {"model": {"mae": (1.0, 0.5, 1.5)}},
+                                                "dx": {"model": {"auc": (0.7, 0.5, 0.9)}}}}
+    pred = {"age": np.arange(n) + 61.0, "dx": np.c_[1 - np.linspace(0, 1, n), np.linspace(0, 1, n)]}
+    pipe._add_evaluation(section, metrics, frame, tasks, pred, np.ones(n, bool),
+                         {"dx": np.array([0, 1, 0, 1, 0, 1]), "age": frame["age"].to_numpy()})
+    captions = [item["caption"] for item in section.items if item["kind"] == "figure"]
+    assert all("test" not in c for c in captions) and any("val subjects" in c for c in captions)
+    assert "brain age (val)" in titles
+
+    titles.clear()
+    torch.manual_seed(0)
+    mae = create_model("denseformer_mae", preset="tiny", mask_ratio=0.5)
+    images = [{"image": torch.randn(1, 32, 32, 32)} for _ in range(2)]
+    pipe._reconstruction_figure(mae, images, tmp_path / "recon.png", seed=0)
+    assert {t.split(" ·")[0] for t in titles} == {"input", "masked (50 %)", "reconstruction"}

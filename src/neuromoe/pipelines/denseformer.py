@@ -403,7 +403,7 @@ def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = 
     result = trainer.fit_best(resume)
     extra = {"kind": "mae", "img_size": list(_img_size(cfg)), "best_val_loss": result.best_metric,
              "n_train": len(train_set), "n_val": 0 if val_set is None else len(val_set),
-             "mask_ratio": cfg.model.mask_ratio, "split_seed": cfg.seed,
+             "mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss, "split_seed": cfg.seed,
              "scan_fingerprints": sorted(_scan_fingerprints(table["t1"][split != "test"]))}
     save_model(model.cpu(), out / "model", {"family": FAMILY, "preprocessing": spec.to_dict(), "tasks": [],
                                             "extra": extra})
@@ -435,7 +435,7 @@ def _reconstruction_figure(model: DenseFormerMAE, dataset: StructuralDataset, pa
     masked, recon = model.reconstruct(imgs, noise=noise)
     fig, axes = plt.subplots(3 * n, 3, figsize=(7.5, 7.5 * n))
     for s in range(n):
-        for r, (name, vol) in enumerate((("input", imgs), ("masked (75 %)", masked), ("reconstruction", recon))):
+        for r, (name, vol) in enumerate((("input", imgs), (f"masked ({100 * model.mask_ratio:.0f} %)", masked), ("reconstruction", recon))):
             v = vol[s, 0].float().numpy()
             c = [d // 2 for d in v.shape]
             for col, (plane, sl) in enumerate((("sagittal", v[c[0]]), ("coronal", v[:, c[1]]),
@@ -461,7 +461,8 @@ def _add_pretrain(section: Any, extra: dict[str, Any], fig: Path) -> None:
     section.add_text(
         f"Masked-autoencoder pretraining of the DenseNet+ViT backbone on {extra['n_train']} training and "
         f"{extra['n_val']} validation scans (no labels used), mask ratio {extra['mask_ratio']:.2f}. "
-        f"Best validation masked-patch MSE (per-patch normalised voxels): "
+        f"Best validation masked-patch MSE "
+        f"({'per-patch normalised' if extra.get('norm_pix_loss', True) else 'raw'} voxels): "
         f"{'n/a' if loss is None else f'{loss:.4f}'}."
     )
     section.add_figure(fig, "Input, masked input and reconstruction (three orthogonal slices).")
@@ -1108,7 +1109,7 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
             ax.set(xticks=range(len(t.classes)), yticks=range(len(t.classes)), xticklabels=t.classes,
                    yticklabels=t.classes, xlabel="predicted", ylabel="true", title=f"confusion · {t.name}")
         fig.tight_layout()
-        section.add_figure(fig, "ROC curves (one-vs-rest) and confusion matrices on test subjects.")
+        section.add_figure(fig, f"ROC curves (one-vs-rest) and confusion matrices on {metrics['split']} subjects.")
         plt.close(fig)
 
     if AGE_TASK in metrics["tasks"]:
@@ -1118,7 +1119,7 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
         ax.scatter(y, frame[f"{AGE_TASK}_corrected"], s=10, alpha=0.6, label="bias-corrected")
         lim = [np.nanmin(y), np.nanmax(y)]
         ax.plot(lim, lim, "k:", lw=0.8)
-        ax.set(xlabel="chronological age", ylabel="predicted brain age", title="brain age (test)")
+        ax.set(xlabel="chronological age", ylabel="predicted brain age", title=f"brain age ({metrics['split']})")
         ax.legend(fontsize=7)
         fig.tight_layout()
         section.add_figure(fig, "Predicted vs chronological age.")
@@ -1134,7 +1135,7 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
                xlabel="expert", title="expert usage per task (fraction of top-k slots)")
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
-        section.add_figure(fig, "Task × expert routing of the MoE head on test subjects.")
+        section.add_figure(fig, f"Task × expert routing of the MoE head on {metrics['split']} subjects.")
         plt.close(fig)
 
 
