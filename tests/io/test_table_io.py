@@ -105,3 +105,28 @@ def test_failures_table_next_to_the_output_and_only_when_something_failed(tmp_pa
     assert pd.read_csv(tmp_path / "f.csv").to_dict("records") == [
         {"subject": "sub-2", "file": "b.nii.gz", "error": "NaN voxels"}
     ]
+
+
+def test_bids_run_entity_on_some_images_of_a_session(tmp_path):
+    """A run-1 T1w beside a run-less FLAIR and lesion mask made two rows, and lesion commands (rows with a
+    mask) silently lost the T1; with one run they are one row, with several the question is asked."""
+    _img(tmp_path / "sub-01/anat/sub-01_run-1_T1w.nii.gz")
+    _img(tmp_path / "sub-01/anat/sub-01_FLAIR.nii.gz")
+    _img(tmp_path / "derivatives/lesions/sub-01/anat/sub-01_desc-lesion_mask.nii.gz")
+    _img(tmp_path / "sub-02/anat/sub-02_run-1_T1w.nii.gz")
+    _img(tmp_path / "sub-02/anat/sub-02_run-2_T1w.nii.gz")
+    df = load_table(tmp_path)
+    row = df[df["subject"] == "sub-01"]
+    assert len(row) == 1 and row[["t1", "flair", "mask"]].notna().all(axis=None)
+    assert (df["subject"] == "sub-02").sum() == 2  # two runs of one role stay two rows
+    _img(tmp_path / "sub-02/anat/sub-02_FLAIR.nii.gz")
+    with pytest.raises(InputError, match=r"sub-02 has images of run-1, run-2 and images without a run"):
+        load_table(tmp_path)
+
+
+def test_participants_ids_without_the_sub_prefix_still_label_their_subjects(tmp_path):
+    """participant_id "01" for sub-01 matched no image: every label silently became missing."""
+    _img(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    _img(tmp_path / "sub-02/anat/sub-02_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\n01\t30\nsub-02\t41\n")
+    assert load_table(tmp_path).set_index("subject")["age"].to_dict() == {"sub-01": 30, "sub-02": 41}

@@ -62,6 +62,7 @@ def _load_bids(root: Path) -> pd.DataFrame:
     if not rows:
         raise InputError("no BIDS images found (sub-*/[ses-*/]anat|func)", path=root,
                          fix="point --data at a BIDS root or a manifest CSV")
+    _merge_runless(rows, root)
     df = pd.DataFrame([{"subject": s, "session": ses, "state": task, "run": run, **r}
                        for (s, ses, task, run), r in rows.items()])
     for col in ("session", "state", "run"):
@@ -71,9 +72,38 @@ def _load_bids(root: Path) -> pd.DataFrame:
     if part.exists():
         labels = pd.read_csv(part, sep="\t", dtype=str, keep_default_na=False).rename(
             columns={"participant_id": "subject"})
+        if "subject" in labels.columns:  # BIDS ids are sub-<label>; "01" for sub-01 would match no image
+            ids = labels["subject"].str.strip()
+            labels["subject"] = ids.where(ids.str.startswith("sub-"), "sub-" + ids)
         df = df.merge(labels, on="subject", how="left")
     df.attrs["labels_missing"] = not part.exists()
     return df
+
+
+def _merge_runless(rows: dict[tuple[str, str, str, str], dict[str, str]], root: Path) -> None:
+    """Anatomical images of one session where some carry a ``run-`` entity and others none (``run-1_T1w`` beside
+    ``FLAIR`` and a derivative lesion mask) belong together when the session has a single run; with several
+    runs which one the run-less images go with is unknowable. (fMRI rows keep their runs apart.)"""
+    runs: dict[tuple[str, str], list[str]] = {}
+    for sub, ses, task, run in rows:
+        if not task:
+            runs.setdefault((sub, ses), []).append(run)
+    for (sub, ses), found in runs.items():
+        named = sorted(r for r in found if r)
+        if "" not in found or not named:
+            continue
+        where = f"{sub}{'_' + ses if ses else ''}"
+        if len(named) > 1:
+            raise InputError(f"{where} has images of run-{', run-'.join(named)} and images without a run entity",
+                             path=root, fix="name the run of every image of that session, or list the scans "
+                                            "to use in a manifest CSV")
+        loose, target = rows.pop((sub, ses, "", "")), rows[(sub, ses, "", named[0])]
+        for role, path in loose.items():
+            if role in target:
+                raise InputError(f"two {role} images for {where}: {Path(target[role]).name} and {Path(path).name}",
+                                 path=root, fix="keep one per subject/session/run, or list the scans to use in "
+                                                "a manifest CSV")
+            target[role] = path
 
 
 # How missing label values are written: BIDS uses n/a, R and pandas exports NA / NaN.
