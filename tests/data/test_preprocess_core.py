@@ -215,6 +215,16 @@ def test_cache_key_sees_new_voxels_with_the_same_size_and_mtime(tmp_path):
             assert os.stat(path).st_size == st.st_size
         outs.append(float(preprocess_case({"t1": str(path)}, spec, cache)["t1"].max()))
     assert outs == [1.0, 5.0] and cache.hits == 0
+    # an edit between the sampled blocks of an uncompressed file (the whole .nii is hashed now)
+    data = np.random.default_rng(0).uniform(1, 100, (40, 40, 40)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    st = os.stat(path)
+    spec = PreprocSpec(spacing=None, shape=(40, 40, 40), norm="none", crop_foreground=False, antialias=False)
+    preprocess_case({"t1": str(path)}, spec, cache)
+    data[10:30, 10:30, 2:4] = 5000.0
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert float(preprocess_case({"t1": str(path)}, spec, cache)["t1"].max()) == 5000.0
 
 
 def test_bids_root_with_func_scans_preprocesses_anat_only(tmp_path):
