@@ -311,7 +311,9 @@ def connectivity(
 
     ``reference`` (tangent only) is the stored group mean from :func:`tangent_reference`; without it the
     mean of the given scans is used (needs ≥ 2 scans, like nilearn). ``on_constant="zero"`` accepts
-    constant ROIs (e.g. outside the field of view) and gives them zero correlation instead of refusing.
+    constant ROIs (e.g. outside the field of view) and gives them zero connectivity instead of refusing; for
+    tangent FC the scan's other ROIs get the tangent FC of that sub-block (a reference built from scans with
+    constant ROIs still includes their shrunk variances).
     ``sources`` names the scans (file paths) in error messages.
     """
     if kind not in KINDS:
@@ -355,8 +357,21 @@ def connectivity(
             covs = _lw_all(scans)
             ref = _geometric_mean(covs) if reference is None else _check_reference(reference, m)
             white = _eig_map(lambda w: 1.0 / np.sqrt(w), ref)
-            for start in range(0, len(covs), _CHUNK):
-                out[start : start + _CHUNK] = _eig_map(np.log, white @ covs[start : start + _CHUNK] @ white)
+            varies = np.stack([x.max(axis=0) != x.min(axis=0) for x in scans])
+            full = np.flatnonzero(varies.all(axis=1))
+            for start in range(0, len(full), _CHUNK):
+                idx = full[start : start + _CHUNK]
+                out[idx] = _eig_map(np.log, white @ covs[idx] @ white)
+            # A scan with constant ROIs: the tangent FC of its varying ROIs alone (their Ledoit-Wolf covariance
+            # against the reference's sub-block), zeros for the constant ones. Whitening their shrinkage-only
+            # variance by the full reference gave them large log-ratios and moved the other edges too.
+            for i in np.flatnonzero(~varies.all(axis=1)):
+                v = np.flatnonzero(varies[i])
+                out[i] = 0.0
+                if len(v):
+                    w = _eig_map(lambda e: 1.0 / np.sqrt(e), ref[np.ix_(v, v)])
+                    cov = _ledoit_wolf(scans[i][None, :, v])[0]
+                    out[i][np.ix_(v, v)] = _eig_map(np.log, w @ cov @ w)
     return out
 
 
