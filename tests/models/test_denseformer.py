@@ -357,3 +357,11 @@ def test_norm_option_survives_save_and_load(tmp_path):
     x = torch.randn(2, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x).outputs["age"], m(x).outputs["age"])
+
+
+def test_random_masking_follows_the_images_device():
+    """A fixed noise or a CPU generator with images elsewhere gave CPU indices for CUDA images ("meta" stands
+    in for the other device here)."""
+    for kw in ({"noise": torch.rand(3, 64)}, {"generator": torch.Generator().manual_seed(0)}):
+        ids_keep, mask, ids_restore = random_masking(64, 3, 0.75, device="meta", **kw)
+        assert ids_keep.device.type == mask.device.type == ids_restore.device.type == "meta"

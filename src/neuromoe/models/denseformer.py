@@ -518,8 +518,10 @@ def random_masking(
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     n_keep = max(1, round(num_patches * (1 - mask_ratio)))
-    if noise is None:
-        noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    if noise is None:  # drawn where the generator lives (a CPU generator cannot fill a CUDA tensor)
+        noise = torch.rand(batch, num_patches, device=generator.device if generator else device, generator=generator)
+    if device is not None:  # a fixed or generator-drawn mask follows the images to their device
+        noise = noise.to(device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :n_keep]
