@@ -469,7 +469,7 @@ def test_report_overlay_draws_the_prediction_at_the_model_threshold(monkeypatch:
     pred = mome.VolumePrediction(prob, gate=np.ones((1, *mask.shape), np.float32), gate_share=np.ones(1))
     row = {"modality": "t1", **mome.segmentation_metrics(prob > 0.25, mask > 0, (1, 1, 1))}
     metrics = {"split": "test", "n_cases": 1, "n_predictions": 1, "multimodal": False, "tta": False,
-               "threshold": 0.25, "mean": {k: row[k] for k in mome.SUMMARY_METRICS}}
+               "threshold": 0.25, "mean": {**{k: row[k] for k in mome.SUMMARY_METRICS}, "n_hd95": 1}}
     colours: list[object] = []
     contour = Axes.contour
 
