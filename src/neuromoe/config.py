@@ -200,12 +200,14 @@ def load_config(
     cls: type[T], family: str, preset: str | Path | None = None, overrides: list[str] | None = None
 ) -> T:
     """Defaults of ``cls`` ← preset (name or YAML path) ← ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if preset:
-        p = Path(preset)
-        data = read_yaml(p if p.suffix in (".yaml", ".yml") or p.exists() else preset_path(family, str(preset)))
-    data = deep_merge(data, parse_overrides(overrides))
-    return from_dict(cls, data)
+    return from_dict(cls, deep_merge(_preset_data(family, preset), parse_overrides(overrides)))
+
+
+def _preset_data(family: str, preset: str | Path | None) -> dict[str, Any]:
+    if not preset:
+        return {}
+    p = Path(preset)
+    return read_yaml(p if p.suffix in (".yaml", ".yml") or p.exists() else preset_path(family, str(preset)))
 
 
 def load_family_config(
@@ -217,17 +219,25 @@ def load_family_config(
     device: str | None = None,
 ) -> T:
     """A family config (with ``seed``, ``pretrain`` and ``train`` sections): preset ← ``--set`` overrides ←
-    ``--seed``/``--device``, which also reach both training configs so one flag sets every stage."""
-    cfg = load_config(cls, family, preset, overrides)
+    ``--seed``/``--device``, which also reach both training configs so one flag sets every stage.
+
+    A stage's own seed or device stays when it was asked for: by ``--set <stage>.seed=…``, or in the config
+    file (a seed other than the file's top-level one, a device other than ``auto``), so a saved run config
+    reloads as it was saved."""
+    data = _preset_data(family, preset)
+    cfg = from_dict(cls, deep_merge(data, parse_overrides(overrides)))
     explicit = parse_overrides(overrides)
     if seed is not None:
         cfg.seed = seed  # type: ignore[attr-defined]
     for stage in ("pretrain", "train"):
         tc = getattr(cfg, stage)
         given = explicit.get(stage) if isinstance(explicit.get(stage), dict) else {}
-        if seed is not None or "seed" not in given:  # --seed wins; else an explicit --set <stage>.seed stays
+        in_file = data.get(stage) if isinstance(data.get(stage), dict) else {}
+        own_seed = "seed" in given or ("seed" in in_file and in_file["seed"] != data.get("seed", 0))
+        own_device = "device" in given or in_file.get("device", "auto") != "auto"
+        if seed is not None or not own_seed:  # --seed wins; else the stage's own seed stays
             tc.seed = cfg.seed  # type: ignore[attr-defined]
-        if device is not None and (device != "auto" or "device" not in given):  # "auto" = flag not given
+        if device is not None and (device != "auto" or not own_device):  # "auto" = flag not given
             tc.device = device
     return cfg
 

@@ -116,6 +116,24 @@ def test_stage_level_seed_and_device_overrides_are_kept():
     assert cfg.pretrain.seed == cfg.train.seed == cfg.seed
 
 
+def test_a_saved_config_reloads_with_its_stage_seeds_and_devices(tmp_path):
+    """A stage seed or device written in the config file (a saved run's config.yaml, a user's YAML) was
+    replaced by the top-level seed and 'auto' when no flag was given: a rerun trained with another seed."""
+    from neuromoe.config import save_config
+    from neuromoe.pipelines.denseformer import DenseFormerConfig
+
+    cfg = load_family_config(DenseFormerConfig, "denseformer", "tiny", ["train.seed=5", "train.device=cpu"],
+                             seed=None, device="auto")
+    saved = save_config(cfg, tmp_path)
+    again = load_family_config(DenseFormerConfig, "denseformer", saved, [], seed=None, device="auto")
+    assert again == cfg and (again.train.seed, again.train.device) == (5, "cpu")
+    # flags still set every stage, and --set seed=N reaches the stages without a seed of their own
+    flags = load_family_config(DenseFormerConfig, "denseformer", saved, [], seed=9, device="cuda")
+    assert (flags.train.seed, flags.pretrain.seed, flags.train.device) == (9, 9, "cuda")
+    top = load_family_config(DenseFormerConfig, "denseformer", saved, ["seed=9"], seed=None, device="auto")
+    assert (top.pretrain.seed, top.train.seed) == (9, 5)
+
+
 def test_a_later_stage_without_config_inherits_the_pretraining_runs_config(tmp_path, capsys):
     from neuromoe.config import inherited_preset
 
