@@ -240,6 +240,18 @@ def test_synthetic_bold_cohort_end_to_end(tmp_path: Path) -> None:
     assert min(agree) > 0.8
     tan = table_connectivity(df, "tangent", atlas=out["atlas"], cache=cache, source="bold")
     assert tan.shape == (6, 12, 12) and np.isfinite(tan).all()
+    # the header carries the generator's TR (it said 1 s), and writing BOLD leaves the series as they are
+    # without it (the BOLD noise came from the subject's stream and changed every later state)
+    import json
+
+    import nibabel as nib
+
+    tr = json.loads((tmp_path / "c" / "ground_truth.json").read_text())["fmri"]["tr"]
+    assert nib.load(df["bold"].iloc[0]).header.get_zooms()[3] == pytest.approx(tr)
+    plain = synth_cohort(tmp_path / "p", n_structural=0, n_lesion=0, n_fmri=2, kinds=("fmri",), n_rois=12,
+                         spacing=6.0, n_timepoints=40, progress=False)
+    for a, b in zip(df["timeseries"], fmri_table(plain["fmri"])["timeseries"], strict=True):
+        np.testing.assert_array_equal(np.load(a), np.load(b))
 
 
 def test_a_missing_value_in_the_first_volume_is_not_a_header(tmp_path):

@@ -29,10 +29,13 @@ FMRI_COLS = ["subject", "session", "state", "timeseries", "bold", "cohort", "phe
              "split"]
 
 
-def _save_nii(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
+def _save_nii(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32, tr: float | None = None) -> None:
+    """``tr`` (s) goes into the 4th voxel size of a 4-D series, where readers (ours, nilearn) look for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     img.header.set_xyzt_units("mm", "sec")
+    if tr is not None:
+        img.header.set_zooms((*img.header.get_zooms()[:3], float(tr)))
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(img, tmp)
 
@@ -169,7 +172,9 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
                 rel_bold = ""
                 if bold:
                     rel_bold = f"{sub}/func/{sub}_task-{st}_bold.nii.gz"
-                    _save_nii(out / rel_bold, bold_image(anat, coords, ts, rng), anat.affine)
+                    # its own noise stream: writing BOLD must not change the next state's time series
+                    bold_rng = np.random.default_rng([seed, 4, i, fm.STATES.index(st)])
+                    _save_nii(out / rel_bold, bold_image(anat, coords, ts, bold_rng), anat.affine, tr=tr)
                 these.append({"subject": sub, "session": "ses-1", "state": st, "timeseries": rel, "bold": rel_bold,
                               "cohort": cohort, "phenotype": ("patient" if patient else "control")
                               if cohort == "downstream" else "", "sex": sex, "age": round(age, 2), "site": site})
