@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from monai.networks.nets import DenseNet121, ViT
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from neuromoe.engine.precision import cpu_features
@@ -55,7 +56,10 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _flops(fn: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of ``fn``. Counted with the math attention kernel: torch's counter has no formula for the CPU
+    flash-attention op that ``scaled_dot_product_attention`` picks (our attention counted 0, MONAI's einsum
+    attention in full); the math kernel does the same 4·B·H·L²·D work in countable matmuls."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -68,3 +68,17 @@ def test_synth_benchmark_writes_its_json(tmp_path: Path) -> None:
     per_subject = json.loads(out.read_text())["per_subject_s"]
     assert set(per_subject) == {"structural", "lesion", "fmri"}
     assert all(v > 0 for v in per_subject.values())
+
+
+def test_denseformer_benchmark_counts_attention_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's FLOP counter has no formula for the CPU flash-attention op: our attention counted 0 (10 % of the
+    demo model's FLOPs), MONAI ViT's einsum attention in full, so GFLOP/s and its ratios were unfair."""
+    import torch
+    import torch.nn.functional as F
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_denseformer import _flops
+
+    b, h, length, d = 2, 3, 16, 8
+    q = torch.randn(b, h, length, d)
+    assert _flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 4 * b * h * length * length * d
