@@ -422,8 +422,9 @@ def mome_loss(
     never sees it). MoME+ passes ``available`` (B, M) instead: every present modality's expert is scored
     on its own (identity-dispatched) input. Samples whose router did not pick their expert (sparse mode)
     contribute no expert term, even when a batch-mate's router ran that expert. ``gate_weight`` λ > 0 adds
-    :func:`gate_supervision_loss` under the same curriculum weight: the gate starts from routing each input to its own (MoME) or available (MoME+) experts and is
-    handed over to the fused loss as the curriculum proceeds.
+    :func:`gate_supervision_loss` under the same curriculum weight: the gate starts from routing each input
+    to its own (MoME) or available (MoME+) experts and is handed over to the fused loss as the curriculum
+    proceeds.
     """
     fused = deep_supervised_loss(out.logits, target)
     loss = (1 - expert_weight) * fused + out.aux_loss

@@ -435,7 +435,8 @@ def _reconstruction_figure(model: DenseFormerMAE, dataset: StructuralDataset, pa
     masked, recon = model.reconstruct(imgs, noise=noise)
     fig, axes = plt.subplots(3 * n, 3, figsize=(7.5, 7.5 * n))
     for s in range(n):
-        for r, (name, vol) in enumerate((("input", imgs), (f"masked ({100 * model.mask_ratio:.0f} %)", masked), ("reconstruction", recon))):
+        rows = (("input", imgs), (f"masked ({100 * model.mask_ratio:.0f} %)", masked), ("reconstruction", recon))
+        for r, (name, vol) in enumerate(rows):
             v = vol[s, 0].float().numpy()
             c = [d // 2 for d in v.shape]
             for col, (plane, sl) in enumerate((("sagittal", v[c[0]]), ("coronal", v[:, c[1]]),
