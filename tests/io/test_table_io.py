@@ -99,8 +99,14 @@ def test_manifest_relative_paths_duplicates_and_grids(tmp_path):
 def test_failures_table_next_to_the_output_and_only_when_something_failed(tmp_path: Path) -> None:
     assert failures_path(tmp_path / "preds.csv") == tmp_path / "preds_failures.csv"
     assert failures_path(tmp_path / "emb.npy") == tmp_path / "emb_failures.csv"
+    assert failures_path(tmp_path / "run.v1.npy") == tmp_path / "run.v1_failures.csv"  # was run_failures.csv
+    assert failures_path(tmp_path / "mask.nii.gz") == tmp_path / "mask_failures.csv"
     write_failures(tmp_path / "none.csv", [])
     assert not (tmp_path / "none.csv").exists()
+    # a clean rerun removes the failures table an earlier run left (it survived, listing fixed files)
+    write_failures(tmp_path / "again.csv", [{"subject": "sub-2", "error": "x"}])
+    write_failures(tmp_path / "again.csv", [])
+    assert not (tmp_path / "again.csv").exists()
     write_failures(tmp_path / "f.csv", [{"subject": "sub-2", "file": "b.nii.gz", "error": "NaN voxels"}])
     assert pd.read_csv(tmp_path / "f.csv").to_dict("records") == [
         {"subject": "sub-2", "file": "b.nii.gz", "error": "NaN voxels"}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from neuromoe.errors import InputError
+from neuromoe.io.table import failures_path
 
 VERBS = {
     "pretrain": "Pretrain one expert per cognitive state (fc_mae | jepa | state_clf, set with "
@@ -99,7 +100,7 @@ def run(verb: str, args: argparse.Namespace) -> int:
         out, failures = pipe.embed(args.model, args.input, args.output, device=args.device)
         print(out)
         if failures:
-            print(f"{len(failures)} scan(s) failed, listed in {out.stem}_failures.csv", file=sys.stderr)
+            print(f"{len(failures)} scan(s) failed, listed in {failures_path(out)}", file=sys.stderr)
         return 1 if failures else 0
     if getattr(args, "unfreeze_experts", None) is not None:
         cfg.model.unfreeze_experts = args.unfreeze_experts

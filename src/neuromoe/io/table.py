@@ -226,16 +226,20 @@ def load_role_table(data: str | Path, kind: str, role: str, what: str) -> tuple[
 
 
 def failures_path(output: str | Path) -> Path:
-    """Where a batch command writing ``output`` lists its failed subjects: ``<output stem>_failures.csv``."""
+    """Where a batch command writing ``output`` lists its failed subjects: ``<output stem>_failures.csv``
+    (only the extension is dropped: ``run.v1.npy`` → ``run.v1_failures.csv``)."""
     out = Path(output)
-    return out.with_name(f"{out.name.split('.')[0]}_failures.csv")
+    stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
+    return out.with_name(f"{stem}_failures.csv")
 
 
 def write_failures(path: str | Path, rows: Sequence[dict[str, str]]) -> None:
     """The failures table of a batch command (one row per skipped subject, e.g. subject, file, error),
-    written atomically; nothing is written when no subject failed."""
+    written atomically; when no subject failed there is none, not even an earlier run's."""
     from neuromoe.io.atomic import atomic_path
 
-    if rows:
-        with atomic_path(path) as tmp:
-            pd.DataFrame(list(rows)).to_csv(tmp, index=False)
+    if not rows:
+        Path(path).unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        pd.DataFrame(list(rows)).to_csv(tmp, index=False)
