@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from neuromoe.errors import InputError
-from neuromoe.io.table import failures_path, load_table, validate_table, write_failures
+from neuromoe.io.table import failures_path, file_ids, load_table, validate_table, write_failures
 
 
 def _img(path, shape=(8, 8, 8)):
@@ -136,3 +136,17 @@ def test_participants_ids_without_the_sub_prefix_still_label_their_subjects(tmp_
     _img(tmp_path / "sub-02/anat/sub-02_T1w.nii.gz")
     (tmp_path / "participants.tsv").write_text("participant_id\tage\n01\t30\nsub-02\t41\n")
     assert load_table(tmp_path).set_index("subject")["age"].to_dict() == {"sub-01": 30, "sub-02": 41}
+
+
+def test_loose_files_get_the_row_ids_a_bids_folder_gives_them(tmp_path):
+    """The same scan given alone or in a flat folder had run 'run-1' (DenseFormer) or its whole file stem as
+    the subject (BrainMoE) where the BIDS folder gives sub-01 / ses-1 / 1."""
+    t1 = _img(tmp_path / "sub-01/ses-1/anat/sub-01_ses-1_run-1_T1w.nii.gz")
+    bold = _img(tmp_path / "sub-01/ses-1/func/sub-01_ses-1_task-rest_run-2_bold.nii.gz", (4, 4, 4, 3))
+    bids = load_table(tmp_path).set_index("subject")
+    loose = file_ids([t1, bold])
+    assert loose.iloc[0][["subject", "session", "run"]].tolist() == ["sub-01", "ses-1", "1"]
+    assert pd.isna(loose.iloc[0]["state"])
+    assert loose.iloc[1][["subject", "session", "state", "run"]].tolist() == ["sub-01", "ses-1", "rest", "2"]
+    assert sorted(bids["run"].astype(str)) == ["1", "2"] and set(bids["session"]) == {"ses-1"}
+    assert file_ids([Path("scan7.nii.gz")]).to_dict("records") == [{"subject": "scan7"}]

@@ -501,7 +501,7 @@ def test_loose_bids_named_files_are_predicted_under_their_subject_and_session():
                               Path("d/scan7.nii.gz")])
     assert table[["subject", "session"]].fillna("").values.tolist() == [["sub-01", "ses-2"], ["sub-01", "ses-3"],
                                                                         ["scan7", ""]]
-    assert table["run"].fillna("").tolist() == ["", "run-1", ""]
+    assert table["run"].fillna("").tolist() == ["", "1", ""]  # bare, as a BIDS folder gives it (was "run-1")
     clash = pipe._file_table([Path("d/sub-01_T1w.nii.gz"), Path("d/sub-01_acq-hi_T1w.nii.gz")])
     assert clash["subject"].tolist() == ["sub-01_T1w", "sub-01_acq-hi_T1w"]
 

@@ -20,6 +20,25 @@ def bids_entities(name: str) -> dict[str, str]:
     return dict(_ENTITY.findall(name))
 
 
+def file_ids(files: Sequence[Path]) -> pd.DataFrame:
+    """Row ids of loose files, as a BIDS folder would give the same scans: ``subject`` (sub-01), ``session``
+    (ses-2), ``state`` (the task) and ``run`` (bare, like the BIDS reader) from BIDS names; names that are
+    not BIDS, or BIDS names that would collide, keep the file stem as the subject."""
+    ids = []
+    for f in files:
+        ent = bids_entities(f.name)
+        if "sub" not in ent:
+            ids.append({"subject": f.name.split(".")[0]})
+            continue
+        row = {"subject": f"sub-{ent['sub']}"}
+        row.update({col: pre + ent[key] for key, col, pre in (("ses", "session", "ses-"), ("task", "state", ""),
+                                                               ("run", "run", "")) if key in ent})
+        ids.append(row)
+    if len({tuple(sorted(i.items())) for i in ids}) < len(ids):
+        ids = [{"subject": f.name.split(".")[0]} for f in files]
+    return pd.DataFrame(ids)
+
+
 def _bids_role(name: str) -> str | None:
     stem = name.split(".")[0]
     if name.endswith(("_timeseries.npy", "_timeseries.tsv")):

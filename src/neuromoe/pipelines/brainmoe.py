@@ -39,7 +39,7 @@ from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
-from neuromoe.io.table import failures_path, write_failures
+from neuromoe.io.table import failures_path, file_ids, write_failures
 from neuromoe.layers.moe import load_balancing_loss, router_z_loss
 from neuromoe.models.brainmoe import (
     BrainMoE,
@@ -1239,13 +1239,13 @@ def _input_scans(source: str | Path) -> pd.DataFrame:
 
     source = Path(source)
     if source.is_file() and source.name.lower().endswith((".nii", ".nii.gz")):  # 4D BOLD → default atlas
-        return pd.DataFrame({"subject": [source.name.split(".")[0]], "bold": [str(source)]})
+        return file_ids([source]).assign(bold=str(source))
     if (
         source.is_file()
         and source.suffix.lower() in (".npy", ".tsv", ".txt", ".csv")
         and not _is_manifest(source)
     ):
-        return pd.DataFrame({"subject": [source.name.split(".")[0]], "timeseries": [str(source)]})
+        return file_ids([source]).assign(timeseries=str(source))
     if source.is_file() and not _is_manifest(source):  # e.g. Analyze .img/.hdr, .mgz
         raise InputError(
             "not a time-series file, a NIfTI file name, nor a manifest",
@@ -1257,9 +1257,7 @@ def _input_scans(source: str | Path) -> pd.DataFrame:
     if source.is_dir() and not (source / "manifests").is_dir() and not bids:
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".npy", ".tsv"))
         if files:
-            return pd.DataFrame(
-                {"subject": [f.name.split(".")[0] for f in files], "timeseries": [str(f) for f in files]}
-            )
+            return file_ids(files).assign(timeseries=[str(f) for f in files])
     if source.is_dir() and (source / "manifests" / "fmri.csv").is_file():
         source = source / "manifests" / "fmri.csv"
     if not source.exists():

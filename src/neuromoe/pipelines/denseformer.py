@@ -1153,18 +1153,11 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _file_table(files: Sequence[Path]) -> pd.DataFrame:
-    """Loose NIfTI files: ``subject`` (and ``session``/``run``) from BIDS names (sub-01_ses-2_T1w → sub-01, ses-2),
-    so the rows join a participants table; other names, or BIDS names that would collide, keep the file stem."""
-    from neuromoe.io.table import bids_entities
+    """Loose NIfTI files with the row ids a BIDS folder gives them (``neuromoe.io.table.file_ids``), so the
+    rows join a participants table and match predictions made from the folder."""
+    from neuromoe.io.table import file_ids
 
-    ids = []
-    for f in files:
-        ent = bids_entities(f.name)
-        ids.append({"subject": f"sub-{ent['sub']}", **{k: f"{k}-{ent[k]}" for k in ("ses", "run") if k in ent}}
-                   if "sub" in ent else {"subject": f.name.split(".")[0]})
-    if len({tuple(sorted(i.items())) for i in ids}) < len(ids):
-        ids = [{"subject": f.name.split(".")[0]} for f in files]
-    table = pd.DataFrame(ids).rename(columns={"ses": "session"})
+    table = file_ids(files)
     table["t1"] = [str(f) for f in files]
     return table
 
