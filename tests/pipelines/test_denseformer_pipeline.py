@@ -584,3 +584,17 @@ def test_figures_name_the_split_and_mask_ratio_they_show(tmp_path, monkeypatch) 
     images = [{"image": torch.randn(1, 32, 32, 32)} for _ in range(2)]
     pipe._reconstruction_figure(mae, images, tmp_path / "recon.png", seed=0)
     assert {t.split(" ·")[0] for t in titles} == {"input", "masked (50 %)", "reconstruction"}
+
+
+def test_an_encoder_pretrained_with_other_attention_heads_is_refused(tmp_path) -> None:
+    """qkv/proj have the same shapes for any number of heads, so a strict load took a 4-head MAE into a
+    2-head backbone and split every attention layer's weights differently."""
+    from neuromoe.models.registry import create_model, save_model
+
+    tasks = [{"name": "age", "type": "regression", "num_outputs": 1}]
+    for heads in (2, 4):  # the tiny preset has 2
+        save_model(create_model("denseformer_mae", preset="tiny", num_heads=heads), tmp_path / f"mae{heads}",
+                   {"family": "denseformer", "extra": {"kind": "mae"}})
+    pipe._load_pretrained(create_model("denseformer_tiny", tasks=tasks), tmp_path / "mae2")
+    with pytest.raises(ModelFormatError, match="does not match"):
+        pipe._load_pretrained(create_model("denseformer_tiny", tasks=tasks), tmp_path / "mae4")

@@ -58,7 +58,7 @@ from neuromoe.eval.conformal import (
 from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
 from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
 from neuromoe.io.table import failures_path, write_failures
-from neuromoe.models.denseformer import DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
+from neuromoe.models.denseformer import Attention, DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
 FAMILY = "denseformer"
 AGE_TASK = "age"
@@ -498,7 +498,12 @@ def _load_pretrained(model: DenseFormerMoE, model_dir: str | Path) -> dict[str, 
     if not isinstance(mae, DenseFormerMAE):
         raise ModelFormatError("not a DenseFormer MAE model directory", path=model_dir,
                                fix="pass the 'model' folder written by 'neuromoe pretrain --family denseformer'")
+    # the number of attention heads changes no tensor shape: a strict load alone would take an encoder
+    # pretrained with other heads and split its attention weights differently
+    heads = [[m.num_heads for m in net.modules() if isinstance(m, Attention)] for net in (mae.encoder, model.backbone)]
     try:
+        if heads[0] != heads[1]:
+            raise RuntimeError(f"attention heads {heads[0]} vs {heads[1]}")
         model.backbone.load_state_dict(mae.encoder.state_dict(), strict=True)
     except RuntimeError:
         raise ModelFormatError("pretrained encoder does not match the fine-tuning architecture", path=model_dir,
