@@ -384,6 +384,10 @@ def test_denseformer_layer_decay_groups_skip_stacked_expert_biases() -> None:
     experts = m.head.moe.experts
     assert [wd[id(p)] for p in (experts.w1, experts.w2, experts.b1, experts.b2)] == [0.05, 0.05, 0.0, 0.0]
     assert wd[id(m.head.out["age"].bias)] == 0.0 and wd[id(m.head.out["age"].weight)] == 0.05
+    # the task-attention pool's per-task queries are embeddings like task_embed: no decay (they had 0.05)
+    pooled = DenseFormerMoE(tasks, head="moe", num_experts=4, head_pool="task_attention", **PRESETS["tiny"])
+    wd = {id(p): g["weight_decay"] for g in layerwise_lr_groups(pooled, 1e-3, 0.05) for p in g["params"]}
+    assert wd[id(pooled.head.pool.query)] == 0.0 and wd[id(pooled.head.pool.kv.weight)] == 0.05
 
 
 def test_a_log_key_is_averaged_over_the_micro_batches_that_logged_it(tmp_path: Path) -> None:
