@@ -657,7 +657,7 @@ class TaskAttentionPool(nn.Module):
     projection zero-initialised, so training starts exactly as mean pooling.
     """
 
-    no_weight_decay_params = ("query",)  # per-task embeddings, like task_embed: decay would pull towards mean pooling
+    no_weight_decay_params = ("query",)  # per-task embeddings like task_embed (decay pulls to mean pooling)
 
     def __init__(self, dim: int, num_tasks: int, num_heads: int):
         super().__init__()
