@@ -265,6 +265,16 @@ def test_unfrozen_experts_fine_tune_at_their_own_learning_rate(cohort, pretraine
     assert [lr[id(p)] for p in experts] == pytest.approx([0.1 * cfg.train.lr] * len(experts))
     assert [lr[id(p)] for p in router] == pytest.approx([0.5 * cfg.train.lr] * len(router))
     assert lr[id(model.queries)] == pytest.approx(cfg.train.lr)
+    # inside the expert warm-up the experts are frozen in eval mode too (they ran with dropout, so the adapter
+    # trained on embeddings validation never shows it); afterwards they train in train mode
+    cfg.model.expert_warmup = 0.5
+    model.train()
+    trainer.on_epoch_start(0)
+    assert not model.experts.training and not any(p.requires_grad for p in model.experts.parameters())
+    model.train()
+    trainer.on_epoch_start(1)
+    assert model.experts.training and all(p.requires_grad for p in model.experts.parameters())
+    cfg.model.expert_warmup = 0.0
 
     def changed(run):
         tuned, _ = load_model(run / "model")

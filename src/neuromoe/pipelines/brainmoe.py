@@ -655,7 +655,10 @@ class FinetuneTrainer(Trainer):
         experts start training after the first ``expert_warmup`` share (router and adapter settle first)."""
         self.model.dense_routing = epoch < round(self.msec.dense_warmup * self.cfg.epochs)
         if self.msec.unfreeze_experts:
-            self.model.experts.requires_grad_(epoch >= round(self.msec.expert_warmup * self.cfg.epochs))
+            on = epoch >= round(self.msec.expert_warmup * self.cfg.epochs)
+            self.model.experts.requires_grad_(on)
+            if not on:  # still frozen: no dropout either, or the adapter learns from embeddings no eval gives
+                self.model.experts.eval()
 
     def _forward(self, batch: dict[str, Tensor]) -> BrainMoEOutput:
         return self.model(batch["fc"], batch.get("ts"), batch.get("emb"))
