@@ -136,6 +136,22 @@ def test_jepa_expert_ema_target_and_latent_loss():
     assert expert.embed(None, ts).shape == (8, expert.dim)
     with pytest.raises(ValueError, match="expected ts"):
         expert.embed(None, torch.randn(2, 10, M))
+    # the EMA target encoder runs in eval mode even while the expert trains (its dropout made the targets noise)
+    noisy = create_model("brainmoe_expert_tiny", kind="jepa", n_rois=M, window=4, n_windows=4, depth=2,
+                         dropout=0.5).train()
+    assert noisy.training and not noisy.target.training
+
+
+def test_fc_mae_loss_leaves_out_the_diagonal(monkeypatch):
+    """A hidden row's own diagonal entry (a correlation's self-connection, 0 for every scan) was a target."""
+    torch.manual_seed(0)
+    expert = create_model("brainmoe_expert_tiny", kind="fc_mae", n_rois=M, dropout=0.0)
+    fc = _fc(4)
+    recon = fc.clone()
+    recon[:, range(M), range(M)] = 5.0  # perfect everywhere but on the diagonal
+    monkeypatch.setattr(expert.decoder, "forward", lambda h: recon)
+    mask = expert.random_mask(4, fc.device, torch.Generator().manual_seed(1))
+    assert float(expert.loss(fc, mask=mask)[0]) == 0.0
 
 
 def test_model_directory_round_trip(tmp_path):

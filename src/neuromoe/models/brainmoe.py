@@ -188,11 +188,13 @@ class FCMAEExpert(nn.Module):
     def loss(
         self, fc: Tensor, ts: Tensor | None = None, target: Tensor | None = None, mask: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        """MSE between the hidden rows and their reconstruction (visible columns and hidden ones)."""
+        """MSE between the hidden rows and their reconstruction (visible columns and hidden ones, not the diagonal)."""
         mask = self.random_mask(fc.shape[0], fc.device) if mask is None else mask
         visible = fc * (~mask)[:, None, :].to(fc.dtype)  # hidden ROIs' columns are zeroed everywhere
         recon = self.decoder(self.encoder(visible, replace=mask, token=self.mask_token))
-        loss = F.mse_loss(recon[mask].float(), fc[mask].float())
+        # the hidden rows without their diagonal entries (a correlation's self-connection is no target)
+        rows = mask[:, :, None] & ~torch.eye(self.n_rois, dtype=torch.bool, device=fc.device)
+        loss = F.mse_loss(recon[rows].float(), fc[rows].float())
         return loss, {"recon_mse": float(loss.detach())}
 
     def embed(self, fc: Tensor, ts: Tensor | None = None, projected: Tensor | None = None) -> Tensor:
@@ -268,6 +270,12 @@ class JEPAExpert(nn.Module):
             }
         )
         self.target.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> JEPAExpert:
+        """The EMA target encoder always runs in eval mode: its latents are targets, not noisy samples."""
+        super().train(mode)
+        self.target.eval()
+        return self
 
     @property
     def n_timepoints(self) -> int:
