@@ -18,3 +18,33 @@ def test_shifted_template_registers_back():
     centre = np.array([*(np.array(data.shape) / 2), 1.0])
     err = np.linalg.norm((est @ centre)[:3] - (aff @ centre)[:3])
     assert err < 3.0, (err, est)
+
+
+def test_registered_scans_are_resampled_into_template_orientation(monkeypatch):
+    """``register=true`` only swapped the affine: MONAI's Spacing kept its rotation, so the voxels stayed where
+    the scanner put them and a registered run equalled an unregistered one bit for bit."""
+    from neuromoe.data import preprocess as pp
+    from neuromoe.data import registration
+    from neuromoe.io.nifti import resample_to_grid
+
+    tpl = load_mni152_template(resolution=2)
+    a = np.asarray(tpl.get_fdata(), dtype=np.float32)[::2, ::2, ::2][:, 3:51, :].copy()
+    aff = tpl.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] += aff[:3, :3] @ [0, 3, 0]
+    th = np.deg2rad(15)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]]
+    b = resample_to_grid(a, rot @ aff, a.shape, aff)  # the same head, rotated 15° in the scanner
+    truth = {id(a): aff, id(b): np.linalg.inv(rot) @ aff}
+    monkeypatch.setattr(registration, "register_to_mni", lambda img: truth[id(img.data)])  # a perfect registration
+
+    def prep(data, register):
+        img = Image(data, aff.copy(), aff.copy(), data.shape, np.array([[0, 1], [1, 1], [2, 1]]))
+        spec = pp.PreprocSpec(spacing=(4.0, 4.0, 4.0), shape=(48, 48, 48), register=register, antialias=False)
+        return pp.preprocess_image(img, spec)
+
+    ra, rb, plain = prep(a, True), prep(b, True), prep(b, False)
+    off_diagonal = rb.affine[:3, :3] - np.diag(np.diag(rb.affine[:3, :3]))
+    assert np.abs(off_diagonal).max() < 1e-6  # template orientation
+    corr = [np.corrcoef(ra.data.ravel(), x.data.ravel())[0, 1] for x in (rb, plain)]
+    assert corr[0] > corr[1] + 0.08, corr  # measured 0.84 vs 0.72 unregistered (before: identical arrays)

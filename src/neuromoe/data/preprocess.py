@@ -129,9 +129,18 @@ def antialias_sigma(affine: np.ndarray, spacing: tuple[float, float, float] | No
     return fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / vox
 
 
+def _resample(mt: MetaTensor, spec: PreprocSpec, mode: str) -> MetaTensor:
+    """Onto ``spec.spacing``. A registered image goes onto a grid aligned with MNI space (``diagonal``): the
+    registered affine's rotation is resampled away, so the array is in template orientation; MONAI's default
+    keeps the rotation in the affine and the voxels where the scanner put them."""
+    if spec.spacing is None and not spec.register:
+        return mt
+    pixdim = spec.spacing or tuple(float(v) for v in np.linalg.norm(np.asarray(mt.affine)[:3, :3], axis=0))
+    return Spacing(pixdim=pixdim, mode=mode, padding_mode="zeros", diagonal=spec.register)(mt)
+
+
 def _spatial(mt: MetaTensor, spec: PreprocSpec, mode: str, bbox: tuple | None) -> MetaTensor:
-    if spec.spacing is not None:
-        mt = Spacing(pixdim=spec.spacing, mode=mode, padding_mode="zeros")(mt)
+    mt = _resample(mt, spec, mode)
     if bbox is not None:
         start, end = bbox
         sl = tuple(slice(int(s), int(e)) for s, e in zip(start, end, strict=True))
@@ -181,8 +190,7 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
             continue
         mt = MetaTensor(torch.as_tensor(np.stack([chans[i] for i in group])), affine=affine)
         if spec.crop_foreground and bbox is None:
-            spaced = Spacing(pixdim=spec.spacing, mode=mode)(mt) if spec.spacing else mt
-            bbox = _foreground_box(spaced.as_tensor()[0].numpy(), spec.crop_margin)
+            bbox = _foreground_box(_resample(mt, spec, mode).as_tensor()[0].numpy(), spec.crop_margin)
         mt = _spatial(mt, spec, mode, bbox if spec.crop_foreground else None)
         arr = mt.as_tensor().numpy().astype(np.float32)
         if mode == "bilinear":
@@ -284,9 +292,10 @@ def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) ->
 
 
 # bumped whenever loading or preprocessing gives other arrays for the same file and spec, or refuses a file it
-# used to take (v2: the header's spatial unit is honoured; v3: single slices stored as 3-D are refused), so an
-# existing cache is never served stale by a newer version
-CACHE_VERSION = 3
+# used to take (v2: the header's spatial unit is honoured; v3: single slices stored as 3-D are refused; v4:
+# registered scans are resampled onto an MNI-aligned grid), so an existing cache is never served stale by a
+# newer version
+CACHE_VERSION = 4
 
 
 class PreprocCache:
