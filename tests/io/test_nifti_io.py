@@ -250,6 +250,12 @@ def test_a_dwi_series_becomes_its_b1000_trace_image(tmp_path):
     trace = str(tmp_path / "trace.nii.gz")
     nib.save(nib.Nifti1Image(expected.astype(np.float32), nib.load(path).affine), trace)
     np.testing.assert_array_equal(load_dwi(trace).data, load_nifti(trace).data)  # a 3-D trace loads as is
+    # zero background stays exactly zero (it came out as max·1e-6: the foreground crop kept the whole field of
+    # view and z-scoring took the background in)
+    vols = nib.load(path).get_fdata().astype(np.float32)
+    vols[:3] = 0.0
+    nib.save(nib.Nifti1Image(vols, nib.load(path).affine), path)
+    assert np.all(load_dwi(path).data[-3:] == 0.0) and np.all(load_dwi(path).data[:-3] > 0)  # stored LAS
 
 
 @pytest.mark.parametrize(("bvals", "message"), [(None, "without a .bval file"), ("0 1000", "2 b-values for 3"),

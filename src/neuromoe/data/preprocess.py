@@ -293,9 +293,9 @@ def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) ->
 
 # bumped whenever loading or preprocessing gives other arrays for the same file and spec, or refuses a file it
 # used to take (v2: the header's spatial unit is honoured; v3: single slices stored as 3-D are refused; v4:
-# registered scans are resampled onto an MNI-aligned grid), so an existing cache is never served stale by a
-# newer version
-CACHE_VERSION = 4
+# registered scans are resampled onto an MNI-aligned grid; v5: a 4-D DWI's trace keeps a zero background), so
+# an existing cache is never served stale by a newer version
+CACHE_VERSION = 5
 
 
 class PreprocCache:

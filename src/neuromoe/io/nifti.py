@@ -242,8 +242,9 @@ def load_dwi(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Image:
                          fix="give a series with b ≈ 1000 volumes, or the 3-D trace image")
     shell = weighted[np.argmin(np.abs(weighted - 1000.0))]
     vols = img.data[..., shells == shell]
-    floor = max(float(vols.max()), 1e-12) * 1e-6  # zeros (background) stay ~0 in the geometric mean
+    floor = max(float(vols.max()), 1e-12) * 1e-6  # a voxel that is 0 in some volumes stays ~0
     trace = np.exp(np.log(np.maximum(vols, floor)).mean(axis=-1)).astype(np.float32)
+    trace[~(vols > 0).any(axis=-1)] = 0.0  # background exactly 0, as cropping and z-scoring expect
     return replace(img, data=np.ascontiguousarray(trace), meta={**img.meta, "dwi_shell": float(shell),
                                                                    "dwi_volumes": int(vols.shape[-1])})
 
