@@ -269,8 +269,10 @@ def test_batch_mode_writes_one_mask_per_session_of_a_subject(
     rc = main(["segment", "--model", model_dir, "--input", str(tmp_path / "bids"), "--output", str(out),
                "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
-    names = list(pd.read_csv(out / "segment.csv")["mask"])
+    table = pd.read_csv(out / "segment.csv")
+    names = list(table["mask"])
     assert len(set(names)) == 2 and sorted(p.name for p in out.glob("*_mask.nii.gz")) == sorted(names)
+    assert sorted(table["session"]) == ["ses-1", "ses-2"]  # the table says which session each row is
     for name in names:
         (t1,) = json.loads((out / name.replace("_mask.nii.gz", "_mask.json")).read_text())["inputs"].values()
         (ses,) = [s for s in inputs if s in t1]

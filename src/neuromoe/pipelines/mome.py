@@ -1072,13 +1072,16 @@ def segment(
     sidecars, failures = [], []
     for _, row in table.iterrows():
         subject = str(row.get("subject", len(sidecars) + len(failures)))
-        # one output per table row: the sessions / runs of a subject must not overwrite each other
-        name = "_".join([subject, *(str(row[k]) for k in ("session", "state", "run") if k in row and pd.notna(row[k]) and str(row[k]))])
+        # one output per table row: the sessions / runs of a subject must not overwrite each other, and the
+        # tables say which one each row is
+        ids = {"subject": subject, **{k: str(row[k]) for k in ("session", "state", "run")
+                                      if k in row and pd.notna(row[k]) and str(row[k])}}
+        name = "_".join(ids.values())
         paths = {m: row[m] for m in mods if m in row and isinstance(row[m], str) and row[m]}
         try:
             sidecars.append(
                 {
-                    "subject": subject,
+                    **ids,
                     **_segment_case(
                         model,
                         meta,
@@ -1094,8 +1097,8 @@ def segment(
             )
         except Exception as exc:  # one bad case (also an unforeseen one) must not stop the batch
             msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-            failures.append({"subject": subject, "error": msg})
-            print(f"neuromoe: skipped {subject}: {msg}", file=sys.stderr)
+            failures.append({**ids, "error": msg})
+            print(f"neuromoe: skipped {name}: {msg}", file=sys.stderr)
     summary = pd.DataFrame([{k: v for k, v in s.items() if not isinstance(v, dict)} for s in sidecars])
     with atomic_path(out_dir / "segment.csv") as tmp:
         summary.to_csv(tmp, index=False)
