@@ -451,6 +451,7 @@ class BrainMoE(nn.Module):
         """Fit the ``pca`` router input on training FC ``(N, M, M)`` (:func:`fit_pca`)."""
         if self.router_input != "pca":
             raise ValueError("set_router_basis is for router_input='pca'")
+        fc = fc.to(self.tri_i.device)  # the model may already sit on the training device
         fit_pca(fc[:, self.tri_i, self.tri_j], self.router_center, self.router_basis)
 
     @torch.no_grad()

@@ -753,11 +753,14 @@ def _load_router_prior(model: BrainMoE, experts_dir: Path, names: list[str]) -> 
 
 @torch.no_grad()
 def _embeddings(model: BrainMoE, scans: ScanSet, batch_size: int = 32) -> Tensor:
+    """Every expert's embedding of every scan (on the CPU), computed wherever the model is."""
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     for s in range(0, len(scans), batch_size):
-        b = scans.subset(np.arange(s, min(s + batch_size, len(scans))))
-        out.append(model.expert_embeddings(b.tensors["fc"], b.tensors.get("ts")))
+        b = scans.subset(np.arange(s, min(s + batch_size, len(scans)))).tensors
+        ts = b.get("ts")
+        out.append(model.expert_embeddings(b["fc"].to(dev), None if ts is None else ts.to(dev)).cpu())
     return torch.cat(out)
 
 
