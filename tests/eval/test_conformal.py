@@ -23,6 +23,21 @@ def test_quantile_rank_and_small_n():
     assert conformal_quantile(s[:5], 0.1) == float("inf")  # rank 6 > n
     with pytest.raises(ValueError):
         conformal_quantile(s, 1.0)
+    # (n+1)(1-alpha) exactly an integer that floating point overshoots: 150 * 0.82 = 123.00000000000001
+    assert conformal_quantile(np.arange(1, 150, dtype=float), 0.18) == 123.0  # was the 124th
+    assert conformal_quantile(np.arange(1, 100, dtype=float), 0.41) == 59.0
+
+
+@pytest.mark.parametrize("method", ["lac", "aps"])
+def test_prediction_sets_are_never_empty(method):
+    """A confident, always-right classifier got empty sets (13 of 200 with randomised APS at alpha 0.1):
+    the most probable class is always in the set."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    probs = np.eye(3)[y] * 0.98 + 0.01
+    clf = ConformalClassifier(0.1, method=method, seed=0).fit(probs[:200], y[:200])
+    sets = clf.predict(probs[200:])
+    assert sets.sum(1).min() >= 1 and set_coverage(sets, y[200:]) >= 0.9
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.2])

@@ -47,7 +47,9 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     n = scores.size
     if n == 0:
         raise ValueError("no calibration scores")
-    rank = math.ceil((n + 1) * (1 - alpha))
+    # (n+1)(1-alpha) is often an integer that floating point overshoots (150 * 0.82 = 123.00000000000001):
+    # ceil would then take the next score
+    rank = math.ceil((n + 1) * (1 - alpha) - 1e-9)
     return float("inf") if rank > n else float(scores[rank - 1])
 
 
@@ -138,14 +140,19 @@ class ConformalClassifier:
         return self
 
     def predict(self, probs: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Boolean membership ``(n, K)``: class k is in the set iff its score ≤ the calibrated quantile.
+        """Boolean membership ``(n, K)``: class k is in the set iff its score ≤ the calibrated quantile, and
+        the most probable class always (no empty sets, as in RAPS: randomised APS and LAC can leave a row
+        with none, e.g. a confident top class whose score exceeds the quantile; adding it only raises coverage).
 
         ``rng`` draws the APS randomisation (one uniform per row); callers predicting one row at a time
         must pass a different generator per row, else every row gets the same draw."""
         if self.q is None:
             raise RuntimeError("ConformalClassifier is not calibrated; call fit() on validation data")
         rng = np.random.default_rng(self.seed + 1) if rng is None else rng
-        return self._scores(probs, rng) <= self.q + 1e-12
+        probs = np.asarray(probs, np.float64)
+        sets = self._scores(probs, rng) <= self.q + 1e-12
+        sets[np.arange(len(sets)), probs.argmax(1)] = True
+        return sets
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
