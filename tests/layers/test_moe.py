@@ -266,6 +266,18 @@ def test_expert_usage_tables() -> None:
     assert len(fig.axes) == 2
 
 
+def test_expert_usage_leaves_out_slots_the_capacity_limit_dropped() -> None:
+    """Dropped slots (their expert never saw the item, they add 0 to the output) were counted as used."""
+    layer = make_layer("sparse", grouped=False, capacity_factor=0.5)
+    stats = layer(torch.randn(16, D)).stats
+    assert stats.dropped > 0 and stats.kept is not None and int((~stats.kept).sum()) == stats.dropped
+    usage = ExpertUsage(E)
+    usage.update(stats)
+    assert usage.counts().loc["all"].sum() == 16 * layer.k - stats.dropped
+    per_expert = torch.bincount(stats.topk_idx[stats.kept], minlength=E).double()
+    assert usage.counts().loc["all"].tolist() == per_expert.tolist()
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     num_experts=st.integers(1, 6),

@@ -79,7 +79,8 @@ class RouterStats:
 
     ``load[e]`` = fraction of the ``T·k`` routed slots sent to expert ``e`` (before capacity drops);
     ``importance[e]`` = mean router probability of ``e``; ``topk_*`` shaped like the input's leading dims
-    plus ``k``; ``dropped`` = number of slots dropped by the capacity limit.
+    plus ``k``; ``dropped`` = number of slots dropped by the capacity limit, ``kept`` (like ``topk_idx``)
+    which slots were not (``None`` without a capacity limit).
     """
 
     load: Tensor
@@ -87,6 +88,7 @@ class RouterStats:
     topk_idx: Tensor
     topk_weights: Tensor
     dropped: int = 0
+    kept: Tensor | None = None
 
 
 @dataclass
@@ -472,7 +474,8 @@ class MoELayer(nn.Module):
             )
             importance = route.probs.reshape(-1, self.num_experts).mean(0)
             dropped = int((~keep).sum()) if keep is not None else 0
-        stats = RouterStats(load, importance, route.topk_idx.detach(), route.topk_weights.detach(), dropped)
+        kept = None if keep is None else keep.reshape(route.topk_idx.shape)
+        stats = RouterStats(load, importance, route.topk_idx.detach(), route.topk_weights.detach(), dropped, kept)
         aux = self.balance_coef * balance + self.z_coef * z
         return MoEOutput(out.reshape(*lead, *out.shape[1:]), aux, balance, z, stats)
 
@@ -488,7 +491,8 @@ class ExpertUsage:
 
     ``update(stats_or_topk_idx, condition)``: ``condition`` is one label for the whole batch (e.g. the
     task name), a sequence with one label per item (first dim of ``topk_idx``), or ``None`` (``"all"``).
-    ``counts()``/``fractions()``/``weights()`` return condition × expert tables for report heatmaps.
+    ``counts()``/``fractions()``/``weights()`` return condition × expert tables for report heatmaps. Slots a
+    capacity limit dropped (``RouterStats.kept``) are not counted: those experts never saw the item.
     """
 
     def __init__(self, num_experts: int, expert_names: Sequence[str] | None = None):
@@ -502,12 +506,14 @@ class ExpertUsage:
         self._weights: dict[str, Tensor] = {}
 
     def update(self, routing: RouterStats | Tensor, condition: str | Sequence[str] | None = None) -> None:
+        kept = None
         if isinstance(routing, RouterStats):
-            idx, w = routing.topk_idx, routing.topk_weights
+            idx, w, kept = routing.topk_idx, routing.topk_weights, routing.kept
         else:
             idx, w = routing, None
         idx = idx.detach().cpu()
         w = torch.ones(idx.shape, dtype=torch.float64) if w is None else w.detach().cpu().double()
+        used = torch.ones(idx.shape, dtype=torch.float64) if kept is None else kept.detach().cpu().double()
         if condition is None or isinstance(condition, str):
             groups = {condition or "all": slice(None)}
         else:
@@ -518,13 +524,13 @@ class ExpertUsage:
                 c: torch.tensor([i for i, v in enumerate(labels) if v == c]) for c in dict.fromkeys(labels)
             }
         for label, sel in groups.items():
-            i, wi = idx[sel].reshape(-1), w[sel].reshape(-1)
+            i, wi, ui = idx[sel].reshape(-1), w[sel].reshape(-1), used[sel].reshape(-1)
             zero = torch.zeros(self.num_experts, dtype=torch.float64)
             self._counts[label] = self._counts.get(label, zero) + torch.bincount(
-                i, minlength=self.num_experts
+                i, weights=ui, minlength=self.num_experts
             )
             self._weights[label] = self._weights.get(label, zero) + torch.bincount(
-                i, weights=wi, minlength=self.num_experts
+                i, weights=wi * ui, minlength=self.num_experts
             )
 
     def reset(self) -> None:
