@@ -434,3 +434,12 @@ def test_on_optimizer_step_runs_once_per_optimiser_step(tmp_path: Path) -> None:
     tr = Counting(_model(), _cfg(epochs=2, accum_steps=2), _data(), run_dir=tmp_path)
     tr.fit()
     assert hook_steps == list(range(1, tr.global_step + 1)) and tr.global_step == 6
+
+
+def test_default_validation_mean_is_weighted_by_batch_size_when_given() -> None:
+    """Batch means averaged unweighted: a last short batch (or another split over DDP ranks) moved val_loss
+    with the weights unchanged (5.41 vs 5.08 in the review's 1- vs 2-rank run)."""
+    tr = MSETrainer.__new__(MSETrainer)
+    outs = [{"loss": 1.0, "n": 4}, {"loss": 6.0, "n": 1}]
+    assert tr.validation_end(outs) == {"val_loss": pytest.approx(2.0)}
+    assert tr.validation_end([{"loss": 1.0}, {"loss": 3.0}]) == {"val_loss": pytest.approx(2.0)}  # no n: as before

@@ -578,3 +578,14 @@ def test_zoom_augmentation_keeps_the_mask_on_its_image() -> None:
         g = np.indices(img.shape).reshape(3, -1)
         shifts.append((g * mask.ravel()).sum(1) / mask.sum() - (g * img.ravel()).sum(1) / img.sum())
     assert np.abs(np.mean(shifts, 0)).max() < 0.15
+
+
+def test_mome_validation_loss_is_the_mean_over_patches() -> None:
+    """The fused validation loss averaged batch means unweighted, so a last short batch counted as a full one."""
+    from neuromoe.pipelines.mome import THRESHOLDS, MoMETrainer
+
+    tr = MoMETrainer.__new__(MoMETrainer)
+    zeros = np.zeros(len(THRESHOLDS))
+    outs = [{"loss": 1.0, "n": 4, "tp": zeros, "n_pred": zeros, "n_gt": 0},
+            {"loss": 6.0, "n": 1, "tp": zeros, "n_pred": zeros, "n_gt": 0}]
+    assert tr.validation_end(outs)["val_loss"] == pytest.approx(2.0)

@@ -148,9 +148,13 @@ class Trainer:
         raise NotImplementedError("a Trainer subclass with a val_set must implement validation_step")
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
-        """Default: mean of every numeric key over batches."""
-        keys = outputs[0].keys() if outputs else []
-        return {f"val_{k}": sum(float(o[k]) for o in outputs) / len(outputs) for k in keys}
+        """Default: mean of every numeric key over batches, weighted by the batch size ``n`` when
+        ``validation_step`` returns one (then the last short batch, or how DDP ranks split the items, does not
+        change it)."""
+        n = [float(o.get("n", 1)) for o in outputs]
+        keys = [k for k in (outputs[0] if outputs else {}) if k != "n"]
+        return {f"val_{k}": sum(float(o[k]) * w for o, w in zip(outputs, n, strict=True)) / max(sum(n), 1.0)
+                for k in keys}
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (after ``model.train()``), e.g. for curricula."""

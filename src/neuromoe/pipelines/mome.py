@@ -262,19 +262,22 @@ class MoMETrainer(Trainer):
         pred = prob[None] > torch.as_tensor(THRESHOLDS, device=prob.device)[:, None, None]
         return {
             "loss": logs.get("loss_fused", logs["loss"]),
+            "n": int(gt.shape[0]),
             "tp": (pred & gt).sum((1, 2)).cpu().numpy(),
             "n_pred": pred.sum((1, 2)).cpu().numpy(),
             "n_gt": int(gt.sum()),
         }
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
-        """Fused validation loss, and the Dice over all validation patches (best candidate threshold, 0.5)."""
+        """Fused validation loss (mean over patches: batches weighted by their size, so neither the last short
+        batch nor the number of DDP ranks changes it), and the Dice over all validation patches (best candidate
+        threshold, 0.5)."""
         tp = np.sum([o["tp"] for o in outputs], 0)
         total = np.sum([o["n_pred"] for o in outputs], 0) + sum(o["n_gt"] for o in outputs)
         dice = np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)
         best = int(np.argmax(dice))
         return {
-            "val_loss": float(np.mean([o["loss"] for o in outputs])),
+            "val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(sum(o["n"] for o in outputs), 1),
             "val_dice": float(dice[best]),
             "val_dice_p50": float(dice[int(np.argmin(np.abs(THRESHOLDS - 0.5)))]),
         }
