@@ -31,8 +31,11 @@ class RankRouted(nn.Module):
 
 
 class MSETrainer(Trainer):
+    draws: list[float]
+
     def training_step(self, batch):
         x, y = batch
+        self.draws.append(float(torch.rand(())))  # what dropout / MAE masks / router noise would draw
         loss = nn.functional.mse_loss(self.model(x), y)
         # the same keys in a different order per rank: they must be averaged by name (a: 5.5, b: 11.0)
         return loss, ({"a": 1.0, "b": 2.0} if self.rank == 0 else {"b": 20.0, "a": 10.0})
@@ -65,13 +68,15 @@ def main(out: Path) -> None:
     model = RankRouted(use_expert=rank == 1)
     cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, device="cpu", progress=False, log_every=1, ckpt_every=2)
     init = {f"init.{k}": v.clone() for k, v in model.state_dict().items()}
-    result = MSETrainer(model, cfg, data, data, run_dir=out / "run").fit()
+    trainer = MSETrainer(model, cfg, data, data, run_dir=out / "run")
+    trainer.draws = []
+    result = trainer.fit()
     save_file({k: v.contiguous() for k, v in {**model.state_dict(), **init}.items()}, str(out / f"weights_rank{rank}.safetensors"),
-              metadata={"world": str(world), "best": repr(result.best_metric)})
+              metadata={"world": str(world), "best": repr(result.best_metric), "draws": json.dumps(trainer.draws)})
     # 7 validation items on 2 ranks: each must be validated once, and max / count be over all 7 items
     ids = TensorDataset(torch.arange(7.0)[:, None])
     probe = IdTrainer(model, cfg, data, ids, run_dir=out / "val")
-    probe.local_ids, probe.end_ids = [], []
+    probe.local_ids, probe.end_ids, probe.draws = [], [], []
     metrics = probe.validate()
     (out / f"report_rank{rank}.json").write_text(
         json.dumps({"val": metrics, "local_ids": probe.local_ids, "end_ids": probe.end_ids}))

@@ -57,6 +57,24 @@ def test_two_gloo_ranks_stay_in_sync(ddp_run: DdpRun) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
 
 
+def test_ddp_ranks_draw_their_own_random_numbers_and_checkpoint_each_stream(ddp_run: DdpRun) -> None:
+    """Every rank was seeded alike, so dropout, MAE masks and router noise repeated rank 0's on every rank
+    (half the independent masks of a one-process run); the checkpoint now keeps each rank's RNG state."""
+    from safetensors import safe_open
+
+    from neuromoe.engine import load_checkpoint
+
+    tmp_path, proc = ddp_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    draws = []
+    for r in (0, 1):
+        with safe_open(str(tmp_path / f"weights_rank{r}.safetensors"), "pt") as f:
+            draws.append(json.loads(f.metadata()["draws"]))
+    assert len(draws[0]) == len(draws[1]) > 0 and draws[0] != draws[1]
+    rng = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")["rng"]
+    assert isinstance(rng, list) and len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
 def test_ddp_validation_sees_each_item_once_and_all_outputs(ddp_run: DdpRun) -> None:
     """7 items on 2 ranks: DistributedSampler padding validated item 0 twice, and averaging per-rank
     validation_end values made a max or a count wrong; every rank must now get the whole set's metrics."""

@@ -325,6 +325,8 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed)
         self._broadcast(list(self.model.parameters()) + list(self.model.buffers()))
+        if self.world_size > 1:  # after the broadcast: each rank its own dropout, MAE masks, router noise
+            seed_everything(cfg.seed + 1_000_003 * self.rank)
         if self.rank == 0:
             if not (self.run_dir / "config.yaml").exists():
                 save_config(cfg, self.run_dir)  # families usually save their full config first
@@ -346,7 +348,8 @@ class Trainer:
             self.global_step, start_epoch, skip = int(pos["global_step"]), int(pos["epoch"]), int(pos["batch"])
             best, best_step, bad = float(pos["best"]), int(pos["best_step"]), int(pos["bad"])
             self.history = list(state["history"])
-            set_rng_state(state["rng"])
+            rng = state["rng"]  # one state per rank under DDP (a list), else one
+            set_rng_state(rng[min(self.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
             if self.best_path.is_file():
                 self.best_state = load_checkpoint(self.best_path)["model"]
         elif self.rank == 0:
@@ -355,10 +358,14 @@ class Trainer:
         def checkpoint(epoch: int, batch: int) -> None:
             if not cfg.resumable:
                 return
+            rng: Any = rng_state()
+            if self.world_size > 1:  # every rank draws its own stream: keep each one for an exact resume
+                rng = [None] * self.world_size
+                torch.distributed.all_gather_object(rng, rng_state())
             if self.rank == 0:
                 save_checkpoint(self.ckpt_path, {
                     "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": self.history,
+                    "scheduler": scheduler.state_dict(), "rng": rng, "history": self.history,
                     "position": {"epoch": epoch, "batch": batch, "global_step": self.global_step, "best": best,
                                  "best_step": best_step, "bad": bad}})
             dist_utils.barrier()
