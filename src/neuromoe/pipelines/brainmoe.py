@@ -1395,10 +1395,11 @@ def embed(
         vectors = _embeddings_single(model, scans)
     ids = _scan_ids(table)
     if npy:
-        with atomic_path(out, suffix=".npy") as tmp:
+        # Both files are written before either is renamed, so an interruption can leave a mismatched
+        # pair only between two back-to-back renames.
+        with atomic_path(out, suffix=".npy") as tmp, atomic_path(ids_csv) as tmp_ids:
             np.save(tmp, vectors.astype(np.float32))
-        with atomic_path(ids_csv) as tmp:
-            ids.to_csv(tmp, index=False)
+            ids.to_csv(tmp_ids, index=False)
     else:
         frame = pd.concat(
             [ids, pd.DataFrame(vectors, columns=[f"e{i}" for i in range(vectors.shape[1])])], axis=1

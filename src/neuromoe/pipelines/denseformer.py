@@ -428,7 +428,8 @@ def _reconstruction_figure(model: DenseFormerMAE, dataset: StructuralDataset, pa
     n = min(2, len(dataset))
     imgs = torch.stack([dataset[i]["image"] for i in range(n)])
     noise = torch.rand(n, model.encoder.num_patches, generator=torch.Generator().manual_seed(seed))
-    masked, recon = model.reconstruct(imgs, noise=noise)
+    device = next(model.parameters()).device  # callers may pass a model still on the GPU
+    masked, recon = (t.cpu() for t in model.reconstruct(imgs.to(device), noise=noise.to(device)))
     fig, axes = plt.subplots(3 * n, 3, figsize=(7.5, 7.5 * n))
     for s in range(n):
         rows = (("input", imgs), (f"masked ({100 * model.mask_ratio:.0f} %)", masked), ("reconstruction", recon))
