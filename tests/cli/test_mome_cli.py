@@ -14,6 +14,7 @@ from nibabel.orientations import axcodes2ornt, ornt_transform
 
 from neuromoe.cli.main import main
 from neuromoe.data.preprocess import PreprocSpec
+from neuromoe.engine.precision import resolve_precision
 from neuromoe.models import create_model
 from neuromoe.models.registry import save_model
 
@@ -241,7 +242,9 @@ def test_segment_precision_flag_overrides_the_stored_one(model_dir, anatomical, 
     argv = ["segment", "--model", model_dir, "--t1", anatomical, "--output", str(out), "--device", "cpu"]
     assert main([*argv, "--precision", "bf16"]) == 0
     side = json.loads((tmp_path / "bf16.json").read_text())
-    assert side["precision"] == "bf16" and nib.load(str(out)).shape == nib.load(anatomical).shape
+    # the sidecar records what ran: bf16 where the CPU computes it natively, fp32 elsewhere
+    assert side["precision"] == resolve_precision("bf16", torch.device("cpu"))
+    assert nib.load(str(out)).shape == nib.load(anatomical).shape
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--precision", "fp16"])
     assert exc.value.code == 2
@@ -391,3 +394,65 @@ def test_segment_takes_a_bids_dwi_series_and_writes_a_3d_mask_on_its_grid(anatom
     rc = main(["segment", "--model", str(model_dir), "--dwi", str(dwi), "--output", str(out2), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "without a .bval file" in err and len(err.strip().splitlines()) == 1 and not out2.exists()
+
+
+def test_a_late_unwritable_output_is_refused_before_inference_and_leaves_no_partial_set(
+    model_dir, anatomical, tmp_path, capsys
+) -> None:
+    """The sidecar's name taken by a folder, or a parent that is a file: one line and exit 2 before any work;
+    the mask and probability map used to be written, then a raw traceback came from the sidecar."""
+    (tmp_path / "m.json").mkdir()
+    argv = ["segment", "--model", model_dir, "--t1", anatomical, "--probabilities", "--device", "cpu"]
+    assert main([*argv, "--output", str(tmp_path / "m.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "m.json" in err and "folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    (tmp_path / "file").write_text("x")
+    assert main([*argv, "--output", str(tmp_path / "file" / "m.nii.gz")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_batch_ids_with_path_separators_fail_and_write_nothing_outside_the_output_folder(
+    model_dir, anatomical, tmp_path, capsys
+) -> None:
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"subject,t1\n{tmp_path / 'abs'},{anatomical}\nsite1/sub-1,{anatomical}\n"
+                        f"../up,{anatomical}\nok,{anatomical}\nempty,\n")
+    out = tmp_path / "masks"
+    assert main(["segment", "--model", model_dir, "--input", str(manifest), "--output", str(out),
+                 "--device", "cpu"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.csv", "masks"]
+    assert sorted(p.name for p in out.iterdir()) == ["failures.csv", "ok_mask.json", "ok_mask.nii.gz", "segment.csv"]
+    failures = (out / "failures.csv").read_text()
+    assert failures.count("path separator") == 3 and "has no image" in failures
+    assert "4 failed" in capsys.readouterr().err
+
+
+def test_batch_output_named_like_a_mask_file_is_refused(model_dir, anatomical, tmp_path, capsys) -> None:
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"subject,t1\nok,{anatomical}\n")
+    assert main(["segment", "--model", model_dir, "--input", str(manifest), "--output",
+                 str(tmp_path / "masks.nii.gz"), "--device", "cpu"]) == 2
+    assert "folder" in capsys.readouterr().err and not (tmp_path / "masks.nii.gz").exists()
+
+
+def test_reference_puts_the_mask_on_the_chosen_modality_grid(model_dir, anatomical, coarse, tmp_path, capsys) -> None:
+    """A clinical FLAIR on its own grid: ``--reference flair`` writes the mask there (default: the T1's)."""
+    base = ["segment", "--model", model_dir, "--t1", anatomical, "--flair", coarse, "--device", "cpu"]
+    assert main([*base, "--output", str(tmp_path / "a.nii.gz")]) == 0
+    assert main([*base, "--reference", "flair", "--output", str(tmp_path / "b.nii.gz")]) == 0
+    a, b, t1, flair = (nib.load(str(p)) for p in (tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", anatomical, coarse))
+    assert a.shape == t1.shape and np.allclose(a.affine, t1.affine)
+    assert b.shape == flair.shape and np.allclose(b.affine, flair.affine) and t1.shape != flair.shape
+    assert main([*base, "--reference", "t2", "--output", str(tmp_path / "c.nii.gz")]) == 2
+    assert "reference" in capsys.readouterr().err and not (tmp_path / "c.nii.gz").exists()
+
+
+def test_a_3d_dwi_stored_with_a_singleton_fourth_axis_is_the_trace_image(anatomical, tmp_path) -> None:
+    from neuromoe.io.nifti import load_dwi
+
+    src = nib.load(anatomical)
+    path = tmp_path / "dwi.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj, dtype=np.float32)[..., None], src.affine), str(path))
+    img = load_dwi(path)
+    assert img.data.shape == src.shape

@@ -163,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neuromoe: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permissions, a folder where a file goes: the path and reason suffice
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"neuromoe: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

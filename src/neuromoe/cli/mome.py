@@ -71,6 +71,11 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--output", required=True, help="mask .nii.gz (one case) or output folder (batch)"
         )
+        parser.add_argument(
+            "--reference", default=None, choices=DEFAULT_MODALITIES, metavar="MODALITY",
+            help="the given modality whose grid the mask is written on (default: the first given of "
+            f"{', '.join(DEFAULT_MODALITIES)})",
+        )
         parser.add_argument("--probabilities", action="store_true", help="also write the probability map")
         parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
         _precision_argument(parser)
@@ -102,6 +107,7 @@ def run(verb: str, args: argparse.Namespace) -> int:
             precision=args.precision,
             device=args.device,
             cache_dir=cfg.cache_dir,
+            reference=args.reference,
         )
         if paths:
             print(json.dumps({k: v for k, v in sidecars[0].items() if k != "inputs"}))

@@ -27,14 +27,20 @@ def _umask() -> int:
 _NEW_FILE_MODE = 0o666 & ~_umask()
 
 
-def refuse_overwriting_inputs(outputs: Iterable[str | Path], inputs: Iterable[Any]) -> None:
-    """Raise :class:`InputError` before any work when an output would replace one of the inputs
-    (``segment --t1 scan.nii.gz --output scan.nii.gz``, ``predict --input m.csv --output m.csv``): the
-    atomic rename would silently destroy the user's scan or manifest. Files are compared by identity
-    (device, inode), so other spellings, symlinks and hard links count; an output that does not exist yet
-    replaces nothing, so the usual case costs one failed stat per output."""
+def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[Any]) -> None:
+    """Raise :class:`InputError` before any work when an output cannot be written or would replace an input.
+
+    Unwritable: the output is an existing folder, or its nearest existing ancestor is a file or not
+    writable; found here, not after minutes of inference, and with the path and a fix instead of a traceback.
+    Replacing an input (``segment --t1 scan.nii.gz --output scan.nii.gz``, ``predict --input m.csv --output
+    m.csv``): the atomic rename would silently destroy the user's scan or manifest. Files are compared by
+    identity (device, inode), so other spellings, symlinks and hard links count; an output that does not
+    exist yet replaces nothing, so the usual case costs one failed stat per output."""
+    outputs = [Path(o) for o in outputs]
+    for out in outputs:
+        _check_writable(out)
     existing = {}
-    for out in map(Path, outputs):
+    for out in outputs:
         with contextlib.suppress(OSError):
             st = out.stat()
             existing[(st.st_dev, st.st_ino)] = out
@@ -51,6 +57,19 @@ def refuse_overwriting_inputs(outputs: Iterable[str | Path], inputs: Iterable[An
         if out is not None:
             raise InputError(f"output would overwrite the input {src}", path=out,
                              fix="write the output to another file name")
+
+
+def _check_writable(out: Path) -> None:
+    if out.is_dir():
+        raise InputError("output is an existing folder", path=out, fix="give a file name, or remove the folder")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot create the output: {parent} is a file, not a folder", path=out,
+                         fix="choose an output path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"no permission to write in {parent}", path=out, fix="choose a writable output folder")
 
 
 @contextlib.contextmanager
@@ -106,10 +125,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any, *, strict: bool = False) -> None:
     """``strict``: NaN / ±inf become ``null``, so results files (metrics.json, sidecars) are standard JSON that
     jq, JavaScript or R read; model configs keep Python's NaN/Infinity because they are read back exactly."""
+    atomic_write_text(path, json_text(obj, strict=strict))
+
+
+def json_text(obj: Any, *, strict: bool = False) -> str:
+    """The text :func:`atomic_write_json` writes."""
     if strict:
         obj = _finite(obj)
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=not strict)
-    atomic_write_text(path, text + "\n")
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=not strict) + "\n"
 
 
 def _finite(obj: Any) -> Any:

@@ -222,6 +222,9 @@ def load_dwi(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Image:
     """
     path = Path(path)
     img = load_nifti(path, allow_4d=True, max_voxels=max_voxels)
+    if img.data.ndim == 4 and img.data.shape[3] == 1 and not bval_path(path).is_file():
+        # converters write a 3-D trace image as (X, Y, Z, 1); with a .bval it is a one-volume series
+        img = replace(img, data=img.data[..., 0])
     if img.data.ndim == 3:
         return img
     sidecar = bval_path(path)
@@ -258,6 +261,15 @@ def save_nifti(data: np.ndarray, path: str | Path, *, like: Image | None = None,
                affine: np.ndarray | None = None, dtype: Any = None) -> Path:
     """Write ``data`` (RAS+, on ``like``'s grid or with ``affine``) atomically in the original orientation."""
     path = Path(path)
+    img = nifti_image(data, path, like=like, affine=affine, dtype=dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def nifti_image(data: np.ndarray, path: str | Path, *, like: Image | None = None,
+                affine: np.ndarray | None = None, dtype: Any = None) -> nib.Nifti1Image:
+    """The image :func:`save_nifti` writes to ``path``, for callers that write several files as one set."""
     arr = np.asarray(data)
     if like is not None:
         back = ornt.ornt_transform(ornt.axcodes2ornt(("R", "A", "S")), like.orig_ornt)
@@ -281,9 +293,7 @@ def save_nifti(data: np.ndarray, path: str | Path, *, like: Image | None = None,
     else:
         img.header.set_sform(out_aff, code=1)
         img.header.set_qform(out_aff, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return path
+    return img
 
 
 def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, ...],

@@ -38,7 +38,7 @@ from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
-from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
+from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs
 from neuromoe.io.table import failures_path, file_ids, write_failures
 from neuromoe.layers.moe import load_balancing_loss, router_z_loss
 from neuromoe.models.brainmoe import (
@@ -1354,7 +1354,7 @@ def predict(
             fix="pass RUN/model from 'neuromoe train --family brainmoe'",
         )
     table = _input_scans(inputs)
-    refuse_overwriting_inputs([output, failures_path(output)], _scan_inputs(inputs, table))
+    check_outputs([output, failures_path(output)], _scan_inputs(inputs, table))
     scans, table, failures = _batch_scans(meta, table, inputs, "predicted")
     res = _run_moe(model, scans, meta["extra"]["age_stats"])
     names, lm = meta["extra"]["experts"], meta["label_maps"]
@@ -1387,7 +1387,7 @@ def embed(
     table = _input_scans(data)
     out = Path(out)
     npy, ids_csv = out.suffix.lower() == ".npy", out.with_name(out.stem + "_subjects.csv")  # ids beside a .npy
-    refuse_overwriting_inputs([out, failures_path(out), *([ids_csv] if npy else [])], _scan_inputs(data, table))
+    check_outputs([out, failures_path(out), *([ids_csv] if npy else [])], _scan_inputs(data, table))
     scans, table, failures = _batch_scans(meta, table, data, "embedded")
     if isinstance(model, BrainMoE):
         vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]

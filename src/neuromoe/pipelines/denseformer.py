@@ -56,7 +56,7 @@ from neuromoe.eval.conformal import (
     set_coverage,
 )
 from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
-from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
+from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs
 from neuromoe.io.table import failures_path, write_failures
 from neuromoe.models.denseformer import Attention, DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
@@ -1204,7 +1204,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     spec = PreprocSpec.from_dict(meta["preprocessing"])
     cache = _cache(DenseFormerConfig(cache_dir=cache_dir))
     table = _prediction_inputs(inputs)
-    refuse_overwriting_inputs([output, failures_path(output)], [inputs, *table["t1"]])
+    check_outputs([output, failures_path(output)], [inputs, *table["t1"]])
     strict = strict or len(table) == 1  # one scan: its own error, one line, nothing written
     dev = _device(device)
     rows, failures = [], []

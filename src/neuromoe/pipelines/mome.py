@@ -16,6 +16,7 @@ Conventions shared by the steps:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -38,7 +39,7 @@ from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
-from neuromoe.io.atomic import atomic_path, atomic_write_json, refuse_overwriting_inputs
+from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text
 from neuromoe.io.table import write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
@@ -919,12 +920,14 @@ def _segment_case(
     precision: str,
     device: torch.device,
     cache: Any = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """Segment one case; nothing is written unless every input is valid."""
+    import nibabel as nib
     from scipy import ndimage
 
     from neuromoe.data.preprocess import PreprocSpec, preprocess_case
-    from neuromoe.io.nifti import load_role, resample_to_grid, save_nifti
+    from neuromoe.io.nifti import load_role, nifti_image, resample_to_grid
 
     extra = meta["extra"]
     mods = list(extra["modalities"])
@@ -936,8 +939,13 @@ def _segment_case(
             f"model has no expert for {unknown}", path=paths[unknown[0]], fix=f"give images of {mods}"
         )
     ordered = [m for m in mods if m in paths]
-    refuse_overwriting_inputs([output, _with_suffix(output, ".json"), _with_suffix(output, "_prob.nii.gz")],
-                              paths.values())
+    if reference is not None:
+        if reference not in paths:
+            raise InputError(f"reference modality {reference} is not among the inputs {ordered}", path=output,
+                             fix=f"give --{reference}, or a --reference among {ordered}")
+        ordered = [reference, *(m for m in ordered if m != reference)]  # the first is the mask's grid
+    sidecar_path, prob_path = _with_suffix(output, ".json"), _with_suffix(output, "_prob.nii.gz")
+    check_outputs([output, sidecar_path, *([prob_path] if probabilities else [])], paths.values())
     # the reference grid is always read (the mask is written on it); other grids are resampled, or refused if
     # not co-registered, inside preprocess_case (or were, when the case was cached)
     ref = load_role(paths[ordered[0]], ordered[0])
@@ -982,7 +990,7 @@ def _segment_case(
         "lesion_volume_ml": round(float(mask.sum()) * voxel_ml, 4),
         "n_components": int(n_comp),
         "tta": tta,
-        "precision": precision,
+        "precision": resolve_precision(precision, device),  # what ran: bf16 falls back to fp32 without native bf16
         "model_kind": extra["kind"],
         "multimodal": bool(extra["multimodal"]),
     }
@@ -1001,14 +1009,16 @@ def _segment_case(
             mods[e]: {mods[j]: round(float(mix[e, j]), 4) for j in range(len(mods)) if mods[j] in arrays}
             for e in range(len(mods)) if mods[e] not in arrays
         }
-    prob_in = None  # everything is computed before the first file is written: a failure leaves no partial set
+    files = {output: nifti_image(mask.astype(np.uint8), output, like=ref, dtype=np.uint8)}
     if probabilities:
         prob_in = np.clip(resample_to_grid(prob, pre.affine, ref.data.shape, ref_world, order=1), 0.0, 1.0)
-        sidecar["probabilities"] = _with_suffix(output, "_prob.nii.gz").name
-    save_nifti(mask.astype(np.uint8), output, like=ref, dtype=np.uint8)
-    if prob_in is not None:
-        save_nifti(prob_in.astype(np.float32), _with_suffix(output, "_prob.nii.gz"), like=ref, dtype=np.float32)
-    atomic_write_json(_with_suffix(output, ".json"), sidecar, strict=True)
+        files[prob_path] = nifti_image(prob_in.astype(np.float32), prob_path, like=ref, dtype=np.float32)
+        sidecar["probabilities"] = prob_path.name
+    # the set is written to temporary files and only then renamed: a failure leaves no partial set
+    with contextlib.ExitStack() as stack:
+        for path, img in files.items():
+            nib.save(img, str(stack.enter_context(atomic_path(path))))
+        stack.enter_context(atomic_path(sidecar_path)).write_text(json_text(sidecar, strict=True))
     return sidecar
 
 
@@ -1027,13 +1037,15 @@ def segment(
     precision: str | None = None,
     device: str = "auto",
     cache_dir: str | Path | None = None,
+    reference: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Segment new scans; returns ``(sidecars, failures)``.
 
     ``inputs`` is ``{modality: NIfTI path}`` for one case (``output`` = mask file; a bad input raises
     :class:`InputError` and writes nothing), or a manifest / cohort / BIDS folder (``output`` = folder with
     ``<subject>_mask.nii.gz`` + JSON sidecar per case; failed cases are listed in ``failures.csv`` and the
-    others still finish). The mask has exactly the input's shape and affine (nearest resampling).
+    others still finish). The mask has exactly the shape and affine of the ``reference`` modality's input
+    (default: the first given in the model's modality order; nearest resampling).
     ``precision`` defaults to the one the model's threshold was tuned with. ``cache_dir``: keep the
     preprocessed inputs there (no cache by default: segment usually sees each scan once).
     """
@@ -1059,6 +1071,7 @@ def segment(
                 precision=precision,
                 device=dev,
                 cache=cache,
+                reference=reference,
             )
         ], []
     from neuromoe.data.preprocess import fmri_only_rows
@@ -1071,7 +1084,10 @@ def segment(
     mods = meta["extra"]["modalities"]
     table = table[~fmri_only_rows(table, (*mods, "mask"))]  # a BIDS root's func/ scans are not cases
     out_dir = Path(output)
-    refuse_overwriting_inputs([out_dir / "segment.csv", out_dir / "failures.csv"], [source])
+    if out_dir.name.endswith((".nii", ".nii.gz")):
+        raise InputError("a manifest or folder of cases writes one mask per case into a folder, not one file",
+                         path=out_dir, fix="give a folder as --output (or --t1/--flair/... for one case)")
+    check_outputs([out_dir / "segment.csv", out_dir / "failures.csv"], [source])
     sidecars, failures = [], []
     for _, row in table.iterrows():
         subject = str(row.get("subject", len(sidecars) + len(failures)))
@@ -1082,6 +1098,12 @@ def segment(
         name = "_".join(ids.values())
         paths = {m: row[m] for m in mods if m in row and isinstance(row[m], str) and row[m]}
         try:
+            if any(sep in name for sep in ("/", "\\")):
+                raise InputError(f"id {name!r} holds a path separator: its mask would be written outside the "
+                                 "output folder", path=source, fix="use ids without '/' or '\\'")
+            if not paths:
+                raise InputError(f"row of {name} has no image", path=source,
+                                 fix=f"fill at least one of the columns {', '.join(mods)}")
             sidecars.append(
                 {
                     **ids,
@@ -1095,6 +1117,7 @@ def segment(
                         precision=precision,
                         device=dev,
                         cache=cache,
+                        reference=reference,
                     ),
                 }
             )
