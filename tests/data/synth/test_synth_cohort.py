@@ -201,3 +201,54 @@ def test_participants_tsv_carries_the_manifests_labels(cohort: Path) -> None:
                 assert (want[col] or None) == (None if row[col] != row[col] else row[col]), (row["subject"], col)
     lesion = _rows(cohort / "manifests" / "lesion.csv")[0]
     assert table.set_index("subject").loc[lesion["subject"], "lesion_type"] == lesion["lesion_type"]
+
+
+def test_a_stratum_of_three_gives_one_subject_to_val_and_to_test() -> None:
+    """round(0.15 · 3) = 0 kept a 3-subject diagnosis class out of val and test (AD-vs-CN unscorable)."""
+    from neuromoe.data.synth.cohort import stratified_split
+
+    split = stratified_split(["AD"] * 3 + ["CN"] * 20, seed=0)
+    assert sorted(split[:3]) == ["test", "train", "val"]
+
+
+@pytest.mark.parametrize("n_rois", [8, 24, 264])
+def test_sex_edges_are_disjoint_sorted_pairs(n_rois: int) -> None:
+    """Drawn with replacement, sex pairs shared ROIs (4 × the same pair at 8 ROIs), stacking the drive the docs
+    call weaker than the patient's and correlating pairs the ground truth did not list."""
+    from neuromoe.data.synth import fmri
+
+    for seed in range(6):
+        edges = fmri.design(n_rois, seed)["sex_edges"]
+        rois = [r for e in edges for r in e]
+        assert edges and len(set(rois)) == len(rois) and all(i < j for i, j in edges)
+
+
+def test_bad_arguments_are_refused_before_the_folder_is_touched(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    for kw in ({"seed": -1}, {"n_rois": 3}, {"n_lesion": -2}):
+        with pytest.raises(InputError):
+            synth_cohort(out, **{**KW, **kw})
+        assert not out.exists()
+
+
+def test_lesion_cases_carry_their_site_effects() -> None:
+    """The lesion manifest's site column used to be a label only (every case got the same bias and noise)."""
+    from neuromoe.data.synth.lesions import synth_lesion_case
+
+    anat = load_anatomy(6.0)
+    air = ~anat.brain & (anat.t1 < 0.05)
+    noise = {}
+    for site in ("site-A", "site-B"):
+        images, _ = synth_lesion_case(anat, np.random.default_rng(0), "wmh", ("t1", "flair"), site=site)
+        noise[site] = float(np.mean(images["flair"][air]))
+    assert noise["site-B"] > 1.5 * noise["site-A"]  # Rician noise floor 0.04 vs 0.02
+
+
+def test_ground_truth_records_sites_and_sex(cohort: Path) -> None:
+    truth = json.loads((cohort / "ground_truth.json").read_text())
+    assert set(truth["sites"]) == {"site-A", "site-B", "site-C"}
+    rows = {r["subject"]: r for name in ("structural", "lesion") for r in _rows(cohort / "manifests" / f"{name}.csv")}
+    for sub, r in rows.items():
+        assert truth["subjects"][sub]["site"] == r["site"]
+        if "sex" in r:
+            assert truth["subjects"][sub]["sex"] == r["sex"]

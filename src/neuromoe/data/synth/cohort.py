@@ -59,9 +59,11 @@ def _write_csv(path: Path, cols: list[str], rows: Iterable[dict]) -> None:
 def stratified_split(strata: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) -> list[str]:
     """Deterministic train/val/test per stratum so every label is present in every split when possible.
 
-    Strata under 3 subjects stay in train; if that leaves val or test empty (a small cohort of many small
-    strata), it gets ``max(1, round(fraction * n))`` subjects from the strata with the most train rows left,
-    so every cohort of 3 or more has all three splits (big cohorts are unchanged).
+    Strata under 3 subjects stay in train; a stratum of 3 or more gives at least one subject to val and to
+    test (``round(0.15 · 3)`` is 0, which kept a 3-subject diagnosis class out of both). If that leaves val
+    or test empty (a small cohort of many small strata), it gets ``max(1, round(fraction * n))`` subjects
+    from the strata with the most train rows left, so every cohort of 3 or more has all three splits (big
+    cohorts are unchanged).
     """
     rng = np.random.default_rng([seed, 99])
     out = [""] * len(strata)
@@ -71,8 +73,8 @@ def stratified_split(strata: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) 
         rng.shuffle(idx)
         order[s] = idx
         n = len(idx)
-        n_val = round(fractions[1] * n) if n >= 3 else 0
-        n_test = round(fractions[2] * n) if n >= 3 else 0
+        n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
+        n_test = max(1, round(fractions[2] * n)) if n >= 3 else 0
         for j, i in enumerate(idx):
             out[i] = "val" if j < n_val else "test" if j < n_val + n_test else "train"
     if len(strata) >= 3:
@@ -98,6 +100,18 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
     write exactly the cohort one process writes.
     """
     out = Path(out_dir)
+    # checked before the folder is touched: these used to fail after minutes of writing subjects
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed {seed!r} is not a non-negative integer", fix="use e.g. --seed 0")
+    counts = {"n_structural": n_structural, "n_lesion": n_lesion, "n_fmri": n_fmri}
+    for name, n in counts.items():
+        if n < 0:
+            raise InputError(f"{name} is {n}; subject counts must be 0 or more", fix="give a count of 0 or more")
+    if "fmri" in kinds and n_fmri > 0 and n_rois < fm.N_NETWORKS:
+        raise InputError(f"{n_rois} ROIs cannot hold the generator's {fm.N_NETWORKS} networks",
+                         fix=f"use --n-rois {fm.N_NETWORKS} or more (default 264)")
+    if "fmri" in kinds and n_fmri > 0 and (n_timepoints < 1 or not tr > 0):
+        raise InputError(f"{n_timepoints} time points at TR {tr} s", fix="give n_timepoints ≥ 1 and tr > 0")
     if not (np.isfinite(spacing) and spacing > 0):
         raise InputError(f"spacing {spacing!r} mm is not a positive number", fix="use e.g. --spacing 3 (6 for tests)")
     bad = [m for m in modalities if m not in MODALITIES]
@@ -110,7 +124,9 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
     out.mkdir(parents=True, exist_ok=True)
     anat = load_anatomy(float(spacing))  # loaded before any worker starts: forked workers inherit it
     participants: list[dict] = []
-    truth: dict = {"seed": seed, "spacing": spacing, "modalities": list(modalities), "subjects": {}}
+    truth: dict = {"seed": seed, "spacing": spacing, "modalities": list(modalities),
+                   "sites": {k: dict(zip(("bias", "noise", "gamma", "blur"), v, strict=True)) for k, v in SITES.items()},
+                   "subjects": {}}
     result: dict = {}
     counter = 0  # subjects numbered in the order structural, lesion, fMRI
 
@@ -119,8 +135,8 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
         job = partial(_structural_subject, out, spacing, seed, counter)
         for row in _each(job, n_structural, workers, "structural", progress):
             rows.append(row)
-            truth["subjects"][row["subject"]] = {"kind": "structural", "age": row.pop("_age"),
-                                                 "dx_ad": row["dx_ad"], "dx_pd": row["dx_pd"]}
+            truth["subjects"][row["subject"]] = {"kind": "structural", "age": row.pop("_age"), "sex": row["sex"],
+                                                 "dx_ad": row["dx_ad"], "dx_pd": row["dx_pd"], "site": row["site"]}
         counter += n_structural
         strata = [f"{r['cohort']}-{r['dx_ad'] or r['dx_pd'] or r['sex']}" for r in rows]
         for r, s in zip(rows, stratified_split(strata, seed), strict=True):
@@ -179,7 +195,8 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
                               "cohort": cohort, "phenotype": ("patient" if patient else "control")
                               if cohort == "downstream" else "", "sex": sex, "age": round(age, 2), "site": site})
             subj_rows.append(these)
-            truth["subjects"][sub] = {"kind": "fmri", "cohort": cohort, "patient": patient, "age": age}
+            truth["subjects"][sub] = {"kind": "fmri", "cohort": cohort, "patient": patient, "age": age, "sex": sex,
+                                      "site": site}
         strata = [f"{r[0]['cohort']}-{r[0]['phenotype']}" for r in subj_rows]
         for these, s in zip(subj_rows, stratified_split(strata, seed), strict=True):
             for r in these:
@@ -254,8 +271,10 @@ def _lesion_case(out: Path, spacing: float, seed: int, first: int, modalities: t
     lt = types[i % len(types)]
     dataset, have = DATASETS[lt]
     mods = tuple(m for m in have if m in modalities) or (modalities[0],)
-    images, mask = synth_lesion_case(anat, rng, lt, mods)
-    row = {"subject": sub, "lesion_type": lt, "dataset": dataset, "site": _SITES[int(rng.integers(len(_SITES)))]}
+    # its own stream: the site does not depend on which modalities are written
+    site = _SITES[int(np.random.default_rng([seed, 2, i, 1]).integers(len(_SITES)))]
+    images, mask = synth_lesion_case(anat, rng, lt, mods, site=site)
+    row = {"subject": sub, "lesion_type": lt, "dataset": dataset, "site": site}
     for mod, img in images.items():
         rel = f"{sub}/anat/{sub}_{_FILE_SUFFIX[mod]}.nii.gz"
         _save_nii(out / rel, img, anat.affine)
@@ -263,7 +282,8 @@ def _lesion_case(out: Path, spacing: float, seed: int, first: int, modalities: t
     rel = f"derivatives/lesions/{sub}/anat/{sub}_desc-lesion_mask.nii.gz"
     _save_nii(out / rel, mask, anat.affine, dtype=np.uint8)
     row["mask"] = rel
-    row["_truth"] = {"kind": "lesion", "lesion_type": lt, "lesion_voxels": int(mask.sum()), "modalities": list(images)}
+    row["_truth"] = {"kind": "lesion", "lesion_type": lt, "lesion_voxels": int(mask.sum()), "modalities": list(images),
+                     "site": site}
     return row
 
 

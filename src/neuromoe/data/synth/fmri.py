@@ -58,8 +58,9 @@ def design(n_rois: int, seed: int) -> dict:
     # Disjoint pairs, so each ROI carries one extra shared drive and the effect stays edge-specific.
     pat_edges = sorted((int(min(i, j)), int(max(i, j)))
                        for i, j in zip(rng.permutation(a)[:6], rng.permutation(b)[:6], strict=False))
-    sex_edges = [(int(i), int(j)) for i, j in zip(rng.choice(np.flatnonzero(net == 2), 4),
-                                                  rng.choice(np.flatnonzero(net == 3), 4), strict=True) if i != j]
+    # disjoint too: pairs drawn with replacement stacked the drive on a shared ROI (4× on one pair at 8 ROIs)
+    sex_edges = sorted((int(min(i, j)), int(max(i, j))) for i, j in zip(
+        rng.permutation(np.flatnonzero(net == 2))[:4], rng.permutation(np.flatnonzero(net == 3))[:4], strict=False))
     return {"coords": coords, "network": net, "couplings": couplings, "patient_edges": pat_edges,
             "sex_edges": sex_edges}
 

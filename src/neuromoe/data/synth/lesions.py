@@ -6,6 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from neuromoe.data.synth.anatomy import Anatomy, index_grid, smooth_field, warp
+from neuromoe.data.synth.structural import apply_site
 
 MODALITIES = ("t1", "t1c", "t2", "flair", "dwi")
 # Dataset per lesion type and the modalities such datasets provide.
@@ -96,9 +97,10 @@ def lesion_compartments(anat: Anatomy, rng: np.random.Generator, lesion_type: st
     return out
 
 
-def synth_lesion_case(anat: Anatomy, rng: np.random.Generator, lesion_type: str, modalities: tuple[str, ...]
-                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Images for the modalities this case has (∩ requested) and the binary lesion mask."""
+def synth_lesion_case(anat: Anatomy, rng: np.random.Generator, lesion_type: str, modalities: tuple[str, ...],
+                      site: str = "site-A") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Images for the modalities this case has (∩ requested) and the binary lesion mask; every image gets
+    the scanner effects of ``site`` (as the structural T1s do), so the manifest's site column means something."""
     comps = lesion_compartments(anat, rng, lesion_type)
     mask = np.zeros(anat.shape, bool)
     for m in comps.values():
@@ -118,8 +120,6 @@ def synth_lesion_case(anat: Anatomy, rng: np.random.Generator, lesion_type: str,
             val = lv["wm"] * rng.uniform(*_LESION[comp][mod])
             soft = ndimage.gaussian_filter(m.astype(np.float32), 0.5)
             img = img * (1 - soft) + val * soft
-        img = img * np.exp(0.1 * smooth_field(rng, anat.shape, 25.0))
-        img = img + 0.02 * np.abs(rng.standard_normal(anat.shape))
-        images[mod] = warp(img.astype(np.float32), disp, scale)
+        images[mod] = apply_site(warp(img.astype(np.float32), disp, scale), rng, site)
     mask_w = warp(mask.astype(np.float32), disp, scale, order=0) > 0.5
     return images, mask_w
