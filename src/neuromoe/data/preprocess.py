@@ -129,14 +129,23 @@ def antialias_sigma(affine: np.ndarray, spacing: tuple[float, float, float] | No
     return fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / vox
 
 
+def _oblique(affine: np.ndarray, tol: float = 1e-4) -> bool:
+    """Whether the voxel axes are rotated against the world axes (after reorientation to RAS)."""
+    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
+    rot = rot / np.linalg.norm(rot, axis=0)
+    return not np.allclose(rot, np.diag(np.diag(rot)), atol=tol)
+
+
 def _resample(mt: MetaTensor, spec: PreprocSpec, mode: str) -> MetaTensor:
-    """Onto ``spec.spacing``. A registered image goes onto a grid aligned with MNI space (``diagonal``): the
-    registered affine's rotation is resampled away, so the array is in template orientation; MONAI's default
-    keeps the rotation in the affine and the voxels where the scanner put them."""
-    if spec.spacing is None and not spec.register:
+    """Onto ``spec.spacing``, on a grid aligned with the world axes (``diagonal``) whenever the input grid is
+    rotated: an oblique acquisition or a registered image (whose world is MNI) then reaches the model in world
+    orientation, the same array as an axis-aligned scan of the same anatomy; MONAI's default keeps the rotation
+    in the affine and the voxels where the scanner put them. An axis-aligned grid is resampled as is."""
+    oblique = _oblique(mt.affine)
+    if spec.spacing is None and not (spec.register or oblique):
         return mt
     pixdim = spec.spacing or tuple(float(v) for v in np.linalg.norm(np.asarray(mt.affine)[:3, :3], axis=0))
-    return Spacing(pixdim=pixdim, mode=mode, padding_mode="zeros", diagonal=spec.register)(mt)
+    return Spacing(pixdim=pixdim, mode=mode, padding_mode="zeros", diagonal=spec.register or oblique)(mt)
 
 
 def _spatial(mt: MetaTensor, spec: PreprocSpec, mode: str, bbox: tuple | None) -> MetaTensor:
@@ -293,9 +302,9 @@ def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) ->
 
 # bumped whenever loading or preprocessing gives other arrays for the same file and spec, or refuses a file it
 # used to take (v2: the header's spatial unit is honoured; v3: single slices stored as 3-D are refused; v4:
-# registered scans are resampled onto an MNI-aligned grid; v5: a 4-D DWI's trace keeps a zero background), so
-# an existing cache is never served stale by a newer version
-CACHE_VERSION = 5
+# registered scans are resampled onto an MNI-aligned grid; v5: a 4-D DWI's trace keeps a zero background; v6:
+# oblique grids are resampled onto world axes), so an existing cache is never served stale by a newer version
+CACHE_VERSION = 6
 
 
 class PreprocCache:
