@@ -150,3 +150,25 @@ def test_loose_files_get_the_row_ids_a_bids_folder_gives_them(tmp_path):
     assert loose.iloc[1][["subject", "session", "state", "run"]].tolist() == ["sub-01", "ses-1", "rest", "2"]
     assert sorted(bids["run"].astype(str)) == ["1", "2"] and set(bids["session"]) == {"ses-1"}
     assert file_ids([Path("scan7.nii.gz")]).to_dict("records") == [{"subject": "scan7"}]
+
+
+def test_a_trailing_delimiter_does_not_shift_the_columns(tmp_path):
+    """A spreadsheet export with one trailing comma on the first data row: pandas took the first column as the
+    index, so the T2 paths landed under t1 and every label was lost."""
+    t1, t2 = _img(tmp_path / "a_T1w.nii.gz"), _img(tmp_path / "a_T2w.nii.gz")
+    man = tmp_path / "m.csv"
+    man.write_text(f"subject, t1,t2,age\nsub-01,{t1.name},{t2.name},70,\n")
+    row = load_table(man).iloc[0]
+    assert row["subject"] == "sub-01" and row["t1"].endswith("a_T1w.nii.gz") and row["age"] == 70
+    _img(tmp_path / "bids/sub-01/anat/sub-01_T1w.nii.gz")
+    (tmp_path / "bids/participants.tsv").write_text("participant_id\tage\nsub-01\t30\t\n")
+    assert load_table(tmp_path / "bids").iloc[0]["age"] == 30
+
+
+@pytest.mark.parametrize("text", ["participant_id,age\nsub-01,30\n", "", "id\tage\nsub-01\t30\n",
+                                  "participant_id\tage\nsub-01\t30\n01\t31\n"])
+def test_a_malformed_participants_tsv_is_one_clear_error(tmp_path, text):
+    _img(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text(text)
+    with pytest.raises(InputError, match=r"participants\.tsv"):
+        load_table(tmp_path)

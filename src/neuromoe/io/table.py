@@ -89,11 +89,15 @@ def _load_bids(root: Path) -> pd.DataFrame:
             df = df.drop(columns=col)
     part = root / "participants.tsv"
     if part.exists():
-        labels = pd.read_csv(part, sep="\t", dtype=str, keep_default_na=False).rename(
-            columns={"participant_id": "subject"})
-        if "subject" in labels.columns:  # BIDS ids are sub-<label>; "01" for sub-01 would match no image
-            ids = labels["subject"].str.strip()
-            labels["subject"] = ids.where(ids.str.startswith("sub-"), "sub-" + ids)
+        labels = read_delimited(part, "\t", "participants.tsv").rename(columns={"participant_id": "subject"})
+        if "subject" not in labels.columns:
+            raise InputError("participants.tsv has no participant_id column", path=part,
+                             fix="a tab-separated file whose first column is participant_id (BIDS)")
+        ids = labels["subject"].str.strip()  # BIDS ids are sub-<label>; "01" for sub-01 would match no image
+        labels["subject"] = ids.where(ids.str.startswith("sub-"), "sub-" + ids)
+        if labels["subject"].duplicated().any():
+            dup = labels["subject"][labels["subject"].duplicated()].iloc[0]
+            raise InputError(f"participants.tsv lists {dup} twice", path=part, fix="keep one row per participant")
         df = df.merge(labels, on="subject", how="left")
     df.attrs["labels_missing"] = not part.exists()
     return df
@@ -141,17 +145,29 @@ def _coerce(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def read_delimited(path: Path, sep: str, what: str) -> pd.DataFrame:
+    """A manifest or participants.tsv as strings, or one clear error. ``index_col=False``: a trailing delimiter
+    on the first data row (a spreadsheet export artefact) made pandas take the first column as the index and
+    shift every other column left by one (T2 paths under t1, labels lost)."""
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False)
+    except Exception as exc:
+        raise InputError(f"cannot parse {what} ({type(exc).__name__})", path=path,
+                         fix=f"save it as plain UTF-8 {'TSV' if sep == chr(9) else 'CSV'} with a header row") from None
+    df.columns = [str(c).strip() for c in df.columns]  # "subject, t1" names a t1 column
+    return df
+
+
 def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per subject(+session/state): role columns hold absolute paths, empty cell = missing."""
     source = Path(source)
     if source.is_dir():
         df = _load_bids(source)
     elif source.suffix in (".csv", ".tsv") and source.exists():
-        try:
-            df = pd.read_csv(source, sep="\t" if source.suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-        except Exception as exc:
-            raise InputError(f"cannot parse manifest ({type(exc).__name__})", path=source,
-                             fix="save it as a plain CSV/TSV with a header row") from None
+        df = read_delimited(source, "\t" if source.suffix == ".tsv" else ",", "manifest")
+        df["subject"] = df["subject"].str.strip() if "subject" in df.columns else None
+        if df["subject"].isna().all():
+            df = df.drop(columns="subject")
         if "subject" not in df.columns:
             raise InputError("manifest has no 'subject' column", path=source, fix="add a subject column")
         for col in (c for c in df.columns if c in ROLES):
