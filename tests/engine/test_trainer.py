@@ -114,8 +114,8 @@ def test_kill_during_checkpoint_keeps_last_loadable(tmp_path: Path, monkeypatch:
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(ck, "save_file", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        MSETrainer(_model(), _cfg(epochs=1, ckpt_every=1), _data(), run_dir=tmp_path).fit()
+    with pytest.raises(KeyboardInterrupt):  # a longer resumed run dies writing its first new checkpoint
+        MSETrainer(_model(), _cfg(epochs=2, ckpt_every=1), _data(), run_dir=tmp_path).fit(resume=True)
     assert path.read_bytes() == before
     assert load_checkpoint(path)["position"]["global_step"] == 3
     assert [p.name for p in path.parent.iterdir()] == ["last.safetensors"]
@@ -443,3 +443,30 @@ def test_default_validation_mean_is_weighted_by_batch_size_when_given() -> None:
     outs = [{"loss": 1.0, "n": 4}, {"loss": 6.0, "n": 1}]
     assert tr.validation_end(outs) == {"val_loss": pytest.approx(2.0)}
     assert tr.validation_end([{"loss": 1.0}, {"loss": 3.0}]) == {"val_loss": pytest.approx(2.0)}  # no n: as before
+
+
+def test_a_fresh_run_in_an_old_folder_leaves_nothing_for_resume_to_continue(tmp_path: Path, capsys) -> None:
+    """Run A finishes; run B (other seed) is killed before its first checkpoint; ``B --resume`` used to continue
+    A from A's last checkpoint (weights, optimiser, history)."""
+    MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path).fit()
+    b = MSETrainer(_model(), _cfg(seed=4), _data(), _data(16, 1), run_dir=tmp_path)
+    b.fail_at = 0
+    with pytest.raises(KeyboardInterrupt):
+        b.fit()
+    assert not (tmp_path / "checkpoints" / "last.safetensors").exists()
+    resumed = MSETrainer(_model(), _cfg(seed=4), _data(), _data(16, 1), run_dir=tmp_path)
+    resumed.fit(resume=True)
+    assert "starts from the beginning" in capsys.readouterr().err
+    fresh = MSETrainer(_model(), _cfg(seed=4), _data(), _data(16, 1), run_dir=tmp_path / "fresh")
+    fresh.fit()
+    for p, q in zip(fresh.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_resuming_a_checkpoint_of_another_architecture_is_one_clear_error(tmp_path: Path) -> None:
+    from neuromoe.errors import InputError
+
+    MSETrainer(_model(), _cfg(), _data(), _data(16, 1), run_dir=tmp_path).fit()
+    other = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 1))
+    with pytest.raises(InputError, match="another architecture"):
+        MSETrainer(other, _cfg(), _data(), _data(16, 1), run_dir=tmp_path).fit(resume=True)

@@ -15,6 +15,7 @@ import csv
 import io
 import math
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from neuromoe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, resolve_precision
 from neuromoe.engine.schedule import WarmupCosine
 from neuromoe.engine.utils import decays, no_decay_names, resolve_device, seed_everything
-from neuromoe.errors import ConfigError
+from neuromoe.errors import ConfigError, InputError
 from neuromoe.io.atomic import atomic_write_json, atomic_write_text
 
 
@@ -339,9 +340,16 @@ class Trainer:
         scheduler = WarmupCosine(optimizer, total, cfg.warmup_frac, cfg.min_lr_ratio)
         sign = 1.0 if cfg.monitor_mode == "min" else -1.0
         best, best_step, bad, start_epoch, skip = sign * math.inf, -1, 0, 0, 0
+        if resume and not self.ckpt_path.is_file() and self.rank == 0:
+            print(f"neuromoe: no checkpoint at {self.ckpt_path}: --resume starts from the beginning", file=sys.stderr)
         if resume and self.ckpt_path.is_file():
             state = load_checkpoint(self.ckpt_path)
-            self.model.load_state_dict(state["model"])
+            try:
+                self.model.load_state_dict(state["model"])
+            except RuntimeError:
+                raise InputError("the checkpoint was made with another architecture than this run's config",
+                                 path=self.ckpt_path, fix="resume with the run's own config, or drop --resume "
+                                 "and use a new --out") from None
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             pos = state["position"]
@@ -353,7 +361,9 @@ class Trainer:
             if self.best_path.is_file():
                 self.best_state = load_checkpoint(self.best_path)["model"]
         elif self.rank == 0:
-            self.best_path.unlink(missing_ok=True)  # a fresh run never ends with an earlier run's weights
+            # a fresh run never ends with an earlier run's weights, nor lets a later --resume continue that run
+            self.best_path.unlink(missing_ok=True)
+            self.ckpt_path.unlink(missing_ok=True)
 
         def checkpoint(epoch: int, batch: int) -> None:
             if not cfg.resumable:
