@@ -134,3 +134,16 @@ def test_scrub_paths_with_spaces_in_folder_names(tmp_path: Path) -> None:
     section.save(tmp_path / "run")
     page = build_report([tmp_path / "run"], tmp_path / "report.html").read_text()
     assert "sub-01_T1w.nii.gz" in page and not any(s in page for s in ("Jane Doe", "My Study", "site A"))
+
+
+def test_report_refuses_to_replace_a_file_it_reads_or_a_folder(run_dir: Path, tmp_path: Path) -> None:
+    from neuromoe.errors import InputError
+
+    metrics = next(run_dir.rglob("metrics.csv"))
+    before = metrics.read_bytes()
+    with pytest.raises(InputError, match="overwrite the input"):
+        build_report([run_dir], metrics)
+    assert metrics.read_bytes() == before
+    (tmp_path / "dir.html").mkdir()
+    with pytest.raises(InputError, match="existing folder"):
+        build_report([run_dir], tmp_path / "dir.html")

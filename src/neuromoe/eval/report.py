@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 
 from neuromoe import __version__
 from neuromoe.errors import InputError
-from neuromoe.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from neuromoe.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, check_outputs
 
 __all__ = ["Report", "Section", "build_report", "load_section"]
 
@@ -272,10 +272,14 @@ def _curves_section(run_dir: Path, section: Section) -> None:
 def build_report(run_dirs: Iterable[str | Path], out_html: str | Path, title: str = "NeuroMoE report") -> Path:
     """Merge the saved sections of ``run_dirs`` (and their training curves) into one HTML file."""
     out_html = Path(out_html)
-    rendered: list[tuple[str, str, str]] = []  # (anchor, title, html)
-    for i, run_dir in enumerate(Path(d) for d in run_dirs):
+    run_dirs = [Path(d) for d in run_dirs]
+    for run_dir in run_dirs:
         if not run_dir.is_dir():
             raise InputError("run directory not found", path=run_dir, fix="check the path")
+    # the page must not replace a file it is built from (--out runs/x/metrics.csv destroyed the run's log)
+    check_outputs([out_html], [f for d in run_dirs for f in (*(d / REPORT_DIR).glob("*"), *_metrics_files(d))])
+    rendered: list[tuple[str, str, str]] = []  # (anchor, title, html)
+    for i, run_dir in enumerate(run_dirs):
         has_section = (run_dir / REPORT_DIR / SECTION_FILE).is_file()
         if not has_section and not _metrics_files(run_dir):
             raise InputError("nothing to report (no report/section.json and no metrics.csv)", path=run_dir,
