@@ -519,3 +519,17 @@ def test_jepa_target_moves_once_per_optimiser_step(tmp_path, monkeypatch) -> Non
     trainer = bm.ExpertTrainer(model, cfg, data, run_dir=tmp_path)
     trainer.fit()
     assert trainer.global_step == 2 and len(calls) == 2
+
+
+def test_a_folder_of_series_takes_csv_files_too(tmp_path) -> None:
+    """A folder with a.csv and b.npy predicted only b (exit 0, a.csv neither predicted nor listed as failed)."""
+    import numpy as np
+
+    from neuromoe.pipelines.brainmoe import _input_scans
+
+    x = np.random.default_rng(0).standard_normal((20, 8))
+    np.savetxt(tmp_path / "a.csv", x, delimiter=",")
+    np.save(tmp_path / "b.npy", x)
+    (tmp_path / "list.csv").write_text("subject,timeseries\nx,a.csv\n")  # a manifest is not a series
+    table = _input_scans(tmp_path)
+    assert sorted(p.rsplit("/", 1)[-1] for p in table["timeseries"]) == ["a.csv", "b.npy"]

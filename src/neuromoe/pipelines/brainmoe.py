@@ -1113,6 +1113,9 @@ def evaluate(
         "classes": down.classes,
         "experts": names,
         "expert_kind": manifest.get("kind"),
+        # the report says how the experts were trained in the folds (it said "frozen" whatever ran)
+        "experts_adapted": bool(cfg.model.unfreeze_experts),
+        "expert_lr_scale": float(cfg.model.expert_lr_scale) if cfg.model.unfreeze_experts else 0.0,
         "fc": {"kind": spec.kind, "fisher_z": spec.fisher_z},
         "summary": summary,
         "per_fold": per_fold,
@@ -1181,9 +1184,10 @@ def _add_evaluation(
     from neuromoe.eval.plots import bar_chart, heatmap
 
     s = metrics["summary"]
+    adapted = (f"adapted (lr × {metrics['expert_lr_scale']:g})" if metrics.get("experts_adapted") else "frozen")
     section.add_text(
         f"Stratified {metrics['folds']}-fold cross-validation over {metrics['n_subjects']} labelled subjects "
-        f"({metrics['n_scans']} scans). BrainMoE = frozen per-state {metrics['expert_kind']} experts "
+        f"({metrics['n_scans']} scans). BrainMoE = {adapted} per-state {metrics['expert_kind']} experts "
         f"({', '.join(names)}) + FC router (top-{len(next(iter(combos)).split('+'))}) + transformer adapter; "
         "baselines = the expert pretrained on all states pooled, with an MLP head or an SVM (linear/RBF, C by "
         "inner CV), fitted on the same folds."
@@ -1248,7 +1252,7 @@ def _input_scans(source: str | Path) -> pd.DataFrame:
         return file_ids([source]).assign(bold=str(source))
     if (
         source.is_file()
-        and source.suffix.lower() in (".npy", ".tsv", ".txt", ".csv")
+        and source.suffix.lower() in (".npy", ".tsv", ".csv")
         and not _is_manifest(source)
     ):
         return file_ids([source]).assign(timeseries=str(source))
@@ -1256,12 +1260,14 @@ def _input_scans(source: str | Path) -> pd.DataFrame:
         raise InputError(
             "not a time-series file, a NIfTI file name, nor a manifest",
             path=source,
-            fix="give ROI time series (.npy/.tsv/.txt/.csv), a 4D .nii/.nii.gz BOLD run, a folder, a manifest "
+            fix="give ROI time series (.npy/.tsv/.csv), a 4D .nii/.nii.gz BOLD run, a folder, a manifest "
             "(.csv/.tsv with a subject column) or a BIDS folder",
         )
     bids = source.is_dir() and any(p.is_dir() for p in source.glob("sub-*"))  # sub-* FILES are series
     if source.is_dir() and not (source / "manifests").is_dir() and not bids:
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".npy", ".tsv"))
+        # every series format a single file may be (a .csv was silently skipped); manifests are not series
+        files = sorted(p for p in source.iterdir()
+                       if p.suffix.lower() in (".npy", ".tsv", ".csv") and not _is_manifest(p))
         if files:
             return file_ids(files).assign(timeseries=[str(f) for f in files])
     if source.is_dir() and (source / "manifests" / "fmri.csv").is_file():
