@@ -263,3 +263,19 @@ def test_a_missing_value_in_the_first_volume_is_not_a_header(tmp_path):
         load_timeseries(tmp_path / "a.tsv")
     (tmp_path / "b.tsv").write_text("roi_a\troi_b\n" + "\n".join(f"{i}\t{i * i}" for i in range(5)))
     assert load_timeseries(tmp_path / "b.tsv").shape == (5, 2)
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_a_header_of_column_numbers_is_a_header_not_a_time_point(tmp_path: Path, first: int) -> None:
+    """``pd.DataFrame(x).to_csv(index=False)`` writes 0..M-1 as the header; it was read as time point 0
+    (160 × 32 became 161 × 32 and every FC value moved)."""
+    import pandas as pd
+
+    from neuromoe.data.fmri import load_timeseries
+
+    x = np.random.default_rng(0).standard_normal((30, 6))
+    path = tmp_path / "ts.csv"
+    pd.DataFrame(x, columns=range(first, first + 6)).to_csv(path, index=False)
+    np.testing.assert_allclose(load_timeseries(path), x.astype(np.float32), rtol=1e-6)
+    np.savetxt(path, np.vstack([np.arange(6) + 0.5, x]), delimiter=",")  # numeric, not a ramp of integers: data
+    assert load_timeseries(path).shape == (31, 6)

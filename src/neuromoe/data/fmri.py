@@ -68,6 +68,10 @@ def _read_text_table(p: Path, sep: str) -> np.ndarray:
     missing = ["n/a", "nan", "NaN"]
     first = pd.to_numeric(raw.iloc[0], errors="coerce")
     header = (first.isna() & ~raw.iloc[0].isin(missing)).any()  # a non-numeric first row; n/a is data
+    # column numbers as the header (pandas' to_csv writes 0..M-1, atlases label ROIs 1..M): read as a time
+    # point they shifted every FC value; no measured first time point is an exact integer ramp
+    ramp = first.notna().all() and len(first) >= 3 and raw.iloc[0].str.fullmatch(r"\s*\d+\s*").all()
+    header = header or bool(ramp and first.iloc[0] in (0, 1) and (np.diff(first.to_numpy()) == 1).all())
     body = raw.iloc[1:] if header else raw
     num = body.apply(pd.to_numeric, errors="coerce")
     bad = num.isna() & ~body.isin(missing)
