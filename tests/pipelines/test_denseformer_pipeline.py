@@ -281,6 +281,11 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
         pipe.evaluate(run / "model", tmp_path / "one.csv", tmp_path / "eval3", n_bootstrap=5,
                       cache_dir=cfg.cache_dir)
     assert not (tmp_path / "eval3").exists()
+    # the same scans without the split column: a new random split would score training scans as "test"
+    table.drop(columns="split").to_csv(tmp_path / "nosplit.csv", index=False)
+    with pytest.raises(InputError, match="used to train or calibrate"):
+        pipe.evaluate(run / "model", tmp_path / "nosplit.csv", tmp_path / "eval4", n_bootstrap=5,
+                      cache_dir=cfg.cache_dir)
 
     # predict: a folder with one good and one corrupt file
     scans = tmp_path / "scans"

@@ -602,7 +602,10 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         "extra": {"kind": "multitask", "img_size": list(_img_size(cfg)), "target_stats": target_stats,
                   "calibration": calibration, "head": m.head, "pretrained": ft.pretrained,
                   "label_fraction": ft.label_fraction, "n_train": int(train_mask.sum()),
-                  "best_val_loss": result.best_metric, "head_refit": refit, "split_seed": cfg.seed},
+                  "best_val_loss": result.best_metric, "head_refit": refit, "split_seed": cfg.seed,
+                  # train + val scans (fitting, checkpoint choice, calibration): evaluate refuses to score them
+                  # as test when its table's split differs from this one
+                  "fit_fingerprints": sorted(_scan_fingerprints(table["t1"][split != "test"]))},
     }
     save_model(model, out / "model", meta)
     section = _new_section("DenseFormer-MoE: multi-task fine-tuning")
@@ -942,6 +945,11 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     rows = splits == split
     if not rows.any():
         raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
+    fitted = len(set(extra.get("fit_fingerprints", [])) & _scan_fingerprints(table["t1"][rows]))
+    if split == "test" and fitted:  # e.g. the same manifest without its split column: a new random split
+        raise InputError(f"{fitted} of the {int(rows.sum())} 'test' scans were used to train or calibrate this model",
+                         path=source, fix="evaluate on the table the model was trained with (same 'split' column) "
+                         "or on new scans; --split train/val scores the fitted scans on purpose")
     from neuromoe.data.preprocess import PreprocSpec
 
     cfg = DenseFormerConfig(cache_dir=cache_dir)
