@@ -306,6 +306,15 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
         pipe.predict(run / "model", scans, tmp_path / "p3.csv", strict=True, progress=False,
                      cache_dir=cfg.cache_dir)
     assert not (tmp_path / "p3.csv").exists()
+    # a failed rerun onto an earlier run's output leaves no predictions of that run under its name
+    (scans / "good.nii.gz").unlink()
+    (scans / "bad2.nii.gz").write_bytes(b"not a nifti either")
+    for strict in (False, True):
+        with pytest.raises(InputError):
+            pipe.predict(run / "model", scans, tmp_path / "p2.csv", strict=strict, progress=False,
+                         cache_dir=cfg.cache_dir)
+        assert not (tmp_path / "p2.csv").exists()
+        assert (tmp_path / "p2_failures.csv").exists() is not strict
     # predicting from a manifest gives brain-age gaps (age known)
     frame, failures = pipe.predict(run / "model", cohort, tmp_path / "p4.csv", progress=False,
                                    cache_dir=cfg.cache_dir)

@@ -1243,6 +1243,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
                                      fix="write a number or leave the cell empty") from None
         except Exception as exc:
             if strict:
+                _drop_stale(output, failures_path(output))
                 raise
             failures.append((str(r["t1"]), str(exc)))
             failed_rows.append({"subject": str(r["subject"]), "t1": str(r["t1"]), "error": str(exc)})
@@ -1252,7 +1253,9 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
         if len(pending) >= batch_size:
             flush()
     flush()
-    if failures and not rows:  # nothing to write: refuse like a single bad input, leave no output
+    if failures and not rows:  # nothing to predict: refuse like a single bad input; the failures say what to fix
+        _drop_stale(output)
+        write_failures(failures_path(output), failed_rows)
         raise InputError(f"no scan could be predicted ({len(failures)} failed, listed above)", path=inputs,
                          fix="fix the listed files")
     frame = pd.DataFrame(rows)
@@ -1260,6 +1263,13 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
         frame.to_csv(tmp, index=False)
     write_failures(failures_path(output), failed_rows)  # the batch finished; this says what to fix
     return frame, failures
+
+
+def _drop_stale(*paths: Path) -> None:
+    """A failed run removes what an earlier run left under its output names: a script that checks the file
+    exists would otherwise read another run's predictions for other inputs."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec], extra: dict[str, Any],
