@@ -303,8 +303,9 @@ def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) ->
 # bumped whenever loading or preprocessing gives other arrays for the same file and spec, or refuses a file it
 # used to take (v2: the header's spatial unit is honoured; v3: single slices stored as 3-D are refused; v4:
 # registered scans are resampled onto an MNI-aligned grid; v5: a 4-D DWI's trace keeps a zero background; v6:
-# oblique grids are resampled onto world axes), so an existing cache is never served stale by a newer version
-CACHE_VERSION = 6
+# oblique grids are resampled onto world axes; v7: registration searches its start rotation and is seeded), so an
+# existing cache is never served stale by a newer version
+CACHE_VERSION = 7
 
 
 class PreprocCache:
