@@ -13,6 +13,7 @@ from neuromoe.data.preprocess import (
     preprocess_cohort,
     preprocess_image,
 )
+from neuromoe.errors import InputError
 from neuromoe.io.nifti import load_nifti, resample_to_grid
 
 
@@ -303,3 +304,11 @@ def test_an_oblique_grid_of_the_same_anatomy_reaches_the_model_in_world_orientat
     r = np.corrcoef(a.data[0][brain], b.data[0][brain])[0, 1]
     assert r > 0.97  # measured 0.57 with the rotation kept
     assert np.allclose(b.affine[:3, :3], np.diag([4.0, 4.0, 4.0]))
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
+    t1 = _brain(tmp_path / "t1.nii.gz", np.eye(4))
+    (tmp_path / "out").write_text("x")
+    table = pd.DataFrame({"subject": ["a"], "t1": [str(t1)]})
+    with pytest.raises(InputError, match="existing file"):
+        preprocess_cohort(table, PreprocSpec(spacing=(2.0, 2.0, 2.0)), tmp_path / "out", progress=False)

@@ -172,3 +172,22 @@ def test_a_malformed_participants_tsv_is_one_clear_error(tmp_path, text):
     (tmp_path / "participants.tsv").write_text(text)
     with pytest.raises(InputError, match=r"participants\.tsv"):
         load_table(tmp_path)
+
+
+def test_symlinked_scans_keep_their_own_names(tmp_path):
+    """DataLad / git-annex: images are links to annex objects without a NIfTI name; resolving them made every
+    such scan 'not a NIfTI file name' and named sidecars after the object."""
+    obj = _img(tmp_path / "annex" / "SHA256E-s99--abc.nii.gz")
+    link = tmp_path / "bids/sub-01/anat/sub-01_T1w.nii.gz"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(obj)
+    assert load_table(tmp_path / "bids").iloc[0]["t1"] == str(link)
+    (tmp_path / "m.csv").write_text("subject,t1\nsub-01,bids/sub-01/anat/sub-01_T1w.nii.gz\n")
+    assert load_table(tmp_path / "m.csv").iloc[0]["t1"] == str(link)
+
+
+def test_participants_naming_no_image_subject_is_reported(tmp_path, capsys):
+    _img(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-1\t30\n")
+    load_table(tmp_path)
+    assert "names none of the image subjects" in capsys.readouterr().err

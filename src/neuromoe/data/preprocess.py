@@ -422,6 +422,8 @@ def preprocess_cohort(table: pd.DataFrame, spec: PreprocSpec, cache_dir: str | P
     from rich.progress import Progress
 
     roles = (*IMAGE_ROLES, "mask")
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():  # found now, not after the whole cohort ran
+        raise InputError("output folder is an existing file", path=cache_dir, fix="give a folder as --out")
     if not any(r in table.columns for r in roles):
         raise InputError(f"no image column to preprocess (one of {', '.join(roles)})", path=table.attrs.get("source"),
                          fix="point --data at a structural or lesion manifest / BIDS folder with anat images")

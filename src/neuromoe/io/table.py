@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def _load_bids(root: Path) -> pd.DataFrame:
             raise InputError(f"two {role} images for {'_'.join(f'{e}-{ent[e]}' for e in ('sub', 'ses', 'task', 'run') if e in ent)}: {Path(row[role]).name} and "
                              f"{f.name}", path=root,
                              fix="keep one per subject/session/task/run, or list the scans to use in a manifest CSV")
-        row[role] = str(f.resolve())
+        row[role] = os.path.abspath(f)  # not resolve(): a DataLad/git-annex link names its annex object
     if not rows:
         raise InputError("no BIDS images found (sub-*/[ses-*/]anat|func)", path=root,
                          fix="point --data at a BIDS root or a manifest CSV")
@@ -98,6 +100,10 @@ def _load_bids(root: Path) -> pd.DataFrame:
         if labels["subject"].duplicated().any():
             dup = labels["subject"][labels["subject"].duplicated()].iloc[0]
             raise InputError(f"participants.tsv lists {dup} twice", path=part, fix="keep one row per participant")
+        if len(labels) and not df["subject"].isin(labels["subject"]).any():  # every label would be lost silently
+            print(f"neuromoe: warning: {part} names none of the image subjects (it has "
+                  f"{', '.join(labels['subject'].head(3))}; the images {', '.join(df['subject'].head(3))}): no "
+                  "labels are read; write participant_id as the folder names (sub-<label>)", file=sys.stderr)
         df = df.merge(labels, on="subject", how="left")
     df.attrs["labels_missing"] = not part.exists()
     return df
@@ -175,7 +181,7 @@ def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.
             if bad:
                 raise InputError(f"column '{col}' holds a path with a NUL byte ({bad[0]!r})", path=source,
                                  fix="re-export the manifest as plain text")
-            df[col] = [str((source.parent / p).resolve()) if p else "" for p in df[col]]
+            df[col] = [os.path.abspath(source.parent / p) if p else "" for p in df[col]]
     else:
         raise InputError("not a manifest (.csv/.tsv) or a BIDS folder", path=source,
                          fix="give a manifest CSV/TSV or a BIDS root folder")
