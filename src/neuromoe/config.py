@@ -112,7 +112,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    for key, what, value in getattr(obj, "problems", lambda: [])():  # right type, unusable value
+        raise ConfigError(f"{where}{key} {what}", fix=f"e.g. --set {where}{key}={value}")
+    return obj
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -34,3 +34,7 @@ class ConfigError(NeuroMoEError):
 
 class ModelFormatError(NeuroMoEError):
     """A model directory or checkpoint that is missing, unsafe, or from an incompatible version."""
+
+
+class TrainingDiverged(NeuroMoEError, FloatingPointError):
+    """The loss became NaN/inf: a setting (learning rate, precision) to change, not a crash to debug."""

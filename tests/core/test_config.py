@@ -148,3 +148,18 @@ def test_a_later_stage_without_config_inherits_the_pretraining_runs_config(tmp_p
     other = run / "elsewhere"
     other.mkdir()
     assert inherited_preset(None, other) == "demo"  # only model/ and experts/ look one folder up
+
+
+@pytest.mark.parametrize("override, key", [("pretrain.lr=-1", "pretrain.lr"), ("pretrain.lr=.nan", "pretrain.lr"),
+                                           ("pretrain.log_every=0", "pretrain.log_every"),
+                                           ("train.num_workers=-1", "train.num_workers"),
+                                           ("pretrain.precision=fp16", "pretrain.precision"),
+                                           ("train.warmup_frac=2", "train.warmup_frac")])
+def test_training_values_of_the_right_type_but_unusable_are_named_under_their_section(override, key) -> None:
+    """lr=-1, log_every=0, num_workers=-1 passed the type check and crashed later with tracebacks; fp16 was
+    refused as 'train.precision' whatever section it was in."""
+    from neuromoe.errors import ConfigError
+    from neuromoe.pipelines.denseformer import load_denseformer_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_denseformer_config("tiny", [override])

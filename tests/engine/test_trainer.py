@@ -470,3 +470,15 @@ def test_resuming_a_checkpoint_of_another_architecture_is_one_clear_error(tmp_pa
     other = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 1))
     with pytest.raises(InputError, match="another architecture"):
         MSETrainer(other, _cfg(), _data(), _data(16, 1), run_dir=tmp_path).fit(resume=True)
+
+
+def test_a_diverged_loss_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    from neuromoe.errors import TrainingDiverged
+
+    class NaNTrainer(MSETrainer):
+        def training_step(self, batch):
+            loss, logs = super().training_step(batch)
+            return loss * float("nan"), logs
+
+    with pytest.raises(TrainingDiverged, match="lower lr"):
+        NaNTrainer(_model(), _cfg(), _data(), run_dir=tmp_path).fit()

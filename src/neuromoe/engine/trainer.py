@@ -32,7 +32,7 @@ from neuromoe.engine.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from neuromoe.engine.precision import cpu_features, guard_bf16_conv3d, resolve_precision
 from neuromoe.engine.schedule import WarmupCosine
 from neuromoe.engine.utils import decays, no_decay_names, resolve_device, seed_everything
-from neuromoe.errors import ConfigError, InputError
+from neuromoe.errors import ConfigError, InputError, TrainingDiverged
 from neuromoe.io.atomic import atomic_write_json, atomic_write_text
 
 
@@ -68,6 +68,29 @@ class TrainConfig:
     log_every: int = 10  # optimiser steps
     progress: bool = True
 
+    def problems(self) -> list[tuple[str, str, str]]:
+        """``(key, what is wrong, fix)`` for values of the right type that training cannot use; the config
+        loader names them under their section (``pretrain.lr``), before any output is written."""
+        out = []
+        if self.precision not in ("fp32", "bf16"):
+            out.append(("precision", f"'{self.precision}' is not fp32 or bf16", "bf16"))
+        if self.monitor_mode not in ("min", "max"):
+            out.append(("monitor_mode", f"'{self.monitor_mode}' is not min or max", "min"))
+        for name in ("epochs", "batch_size", "accum_steps", "val_every", "log_every"):
+            if getattr(self, name) < 1:
+                out.append((name, "must be >= 1", "1"))
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            out.append(("lr", f"{self.lr} is not a positive number", "1e-3"))
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                out.append((name, f"{getattr(self, name)} is not a number >= 0", "0"))
+        if not 0 <= self.warmup_frac <= 1:
+            out.append(("warmup_frac", f"{self.warmup_frac} is not within [0, 1]", "0.05"))
+        for name in ("max_steps", "patience", "ckpt_every", "num_workers"):
+            if getattr(self, name) < 0:
+                out.append((name, "must be >= 0", "0"))
+        return out
+
 
 @dataclass
 class TrainResult:
@@ -78,13 +101,9 @@ class TrainResult:
 
 
 def _check(cfg: TrainConfig) -> None:
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"train.precision '{cfg.precision}' is not fp32 or bf16", fix="set train.precision=bf16")
-    if cfg.monitor_mode not in ("min", "max"):
-        raise ConfigError(f"train.monitor_mode '{cfg.monitor_mode}' is not min or max", fix="set min or max")
-    for name in ("epochs", "batch_size", "accum_steps", "val_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1", fix=f"set train.{name}=1 or more")
+    """For a TrainConfig built in Python (the config loader checks loaded ones, naming their section)."""
+    for key, what, value in cfg.problems():
+        raise ConfigError(f"training setting {key} {what}", fix=f"set {key} to a valid value, e.g. {value}")
 
 
 class _SeededSamples(Dataset):
@@ -410,7 +429,9 @@ class Trainer:
                 with self._autocast():
                     loss, logs = self.training_step(self.to_device(batch))
                 if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.global_step}")
+                    raise TrainingDiverged(f"training diverged: non-finite loss {float(loss)} at step "
+                                           f"{self.global_step}", path=self.run_dir,
+                                           fix="lower lr, keep grad_clip > 0, or use precision fp32")
                 (loss.float() / group_size).backward()
                 for k, v in {"loss": float(loss.detach()), **logs}.items():
                     running[k] = running.get(k, 0.0) + float(v)
