@@ -371,3 +371,16 @@ def test_top1_gate_is_exactly_one_but_the_router_gets_the_task_gradient(mode: st
     p = router(x).probs.gather(-1, idx[:, None])[:, 0]
     (2 * chosen.pow(2).sum(-1) * p.log()).sum().backward()
     torch.testing.assert_close(grad, router.proj.weight.grad)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "reference", "dense"])
+def test_zero_tokens_give_the_experts_output_width(mode) -> None:
+    """Width-changing experts (6 → 4) on an empty batch: sparse and reference returned width 6."""
+    from torch import nn
+
+    from neuromoe.layers.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(6, 3, lambda e: nn.Linear(6, 4), k=2, dispatch=mode)
+    assert layer(torch.zeros(0, 6)).output.shape == (0, 4)
+    assert layer(torch.zeros(2, 0, 6)).output.shape == (2, 0, 4)

@@ -365,7 +365,7 @@ def dispatch_experts(
     else:
         fns = _expert_fns(experts)
         pieces = [fns[e](seg) for e, seg in enumerate(xs.split(counts)) if seg.shape[0]]
-        ys = torch.cat(pieces) if pieces else x.new_zeros(0, *x.shape[1:])
+        ys = torch.cat(pieces) if pieces else _empty_output(experts, x)
     buf = ys.new_zeros(t * k, *ys.shape[1:]).index_copy(0, slots_sorted, ys)
     w = topk_weights.to(ys.dtype)
     if keep is not None:
@@ -390,7 +390,15 @@ def _dispatch_reference(
         if out is None:
             out = y.new_zeros(x.shape[0], *y.shape[1:])
         out.index_add_(0, tok, y * w)
-    return out if out is not None else x.new_zeros(x.shape)
+    if out is None:  # no token reached an expert (none given, or all dropped by the capacity)
+        y = _empty_output(experts, x)
+        out = y.new_zeros(x.shape[0], *y.shape[1:])
+    return out
+
+
+def _empty_output(experts: Experts, x: Tensor) -> Tensor:
+    """A zero-row expert output: its trailing shape is the experts' output's, which may differ from ``x``'s."""
+    return _expert_fns(experts)[0](x[:0])
 
 
 def _dispatch_dense(
