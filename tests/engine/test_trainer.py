@@ -482,3 +482,15 @@ def test_a_diverged_loss_is_one_line_naming_the_fix(tmp_path: Path) -> None:
 
     with pytest.raises(TrainingDiverged, match="lower lr"):
         NaNTrainer(_model(), _cfg(), _data(), run_dir=tmp_path).fit()
+
+
+def test_a_rerun_records_its_own_training_config_but_keeps_a_family_config(tmp_path: Path) -> None:
+    """Per-expert and per-fold folders kept the first run's config.yaml forever (written only when missing)."""
+    MSETrainer(_model(), _cfg(epochs=1), _data(), run_dir=tmp_path / "expert").fit()
+    MSETrainer(_model(), _cfg(epochs=2, lr=5e-3), _data(), run_dir=tmp_path / "expert").fit()
+    saved = yaml.safe_load((tmp_path / "expert" / "config.yaml").read_text())
+    assert (saved["epochs"], saved["lr"]) == (2, 5e-3)
+    (tmp_path / "family").mkdir()
+    (tmp_path / "family" / "config.yaml").write_text("model: {preset: tiny}\ntrain: {epochs: 2}\n")
+    MSETrainer(_model(), _cfg(epochs=1), _data(), run_dir=tmp_path / "family").fit()
+    assert "model" in yaml.safe_load((tmp_path / "family" / "config.yaml").read_text())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import random
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -104,6 +106,18 @@ def _check(cfg: TrainConfig) -> None:
     """For a TrainConfig built in Python (the config loader checks loaded ones, naming their section)."""
     for key, what, value in cfg.problems():
         raise ConfigError(f"training setting {key} {what}", fix=f"set {key} to a valid value, e.g. {value}")
+
+
+def _own_config_or_none(path: Path) -> bool:
+    """Whether ``path`` is missing or holds a bare TrainConfig (as the Trainer writes), not a family config."""
+    if not path.is_file():
+        return True
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return True
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return not isinstance(data, dict) or set(data) <= names
 
 
 class _SeededSamples(Dataset):
@@ -348,8 +362,12 @@ class Trainer:
         if self.world_size > 1:  # after the broadcast: each rank its own dropout, MAE masks, router noise
             seed_everything(cfg.seed + 1_000_003 * self.rank)
         if self.rank == 0:
-            if not (self.run_dir / "config.yaml").exists():
-                save_config(cfg, self.run_dir)  # families usually save their full config first
+            if not resume and _own_config_or_none(self.run_dir / "config.yaml"):
+                # a family saves its full config first and keeps it; a TrainConfig left by an earlier run of a
+                # per-expert or per-fold folder is replaced (it described the first run forever)
+                save_config(cfg, self.run_dir)
+            elif not (self.run_dir / "config.yaml").exists():
+                save_config(cfg, self.run_dir)
             atomic_write_json(self.run_dir / "runtime.json", self.runtime_info())
         steps_per_epoch = math.ceil(len(self._epoch_batches(self.train_set, 0, False)) / cfg.accum_steps)
         total = cfg.epochs * steps_per_epoch
