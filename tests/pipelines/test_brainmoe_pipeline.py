@@ -125,6 +125,7 @@ def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
 def test_evaluate_reports_brainmoe_and_pooled_baselines(cohort, pretrained, tmp_path):
     out = bm.evaluate(pretrained, cohort, tmp_path / "eval", _cfg())
     metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "config.yaml").is_file() and metrics["experts_adapted"] is _cfg().model.unfreeze_experts
     assert set(metrics["summary"]) == {"BrainMoE", "pooled+MLP", "pooled+SVM"}
     for model in metrics["summary"].values():
         f1, sd = model["phenotype_f1_macro"]

@@ -1066,6 +1066,10 @@ def evaluate(
     if manifest.get("pooled"):
         pe, _ = _load_expert(experts / "experts" / POOLED)
         pooled = _embeddings_single(pe, down.scans)
+    if folds < cfg.eval.folds:  # said, not silent: the smallest class (in scans) caps the folds
+        print(f"neuromoe: {folds}-fold cross-validation, not {cfg.eval.folds}: the smallest class has "
+              f"{int(np.bincount(y['phenotype'][y['phenotype'] >= 0]).min())} scans", file=sys.stderr)
+    save_config(cfg, out)  # the folds train from this config: the evaluation folder records it
     splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=cfg.seed)
     fold_cfg = copy.deepcopy(cfg)
     fold_cfg.train.resumable = False  # folds are never resumed: no per-epoch checkpoint writes
