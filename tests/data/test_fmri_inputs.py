@@ -51,10 +51,10 @@ def test_load_timeseries_formats(tmp_path: Path) -> None:
     np.savetxt(tmp_path / "c.csv", x, delimiter=",")  # no header
     for name in ("a.npy", "b.tsv", "c.csv"):
         np.testing.assert_allclose(load_timeseries(tmp_path / name), x, rtol=1e-6, atol=1e-6)
-    (tmp_path / "d.tsv").write_text("r1\tr2\n1\t2\n3\tx\n4\t5\n")
+    (tmp_path / "d.tsv").write_text("r1\tr2\n1\t2\n3\tx\n4\t5\n")  # parsed before the length check
     with pytest.raises(InputError, match=r"d\.tsv: non-numeric value 'x' at row 3, column 2"):
         load_timeseries(tmp_path / "d.tsv")
-    (tmp_path / "e.tsv").write_text("1\t2\nn/a\t3\n4\t5\n6\t7\n")
+    (tmp_path / "e.tsv").write_text("1\t2\nn/a\t3\n" + "".join(f"{i}\t{i + 1}\n" for i in range(4, 14)))
     with pytest.raises(InputError, match=r"e\.tsv: 1 NaN/Inf values \(first at timepoint 1, ROI 0\)"):
         load_timeseries(tmp_path / "e.tsv")
     np.save(tmp_path / "f.npy", x[:, 0])
@@ -157,8 +157,9 @@ def test_bold_refusals(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(nan, AFFINE), tmp_path / "nan.nii.gz")
     with pytest.raises(InputError, match="1 NaN/Inf voxels"):
         extract_timeseries(tmp_path / "nan.nii.gz", SEEDS)
+    _bold(tmp_path / "long.nii.gz", n_t=12)
     with pytest.raises(InputError, match=r"\(M, 3\) array"):
-        extract_timeseries(tmp_path / "short.nii.gz", np.zeros((4, 2)), min_volumes=3)
+        extract_timeseries(tmp_path / "long.nii.gz", np.zeros((4, 2)))
 
 
 def test_real_nibabel_headers() -> None:
@@ -258,11 +259,11 @@ def test_a_missing_value_in_the_first_volume_is_not_a_header(tmp_path):
     """n/a in row 1 of a headerless table was taken for a header and the volume silently dropped."""
     from neuromoe.data.fmri import load_timeseries
 
-    (tmp_path / "a.tsv").write_text("1.0\tn/a\t2.0\n" + "\n".join("\t".join(["1", str(i), "3"]) for i in range(5)))
+    (tmp_path / "a.tsv").write_text("1.0\tn/a\t2.0\n" + "\n".join("\t".join(["1", str(i), "3"]) for i in range(12)))
     with pytest.raises(InputError, match="1 NaN/Inf values \\(first at timepoint 0, ROI 1\\)"):
         load_timeseries(tmp_path / "a.tsv")
-    (tmp_path / "b.tsv").write_text("roi_a\troi_b\n" + "\n".join(f"{i}\t{i * i}" for i in range(5)))
-    assert load_timeseries(tmp_path / "b.tsv").shape == (5, 2)
+    (tmp_path / "b.tsv").write_text("roi_a\troi_b\n" + "\n".join(f"{i}\t{i * i}" for i in range(12)))
+    assert load_timeseries(tmp_path / "b.tsv").shape == (12, 2)
 
 
 @pytest.mark.parametrize("first", [0, 1])

@@ -534,3 +534,29 @@ def test_a_folder_of_series_takes_csv_files_too(tmp_path) -> None:
     (tmp_path / "list.csv").write_text("subject,timeseries\nx,a.csv\n")  # a manifest is not a series
     table = _input_scans(tmp_path)
     assert sorted(p.rsplit("/", 1)[-1] for p in table["timeseries"]) == ["a.csv", "b.npy"]
+
+
+def test_pretraining_errors_name_the_scan_file(tmp_path) -> None:
+    """A constant ROI was 'scan 2', a short scan named the manifest, and a first scan stored ROI × time set the
+    ROI count so that the error blamed a good file."""
+    import numpy as np
+    import pandas as pd
+
+    from neuromoe.errors import InputError
+    from neuromoe.pipelines import brainmoe as bm
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        x = rng.standard_normal((40, 12))
+        if i == 2:
+            x[:, 3] = 1.0
+        np.save(tmp_path / f"s{i}.npy", x.T if i == 0 else x)
+        rows.append({"subject": f"sub-{i}", "state": "rest", "timeseries": f"s{i}.npy"})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    cfg = bm.load_brainmoe_config("tiny", seed=0, device="cpu")
+    with pytest.raises(InputError, match=r"s0\.npy: scan has 40 ROIs, the model expects 12 \(it has 12 rows"):
+        bm.pretrain(tmp_path / "m.csv", tmp_path / "run", cfg)
+    np.save(tmp_path / "s0.npy", rng.standard_normal((40, 12)))
+    with pytest.raises(InputError, match=r"s2\.npy: ROI 3 is constant"):
+        bm.pretrain(tmp_path / "m.csv", tmp_path / "run", cfg)

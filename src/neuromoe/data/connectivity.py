@@ -35,7 +35,7 @@ from neuromoe.errors import InputError
 from neuromoe.io.atomic import atomic_path
 
 KINDS = ("pearson", "partial", "tangent")
-MIN_TIMEPOINTS = 3
+MIN_TIMEPOINTS = 10  # as for BOLD runs: fewer volumes give FC that is noise, yet scored without a word
 _CLIP = 1.0 - 1e-7  # arctanh(±(1-1e-7)) ≈ ±8.4: identical ROIs stay finite
 _CHUNK = 16  # scans per stacked computation: float64 temporaries of ~9 MB at M=264 stay in cache
 
@@ -91,8 +91,8 @@ def check_timeseries(
             raise InputError(
                 f"ROI {int(const[0])}{more} is constant (zero variance)",
                 path=source,
-                fix="use an atlas whose ROIs lie inside the brain/field of view, or pass "
-                "on_constant='zero' to give such ROIs zero connectivity",
+                fix="use an atlas whose ROIs lie inside the brain/field of view, or drop the scan (Python API: "
+                "connectivity(..., on_constant='zero') gives such ROIs zero connectivity)",
             )
     return x
 

@@ -205,20 +205,26 @@ def _check_rois(ts: list[np.ndarray], spec: FCSpec, where: Any, table: pd.DataFr
     ``table``'s rows, aligned with ``ts``) or else ``where``."""
     bad = [i for i, x in enumerate(ts) if x.shape[1] != spec.n_rois]
     if bad:
+        x = ts[bad[0]]
+        swapped = x.shape[0] == spec.n_rois
         raise InputError(
-            f"scan has {ts[bad[0]].shape[1]} ROIs, the model expects {spec.n_rois}",
+            f"scan has {x.shape[1]} ROIs, the model expects {spec.n_rois}"
+            + (f" (it has {x.shape[0]} rows: stored ROI × time?)" if swapped else ""),
             path=(_scan_file(table.iloc[bad[0]]) if table is not None else "") or where,
-            fix="extract ROI signals with the atlas the model was trained on",
+            fix="save T rows × M ROI columns" if swapped else "extract ROI signals with the atlas the model was "
+            "trained on",
         )
 
 
-def _crop(ts: list[np.ndarray], n: int, where: Any, rng: np.random.Generator | None = None) -> np.ndarray:
-    """(N, n, M): a window of ``n`` TRs per scan (centre, or random with ``rng``), z-scored per ROI."""
-    short = [x.shape[0] for x in ts if x.shape[0] < n]
+def _crop(ts: list[np.ndarray], n: int, where: Any, rng: np.random.Generator | None = None,
+          table: pd.DataFrame | None = None) -> np.ndarray:
+    """(N, n, M): a window of ``n`` TRs per scan (centre, or random with ``rng``), z-scored per ROI; a scan
+    too short is named by its file (from ``table``'s rows, aligned with ``ts``) or else ``where``."""
+    short = [i for i, x in enumerate(ts) if x.shape[0] < n]
     if short:
         raise InputError(
-            f"scan has {short[0]} time points; the JEPA expert needs at least {n}",
-            path=where,
+            f"scan has {ts[short[0]].shape[0]} time points; the JEPA expert needs at least {n}",
+            path=(_scan_file(table.iloc[short[0]]) if table is not None else "") or where,
             fix="use longer runs or lower expert.window/expert.n_windows",
         )
     out = []
@@ -355,7 +361,8 @@ def pretrain(
     all_states = _states(table, cfg, None)
     todo = _states(table, cfg, states)
     ts = _timeseries(table)
-    n_rois = ts[0].shape[1]
+    # the most common ROI count: a first scan stored ROI × time must not set it and blame the good ones
+    n_rois = Counter(x.shape[1] for x in ts).most_common(1)[0][0]
     spec = FCSpec(cfg.data.fc_kind, cfg.data.fisher_z, n_rois)
     if cfg.expert.kind == "jepa":
         spec.n_timepoints = cfg.expert.window * cfg.expert.n_windows
@@ -364,9 +371,9 @@ def pretrain(
         from neuromoe.data.connectivity import tangent_reference
 
         spec.reference = np.asarray(tangent_reference(ts), dtype=np.float64).tolist()
-    tensors = {"fc": torch.from_numpy(_fc(ts, spec))}
+    tensors = {"fc": torch.from_numpy(_fc(ts, spec, [_scan_file(r) for _, r in table.iterrows()]))}
     if spec.n_timepoints:
-        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data))
+        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data, table=table))
     state_of = table["state"].astype(str).to_numpy()
     groups = table["subject"].astype(str).to_numpy()
     scans = ScanSet(tensors)
@@ -572,9 +579,9 @@ def _downstream(
         )
     ts = _timeseries(table)
     _check_rois(ts, spec, data, table)
-    tensors = {"fc": torch.from_numpy(_fc(ts, spec))}
+    tensors = {"fc": torch.from_numpy(_fc(ts, spec, [_scan_file(r) for _, r in table.iterrows()]))}
     if spec.n_timepoints:
-        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data))
+        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data, table=table))
     classes = classes or sorted(table[col].astype(str).unique())
     if len(classes) < 2:
         raise InputError(f"'{col}' has one class only ({classes})", path=data, fix="use a labelled cohort")
