@@ -191,3 +191,23 @@ def test_participants_naming_no_image_subject_is_reported(tmp_path, capsys):
     (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-1\t30\n")
     load_table(tmp_path)
     assert "names none of the image subjects" in capsys.readouterr().err
+
+
+def test_sessions_tsv_gives_each_visit_its_own_age(tmp_path):
+    """A longitudinal subject: participants.tsv has one age, sub-01_sessions.tsv the age at each visit (it was
+    ignored: both sessions got the baseline age and the same brain-age gap)."""
+    for ses in ("ses-01", "ses-02"):
+        _img(tmp_path / f"sub-01/{ses}/anat/sub-01_{ses}_T1w.nii.gz")
+    _img(tmp_path / "sub-02/ses-01/anat/sub-02_ses-01_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t76.1\tF\nsub-02\t60\tM\n")
+    (tmp_path / "sub-01/sub-01_sessions.tsv").write_text("session_id\tage\nses-01\t76.1\n02\t80.5\n")
+    df = load_table(tmp_path).set_index(["subject", "session"])
+    assert df.loc[("sub-01", "ses-02"), "age"] == 80.5 and df.loc[("sub-01", "ses-01"), "age"] == 76.1
+    assert df.loc[("sub-02", "ses-01"), "age"] == 60 and df.loc[("sub-01", "ses-02"), "sex"] == "F"
+
+
+def test_n_a_in_an_image_column_is_no_image(tmp_path):
+    t1 = _img(tmp_path / "a_T1w.nii.gz")
+    (tmp_path / "m.csv").write_text(f"subject,t1,flair\nsub-01,{t1.name},n/a\n")
+    row = load_table(tmp_path / "m.csv").iloc[0]
+    assert row["t1"].endswith("a_T1w.nii.gz") and pd.isna(row["flair"])

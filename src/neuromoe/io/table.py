@@ -105,8 +105,37 @@ def _load_bids(root: Path) -> pd.DataFrame:
                   f"{', '.join(labels['subject'].head(3))}; the images {', '.join(df['subject'].head(3))}): no "
                   "labels are read; write participant_id as the folder names (sub-<label>)", file=sys.stderr)
         df = df.merge(labels, on="subject", how="left")
+    if "session" in df.columns:
+        df = _merge_sessions(df, root)
     df.attrs["labels_missing"] = not part.exists()
     return df
+
+
+def _merge_sessions(df: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Per-session values from ``sub-<label>/sub-<label>_sessions.tsv`` (BIDS): a longitudinal subject's age at
+    each visit (ADNI, OASIS) replaces the one participants.tsv gives for the whole subject."""
+    tables = []
+    for sub in df["subject"].unique():
+        path = root / sub / f"{sub}_sessions.tsv"
+        if not path.is_file():
+            continue
+        t = read_delimited(path, "\t", path.name)
+        if "session_id" not in t.columns:
+            raise InputError(f"{path.name} has no session_id column", path=path,
+                             fix="a tab-separated file whose first column is session_id (BIDS)")
+        ses = t["session_id"].str.strip()
+        tables.append(t.drop(columns="session_id").assign(subject=sub, session=ses.where(ses.str.startswith("ses-"),
+                                                                                       "ses-" + ses)))
+    if not tables:
+        return df
+    per = pd.concat(tables, ignore_index=True).replace({"n/a": "", "NaN": "", "nan": ""})
+    out = df.merge(per, on=["subject", "session"], how="left", suffixes=("", "__session"))
+    for col in [c for c in per.columns if c not in ("subject", "session")]:
+        if f"{col}__session" in out.columns:  # a session's own value wins where it has one
+            given = out[f"{col}__session"].fillna("").astype(str) != ""
+            out.loc[given, col] = out.loc[given, f"{col}__session"]
+            out = out.drop(columns=f"{col}__session")
+    return out
 
 
 def _merge_runless(rows: dict[tuple[str, str, str, str], dict[str, str]], root: Path) -> None:
@@ -181,7 +210,9 @@ def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.
             if bad:
                 raise InputError(f"column '{col}' holds a path with a NUL byte ({bad[0]!r})", path=source,
                                  fix="re-export the manifest as plain text")
-            df[col] = [os.path.abspath(source.parent / p) if p else "" for p in df[col]]
+            # BIDS writes a missing value as n/a: in an image column it is no image, not a file named "a"
+            df[col] = [os.path.abspath(source.parent / p) if p and p.strip() not in ("n/a", "NA") else ""
+                       for p in df[col]]
     else:
         raise InputError("not a manifest (.csv/.tsv) or a BIDS folder", path=source,
                          fix="give a manifest CSV/TSV or a BIDS root folder")
