@@ -150,15 +150,32 @@ def _resample(mt: MetaTensor, spec: PreprocSpec, mode: str) -> MetaTensor:
 
 def _spatial(mt: MetaTensor, spec: PreprocSpec, mode: str, bbox: tuple | None) -> MetaTensor:
     mt = _resample(mt, spec, mode)
+    if bbox is not None and spec.shape is not None:
+        # the output window is centred on the foreground box, taken whole even where its margin reaches past
+        # the array (zeros there): clipping it at the edge moved the window when a scan's field of view ended
+        # near the head, so the same head with a few more empty slices reached the model a voxel off
+        start, end = (np.asarray(v) for v in bbox)
+        size, shape = end - start, np.asarray(spec.shape)
+        lo = start + np.where(size >= shape, (size - shape) // 2, -((shape - size) // 2))
+        return _window(mt, lo, lo + shape)
     if bbox is not None:
-        start, end = bbox
-        sl = tuple(slice(int(s), int(e)) for s, e in zip(start, end, strict=True))
-        shift = np.eye(4)
-        shift[:3, 3] = [s.start for s in sl]
-        mt = MetaTensor(mt.as_tensor()[(slice(None), *sl)].clone(), affine=torch.as_tensor(np.asarray(mt.affine) @ shift))
+        n = np.asarray(mt.shape[1:])
+        mt = _window(mt, np.maximum(bbox[0], 0), np.minimum(bbox[1], n))
     if spec.shape is not None:
         mt = ResizeWithPadOrCrop(spec.shape)(mt)
     return mt
+
+
+def _window(mt: MetaTensor, lo: np.ndarray, hi: np.ndarray) -> MetaTensor:
+    """Voxels ``[lo, hi)`` of ``mt`` (zeros outside the array), with the affine of that window."""
+    arr = mt.as_tensor()
+    n = arr.shape[1:]
+    sl = tuple(slice(int(max(a, 0)), int(min(b, d))) for a, b, d in zip(lo, hi, n, strict=True))
+    pad = [int(p) for a, b, d in reversed(list(zip(lo, hi, n, strict=True))) for p in (max(-a, 0), max(b - d, 0))]
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    return MetaTensor(torch.nn.functional.pad(arr[(slice(None), *sl)], pad).clone(),
+                      affine=torch.as_tensor(np.asarray(mt.affine) @ shift))
 
 
 def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Preprocessed:
@@ -257,16 +274,21 @@ def _check_overlap(img: Image, ref: Image, role: str, ref_role: str, min_fractio
 
 
 def _foreground_box(ref: np.ndarray, margin: int) -> tuple[list[int], list[int]] | None:
-    """Bounding box of the non-zero voxels plus ``margin``, clipped to the array."""
-    nz = np.argwhere(ref > 0)
-    if nz.size == 0:
+    """Bounding box of the foreground plus ``margin``; it may reach past the array. Foreground is above a
+    millionth of the maximum: interpolation leaves ~1e-15 dust beside an exactly zero background, and a dust
+    voxel on one grid but not another moved the box by a voxel."""
+    peak = float(np.abs(ref).max()) if ref.size else 0.0
+    nz = np.argwhere(ref > 1e-6 * peak)
+    if nz.size == 0 or peak == 0:
         return None
-    start = np.maximum(nz.min(0) - margin, 0)
-    end = np.minimum(nz.max(0) + 1 + margin, ref.shape)
-    return start.tolist(), end.tolist()
+    return (nz.min(0) - margin).tolist(), (nz.max(0) + 1 + margin).tolist()
 
 
 def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
+    # interpolation dust (~1e-15 beside an exactly zero background) is background: counted as foreground it
+    # entered the statistics and came out as strongly negative voxels, on one grid but not another
+    peak = float(np.abs(chan).max()) if chan.size else 0.0
+    chan = np.where(np.abs(chan) > 1e-6 * peak, chan, 0.0).astype(np.float32)
     t = torch.as_tensor(chan[None])
     if spec.norm == "zscore":
         t = NormalizeIntensity(nonzero=True)(t)
@@ -303,9 +325,10 @@ def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) ->
 # bumped whenever loading or preprocessing gives other arrays for the same file and spec, or refuses a file it
 # used to take (v2: the header's spatial unit is honoured; v3: single slices stored as 3-D are refused; v4:
 # registered scans are resampled onto an MNI-aligned grid; v5: a 4-D DWI's trace keeps a zero background; v6:
-# oblique grids are resampled onto world axes; v7: registration searches its start rotation and is seeded), so an
+# oblique grids are resampled onto world axes; v7: registration searches its start rotation and is seeded; v8:
+# the output window is centred on the whole foreground box and interpolation dust is background), so an
 # existing cache is never served stale by a newer version
-CACHE_VERSION = 7
+CACHE_VERSION = 8
 
 
 class PreprocCache:
