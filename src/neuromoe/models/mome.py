@@ -10,9 +10,9 @@ MoME+ (``multimodal=True``) takes all modalities of a case at once with an avail
 dispatch network turns the availability into a constrained soft matrix ``D`` (identity rows for present
 modalities, learned mixtures of present ones for missing modalities) that fills each expert's input.
 
-Sparse experts (``top_k > 0``, beyond the reference): a light case-level router over a downsampled input
-(and the availability) selects ``top_k`` experts; only they run, so inference costs ~k/E of the dense
-model. The router is trained through the fused output (its weights enter the gate's log-space) and a
+Sparse experts (``top_k > 0``, beyond the reference): a light router over a downsampled input (and the
+availability) selects ``top_k`` experts for each input it sees — a training patch, a sliding window at
+inference — and only they run, so inference costs ~k/E of the dense model. The router is trained through the fused output (its weights enter the gate's log-space) and a
 load-balancing loss.
 """
 
@@ -154,7 +154,7 @@ class MoMEOutput:
     expert_logits: dict[int, list[Tensor]]  # expert index → its logits per scale (only experts that ran)
     gates: list[Tensor]  # (B, E, *scale) per scale; zeros for experts that did not run
     aux_loss: Tensor
-    router_probs: Tensor | None = None  # (B, E) case-level router (sparse mode)
+    router_probs: Tensor | None = None  # (B, E) router probabilities per input (sparse mode)
     selected: Tensor | None = None  # (B, k) selected experts (sparse mode)
     dispatch: Tensor | None = None  # (B, E, M) MoME+ dispatch matrix
     extra: dict[str, Any] = field(default_factory=dict)
@@ -251,7 +251,7 @@ class MoME(PretrainedMixin, nn.Module):
         return xin, D
 
     def route(self, x: Tensor, available: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Case-level top-k router → (probs (B,E), topk idx, topk weights, balance loss)."""
+        """Top-k router per input (patch or window) → (probs (B,E), topk idx, topk weights, balance loss)."""
         assert self.router is not None and self.router_encoder is not None
         pool = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
         h = self.router_encoder(pool(x.float(), self.router_size).flatten(1).to(x.dtype))
