@@ -98,7 +98,8 @@ def encode_labels(table: pd.DataFrame, tasks: Sequence[TaskSpec], source: str = 
                 if key not in index:
                     raise InputError(
                         f"column '{col}' has value '{key}' that is not a class of task '{t.name}' {t.classes}",
-                        path=source, fix=f"fix the value or set the task's classes to include '{key}'",
+                        path=source, fix=f"recode the column to {', '.join(map(str, t.classes))} (a trained model's "
+                        f"classes are fixed), or, before training, set the task's classes to include '{key}'",
                     )
                 codes[i] = index[key]
             out[t.name] = codes
