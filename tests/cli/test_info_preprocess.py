@@ -73,3 +73,26 @@ def test_train_with_a_bad_preprocessing_override_is_a_one_line_error(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("neuromoe: error: preprocessing") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_info_warns_when_the_header_has_no_orientation(tmp_path, capsys) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from neuromoe.cli.main import main
+
+    img = nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4))
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    nib.save(img, tmp_path / "noorient.nii.gz")
+    hdr = nib.load(tmp_path / "noorient.nii.gz").header
+    assert (int(hdr["qform_code"]), int(hdr["sform_code"])) == (0, 0)
+    assert main(["info", str(tmp_path / "noorient.nii.gz")]) == 0
+    assert "WARN" in capsys.readouterr().out
+    assert "no orientation" in describe_reasons(tmp_path / "noorient.nii.gz")
+
+
+def describe_reasons(path) -> str:
+    from neuromoe.cli.info import describe
+
+    return " ".join(describe(str(path))["reasons"])

@@ -34,7 +34,10 @@ def describe(path: str) -> dict[str, Any]:
         reasons.append(f"strongly anisotropic spacing {sp}")
     if max(sp) > 5:
         reasons.append(f"coarse spacing {sp} mm")
-    if info["orientation"] != "RAS":
+    if info["codes"] == [0, 0]:  # NIfTI "method 1": voxel sizes only; nibabel then assumes Analyze's LAS
+        reasons.append("no orientation in the header (qform_code = sform_code = 0): read as "
+                       f"{info['orientation']}, left and right may be swapped")
+    elif info["orientation"] != "RAS":
         reasons.append(f"stored as {info['orientation']} (reoriented to RAS+ on load)")
     info.update(min=float(img.data.min()), max=float(img.data.max()),
                 verdict="WARN" if reasons else "OK", reasons=reasons)

@@ -166,6 +166,7 @@ def inspect_nifti(path: str | Path, *, allow_4d: bool = True, max_voxels: int = 
         "shape": [int(s) for s in img.shape],
         "spacing": [round(float(z), 6) for z in np.linalg.norm((_to_mm(img) @ img.affine)[:3, :3], axis=0)],
         "orientation": "".join(nib.aff2axcodes(img.affine)), "dtype": str(img.get_data_dtype()),
+        "codes": [int(img.header["qform_code"]), int(img.header["sform_code"])],
     }
 
 
