@@ -126,6 +126,8 @@ def test_evaluate_reports_brainmoe_and_pooled_baselines(cohort, pretrained, tmp_
     out = bm.evaluate(pretrained, cohort, tmp_path / "eval", _cfg())
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / "config.yaml").is_file() and metrics["experts_adapted"] is _cfg().model.unfreeze_experts
+    folds = pd.read_csv(out / "predictions.csv")["fold"]
+    assert sorted(folds.unique()) == list(range(metrics["folds"]))
     assert set(metrics["summary"]) == {"BrainMoE", "pooled+MLP", "pooled+SVM"}
     for model in metrics["summary"].values():
         f1, sd = model["phenotype_f1_macro"]

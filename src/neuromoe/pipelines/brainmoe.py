@@ -1091,6 +1091,7 @@ def evaluate(
         res = _run_moe(model, down.scans.subset(te), age_stats)
         for k, v in res.items():
             oof.setdefault(k, np.zeros((len(groups), *v.shape[1:]), dtype=v.dtype))[te] = v
+        oof.setdefault("fold", np.full(len(groups), -1))[te] = f
         yte = {k: v[te] for k, v in y.items()}
         per_fold["BrainMoE"].append(
             _fold_metrics({k: res[k] for k in ("phenotype", "sex", "age") if k in res}, yte)
@@ -1139,6 +1140,7 @@ def evaluate(
     }
     atomic_write_json(out / "metrics.json", metrics, strict=True)
     frame = _scan_ids(down.table)
+    frame["fold"] = oof["fold"]  # the per-fold metrics can be recomputed from this table
     frame["phenotype"] = down.table[cfg.data.phenotype].to_numpy()
     for ci, c in enumerate(down.classes):
         frame[f"phenotype_p_{c}"] = oof["phenotype"][:, ci]
