@@ -494,3 +494,20 @@ def test_a_rerun_records_its_own_training_config_but_keeps_a_family_config(tmp_p
     (tmp_path / "family" / "config.yaml").write_text("model: {preset: tiny}\ntrain: {epochs: 2}\n")
     MSETrainer(_model(), _cfg(epochs=1), _data(), run_dir=tmp_path / "family").fit()
     assert "model" in yaml.safe_load((tmp_path / "family" / "config.yaml").read_text())
+
+
+def test_a_resumed_runs_log_equals_the_uninterrupted_one_when_checkpoints_fall_inside_a_log_window(
+        tmp_path: Path) -> None:
+    """ckpt_every 2, log_every 3: the steps before the checkpoint were missing from the resumed run's average."""
+    kw = dict(epochs=2, accum_steps=1, ckpt_every=2, log_every=3)  # 10 steps per epoch
+    MSETrainer(_model(), _cfg(**kw), _data(80), run_dir=tmp_path / "a").fit()
+    part = MSETrainer(_model(), _cfg(**kw), _data(80), run_dir=tmp_path / "b")
+    part.fail_at = 5  # after the checkpoint at step 4, inside the window of steps 4-6
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    MSETrainer(_model(), _cfg(**kw), _data(80), run_dir=tmp_path / "b").fit(resume=True)
+
+    def rows(run: str) -> list[dict[str, str]]:
+        return [r for r in csv.DictReader((tmp_path / run / "metrics.csv").open()) if r.get("train_loss")]
+
+    assert rows("a") == rows("b")

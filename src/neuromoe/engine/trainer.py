@@ -377,6 +377,7 @@ class Trainer:
         scheduler = WarmupCosine(optimizer, total, cfg.warmup_frac, cfg.min_lr_ratio)
         sign = 1.0 if cfg.monitor_mode == "min" else -1.0
         best, best_step, bad, start_epoch, skip = sign * math.inf, -1, 0, 0, 0
+        resumed_logs: dict[str, Any] | None = None
         if resume and not self.ckpt_path.is_file() and self.rank == 0:
             print(f"neuromoe: no checkpoint at {self.ckpt_path}: --resume starts from the beginning", file=sys.stderr)
         if resume and self.ckpt_path.is_file():
@@ -393,6 +394,8 @@ class Trainer:
             self.global_step, start_epoch, skip = int(pos["global_step"]), int(pos["epoch"]), int(pos["batch"])
             best, best_step, bad = float(pos["best"]), int(pos["best_step"]), int(pos["bad"])
             self.history = list(state["history"])
+            logs = pos.get("logs")  # the partial log window of a mid-epoch checkpoint (per rank under DDP)
+            resumed_logs = (logs[min(self.rank, len(logs) - 1)] if isinstance(logs, list) else logs) or None
             rng = state["rng"]  # one state per rank under DDP (a list), else one
             set_rng_state(rng[min(self.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
             if self.best_path.is_file():
@@ -402,19 +405,21 @@ class Trainer:
             self.best_path.unlink(missing_ok=True)
             self.ckpt_path.unlink(missing_ok=True)
 
-        def checkpoint(epoch: int, batch: int) -> None:
+        def checkpoint(epoch: int, batch: int, logs: dict[str, Any] | None = None) -> None:
             if not cfg.resumable:
                 return
             rng: Any = rng_state()
             if self.world_size > 1:  # every rank draws its own stream: keep each one for an exact resume
-                rng = [None] * self.world_size
+                rng, own_logs = [None] * self.world_size, logs
                 torch.distributed.all_gather_object(rng, rng_state())
+                logs = [None] * self.world_size
+                torch.distributed.all_gather_object(logs, own_logs)
             if self.rank == 0:
                 save_checkpoint(self.ckpt_path, {
                     "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng, "history": self.history,
                     "position": {"epoch": epoch, "batch": batch, "global_step": self.global_step, "best": best,
-                                 "best_step": best_step, "bad": bad}})
+                                 "best_step": best_step, "bad": bad, "logs": logs}})
             dist_utils.barrier()
 
         bar = None
@@ -440,6 +445,9 @@ class Trainer:
             running: dict[str, float] = {}
             seen: dict[str, int] = {}
             n_micro = 0
+            if epoch == start_epoch and first and resumed_logs:  # the log row then equals an uninterrupted run's
+                running, seen = dict(resumed_logs["running"]), dict(resumed_logs["seen"])
+                n_micro = int(resumed_logs["n_micro"])
             for i, batch in enumerate(loader, start=first):
                 # the last group of an epoch may be shorter than accum_steps; scale by its real size
                 group_start = (i // cfg.accum_steps) * cfg.accum_steps
@@ -478,7 +486,7 @@ class Trainer:
                     self._log(row)
                     running, seen, n_micro = {}, {}, 0
                 if cfg.ckpt_every and self.global_step % cfg.ckpt_every == 0:
-                    checkpoint(epoch, i + 1)
+                    checkpoint(epoch, i + 1, {"running": running, "seen": seen, "n_micro": n_micro})
                 if self.global_step >= total:
                     stop = True
                     break
