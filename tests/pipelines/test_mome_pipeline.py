@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -193,6 +194,20 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     (manifest.parent / "unmasked.csv").write_text("\n".join(unmasked) + "\n")
     with pytest.raises(InputError, match="no 'test' case has a lesion mask"):
         mome.evaluate(run / "train" / "model", manifest.parent / "unmasked.csv", tmp_path / "ev0", device="cpu")
+    # a lesion outside the training shape's central window is scored whole (the crop cut it out of the truth)
+    big = np.zeros((24, 48, 24), np.float32) + 1.0
+    lesion = np.zeros(big.shape, np.uint8)
+    lesion[10:14, 41:45, 10:13] = 1
+    aff = np.diag([6.0, 6.0, 6.0, 1.0])
+    (tmp_path / "edge").mkdir()
+    nib.save(nib.Nifti1Image(big - 0.6 * lesion, aff), str(tmp_path / "edge" / "t1.nii.gz"))
+    nib.save(nib.Nifti1Image(lesion, aff), str(tmp_path / "edge" / "mask.nii.gz"))
+    (tmp_path / "edge" / "m.csv").write_text("subject,t1,mask,lesion_type,dataset,split\n"
+                                             "sub-e,t1.nii.gz,mask.nii.gz,wmh,wmh,test\n")
+    ev = mome.evaluate(run / "train" / "model", tmp_path / "edge" / "m.csv", tmp_path / "ev_edge", device="cpu",
+                       n_overlays=0)
+    per_case = pd.read_csv(ev / "per_case.csv")
+    assert per_case["volume_gt_ml"].iloc[0] == pytest.approx(48 * 0.216)
     t1 = tmp_path / "cohort" / "sub-00" / "t1.nii.gz"
     sidecars, failures = mome.segment(
         run / "train" / "model", {"t1": t1}, tmp_path / "m.nii.gz", device="cpu"
