@@ -612,3 +612,16 @@ def test_an_encoder_pretrained_with_other_attention_heads_is_refused(tmp_path) -
     pipe._load_pretrained(create_model("denseformer_tiny", tasks=tasks), tmp_path / "mae2")
     with pytest.raises(ModelFormatError, match="does not match"):
         pipe._load_pretrained(create_model("denseformer_tiny", tasks=tasks), tmp_path / "mae4")
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, float("nan"), 1.5])
+def test_a_label_fraction_outside_0_1_is_a_config_error(fraction, tmp_path) -> None:
+    """0 and negative values trained on one subject per cohort (the report said '0 %'); NaN crashed."""
+    from neuromoe.errors import ConfigError
+
+    cfg = pipe.load_denseformer_config("tiny")
+    cfg.finetune.label_fraction = fraction
+    with pytest.raises(ConfigError, match=r"finetune\.label_fraction"):
+        pipe.train(tmp_path / "nothing.csv", tmp_path / "out", cfg)
+    with pytest.raises(ConfigError, match=r"finetune\.label_fraction"):
+        pipe.load_denseformer_config("tiny", [f"finetune.label_fraction={fraction}"])

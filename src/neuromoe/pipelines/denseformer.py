@@ -134,6 +134,19 @@ class FinetuneSection:
     # their optimum (sex train loss at chance while a logistic fit on the same features reaches AUC 0.8).
     refit_heads: bool = False
 
+    def problems(self) -> list[tuple[str, str, str]]:
+        """Values of the right type that fine-tuning cannot use (named under ``finetune.`` by the loader)."""
+        out = []
+        if not 0 < self.label_fraction <= 1:  # 0 or negative trained on one subject per cohort; NaN crashed
+            out.append(("label_fraction", f"{self.label_fraction} is not in (0, 1]", "0.1"))
+        if not 0 < self.layer_decay <= 1:
+            out.append(("layer_decay", f"{self.layer_decay} is not in (0, 1]", "0.75"))
+        if self.regression_only_epochs < 0:
+            out.append(("regression_only_epochs", "must be >= 0", "0"))
+        if not self.head_lr_scale > 0:
+            out.append(("head_lr_scale", f"{self.head_lr_scale} is not a positive number", "1"))
+        return out
+
 
 @dataclass
 class EvalSection:
@@ -539,6 +552,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     cfg = cfg or load_denseformer_config()
     out = Path(out)
     ft = cfg.finetune
+    for key, what, value in ft.problems():  # CLI flags (--label-fraction) are set after the loader checked
+        raise ConfigError(f"finetune.{key} {what}", fix=f"e.g. --set finetune.{key}={value}")
     if ft.regression_only_epochs >= cfg.train.epochs and any(t.type == "classification" for t in ft.tasks):
         raise ConfigError(f"finetune.regression_only_epochs ({ft.regression_only_epochs}) leaves no epoch for the "
                           f"classification tasks (train.epochs = {cfg.train.epochs})",
