@@ -208,6 +208,13 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
                        n_overlays=0)
     per_case = pd.read_csv(ev / "per_case.csv")
     assert per_case["volume_gt_ml"].iloc[0] == pytest.approx(48 * 0.216)
+    # a lesion-free case (healthy control) is scored, not refused as an "all zeros" image
+    nib.save(nib.Nifti1Image(np.zeros(big.shape, np.uint8), aff), str(tmp_path / "edge" / "empty.nii.gz"))
+    (tmp_path / "edge" / "e.csv").write_text("subject,t1,mask,lesion_type,dataset,split\n"
+                                             "sub-h,t1.nii.gz,empty.nii.gz,wmh,wmh,test\n")
+    ev = mome.evaluate(run / "train" / "model", tmp_path / "edge" / "e.csv", tmp_path / "ev_free", device="cpu",
+                       n_overlays=0)
+    assert pd.read_csv(ev / "per_case.csv")["volume_gt_ml"].iloc[0] == 0
     t1 = tmp_path / "cohort" / "sub-00" / "t1.nii.gz"
     sidecars, failures = mome.segment(
         run / "train" / "model", {"t1": t1}, tmp_path / "m.nii.gz", device="cpu"

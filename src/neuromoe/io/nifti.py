@@ -170,7 +170,8 @@ def inspect_nifti(path: str | Path, *, allow_4d: bool = True, max_voxels: int = 
     }
 
 
-def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MAX_VOXELS) -> Image:
+def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MAX_VOXELS,
+               allow_empty: bool = False) -> Image:
     """Load a NIfTI as a RAS+ float32 :class:`Image`; every bad input raises :class:`InputError`."""
     path = Path(path)
     img = _open_header(path)
@@ -193,7 +194,7 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MA
     if not np.all(np.isfinite(data)):
         raise InputError(f"{int((~np.isfinite(data)).sum())} NaN/Inf voxels", path=path,
                          fix="replace non-finite voxels (e.g. fslmaths -nan)")
-    if not np.any(data):
+    if not np.any(data) and not allow_empty:
         raise InputError("image is all zeros", path=path, fix="check the export; the volume is empty")
     start = ornt.io_orientation(img.affine)
     ras = ornt.apply_orientation(data, start)
@@ -254,8 +255,10 @@ def load_dwi(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Image:
 
 
 def load_role(path: str | Path, role: str) -> Image:
-    """An image of one manifest role: :func:`load_dwi` for ``dwi`` (3-D, or 4-D with b-values), else 3-D only."""
-    return load_dwi(path) if role == "dwi" else load_nifti(path)
+    """An image of one manifest role: :func:`load_dwi` for ``dwi`` (3-D, or 4-D with b-values), else 3-D only.
+    A ``mask`` may be all zeros: a lesion-free scan (a healthy control, a case whose lesion resolved) is a
+    valid case, scored by the metrics' empty-mask rules."""
+    return load_dwi(path) if role == "dwi" else load_nifti(path, allow_empty=role == "mask")
 
 
 def save_nifti(data: np.ndarray, path: str | Path, *, like: Image | None = None,
