@@ -194,6 +194,15 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     (manifest.parent / "unmasked.csv").write_text("\n".join(unmasked) + "\n")
     with pytest.raises(InputError, match="no 'test' case has a lesion mask"):
         mome.evaluate(run / "train" / "model", manifest.parent / "unmasked.csv", tmp_path / "ev0", device="cpu")
+    # the same cases in another order without their split column: a split drawn anew is refused when its
+    # 'test' cases include fitted ones (one lesion type: a stratum big enough for a test case)
+    rows = manifest.read_text().splitlines()
+    header = rows[0].split(",")
+    drop = header.index("split")
+    shuffled = [",".join(c for j, c in enumerate(r.split(",")) if j != drop) for r in [rows[0], *rows[:0:-1]]]
+    (manifest.parent / "nosplit.csv").write_text("\n".join(shuffled).replace(",ms,msseg", ",wmh,wmh") + "\n")
+    with pytest.raises(InputError, match="used to train or tune"):
+        mome.evaluate(run / "train" / "model", manifest.parent / "nosplit.csv", tmp_path / "ev_ns", device="cpu")
     # a lesion outside the training shape's central window is scored whole (the crop cut it out of the truth)
     big = np.zeros((24, 48, 24), np.float32) + 1.0
     lesion = np.zeros(big.shape, np.uint8)

@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -315,3 +316,13 @@ def write_failures(path: str | Path, rows: Sequence[dict[str, str]]) -> None:
         return
     with atomic_path(path) as tmp:
         pd.DataFrame(list(rows)).to_csv(tmp, index=False)
+
+
+def scan_fingerprints(paths: Sequence[Any] | pd.Series) -> set[str]:
+    """Short hashes of absolute scan paths: a model stores those it was fitted on, so an evaluation of another
+    split (another seed, a manifest without its split column, rows in another order) can refuse to score them
+    as held-out, without the model carrying the cohort's file names."""
+    import hashlib
+
+    return {hashlib.sha1(os.path.abspath(str(p)).encode()).hexdigest()[:16] for p in paths
+            if isinstance(p, (str, os.PathLike)) and str(p)}

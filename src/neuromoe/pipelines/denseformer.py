@@ -18,13 +18,12 @@ Conventions shared by the steps:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +56,7 @@ from neuromoe.eval.conformal import (
 )
 from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs
-from neuromoe.io.table import failures_path, write_failures
+from neuromoe.io.table import failures_path, scan_fingerprints, write_failures
 from neuromoe.models.denseformer import Attention, DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
 FAMILY = "denseformer"
@@ -413,7 +412,7 @@ def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = 
     extra = {"kind": "mae", "img_size": list(_img_size(cfg)), "best_val_loss": result.best_metric,
              "n_train": len(train_set), "n_val": 0 if val_set is None else len(val_set),
              "mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss, "split_seed": cfg.seed,
-             "scan_fingerprints": sorted(_scan_fingerprints(table["t1"][split != "test"]))}
+             "scan_fingerprints": sorted(scan_fingerprints(table["t1"][split != "test"]))}
     save_model(model.cpu(), out / "model", {"family": FAMILY, "preprocessing": spec.to_dict(), "tasks": [],
                                             "extra": extra})
     fig_path = out / "reconstruction.png"
@@ -482,17 +481,11 @@ def _add_pretrain(section: Any, extra: dict[str, Any], fig: Path) -> None:
 # ---------------------------------------------------------------------------------------------- train
 
 
-def _scan_fingerprints(paths: Iterable[Any]) -> set[str]:
-    """Short hashes of absolute scan paths: lets fine-tuning check that MAE pretraining never saw its test
-    scans without storing the cohort's file names in a shareable model."""
-    return {hashlib.sha1(os.path.abspath(str(p)).encode()).hexdigest()[:16] for p in paths}
-
-
 def _check_pretrain_leak(meta: dict[str, Any], test_scans: pd.Series, source: str, seed: int) -> None:
     """Refuse a fine-tune whose test scans were MAE-pretraining inputs (another seed's split, or another split
     column): its test metrics would be optimistic. Models pretrained before 2026-12-03 carry no fingerprints."""
     seen = set(meta.get("extra", {}).get("scan_fingerprints", []))
-    leaked = len(seen & _scan_fingerprints(test_scans))
+    leaked = len(seen & scan_fingerprints(test_scans))
     if leaked:
         pseed = meta["extra"].get("split_seed")
         raise InputError(f"{leaked} of the {len(test_scans)} test scans were used for MAE pretraining "
@@ -620,7 +613,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
                   "best_val_loss": result.best_metric, "head_refit": refit, "split_seed": cfg.seed,
                   # train + val scans (fitting, checkpoint choice, calibration): evaluate refuses to score them
                   # as test when its table's split differs from this one
-                  "fit_fingerprints": sorted(_scan_fingerprints(table["t1"][split != "test"]))},
+                  "fit_fingerprints": sorted(scan_fingerprints(table["t1"][split != "test"]))},
     }
     save_model(model, out / "model", meta)
     section = _new_section("DenseFormer-MoE: multi-task fine-tuning")
@@ -960,7 +953,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     rows = splits == split
     if not rows.any():
         raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
-    fitted = len(set(extra.get("fit_fingerprints", [])) & _scan_fingerprints(table["t1"][rows]))
+    fitted = len(set(extra.get("fit_fingerprints", [])) & scan_fingerprints(table["t1"][rows]))
     if split == "test" and fitted:  # e.g. the same manifest without its split column: a new random split
         raise InputError(f"{fitted} of the {int(rows.sum())} 'test' scans were used to train or calibrate this model",
                          path=source, fix="evaluate on the table the model was trained with (same 'split' column) "

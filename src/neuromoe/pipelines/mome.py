@@ -40,7 +40,7 @@ from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text
-from neuromoe.io.table import write_failures
+from neuromoe.io.table import scan_fingerprints, write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
     MoME,
@@ -166,6 +166,15 @@ def _cache(cache_dir: str | None) -> Any:
 
     root = cache_dir or os.environ.get("NEUROMOE_CACHE") or Path.home() / ".cache" / "neuromoe" / "preprocess"
     return PreprocCache(root)
+
+
+def _fit_fingerprints(data: str | Path, cfg: MoMEConfig) -> list[str]:
+    """Fingerprints of the masks of the train and val cases (fitting, checkpoint choice, threshold)."""
+    from neuromoe.data.structural import assign_splits
+
+    table, _ = _resolve_table(data)
+    split = assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
+    return sorted(scan_fingerprints(table["mask"][split != "test"])) if "mask" in table else []
 
 
 def _split_cases(
@@ -538,6 +547,7 @@ def pretrain(
     out = Path(out)
     spec = _spec(cfg)
     cases = _split_cases(data, cfg, spec, ("train", "val"))
+    fit_prints = _fit_fingerprints(data, cfg)
     _keep_trained_modalities(cfg, cases)
     save_config(cfg, out)
     kw: dict[str, Any] = {"logit_skip": cfg.model.logit_skip}
@@ -581,6 +591,7 @@ def pretrain(
                     "best_val_loss": best,
                     "split_seed": cfg.seed,
                     "n_train_images": len(tr),
+                    "fit_fingerprints": fit_prints,
                 },
             },
         )
@@ -702,6 +713,7 @@ def train(
                 "best_val_loss": best,
                 "split_seed": cfg.seed,
                 "n_train_cases": len(cases["train"]),
+                "fit_fingerprints": _fit_fingerprints(data, cfg),
             },
         },
     )
@@ -776,6 +788,16 @@ def evaluate(
     # the whole field of view, as segment sees it: the training shape cut lesion voxels out of the ground
     # truth (a case's lesion 7.0 → 6.3 mL), and its Dice, HD95 and volume then described part of the lesion
     spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
+    if split == "test" and extra.get("fit_fingerprints"):  # a split drawn anew (no split column, other row order)
+        from neuromoe.data.structural import assign_splits
+
+        table, source = _resolve_table(data)
+        rows = assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy() == "test"
+        fitted = len(set(extra["fit_fingerprints"]) & scan_fingerprints(table["mask"][rows])) if "mask" in table else 0
+        if fitted:
+            raise InputError(f"{fitted} of the {int(rows.sum())} 'test' cases were used to train or tune this model",
+                             path=source, fix="evaluate on the table the model was trained with (same 'split' "
+                             "column) or on new cases; --split train/val scores the fitted cases on purpose")
     cases = _split_cases(data, cfg, spec, (split,))[split]
     if not cases:
         raise InputError(f"no '{split}' case has a lesion mask and one of the model's modalities {list(mods)}",
