@@ -45,6 +45,8 @@ def test_scrub_paths() -> None:
     assert scrub_paths("see /home/u/data/sub-01_T1w.nii.gz now") == "see sub-01_T1w.nii.gz now"
     assert scrub_paths(r"C:\data\x\sub-02") == "sub-02"
     assert scrub_paths("ratio 1/2, train/val, 5 mm/s") == "ratio 1/2, train/val, 5 mm/s"
+    link = "https://doi.org/10.1109/TMI.2025.3551514"
+    assert scrub_paths(f"paper {link} and /data/x/y.nii.gz") == f"paper {link} and y.nii.gz"
 
 
 def test_section_round_trip(run_dir: Path) -> None:
@@ -147,3 +149,15 @@ def test_report_refuses_to_replace_a_file_it_reads_or_a_folder(run_dir: Path, tm
     (tmp_path / "dir.html").mkdir()
     with pytest.raises(InputError, match="existing folder"):
         build_report([run_dir], tmp_path / "dir.html")
+
+
+def test_training_curves_say_which_metrics_they_leave_out() -> None:
+    """Past 8 panels the rest (the learning rate first) was dropped without a word."""
+    import pandas as pd
+
+    from neuromoe.eval.plots import training_curves
+
+    frame = pd.DataFrame({"step": [1, 2, 3], "lr": [1e-3, 1e-3, 1e-4],
+                          **{f"train_loss_t{i}": [1.0, 0.5, 0.2] for i in range(9)}})
+    fig = training_curves(frame)
+    assert "2 more not shown" in fig._suptitle.get_text() and "lr" in fig._suptitle.get_text()

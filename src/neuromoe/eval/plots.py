@@ -128,7 +128,8 @@ def training_curves(source: str | Path | pd.DataFrame, title: str = "training cu
         key = c.split("/", 1)[1] if c.split("/", 1)[0] in ("train", "val", "valid", "test") and "/" in c else c
         key = key.removeprefix("train_").removeprefix("val_")
         panels.setdefault(key, []).append(c)
-    keys = sorted(panels, key=lambda k: (k == "lr", k))[:max_panels]
+    ordered = sorted(panels, key=lambda k: (k == "lr", k))
+    keys, hidden = ordered[:max_panels], ordered[max_panels:]
     n = max(len(keys), 1)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
@@ -147,7 +148,7 @@ def training_curves(source: str | Path | pd.DataFrame, title: str = "training cu
         ax.set_visible(False)
     if not keys:
         axes[0].text(0.5, 0.5, "no numeric metrics", ha="center", va="center")
-    fig.suptitle(title)
+    fig.suptitle(title if not hidden else f"{title} ({len(hidden)} more not shown: {', '.join(hidden)})")
     fig.tight_layout()
     return fig
 

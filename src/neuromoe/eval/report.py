@@ -45,9 +45,14 @@ _COMPONENT = rf"{_END}(?:(?:{_STOP}[^/\\'\"<>|\n])*?{_END})?"
 _ABS_PATH = re.compile(rf"(?<![\w.~])(?:[A-Za-z]:)?{_SEP}(?:{_COMPONENT}{_SEP})+({_END}*)")
 
 
+_URL = re.compile(r"((?:https?|ftp)://\S+)")
+
+
 def scrub_paths(text: str) -> str:
-    """Replace absolute paths by their last component (file or subject id)."""
-    return _ABS_PATH.sub(lambda m: m.group(1) or "…", text)
+    """Replace absolute paths by their last component (file or subject id); web links are kept whole (their
+    path part read as a file path: "https://doi.org/10.1000/abc" became "https:/abc")."""
+    parts = _URL.split(text)  # odd items are the links
+    return "".join(p if i % 2 else _ABS_PATH.sub(lambda m: m.group(1) or "…", p) for i, p in enumerate(parts))
 
 
 def _is_ci(value: Any) -> bool:

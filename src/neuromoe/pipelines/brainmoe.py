@@ -1208,7 +1208,7 @@ def _add_evaluation(
     keys = list(next(iter(s.values())))
     section.add_table(
         [{"metric": k, **{m: _fmt(s[m][k]) for m in s if k in s[m]}} for k in keys],
-        "Mean ± std over folds (macro-F1/accuracy: higher is better; age MAE/MSE in years).",
+        "Mean ± std over folds (macro-F1/accuracy: higher is better; age MAE in years, MSE in years²).",
     )
     from matplotlib.figure import Figure
 

@@ -300,7 +300,8 @@ def run(
     usage = ExpertUsage(model.moe.num_experts, [f"E{e}" for e in range(model.moe.num_experts)])
     held_out = split != "train"
     bins = np.quantile(ages[train], [1 / 3, 2 / 3])
-    names = [f"age < {bins[0]:.0f}", f"{bins[0]:.0f}–{bins[1]:.0f}", f"age ≥ {bins[1]:.0f}"]
+    # labels at the cut-offs' own precision: whole years put a 71.2-year-old under "62–71" next to "age ≥ 71"
+    names = [f"age < {bins[0]:.1f}", f"{bins[0]:.1f}–{bins[1]:.1f}", f"age ≥ {bins[1]:.1f}"]
     group = np.digitize(ages, bins)
     for g, name in enumerate(names):  # youngest first, so the heatmap rows read in age order
         sel = held_out & (group == g)
