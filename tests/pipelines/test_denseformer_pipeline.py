@@ -263,7 +263,9 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     for name, c in scored.items():
         assert c["n_calib"] == cal[name]["conformal"]["n_calib"]
         assert c["unbounded"] is math.isinf(cal[name]["conformal"]["q"])
-    trivial = "too few calibration subjects" in (ev / "report" / "section.json").read_text()
+    text = (ev / "report" / "section.json").read_text()
+    assert "mae (bias-corrected)" in text and "brain-age gap" in text and "Held-out 'test'" in text
+    trivial = "too few calibration subjects" in text
     assert trivial is any(c["unbounded"] for c in scored.values())
     # a task without enough labelled test subjects is named as not scored, not silently missing
     table = pd.read_csv(cohort)

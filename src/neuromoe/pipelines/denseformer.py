@@ -1080,8 +1080,13 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
     import matplotlib.pyplot as plt
     from sklearn.metrics import confusion_matrix, roc_curve
 
+    split = metrics["split"]
+    scored = (f"Held-out '{split}' subjects" if split == "test" else
+              f"'{split}' subjects — in-sample: they fitted the model"
+              + (", the age correction and the conformal calibration, so coverage here is no test of it"
+                 if split == "val" else ""))
     section.add_text(
-        f"Held-out '{metrics['split']}' subjects (n={metrics['n']}). Brain age is bias-corrected with a linear "
+        f"{scored} (n={metrics['n']}). Brain age is bias-corrected with a linear "
         "fit on validation subjects; conformal intervals/sets are calibrated on validation only. The "
         "baseline is a linear/logistic model on total brain volume (TBV) fitted on training subjects."
         + "".join(f" Task '{n}' is not scored: {why}." for n, why in metrics.get("skipped", {}).items())
@@ -1093,6 +1098,14 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
             if key in m:
                 table_rows.append({"task": name, "metric": key, "model": _fmt_ci(m[key]),
                                    "TBV baseline": _fmt_ci(b[key]) if key in b else ""})
+        corrected = e.get("model_bias_corrected", {})
+        if "mae" in corrected:  # the values the intervals and the brain-age gap are built on
+            table_rows.append({"task": name, "metric": "mae (bias-corrected)", "model": _fmt_ci(corrected["mae"]),
+                               "TBV baseline": ""})
+        if "brain_age_gap" in e:
+            g = e["brain_age_gap"]
+            table_rows.append({"task": name, "metric": "brain-age gap mean ± sd (y)",
+                               "model": f"{g['mean']:.2f} ± {g['sd']:.2f}", "TBV baseline": ""})
         for key, v in e.items():
             if key.startswith("auc_"):
                 table_rows.append({"task": name, "metric": key, "model": _fmt_ci(v),
