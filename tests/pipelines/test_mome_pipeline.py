@@ -622,3 +622,16 @@ def test_mome_validation_loss_is_the_mean_over_patches() -> None:
     outs = [{"loss": 1.0, "n": 4, "tp": zeros, "n_pred": zeros, "n_gt": 0},
             {"loss": 6.0, "n": 1, "tp": zeros, "n_pred": zeros, "n_gt": 0}]
     assert tr.validation_end(outs)["val_loss"] == pytest.approx(2.0)
+
+
+def test_the_threshold_is_tuned_on_whole_validation_volumes(tmp_path) -> None:
+    """evaluate and segment score the whole field of view; the threshold was tuned on the training crop."""
+    from dataclasses import replace
+
+    from neuromoe.pipelines import mome
+
+    _mini_cohort(tmp_path / "cohort", shape=(24, 44, 24))
+    cfg = mome.load_mome_config("tiny", ["eval.tune_threshold=true"], seed=0, device="cpu")
+    spec = replace(mome._spec(cfg), crop_foreground=False)
+    whole = mome._whole_val(tmp_path / "cohort", cfg, spec)
+    assert whole and all(c["mask"].shape == (24, 44, 24) for c in whole)  # the training shape is 24×32×24

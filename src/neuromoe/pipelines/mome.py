@@ -168,6 +168,14 @@ def _cache(cache_dir: str | None) -> Any:
     return PreprocCache(root)
 
 
+def _whole_val(data: str | Path, cfg: MoMEConfig, spec: Any) -> list[LesionCase]:
+    """The validation cases over their whole field of view, as evaluate and segment see them: the threshold
+    is tuned on those, not on the training shape's crop."""
+    if not cfg.eval.tune_threshold:
+        return []
+    return _split_cases(data, cfg, replace(spec, shape=None), ("val",))["val"]
+
+
 def _fit_fingerprints(data: str | Path, cfg: MoMEConfig) -> list[str]:
     """Fingerprints of the masks of the train and val cases (fitting, checkpoint choice, threshold)."""
     from neuromoe.data.structural import assign_splits
@@ -547,6 +555,7 @@ def pretrain(
     out = Path(out)
     spec = _spec(cfg)
     cases = _split_cases(data, cfg, spec, ("train", "val"))
+    whole_val = _whole_val(data, cfg, spec)
     fit_prints = _fit_fingerprints(data, cfg)
     _keep_trained_modalities(cfg, cases)
     save_config(cfg, out)
@@ -574,7 +583,8 @@ def pretrain(
         val_set = LesionPatchDataset(va, d.patch_size, modalities=(m,), seed=cfg.seed + 1000) if va else None
         trainer = MoMETrainer(expert, cfg.pretrain, train_set, val_set, run_dir=out / "stage1" / m)
         best = trainer.fit_best(resume).best_metric
-        threshold = trainer.threshold(cfg.eval, va, (m,), d.patch_size)  # on the training device, before .cpu()
+        whole = [_only(c, m) for c in whole_val if m in c["images"]]
+        threshold = trainer.threshold(cfg.eval, whole, (m,), d.patch_size)  # on the training device, before .cpu()
         save_model(
             expert.cpu(),
             out / "experts" / m,
@@ -692,7 +702,7 @@ def train(
         gate_weight=cfg.gate_supervision,
     )
     best = trainer.fit_best(resume).best_metric
-    threshold = trainer.threshold(cfg.eval, cases["val"], m.modalities, d.patch_size, multimodal)
+    threshold = trainer.threshold(cfg.eval, _whole_val(data, cfg, spec), m.modalities, d.patch_size, multimodal)
     save_model(
         model.cpu(),
         out / "model",
