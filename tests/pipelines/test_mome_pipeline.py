@@ -194,6 +194,13 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     (manifest.parent / "unmasked.csv").write_text("\n".join(unmasked) + "\n")
     with pytest.raises(InputError, match="no 'test' case has a lesion mask"):
         mome.evaluate(run / "train" / "model", manifest.parent / "unmasked.csv", tmp_path / "ev0", device="cpu")
+    # a second 'test' row without its mask is named as not scored, not dropped in silence
+    two = [(",".join([*r.split(",")[:3], "", *r.split(",")[4:6], "test"]) if r.startswith("sub-04") else r)
+           for r in table]
+    (manifest.parent / "two.csv").write_text("\n".join(two) + "\n")
+    ev = mome.evaluate(run / "train" / "model", manifest.parent / "two.csv", tmp_path / "ev2", device="cpu",
+                       n_overlays=0)
+    assert json.loads((ev / "metrics.json").read_text())["skipped"] == {"sub-04": "no lesion mask"}
     # the same cases in another order without their split column: a split drawn anew is refused when its
     # 'test' cases include fitted ones (one lesion type: a stratum big enough for a test case)
     rows = manifest.read_text().splitlines()

@@ -168,6 +168,27 @@ def _cache(cache_dir: str | None) -> Any:
     return PreprocCache(root)
 
 
+def _unscored(data: str | Path, cfg: MoMEConfig, split: str, mods: Sequence[str]) -> dict[str, str]:
+    """Rows of ``split`` that evaluate leaves out, with why: no lesion mask (rows with a ``split`` column
+    only: without one, maskless rows take no part in the split) or none of the model's modalities."""
+    from neuromoe.data.structural import assign_splits
+    from neuromoe.io.table import cohort_source, load_table
+
+    out: dict[str, str] = {}
+    full = load_table(cohort_source(data, "lesion"))
+    if "split" in full.columns:
+        no_mask = full["mask"].isna() if "mask" in full.columns else pd.Series(True, index=full.index)
+        for _, r in full[(full["split"] == split) & no_mask].iterrows():
+            out[str(r.get("subject", "?"))] = "no lesion mask"
+    table, _ = _resolve_table(data)
+    rows = assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy() == split
+    have = [m for m in mods if m in table.columns]
+    usable = table[have].notna().any(axis=1).to_numpy() if have else np.zeros(len(table), bool)
+    for _, r in table[rows & ~usable].iterrows():
+        out[str(r.get("subject", "?"))] = f"none of the model's modalities {list(mods)}"
+    return out
+
+
 def _whole_val(data: str | Path, cfg: MoMEConfig, spec: Any) -> list[LesionCase]:
     """The validation cases over their whole field of view, as evaluate and segment see them: the threshold
     is tuned on those, not on the training shape's crop."""
@@ -812,6 +833,11 @@ def evaluate(
     if not cases:
         raise InputError(f"no '{split}' case has a lesion mask and one of the model's modalities {list(mods)}",
                          path=str(data), fix="choose another --split, or add the masks")
+    skipped = _unscored(data, cfg, split, mods)
+    if skipped:  # said, not silent: the means below describe fewer cases than the split has
+        print(f"neuromoe: {len(skipped)} '{split}' rows not scored: "
+              + "; ".join(f"{k} ({v})" for k, v in list(skipped.items())[:5]) + (" …" if len(skipped) > 5 else ""),
+              file=sys.stderr)
     dev = resolve_device(device)
     model.to(dev)
     maps: list[tuple[int, str, VolumePrediction]] = []
@@ -835,6 +861,7 @@ def evaluate(
     metrics: dict[str, Any] = {
         "split": split,
         "n_cases": len(cases),
+        "skipped": skipped,
         "n_predictions": len(frame),
         "tta": tta,
         "kind": extra["kind"],
@@ -881,7 +908,10 @@ def _add_evaluation(
         f"{'MoME+: all available modalities at once' if metrics['multimodal'] else 'one prediction per modality, the gate infers which'}"
         f"{', mirror TTA' if metrics['tta'] else ''}). Mean Dice {mean['dice']:.3f}, HD95 {mean['hd95']:.1f} mm "
         f"(over the {mean['n_hd95']} predictions where it is defined: both masks non-empty or both empty), "
-        f"lesion-wise F1 {mean['lesion_f1']:.3f}, |volume difference| {mean['abs_volume_diff_ml']:.2f} mL."
+        f"lesion-wise F1 {mean['lesion_f1']:.3f}, |volume difference| {mean['abs_volume_diff_ml']:.2f} mL. "
+        "Means are over predictions, so a case counts once per modality it was predicted from."
+        + (f" Not scored: {', '.join(f'{k} ({v})' for k, v in metrics['skipped'].items())}."
+           if metrics.get("skipped") else "")
     )
     for by, caption in (
         ("modality", "per input modality"),
