@@ -120,6 +120,16 @@ def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
         with pytest.raises(InputError, match="not a time-series file, a NIfTI file name"):
             bm.predict(run / "model", tmp_path / f, tmp_path / "p.csv")
     assert not (tmp_path / "p.csv").exists()
+    # every scan failing: an earlier run's predictions and embeddings under these names are removed
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        np.save(bad / f"b{i}.npy", np.zeros((40, 3)))
+    for fn, name in ((bm.predict, "pred.csv"), (bm.embed, "emb.npy")):
+        with pytest.raises(InputError, match="no scan could be"):
+            fn(run / "model", bad, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    assert not (tmp_path / "emb_subjects.csv").exists()
 
 
 def test_evaluate_reports_brainmoe_and_pooled_baselines(cohort, pretrained, tmp_path):

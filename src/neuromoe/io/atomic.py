@@ -59,6 +59,13 @@ def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[Any]) -> None:
                              fix="write the output to another file name")
 
 
+def remove_stale(*paths: str | Path) -> None:
+    """A failed run removes what an earlier run left under its output names: a script that checks the file
+    exists would otherwise read another run's results for other inputs."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
 def _check_writable(out: Path) -> None:
     if out.is_dir():
         raise InputError("output is an existing folder", path=out, fix="give a file name, or remove the folder")

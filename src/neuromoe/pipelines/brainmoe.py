@@ -38,7 +38,7 @@ from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
-from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs
+from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
 from neuromoe.io.table import failures_path, file_ids, write_failures
 from neuromoe.layers.moe import load_balancing_loss, router_z_loss
 from neuromoe.models.brainmoe import (
@@ -1374,7 +1374,11 @@ def predict(
         )
     table = _input_scans(inputs)
     check_outputs([output, failures_path(output)], _scan_inputs(inputs, table))
-    scans, table, failures = _batch_scans(meta, table, inputs, "predicted")
+    try:
+        scans, table, failures = _batch_scans(meta, table, inputs, "predicted")
+    except InputError:  # nothing predicted: no earlier run's predictions stay under this run's name
+        remove_stale(output, failures_path(output))
+        raise
     res = _run_moe(model, scans, meta["extra"]["age_stats"])
     names, lm = meta["extra"]["experts"], meta["label_maps"]
     frame = _scan_ids(table)
@@ -1407,7 +1411,11 @@ def embed(
     out = Path(out)
     npy, ids_csv = out.suffix.lower() == ".npy", out.with_name(out.stem + "_subjects.csv")  # ids beside a .npy
     check_outputs([out, failures_path(out), *([ids_csv] if npy else [])], _scan_inputs(data, table))
-    scans, table, failures = _batch_scans(meta, table, data, "embedded")
+    try:
+        scans, table, failures = _batch_scans(meta, table, data, "embedded")
+    except InputError:
+        remove_stale(out, failures_path(out), *([ids_csv] if npy else []))
+        raise
     if isinstance(model, BrainMoE):
         vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]
     else:

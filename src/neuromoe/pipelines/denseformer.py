@@ -55,7 +55,7 @@ from neuromoe.eval.conformal import (
     set_coverage,
 )
 from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
-from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs
+from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
 from neuromoe.io.table import failures_path, scan_fingerprints, write_failures
 from neuromoe.models.denseformer import Attention, DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
@@ -1264,7 +1264,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
                                      fix="write a number or leave the cell empty") from None
         except Exception as exc:
             if strict:
-                _drop_stale(output, failures_path(output))
+                remove_stale(output, failures_path(output))
                 raise
             failures.append((str(r["t1"]), str(exc)))
             failed_rows.append({"subject": str(r["subject"]), "t1": str(r["t1"]), "error": str(exc)})
@@ -1275,7 +1275,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
             flush()
     flush()
     if failures and not rows:  # nothing to predict: refuse like a single bad input; the failures say what to fix
-        _drop_stale(output)
+        remove_stale(output)
         write_failures(failures_path(output), failed_rows)
         raise InputError(f"no scan could be predicted ({len(failures)} failed, listed above)", path=inputs,
                          fix="fix the listed files")
@@ -1284,13 +1284,6 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
         frame.to_csv(tmp, index=False)
     write_failures(failures_path(output), failed_rows)  # the batch finished; this says what to fix
     return frame, failures
-
-
-def _drop_stale(*paths: Path) -> None:
-    """A failed run removes what an earlier run left under its output names: a script that checks the file
-    exists would otherwise read another run's predictions for other inputs."""
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
 
 
 def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec], extra: dict[str, Any],
