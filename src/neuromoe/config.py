@@ -113,9 +113,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
     obj = cls(**kwargs)
-    for key, what, value in getattr(obj, "problems", lambda: [])():  # right type, unusable value
-        raise ConfigError(f"{where}{key} {what}", fix=f"e.g. --set {where}{key}={value}")
+    check_values(obj, where)
     return obj
+
+
+def check_values(obj: Any, where: str) -> None:
+    """Refuse values of the right type that are unusable (a dataclass's ``problems()``), named under ``where``."""
+    for key, what, value in getattr(obj, "problems", lambda: [])():
+        raise ConfigError(f"{where}{key} {what}", fix=f"e.g. --set {where}{key}={value}")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

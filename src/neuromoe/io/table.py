@@ -326,3 +326,12 @@ def scan_fingerprints(paths: Sequence[Any] | pd.Series) -> set[str]:
 
     return {hashlib.sha1(os.path.abspath(str(p)).encode()).hexdigest()[:16] for p in paths
             if isinstance(p, (str, os.PathLike)) and str(p)}
+
+
+def refuse_fitted(fit_fingerprints: Sequence[str], scans: pd.Series, source: str, what: str, how: str) -> None:
+    """Refuse a 'test' evaluation whose scans the model was fitted on (``fit_fingerprints``, stored at training)."""
+    fitted = len(set(fit_fingerprints) & scan_fingerprints(scans))
+    if fitted:
+        raise InputError(f"{fitted} of the {len(scans)} 'test' {what} were used to {how} this model", path=source,
+                         fix="evaluate on the table the model was trained with (same 'split' column) or on new "
+                         f"{what}; --split train/val scores the fitted {what} on purpose")

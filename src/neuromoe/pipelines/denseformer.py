@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neuromoe.config import load_family_config, save_config, to_dict
+from neuromoe.config import check_values, load_family_config, save_config, to_dict
 from neuromoe.data.structural import (
     MISSING_CLASS,
     StructuralDataset,
@@ -56,7 +56,7 @@ from neuromoe.eval.conformal import (
 )
 from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
-from neuromoe.io.table import failures_path, scan_fingerprints, write_failures
+from neuromoe.io.table import failures_path, refuse_fitted, scan_fingerprints, write_failures
 from neuromoe.models.denseformer import Attention, DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
 FAMILY = "denseformer"
@@ -545,8 +545,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     cfg = cfg or load_denseformer_config()
     out = Path(out)
     ft = cfg.finetune
-    for key, what, value in ft.problems():  # CLI flags (--label-fraction) are set after the loader checked
-        raise ConfigError(f"finetune.{key} {what}", fix=f"e.g. --set finetune.{key}={value}")
+    check_values(ft, "finetune.")  # CLI flags (--label-fraction) are set after the loader checked
     if ft.regression_only_epochs >= cfg.train.epochs and any(t.type == "classification" for t in ft.tasks):
         raise ConfigError(f"finetune.regression_only_epochs ({ft.regression_only_epochs}) leaves no epoch for the "
                           f"classification tasks (train.epochs = {cfg.train.epochs})",
@@ -953,11 +952,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     rows = splits == split
     if not rows.any():
         raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
-    fitted = len(set(extra.get("fit_fingerprints", [])) & scan_fingerprints(table["t1"][rows]))
-    if split == "test" and fitted:  # e.g. the same manifest without its split column: a new random split
-        raise InputError(f"{fitted} of the {int(rows.sum())} 'test' scans were used to train or calibrate this model",
-                         path=source, fix="evaluate on the table the model was trained with (same 'split' column) "
-                         "or on new scans; --split train/val scores the fitted scans on purpose")
+    if split == "test":  # e.g. the same manifest without its split column: a new random split
+        refuse_fitted(extra.get("fit_fingerprints", []), table["t1"][rows], source, "scans", "train or calibrate")
     from neuromoe.data.preprocess import PreprocSpec
 
     cfg = DenseFormerConfig(cache_dir=cache_dir)

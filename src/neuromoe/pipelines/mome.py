@@ -40,7 +40,7 @@ from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text
-from neuromoe.io.table import scan_fingerprints, write_failures
+from neuromoe.io.table import refuse_fitted, scan_fingerprints, write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
     MoME,
@@ -171,7 +171,6 @@ def _cache(cache_dir: str | None) -> Any:
 def _unscored(data: str | Path, cfg: MoMEConfig, split: str, mods: Sequence[str]) -> dict[str, str]:
     """Rows of ``split`` that evaluate leaves out, with why: no lesion mask (rows with a ``split`` column
     only: without one, maskless rows take no part in the split) or none of the model's modalities."""
-    from neuromoe.data.structural import assign_splits
     from neuromoe.io.table import cohort_source, load_table
 
     out: dict[str, str] = {}
@@ -180,8 +179,8 @@ def _unscored(data: str | Path, cfg: MoMEConfig, split: str, mods: Sequence[str]
         no_mask = full["mask"].isna() if "mask" in full.columns else pd.Series(True, index=full.index)
         for _, r in full[(full["split"] == split) & no_mask].iterrows():
             out[str(r.get("subject", "?"))] = "no lesion mask"
-    table, _ = _resolve_table(data)
-    rows = assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy() == split
+    table, _, splits = _table_and_split(data, cfg)
+    rows = splits == split
     have = [m for m in mods if m in table.columns]
     usable = table[have].notna().any(axis=1).to_numpy() if have else np.zeros(len(table), bool)
     for _, r in table[rows & ~usable].iterrows():
@@ -197,13 +196,18 @@ def _whole_val(data: str | Path, cfg: MoMEConfig, spec: Any) -> list[LesionCase]
     return _split_cases(data, cfg, replace(spec, shape=None), ("val",))["val"]
 
 
-def _fit_fingerprints(data: str | Path, cfg: MoMEConfig) -> list[str]:
-    """Fingerprints of the masks of the train and val cases (fitting, checkpoint choice, threshold)."""
+def _table_and_split(data: str | Path, cfg: MoMEConfig) -> tuple[pd.DataFrame, str, np.ndarray]:
+    """The cases with a lesion mask and their split (``split`` column, else stratified by lesion type)."""
     from neuromoe.data.structural import assign_splits
 
-    table, _ = _resolve_table(data)
-    split = assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
-    return sorted(scan_fingerprints(table["mask"][split != "test"])) if "mask" in table else []
+    table, source = _resolve_table(data)
+    return table, source, assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
+
+
+def _fit_fingerprints(data: str | Path, cfg: MoMEConfig) -> list[str]:
+    """Fingerprints of the masks of the train and val cases (fitting, checkpoint choice, threshold)."""
+    table, _, split = _table_and_split(data, cfg)
+    return sorted(scan_fingerprints(table["mask"][split != "test"]))
 
 
 def _split_cases(
@@ -211,10 +215,7 @@ def _split_cases(
 ) -> dict[str, list[LesionCase]]:
     """Preprocessed cases per split (``split`` column, else stratified by lesion type); cases with none of
     the model's modalities (e.g. DWI-only cases for a T1 expert) are left out."""
-    from neuromoe.data.structural import assign_splits
-
-    table, source = _resolve_table(data)
-    split = assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
+    table, source, split = _table_and_split(data, cfg)
     mods = [m for m in cfg.model.modalities if m in table.columns]
     usable = table[mods].notna().any(axis=1).to_numpy() if mods else np.zeros(len(table), bool)
     cache = _cache(cfg.cache_dir)
@@ -819,16 +820,10 @@ def evaluate(
     # the whole field of view, as segment sees it: the training shape cut lesion voxels out of the ground
     # truth (a case's lesion 7.0 → 6.3 mL), and its Dice, HD95 and volume then described part of the lesion
     spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
-    if split == "test" and extra.get("fit_fingerprints"):  # a split drawn anew (no split column, other row order)
-        from neuromoe.data.structural import assign_splits
-
-        table, source = _resolve_table(data)
-        rows = assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy() == "test"
-        fitted = len(set(extra["fit_fingerprints"]) & scan_fingerprints(table["mask"][rows])) if "mask" in table else 0
-        if fitted:
-            raise InputError(f"{fitted} of the {int(rows.sum())} 'test' cases were used to train or tune this model",
-                             path=source, fix="evaluate on the table the model was trained with (same 'split' "
-                             "column) or on new cases; --split train/val scores the fitted cases on purpose")
+    if split == "test":  # a split drawn anew (no split column, other row order) may hold fitted cases
+        table, source, splits = _table_and_split(data, cfg)
+        refuse_fitted(extra.get("fit_fingerprints", []), table["mask"][splits == "test"], source, "cases",
+                      "train or tune")
     cases = _split_cases(data, cfg, spec, (split,))[split]
     if not cases:
         raise InputError(f"no '{split}' case has a lesion mask and one of the model's modalities {list(mods)}",
