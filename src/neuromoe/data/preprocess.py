@@ -277,18 +277,22 @@ def _foreground_box(ref: np.ndarray, margin: int) -> tuple[list[int], list[int]]
     """Bounding box of the foreground plus ``margin``; it may reach past the array. Foreground is above a
     millionth of the maximum: interpolation leaves ~1e-15 dust beside an exactly zero background, and a dust
     voxel on one grid but not another moved the box by a voxel."""
-    peak = float(np.abs(ref).max()) if ref.size else 0.0
-    nz = np.argwhere(ref > 1e-6 * peak)
-    if nz.size == 0 or peak == 0:
+    nz = np.argwhere(_above_dust(ref) & (ref > 0))
+    if nz.size == 0:
         return None
     return (nz.min(0) - margin).tolist(), (nz.max(0) + 1 + margin).tolist()
+
+
+def _above_dust(a: np.ndarray) -> np.ndarray:
+    """Voxels above a millionth of the largest magnitude (all False for an all-zero array)."""
+    peak = float(np.abs(a).max()) if a.size else 0.0
+    return np.abs(a) > 1e-6 * peak if peak > 0 else np.zeros(a.shape, bool)
 
 
 def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
     # interpolation dust (~1e-15 beside an exactly zero background) is background: counted as foreground it
     # entered the statistics and came out as strongly negative voxels, on one grid but not another
-    peak = float(np.abs(chan).max()) if chan.size else 0.0
-    chan = np.where(np.abs(chan) > 1e-6 * peak, chan, 0.0).astype(np.float32)
+    chan = np.where(_above_dust(chan), chan, 0.0).astype(np.float32)
     t = torch.as_tensor(chan[None])
     if spec.norm == "zscore":
         t = NormalizeIntensity(nonzero=True)(t)

@@ -108,10 +108,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"training setting {key} {what}", fix=f"set {key} to a valid value, e.g. {value}")
 
 
-def _own_config_or_none(path: Path) -> bool:
-    """Whether ``path`` is missing or holds a bare TrainConfig (as the Trainer writes), not a family config."""
-    if not path.is_file():
-        return True
+def _holds_train_config(path: Path) -> bool:
+    """Whether ``path`` holds a bare TrainConfig (as the Trainer writes), not a family config."""
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
@@ -362,11 +360,10 @@ class Trainer:
         if self.world_size > 1:  # after the broadcast: each rank its own dropout, MAE masks, router noise
             seed_everything(cfg.seed + 1_000_003 * self.rank)
         if self.rank == 0:
-            if not resume and _own_config_or_none(self.run_dir / "config.yaml"):
-                # a family saves its full config first and keeps it; a TrainConfig left by an earlier run of a
-                # per-expert or per-fold folder is replaced (it described the first run forever)
-                save_config(cfg, self.run_dir)
-            elif not (self.run_dir / "config.yaml").exists():
+            saved = self.run_dir / "config.yaml"
+            # a family saves its full config first and keeps it; a TrainConfig left by an earlier run of a
+            # per-expert or per-fold folder is replaced (it described the first run forever)
+            if not saved.exists() or (not resume and _holds_train_config(saved)):
                 save_config(cfg, self.run_dir)
             atomic_write_json(self.run_dir / "runtime.json", self.runtime_info())
         steps_per_epoch = math.ceil(len(self._epoch_batches(self.train_set, 0, False)) / cfg.accum_steps)
