@@ -96,8 +96,7 @@ def _load_bids(root: Path) -> pd.DataFrame:
         if "subject" not in labels.columns:
             raise InputError("participants.tsv has no participant_id column", path=part,
                              fix="a tab-separated file whose first column is participant_id (BIDS)")
-        ids = labels["subject"].str.strip()  # BIDS ids are sub-<label>; "01" for sub-01 would match no image
-        labels["subject"] = ids.where(ids.str.startswith("sub-"), "sub-" + ids)
+        labels["subject"] = _entity_ids(labels["subject"], "sub-")  # "01" for sub-01 would match no image
         if labels["subject"].duplicated().any():
             dup = labels["subject"][labels["subject"].duplicated()].iloc[0]
             raise InputError(f"participants.tsv lists {dup} twice", path=part, fix="keep one row per participant")
@@ -124,9 +123,7 @@ def _merge_sessions(df: pd.DataFrame, root: Path) -> pd.DataFrame:
         if "session_id" not in t.columns:
             raise InputError(f"{path.name} has no session_id column", path=path,
                              fix="a tab-separated file whose first column is session_id (BIDS)")
-        ses = t["session_id"].str.strip()
-        tables.append(t.drop(columns="session_id").assign(subject=sub, session=ses.where(ses.str.startswith("ses-"),
-                                                                                       "ses-" + ses)))
+        tables.append(t.drop(columns="session_id").assign(subject=sub, session=_entity_ids(t["session_id"], "ses-")))
     if not tables:
         return df
     per = pd.concat(tables, ignore_index=True).replace({"n/a": "", "NaN": "", "nan": ""})
@@ -181,6 +178,12 @@ def _coerce(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _entity_ids(ids: pd.Series, prefix: str) -> pd.Series:
+    """BIDS ids as the folders name them: stripped, with their ``sub-`` / ``ses-`` prefix."""
+    ids = ids.str.strip()
+    return ids.where(ids.str.startswith(prefix), prefix + ids)
+
+
 def read_delimited(path: Path, sep: str, what: str) -> pd.DataFrame:
     """A manifest or participants.tsv as strings, or one clear error. ``index_col=False``: a trailing delimiter
     on the first data row (a spreadsheet export artefact) made pandas take the first column as the index and
@@ -201,11 +204,9 @@ def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.
         df = _load_bids(source)
     elif source.suffix in (".csv", ".tsv") and source.exists():
         df = read_delimited(source, "\t" if source.suffix == ".tsv" else ",", "manifest")
-        df["subject"] = df["subject"].str.strip() if "subject" in df.columns else None
-        if df["subject"].isna().all():
-            df = df.drop(columns="subject")
         if "subject" not in df.columns:
             raise InputError("manifest has no 'subject' column", path=source, fix="add a subject column")
+        df["subject"] = df["subject"].str.strip()  # "sub-01 " and "sub-01" are one subject
         for col in (c for c in df.columns if c in ROLES):
             bad = [p for p in df[col] if "\x00" in p]
             if bad:
