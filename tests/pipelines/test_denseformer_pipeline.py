@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import types
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,21 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     with pytest.raises(InputError, match="used to train or calibrate"):
         pipe.evaluate(run / "model", tmp_path / "nosplit.csv", tmp_path / "eval4", n_bootstrap=5,
                       cache_dir=cfg.cache_dir)
+
+    # a model fine-tuned on 30 % of the labels: its TBV baseline learns from the same 30 %, not all of train
+    frac = tmp_path / "frac_model"
+    shutil.copytree(run / "model", frac)
+    meta["extra"]["label_fraction"] = 0.3
+    (frac / "config.json").write_text(json.dumps(meta))
+    seen: list[int] = []
+    real = pipe._tbv_baseline
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipe, "_tbv_baseline", lambda t, tbv, y, train, test: seen.append(int(train.sum()))
+                   or real(t, tbv, y, train, test))
+        pipe.evaluate(frac, cohort, tmp_path / "eval_frac", n_bootstrap=5, cache_dir=cfg.cache_dir)
+    full = pd.read_csv(cohort)
+    want = pipe._label_subsample(full, full["split"].eq("train").to_numpy(), 0.3, cfg.seed)
+    assert set(seen) == {int(want.sum())} and want.sum() < full["split"].eq("train").sum()
 
     # predict: a folder with one good and one corrupt file
     scans = tmp_path / "scans"

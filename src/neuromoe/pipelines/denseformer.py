@@ -960,7 +960,9 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     dataset = StructuralDataset(table, tasks, PreprocSpec.from_dict(meta["preprocessing"]), extra["img_size"],
                                 cache=_cache(cfg), source=source)
     pred = _predict_dataset(model, dataset.subset(rows), tasks, extra["target_stats"], _device(device), "fp32")
-    train_rows = splits == "train"
+    # the baseline learns from the labels the model learnt from (label_fraction < 1: a subset of train)
+    train_rows = _label_subsample(table, splits == "train", extra.get("label_fraction", 1.0),
+                                  extra.get("split_seed", seed))
     tbv = _tbv(dataset.images)
     cal = extra["calibration"]
     metrics: dict[str, Any] = {"split": split, "n": int(rows.sum()), "tasks": {}}
