@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from neuromoe.cli.main import main as cli_main
-from neuromoe.data.structural import TaskSpec, assign_splits, encode_labels
+from neuromoe.data.splits import assign_splits
+from neuromoe.data.structural import TaskSpec, encode_labels
 from neuromoe.data.synth import synth_cohort
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.report import load_section

@@ -399,14 +399,14 @@ def test_segment_with_registration_maps_the_mask_back_through_the_registered_aff
 
 
 def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(tmp_path) -> None:
-    """Without a ``split`` column the split is drawn from the seed: ``train --seed 1`` must store it and
+    """Without a ``split`` column the split is drawn from the seed: ``train --seed 2`` must store it and
     ``evaluate`` (no seed given) must re-draw the same split, not seed 0's, whose test cases include
     training cases of this model."""
     import json
 
     import pandas as pd
 
-    from neuromoe.data.structural import assign_splits
+    from neuromoe.data.splits import assign_splits
     from neuromoe.pipelines import mome
 
     root = tmp_path / "cohort"
@@ -414,23 +414,23 @@ def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(t
     manifest = root / "manifests" / "lesion.csv"
     table = pd.read_csv(manifest).drop(columns=["split", "lesion_type"])  # one stratum: 1 test case
     table.to_csv(manifest, index=False)
-    split = {s: assign_splits(table, seed=s, stratify=("lesion_type",)) for s in (0, 1)}
-    trained_on = set(table["subject"][split[1] == "train"])
+    split = {s: assign_splits(table, seed=s, stratify=("lesion_type",)) for s in (0, 2)}
+    trained_on = set(table["subject"][split[2] == "train"])
     seed0_test = set(table["subject"][split[0] == "test"])
     assert seed0_test & trained_on  # what evaluate used to score: the test would be vacuous otherwise
     cfg = mome.load_mome_config(
         "tiny",
         ["model.modalities=[t1,flair]", "train.max_steps=1", "eval.tune_threshold=false"],
-        seed=1,
+        seed=2,
         device="cpu",
     )
     cfg.cache_dir = str(tmp_path / "cache")
     run = mome.train(manifest, tmp_path / "run", cfg)
-    assert json.loads((run / "model" / "config.json").read_text())["extra"]["split_seed"] == 1
+    assert json.loads((run / "model" / "config.json").read_text())["extra"]["split_seed"] == 2
     ev = mome.evaluate(run / "model", manifest, tmp_path / "ev", device="cpu", n_overlays=0,
                        cache_dir=cfg.cache_dir)
     scored = set(pd.read_csv(ev / "per_case.csv")["subject"])
-    assert scored == set(table["subject"][split[1] == "test"]) and not scored & trained_on
+    assert scored == set(table["subject"][split[2] == "test"]) and not scored & trained_on
 
 
 def test_curriculum_spans_the_epochs_that_max_steps_lets_run(tmp_path) -> None:
@@ -642,3 +642,26 @@ def test_the_threshold_is_tuned_on_whole_validation_volumes(tmp_path) -> None:
     spec = replace(mome._spec(cfg), crop_foreground=False)
     whole = mome._whole_val(tmp_path / "cohort", cfg, spec)
     assert whole and all(c["mask"].shape == (24, 44, 24) for c in whole)  # the training shape is 24×32×24
+
+
+def test_a_split_without_validation_is_said_and_an_empty_split_is_named(tmp_path, capsys) -> None:
+    """No 'val' rows: training said nothing while the threshold stayed untuned; evaluating an empty split said
+    no case had a lesion mask, though every case had one."""
+    import pandas as pd
+
+    from neuromoe.errors import InputError
+    from neuromoe.pipelines import mome
+
+    root = tmp_path / "cohort"
+    _mini_cohort(root)
+    manifest = root / "manifests" / "lesion.csv"
+    table = pd.read_csv(manifest)
+    table["split"] = ["train"] * 5 + ["test"]
+    table.to_csv(manifest, index=False)
+    cfg = mome.load_mome_config("tiny", ["model.modalities=[t1,flair]", "train.max_steps=1"], seed=0, device="cpu")
+    cfg.cache_dir = str(tmp_path / "cache")
+    run = mome.train(manifest, tmp_path / "run", cfg)
+    assert "no validation cases" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"the split has no 'val' case \(train 5, val 0, test 1\)"):
+        mome.evaluate(run / "model", manifest, tmp_path / "ev", split="val", device="cpu", n_overlays=0,
+                      cache_dir=cfg.cache_dir)

@@ -39,7 +39,6 @@ from neuromoe.errors import InputError
 __all__ = [
     "StructuralDataset",
     "TaskSpec",
-    "assign_splits",
     "encode_labels",
     "load_t1",
 ]
@@ -115,46 +114,6 @@ def encode_labels(table: pd.DataFrame, tasks: Sequence[TaskSpec], source: str = 
                                      fix="write a number or leave the cell empty") from None
             out[t.name] = vals
     return out
-
-
-def assign_splits(table: pd.DataFrame, seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.15,
-                  stratify: Sequence[str] = ("cohort",)) -> pd.Series:
-    """The table's ``split`` column when present, else a deterministic stratified train/val/test split.
-
-    Subjects, not rows, are split: the sessions of a longitudinal subject (ADNI, PPMI) all land in one split,
-    else a model would be tested on a subject it was trained on. With one row per subject this is the plain
-    per-row stratified split."""
-    subjects = table["subject"].astype(str).to_numpy() if "subject" in table.columns else np.arange(len(table))
-    if "split" in table.columns and table["split"].notna().any():
-        bad = sorted(set(table["split"].dropna()) - {"train", "val", "test"})
-        if bad:
-            raise InputError(f"split column has values {bad}", fix="use train, val or test")
-        if table["split"].isna().any():  # never silently replace the user's test set by a random split
-            raise InputError(f"split column is blank for {int(table['split'].isna().sum())} subjects",
-                             fix="fill in train, val or test for every row, or drop the column")
-        per_subject = pd.Series(table["split"].to_numpy()).groupby(subjects).nunique()
-        if (per_subject > 1).any():
-            raise InputError(f"subject {per_subject.index[per_subject > 1][0]} has sessions in more than one split",
-                             fix="give every session of a subject the same split")
-        return table["split"].astype(str)
-    _, first, unit = np.unique(subjects, return_index=True, return_inverse=True)  # a subject's first row
-    lead = np.zeros(len(table), dtype=bool)
-    lead[first] = True
-    heads = table[lead]
-    rng = np.random.default_rng(seed)
-    keys = [c for c in stratify if c in table.columns]
-    groups = heads.groupby(keys, dropna=False).indices.values() if keys else [np.arange(len(heads))]
-    split_of_head = np.empty(len(heads), dtype=object)
-    for idx in groups:
-        idx = rng.permutation(idx)
-        n_test, n_val = round(len(idx) * test_frac), round(len(idx) * val_frac)
-        split_of_head[idx[:n_test]] = "test"
-        split_of_head[idx[n_test:n_test + n_val]] = "val"
-        split_of_head[idx[n_test + n_val:]] = "train"
-    # heads are in row order, np.unique's subjects in sorted order: map each row's subject to its head's split
-    head_pos = np.empty(len(first), dtype=int)
-    head_pos[np.argsort(first)] = np.arange(len(first))
-    return pd.Series(split_of_head[head_pos[unit]], index=table.index, name="split")
 
 
 def load_t1(path: str | Path, spec: Any, img_size: Sequence[int], cache: Any = None) -> np.ndarray:

@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 
 from neuromoe.config import save_config
 from neuromoe.data.preprocess import PreprocCache, PreprocSpec
-from neuromoe.data.structural import TaskSpec, assign_splits, encode_labels, load_t1
+from neuromoe.data.splits import assign_splits
+from neuromoe.data.structural import TaskSpec, encode_labels, load_t1
 from neuromoe.errors import InputError
 from neuromoe.eval.metrics import bootstrap_ci, regression_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neuromoe.config import check_values, load_family_config, save_config, to_dict
+from neuromoe.data.splits import assign_splits
 from neuromoe.data.structural import (
     MISSING_CLASS,
     StructuralDataset,
     TaskSpec,
-    assign_splits,
     encode_labels,
     load_t1,
 )

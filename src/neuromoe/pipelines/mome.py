@@ -198,7 +198,7 @@ def _whole_val(data: str | Path, cfg: MoMEConfig, spec: Any) -> list[LesionCase]
 
 def _table_and_split(data: str | Path, cfg: MoMEConfig) -> tuple[pd.DataFrame, str, np.ndarray]:
     """The cases with a lesion mask and their split (``split`` column, else stratified by lesion type)."""
-    from neuromoe.data.structural import assign_splits
+    from neuromoe.data.splits import assign_splits
 
     table, source = _resolve_table(data)
     return table, source, assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
@@ -225,6 +225,14 @@ def _split_cases(
         else []
         for s in splits
     }
+
+
+def _note_no_validation(cases: dict[str, list[LesionCase]], cfg: MoMEConfig) -> None:
+    """Said, not silent: without validation cases the last epoch is kept and the threshold is not tuned."""
+    if not cases["val"]:
+        print("neuromoe: no validation cases: the last epoch's weights are kept"
+              + (f" and the decision threshold stays at eval.threshold ({cfg.eval.threshold})" if cfg.eval.tune_threshold else "")
+              + " (give the table 'val' rows in its split column)", file=sys.stderr)
 
 
 def _keep_trained_modalities(cfg: MoMEConfig, cases: dict[str, list[LesionCase]]) -> None:
@@ -579,6 +587,7 @@ def pretrain(
     cases = _split_cases(data, cfg, spec, ("train", "val"))
     whole_val = _whole_val(data, cfg, spec)
     fit_prints = _fit_fingerprints(data, cfg)
+    _note_no_validation(cases, cfg)
     _keep_trained_modalities(cfg, cases)
     save_config(cfg, out)
     kw: dict[str, Any] = {"logit_skip": cfg.model.logit_skip}
@@ -684,6 +693,7 @@ def train(
     cases = _split_cases(data, cfg, spec, ("train", "val"))
     if not cases["train"]:
         raise InputError("no training cases", path=str(data), fix="add 'train' rows to the split column")
+    _note_no_validation(cases, cfg)
     _keep_trained_modalities(cfg, cases)
     torch.manual_seed(cfg.seed)
     model = create_model(f"{m.kind}_{m.preset}", **_model_kwargs(m))
@@ -826,6 +836,11 @@ def evaluate(
                       "train or tune")
     cases = _split_cases(data, cfg, spec, (split,))[split]
     if not cases:
+        _, source, splits = _table_and_split(data, cfg)
+        if not _unscored(data, cfg, split, mods):  # not "no case has a mask": every case may have one
+            raise InputError(f"the split has no '{split}' case (train {int((splits == 'train').sum())}, val "
+                             f"{int((splits == 'val').sum())}, test {int((splits == 'test').sum())})", path=source,
+                             fix="choose another --split, or give the table a split column")
         raise InputError(f"no '{split}' case has a lesion mask and one of the model's modalities {list(mods)}",
                          path=str(data), fix="choose another --split, or add the masks")
     skipped = _unscored(data, cfg, split, mods)

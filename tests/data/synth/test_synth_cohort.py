@@ -172,7 +172,7 @@ def test_regenerating_into_a_cohort_folder_leaves_no_stale_subjects(tmp_path: Pa
 def test_small_cohorts_get_every_split_and_big_ones_keep_theirs(cohort: Path) -> None:
     """6 structural subjects over 7 strata (each under 3) used to be all 'train', so the documented train /
     evaluate commands failed; now every kind of 3 or more has train, val and test."""
-    from neuromoe.data.synth.cohort import stratified_split
+    from neuromoe.data.splits import stratified_split
 
     for name in ("structural", "lesion", "fmri"):
         assert {r["split"] for r in _rows(cohort / "manifests" / f"{name}.csv")} == {"train", "val", "test"}
@@ -205,7 +205,7 @@ def test_participants_tsv_carries_the_manifests_labels(cohort: Path) -> None:
 
 def test_a_stratum_of_three_gives_one_subject_to_val_and_to_test() -> None:
     """round(0.15 · 3) = 0 kept a 3-subject diagnosis class out of val and test (AD-vs-CN unscorable)."""
-    from neuromoe.data.synth.cohort import stratified_split
+    from neuromoe.data.splits import stratified_split
 
     split = stratified_split(["AD"] * 3 + ["CN"] * 20, seed=0)
     assert sorted(split[:3]) == ["test", "train", "val"]

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from neuromoe.data.splits import stratified_split
 from neuromoe.data.synth import fmri as fm
 from neuromoe.data.synth.anatomy import load_anatomy
 from neuromoe.data.synth.lesions import DATASETS, MODALITIES, synth_lesion_case
@@ -54,40 +55,6 @@ def _write_csv(path: Path, cols: list[str], rows: Iterable[dict]) -> None:
     lines = [",".join(cols)] + [",".join(cell(r, c) for c in cols) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def stratified_split(strata: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) -> list[str]:
-    """Deterministic train/val/test per stratum so every label is present in every split when possible.
-
-    Strata under 3 subjects stay in train; a stratum of 3 or more gives at least one subject to val and to
-    test (``round(0.15 · 3)`` is 0, which kept a 3-subject diagnosis class out of both). If that leaves val
-    or test empty (a small cohort of many small strata), it gets ``max(1, round(fraction * n))`` subjects
-    from the strata with the most train rows left, so every cohort of 3 or more has all three splits (big
-    cohorts are unchanged).
-    """
-    rng = np.random.default_rng([seed, 99])
-    out = [""] * len(strata)
-    order: dict[str, list[int]] = {}
-    for s in sorted(set(strata)):
-        idx = [i for i, v in enumerate(strata) if v == s]
-        rng.shuffle(idx)
-        order[s] = idx
-        n = len(idx)
-        n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
-        n_test = max(1, round(fractions[2] * n)) if n >= 3 else 0
-        for j, i in enumerate(idx):
-            out[i] = "val" if j < n_val else "test" if j < n_val + n_test else "train"
-    if len(strata) >= 3:
-        for name, frac in (("val", fractions[1]), ("test", fractions[2])):
-            if name in out:
-                continue
-            for _ in range(max(1, round(frac * len(strata)))):
-                left = {s: [i for i in idx if out[i] == "train"] for s, idx in order.items()}
-                s = max(sorted(left), key=lambda k: len(left[k]))  # ties: the first stratum by name
-                if sum(map(len, left.values())) <= 1:
-                    break  # keep at least one training subject
-                out[left[s][-1]] = name
-    return out
 
 
 def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int = 60, n_fmri: int = 240,
