@@ -92,6 +92,16 @@ def test_calibration_skips_a_regression_task_without_validation_labels():
     assert cal["mmse"] == {}
 
 
+def test_calibration_says_when_a_task_gets_no_conformal_calibrator(capsys):
+    """One labelled validation subject: no prediction sets for the task, and training now says so."""
+    tasks = [TaskSpec("dx", "classification", "dx", ["CN", "AD"])]
+    cal = pipe._calibrate({"dx": np.full((3, 2), 0.5)}, {"dx": np.array([1, -1, -1])}, np.ones(3, bool), tasks,
+                          pipe.EvalSection(), np.array(["a", "b", "c"]))
+    assert "dx" not in cal
+    assert "'dx' has 1 labelled validation subjects (at least 2 needed): no conformal prediction sets" in (
+        capsys.readouterr().err)
+
+
 def test_predicted_sets_draw_their_own_randomisation_per_scan():
     """predict() scores one scan at a time: each scan needs its own APS draw, or the sets over-cover."""
     from neuromoe.eval.conformal import ConformalClassifier, set_coverage
@@ -305,6 +315,16 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     full = pd.read_csv(cohort)
     want = pipe._label_subsample(full, full["split"].eq("train").to_numpy(), 0.3, cfg.seed)
     assert set(seen) == {int(want.sum())} and want.sum() < full["split"].eq("train").sum()
+
+    # a test-only table: the mean predictor still uses the training mean the model stored; the TBV baseline,
+    # fitted on the table's training rows, is named as missing (both were dropped in silence)
+    only_test = full[full["split"] == "test"].assign(t1=lambda f: [str(cohort.parent / p) for p in f["t1"]])
+    only_test.to_csv(tmp_path / "only_test.csv", index=False)
+    ev = pipe.evaluate(run / "model", tmp_path / "only_test.csv", tmp_path / "eval_ot", n_bootstrap=5,
+                       cache_dir=cfg.cache_dir)
+    ot = json.loads((ev / "metrics.json").read_text())
+    assert ot["tasks"]["age"]["predict_train_mean_mae"] == pytest.approx(metrics["tasks"]["age"]["predict_train_mean_mae"])
+    assert set(ot["tbv_baseline_skipped"]) == set(ot["tasks"]) and "tbv_baseline" not in ot["tasks"]["age"]
 
     # predict: a folder with one good and one corrupt file
     scans = tmp_path / "scans"

@@ -804,7 +804,12 @@ def _calibrate(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows:
                 cal[t.name] = {"conformal": ConformalClassifier(ev.alpha, method=ev.set_method).fit(
                     pred[t.name], y, groups=groups).to_dict()}
         conf = cal.get(t.name, {}).get("conformal")
-        if conf is not None and math.isinf(conf["q"]):
+        if conf is None:  # said, not silent: predict then writes no interval / set for the task
+            n_lab, what = ((int(np.isfinite(y).sum()), "intervals") if t.type == "regression"
+                           else (int((y >= 0).sum()), "prediction sets"))
+            print(f"neuromoe: '{t.name}' has {n_lab} labelled validation subjects (at least 2 needed): no "
+                  f"conformal {what} for it; add labelled validation subjects", file=sys.stderr)
+        elif math.isinf(conf["q"]):
             need = math.ceil(1 / ev.alpha - 1 - 1e-9)
             what = "interval is unbounded" if t.type == "regression" else "sets hold every class"
             print(f"neuromoe: '{t.name}' conformal {what}: {conf['n_calib']} validation subjects are too few for "
@@ -913,11 +918,11 @@ def _tbv_baseline(t: TaskSpec, tbv: np.ndarray, labels: np.ndarray, train: np.nd
     """Predictions on ``test`` rows of a linear (regression) / logistic (classification) model on TBV."""
     from sklearn.linear_model import LinearRegression, LogisticRegression
 
-    x = (tbv - tbv[train].mean()) / (tbv[train].std() + 1e-9)
     y = labels[train]
     have = np.isfinite(y) if t.type == "regression" else y >= 0
     if have.sum() < 3 or (t.type == "classification" and len(np.unique(y[have])) < 2):
         return None
+    x = (tbv - tbv[train].mean()) / (tbv[train].std() + 1e-9)
     xt = x[train][have][:, None]
     if t.type == "regression":
         return LinearRegression().fit(xt, y[have]).predict(x[test][:, None])
@@ -969,11 +974,14 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     frame = pd.DataFrame({"subject": table.loc[rows, "subject"].to_numpy() if "subject" in table else np.flatnonzero(rows)})
     subjects = frame["subject"].astype(str).to_numpy()  # CIs resample subjects: their sessions are not independent
     skipped: dict[str, str] = {}
+    no_baseline: dict[str, str] = {}
     for t in tasks:
         y_all = dataset.labels[t.name]
         y = y_all[rows]
         p = pred[t.name]
         base = _tbv_baseline(t, tbv, y_all, train_rows, rows)
+        if base is None:  # e.g. a test-only table: no training rows to fit the baseline on
+            no_baseline[t.name] = "fewer than 3 labelled training subjects (of both classes) in this table"
         entry: dict[str, Any] = {}
         if t.type == "regression":
             have = np.isfinite(y)
@@ -985,7 +993,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
             entry["model"] = _regression_metrics(y[have], p[have], n_bootstrap, seed, subjects[have])
             entry["model_bias_corrected"] = _regression_metrics(y[have], corrected[have], n_bootstrap, seed,
                                                                 subjects[have])
-            mean = float(np.nanmean(y_all[train_rows]))
+            mean = float(extra["target_stats"][t.name][0])  # the labels it learnt from, whatever this table holds
             entry["predict_train_mean_mae"] = float(np.mean(np.abs(y[have] - mean)))
             entry["mae_ratio_to_mean"] = entry["model"]["mae"][0] / max(entry["predict_train_mean_mae"], 1e-9)
             if base is not None:
@@ -1044,6 +1052,10 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
         raise InputError(f"no task can be scored on the '{split}' split ({metrics['n']} subjects)",
                          path=source, fix="evaluate on a cohort with more labelled subjects, or another --split")
     metrics["skipped"] = skipped
+    metrics["tbv_baseline_skipped"] = {k: v for k, v in no_baseline.items() if k in metrics["tasks"]}
+    for name, why in metrics["tbv_baseline_skipped"].items():
+        print(f"neuromoe: task '{name}' has no TBV baseline: {why} (it is fitted on the table's training rows)",
+              file=sys.stderr)
     atomic_write_json(out / "metrics.json", metrics, strict=True)
     with atomic_path(out / "predictions.csv") as tmp:
         frame.to_csv(tmp, index=False)
@@ -1088,6 +1100,8 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
         "fit on validation subjects; conformal intervals/sets are calibrated on validation only. The "
         "baseline is a linear/logistic model on total brain volume (TBV) fitted on training subjects."
         + "".join(f" Task '{n}' is not scored: {why}." for n, why in metrics.get("skipped", {}).items())
+        + "".join(f" Task '{n}' has no TBV baseline: {why}." for n, why in metrics.get("tbv_baseline_skipped",
+                                                                                         {}).items())
     )
     table_rows = []
     for name, e in metrics["tasks"].items():
