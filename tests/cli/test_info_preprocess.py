@@ -96,3 +96,22 @@ def describe_reasons(path) -> str:
     from neuromoe.cli.info import describe
 
     return " ".join(describe(str(path))["reasons"])
+
+
+def test_preprocess_full_fov_fills_the_cache_whole_field_of_view_reads_use(tmp_path, t1, capsys):
+    """MoME evaluate/segment (and its demo preset) read the whole field of view; preprocess could not write
+    that entry, so a cache filled beforehand was preprocessed again."""
+    from neuromoe.data.preprocess import PreprocCache, PreprocSpec, preprocess_case
+
+    (tmp_path / "m.csv").write_text(f"subject,t1\ns1,{t1.name}\n")
+    out = tmp_path / "cache"
+    assert main(["preprocess", "--data", str(tmp_path / "m.csv"), "--out", str(out), "--spacing", "2",
+                 "--full-fov", "--no-progress"]) == 0
+    files = sorted(out.iterdir())
+    spec = PreprocSpec(spacing=(2.0,) * 3, shape=None)
+    arr = preprocess_case({"t1": str(t1)}, spec, cache=PreprocCache(out))
+    assert sorted(out.iterdir()) == files  # a cache hit
+    np.testing.assert_array_equal(arr["t1"], preprocess_case({"t1": str(t1)}, spec)["t1"])
+    with pytest.raises(SystemExit, match="2"):  # one or the other
+        main(["preprocess", "--data", str(tmp_path / "m.csv"), "--out", str(out), "--full-fov", "--shape", "8", "8",
+              "8"])

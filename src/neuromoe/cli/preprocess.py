@@ -15,7 +15,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="manifest CSV/TSV or BIDS folder")
     parser.add_argument("--out", required=True, help="cache directory")
     parser.add_argument("--spacing", type=float, default=2.0, help="isotropic target spacing in mm")
-    parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], help="target shape")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64],
+                      help="target shape (a crop/pad centred on the foreground)")
+    size.add_argument("--full-fov", action="store_true",
+                      help="keep the whole field of view, as MoME evaluate/segment (and its demo preset) read a case")
     parser.add_argument("--norm", choices=("zscore", "rank", "percentile", "none"), default="zscore")
     parser.add_argument("--register", action="store_true", help="affine registration to MNI152")
     parser.add_argument("--no-antialias", action="store_true",
@@ -39,7 +43,8 @@ def _run(args: argparse.Namespace) -> int:
     from neuromoe.io.table import load_table
 
     shard = _shard(args.shard)
-    spec = PreprocSpec(spacing=(args.spacing,) * 3, shape=tuple(args.shape), norm=args.norm, register=args.register,
+    spec = PreprocSpec(spacing=(args.spacing,) * 3, shape=None if args.full_fov else tuple(args.shape), norm=args.norm,
+                       register=args.register,
                        antialias=not args.no_antialias)
     table = load_table(args.data)
     summary = preprocess_cohort(table, spec, args.out, workers=args.workers, shard=shard,
