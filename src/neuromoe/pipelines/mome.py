@@ -230,9 +230,10 @@ def _split_cases(
 def _note_no_validation(cases: dict[str, list[LesionCase]], cfg: MoMEConfig) -> None:
     """Said, not silent: without validation cases the last epoch is kept and the threshold is not tuned."""
     if not cases["val"]:
+        untuned = f" and the decision threshold stays at eval.threshold ({cfg.eval.threshold})"
         print("neuromoe: no validation cases: the last epoch's weights are kept"
-              + (f" and the decision threshold stays at eval.threshold ({cfg.eval.threshold})" if cfg.eval.tune_threshold else "")
-              + " (give the table 'val' rows in its split column)", file=sys.stderr)
+              + (untuned if cfg.eval.tune_threshold else "") + " (give the table 'val' rows in its split column)",
+              file=sys.stderr)
 
 
 def _keep_trained_modalities(cfg: MoMEConfig, cases: dict[str, list[LesionCase]]) -> None:
