@@ -259,3 +259,28 @@ def test_array_valued_kwargs_are_saved_as_lists(tmp_path: Path, array: Callable[
     x = torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_save_model_refuses_metadata_load_model_would_refuse(tmp_path) -> None:
+    """tasks=['age'] or preprocessing='zscore' were saved, then every load_model failed on the folder."""
+    model = create_model("simple_cnn_moe_tiny")
+    for meta in ({"tasks": ["age"]}, {"preprocessing": "zscore"}):
+        with pytest.raises(ModelFormatError, match="must be"):
+            save_model(model, tmp_path / "m", meta)
+        assert not (tmp_path / "m").exists()
+
+
+def test_bad_constructor_values_are_config_errors_and_model_format_errors_on_load(tmp_path) -> None:
+    """A bad value (not only a bad name) is one ConfigError, and a tampered saved kwarg one ModelFormatError
+    naming the file; they were raw KeyError / ValueError tracebacks."""
+    with pytest.raises(ConfigError, match="denseformer_mae"):
+        create_model("denseformer_mae", preset="small")
+    with pytest.raises(ConfigError, match="denseformer_tiny"):
+        create_model("denseformer_tiny", head="bogus")
+    d = save_model(create_model("denseformer_tiny"), tmp_path / "df")
+    config = json.loads((d / "config.json").read_text())
+    config["kwargs"]["head"] = "bogus"
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="cannot rebuild 'denseformer_tiny'") as info:
+        load_model(d)
+    assert "config.json" in str(info.value)

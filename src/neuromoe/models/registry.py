@@ -143,8 +143,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     entry = _entry(name)
     try:
         model = entry.factory(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"invalid arguments for model '{name}': {exc}", fix="check the model options") from None
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # a bad value, e.g. preset='small', img_size=30
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"invalid arguments for model '{name}': {exc.__class__.__name__}: {exc}",
+                          fix="check the model options") from None
     model.neuromoe_config = {"architecture": name, "kwargs": dict(kwargs)}
     return model
 
@@ -211,6 +214,7 @@ def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any] | N
         "label_maps": _json_checked(dict(meta.get("label_maps") or {}), "label_maps", directory),
         "extra": _json_checked(dict(meta.get("extra") or {}), "extra", directory),
     }
+    _check_config(config, directory / CONFIG_NAME, "pass save_model the metadata its docstring describes")
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(_state_for_saving(model), str(tmp),
@@ -271,6 +275,18 @@ def _read_config(directory: Path) -> dict[str, Any]:
                                fix="restore the config.json written by NeuroMoE") from None
     if not isinstance(config, dict):
         raise ModelFormatError("config must be a JSON object", path=path, fix="restore the original file")
+    _check_config(config, path, "restore the original file")
+    config.setdefault("neuromoe_version", "unknown")
+    config.setdefault("preprocessing", None)
+    config.setdefault("tasks", [])
+    config.setdefault("label_maps", {})
+    config.setdefault("extra", {})
+    return config
+
+
+def _check_config(config: dict[str, Any], path: Path, fix: str) -> None:
+    """The schema :func:`load_model` holds a config to; :func:`save_model` holds it too, so it never writes a
+    folder that cannot be loaded."""
     version = config.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise ModelFormatError(
@@ -282,24 +298,18 @@ def _read_config(directory: Path) -> dict[str, Any]:
                                fix=f"allowed keys: {', '.join(CONFIG_SCHEMA)}")
     for key in REQUIRED_KEYS:
         if key not in config:
-            raise ModelFormatError(f"missing config key '{key}'", path=path, fix="restore the original file")
+            raise ModelFormatError(f"missing config key '{key}'", path=path, fix=fix)
     for key, value in config.items():
         types_ = CONFIG_SCHEMA[key]
         if isinstance(value, bool) or not isinstance(value, types_):
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types_)
             raise ModelFormatError(f"config key '{key}' must be {expected}, got {type(value).__name__}",
-                                   path=path, fix="restore the original file")
+                                   path=path, fix=fix)
     if not all(isinstance(t, dict) for t in config.get("tasks", [])):
         raise ModelFormatError("config key 'tasks' must be a list of objects", path=path,
-                               fix="restore the original file")
+                               fix=fix)
     if version < 1:
-        raise ModelFormatError(f"invalid format_version {version}", path=path, fix="restore the original file")
-    config.setdefault("neuromoe_version", "unknown")
-    config.setdefault("preprocessing", None)
-    config.setdefault("tasks", [])
-    config.setdefault("label_maps", {})
-    config.setdefault("extra", {})
-    return config
+        raise ModelFormatError(f"invalid format_version {version}", path=path, fix=fix)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
