@@ -310,9 +310,9 @@ def test_docstring_usage_runs() -> None:
     usage = ExpertUsage(8)
     usage.update(out.stats, condition="age")
     assert out.output.shape == (2, 3, 16) and usage.counts().loc["age"].sum() == 12
-    expert_unets = nn.ModuleList(nn.Conv3d(1, 2, 1) for _ in range(5))
+    expert_nets = nn.ModuleList(nn.Conv3d(1, 2, 1) for _ in range(5))
     route = TopKRouter(6, 5, k=2)(torch.randn(3, 6))
-    fused = dispatch_experts(torch.randn(3, 1, 4, 4, 4), route.topk_idx, route.topk_weights, expert_unets)
+    fused = dispatch_experts(torch.randn(3, 1, 4, 4, 4), route.topk_idx, route.topk_weights, expert_nets)
     assert fused.shape == (3, 2, 4, 4, 4)
 
 
@@ -384,3 +384,13 @@ def test_zero_tokens_give_the_experts_output_width(mode) -> None:
     layer = MoELayer(6, 3, lambda e: nn.Linear(6, 4), k=2, dispatch=mode)
     assert layer(torch.zeros(0, 6)).output.shape == (0, 4)
     assert layer(torch.zeros(2, 0, 6)).output.shape == (2, 0, 4)
+
+
+def test_capacity_is_the_documented_ceiling_despite_float_rounding() -> None:
+    """ceil(1.1 · 100 · 2 / 4) is 55; floating point made it 56."""
+    assert MoELayer(8, 4, k=2, capacity_factor=1.1).capacity(100) == 55
+    assert MoELayer(8, 4, k=2, capacity_factor=1.25).capacity(10) == 7  # a true fraction still rounds up
+    collapsed = torch.zeros(100, 8)
+    collapsed[:, :2] = 0.5
+    top = torch.tensor([[0, 1]]).expand(100, 2)
+    assert float(load_balancing_loss(collapsed, top, 8)) == pytest.approx(8 / 2)  # E / k, as documented

@@ -1,9 +1,10 @@
 """Sparse Mixture-of-Experts: a top-k router, auxiliary losses, and an MoE layer with three dispatch paths.
 
 All three model families route with these pieces: DenseFormer-MoE (one token per subject × task, the task
-embedding conditions the router), MoME (a case-level router choosing expert U-Nets; it uses
-:class:`TopKRouter` and :func:`dispatch_experts` directly because its experts consume images, not the
-router features) and BrainMoE (a router over the FC matrix choosing per-state experts).
+embedding conditions the router), MoME (a router over each downsampled patch / window choosing expert
+U-Nets; it uses :class:`TopKRouter` and the aux losses directly, because its experts return multi-scale
+logits that its gate fuses per voxel) and BrainMoE (a router over the FC matrix choosing per-state experts).
+:func:`dispatch_experts` runs any experts that map a tensor to a tensor on the items routed to them.
 
 Design points:
 
@@ -27,8 +28,8 @@ Usage::
     loss = task_loss + out.aux_loss
     usage.update(out.stats, condition="age")                  # ExpertUsage → task × expert heatmap
 
-    route = TopKRouter(feat_dim, 5, k=2)(pooled_features)     # case-level routing (MoME)
-    fused = dispatch_experts(images, route.topk_idx, route.topk_weights, expert_unets)
+    route = TopKRouter(feat_dim, 5, k=2)(pooled_features)     # routing items to experts of your own
+    fused = dispatch_experts(images, route.topk_idx, route.topk_weights, expert_nets)  # tensor -> tensor
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class MoEOutput:
 
 
 def load_balancing_loss(probs: Tensor, topk_idx: Tensor, num_experts: int) -> Tensor:
-    """Switch/GShard balance loss ``E · Σ_e f_e · P_e``; equals 1 at uniform routing, E when collapsed.
+    """Switch/GShard balance loss ``E · Σ_e f_e · P_e``; 1 at uniform routing, E/k when collapsed onto k experts.
 
     ``f_e`` (fraction of slots routed to ``e``) carries no gradient; ``P_e`` (mean probability) does, so
     the loss pushes probability away from overloaded experts.
@@ -461,7 +462,8 @@ class MoELayer(nn.Module):
         """Slots per expert for ``num_items`` items (0 = unlimited)."""
         if self.capacity_factor <= 0:
             return 0
-        return max(1, math.ceil(self.capacity_factor * num_items * self.k / self.num_experts))
+        # rounded first: 1.1 · 100 · 2 / 4 is 55.000000000000007 in floating point, and ceil made it 56
+        return max(1, math.ceil(round(self.capacity_factor * num_items * self.k / self.num_experts, 9)))
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> MoEOutput:
         if x.dim() not in (2, 3):
