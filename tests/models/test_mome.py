@@ -94,6 +94,22 @@ def test_mome_plus_dispatch_identity_for_present_and_mixture_of_present_for_miss
         m.dispatch_matrix(torch.zeros(1, 5))
 
 
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_mome_plus_output_ignores_what_a_missing_channel_holds(top_k: int) -> None:
+    """The gate and the router saw the raw channels: content left in a channel marked missing changed the
+    fused logits (by 1.38) and, sparse, which experts ran."""
+    torch.manual_seed(0)
+    m = _mome(multimodal=True, top_k=top_k).eval()
+    avail = torch.tensor([[1.0, 1, 0, 1, 0]])
+    x = torch.randn(1, 5, 32, 32)
+    zero_filled = x * avail[..., None, None]
+    with torch.no_grad():
+        a, b = m(x, avail), m(zero_filled, avail)
+    torch.testing.assert_close(a.logits[0], b.logits[0], rtol=0, atol=0)
+    if top_k:
+        assert torch.equal(a.selected, b.selected)
+
+
 def test_sparse_runs_only_top_k_experts_and_trains_the_router() -> None:
     m = _mome(multimodal=True, top_k=2)
     out = m(torch.randn(1, 5, 32, 32), torch.tensor([[1, 1, 0, 1, 0]]))

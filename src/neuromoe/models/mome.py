@@ -243,12 +243,8 @@ class MoME(PretrainedMixin, nn.Module):
             return x.expand(-1, self.num_experts, *x.shape[2:]), None
         assert available is not None
         D = self.dispatch_matrix(available)
-        xin = torch.einsum(
-            "bem,bm...->be...",
-            D.to(x.dtype),
-            x * available.to(x.dtype).view(*available.shape, *([1] * self.spatial_dims)),
-        )
-        return xin, D
+        masked = x * available.to(x.dtype).view(*available.shape, *([1] * self.spatial_dims))
+        return torch.einsum("bem,bm...->be...", D.to(x.dtype), masked), D
 
     def route(self, x: Tensor, available: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Top-k router per input (patch or window) → (probs (B,E), topk idx, topk weights, balance loss)."""
@@ -267,6 +263,9 @@ class MoME(PretrainedMixin, nn.Module):
                 raise ValueError(f"MoME+ expects {E} modality channels {self.modalities}, got {x.shape[1]}")
             if available is None:
                 available = torch.ones(B, E, device=x.device)
+            # zero-filled here, not only in the expert inputs: the gate and the router must not see a channel
+            # marked missing either (content left in it changed the fused output and the chosen experts)
+            x = x * available.to(x.dtype).view(B, E, *([1] * self.spatial_dims))
         elif x.shape[1] != 1:
             raise ValueError(f"MoME expects one image channel, got {x.shape[1]} (use multimodal=True)")
         xin, D = self.expert_inputs(x, available)
