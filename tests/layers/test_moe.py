@@ -394,3 +394,7 @@ def test_capacity_is_the_documented_ceiling_despite_float_rounding() -> None:
     collapsed[:, :2] = 0.5
     top = torch.tensor([[0, 1]]).expand(100, 2)
     assert float(load_balancing_loss(collapsed, top, 8)) == pytest.approx(8 / 2)  # E / k, as documented
+
+
+def test_usage_heatmap_of_no_updates_is_an_empty_figure() -> None:
+    assert ExpertUsage(3).plot() is not None  # imshow refused the empty table's object dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from neuromoe.errors import ConfigError
 from neuromoe.models import create_model, load_model, save_model
 from neuromoe.models.brainmoe import BrainMoE, JEPAExpert
 
@@ -237,3 +238,9 @@ def test_state_router_learns_states_and_becomes_the_moe_router_prior():
     torch.testing.assert_close(model.route(test_fc).logits, router(test_fc)[:, order])
     with pytest.raises(ValueError, match="does not match"):
         model.load_router_prior(router, [0, 1, 1])
+
+
+def test_a_preset_cannot_be_swapped_by_a_hidden_keyword() -> None:
+    """``_size`` was a keyword of the factories: brainmoe_tiny(_size='demo') built a demo model saved as tiny."""
+    with pytest.raises(ConfigError, match="_size"):
+        create_model("brainmoe_tiny", _size="demo")

@@ -572,7 +572,7 @@ class ExpertUsage:
         from matplotlib.figure import Figure
 
         table = self.fractions() if which == "fractions" else self.weights()
-        values = table.to_numpy()
+        values = table.to_numpy(dtype=float)  # an empty table is dtype object, which imshow refuses
         fig = Figure(figsize=(1.5 + 0.55 * self.num_experts, 1.2 + 0.45 * max(len(table), 1)))
         ax = fig.add_subplot()
         im = ax.imshow(

@@ -558,28 +558,28 @@ def expert_architecture(architecture: str, kwargs: dict[str, Any]) -> dict[str, 
     return _preset(size, {k: v for k, v in kwargs.items() if k in _EXPERT_KEYS}, _EXPERT_KEYS)
 
 
+def _register_size(size: str) -> None:
+    """Register one preset's factories; ``size`` is bound by this call, not a hidden keyword a caller could
+    override (``create_model('brainmoe_tiny', _size='demo')`` built a demo model saved as tiny)."""
+
+    def expert_factory(kind: str = "state_clf", n_rois: int = 264, **kw: Any) -> Expert:
+        return make_expert(kind, n_rois, **_preset(size, kw, _EXPERT_KEYS))
+
+    def moe_factory(n_rois: int = 264, n_experts: int = 5, **kw: Any) -> BrainMoE:
+        return BrainMoE(n_rois, n_experts, **_preset(size, kw, _MOE_KEYS))
+
+    def router_factory(n_rois: int = 264, n_states: int = 5, **kw: Any) -> StateRouter:
+        return StateRouter(n_rois, n_states, **_preset(size, kw, ("router_hidden",)))
+
+    for name, factory in ((f"brainmoe_router_{size}", router_factory), (f"brainmoe_expert_{size}", expert_factory),
+                          (f"brainmoe_{size}", moe_factory)):
+        factory.__qualname__ = name
+        register_model(name, family=FAMILY)(factory)
+
+
 def _register_presets() -> None:
     for size in PRESETS:
-
-        def expert_factory(
-            kind: str = "state_clf", n_rois: int = 264, _size: str = size, **kw: Any
-        ) -> Expert:
-            return make_expert(kind, n_rois, **_preset(_size, kw, _EXPERT_KEYS))
-
-        def moe_factory(n_rois: int = 264, n_experts: int = 5, _size: str = size, **kw: Any) -> BrainMoE:
-            return BrainMoE(n_rois, n_experts, **_preset(_size, kw, _MOE_KEYS))
-
-        def router_factory(
-            n_rois: int = 264, n_states: int = 5, _size: str = size, **kw: Any
-        ) -> StateRouter:
-            return StateRouter(n_rois, n_states, **_preset(_size, kw, ("router_hidden",)))
-
-        router_factory.__qualname__ = f"brainmoe_router_{size}"
-        register_model(f"brainmoe_router_{size}", family=FAMILY)(router_factory)
-        expert_factory.__qualname__ = f"brainmoe_expert_{size}"
-        moe_factory.__qualname__ = f"brainmoe_{size}"
-        register_model(f"brainmoe_expert_{size}", family=FAMILY)(expert_factory)
-        register_model(f"brainmoe_{size}", family=FAMILY)(moe_factory)
+        _register_size(size)
 
 
 _register_presets()
