@@ -129,3 +129,30 @@ def test_family_cli_under_torchrun(tmp_path: Path) -> None:
         assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
         assert proc.stderr.count("no --config given") == (argv[0] == "train"), proc.stderr[-3000:]
     assert (tmp_path / "ft" / "model" / "model.safetensors").is_file()
+
+
+def test_a_two_rank_checkpoint_does_not_resume_in_one_process(ddp_run: DdpRun, tmp_path: Path) -> None:
+    """The schedule length and the batch position count per-rank steps: resuming 2 ranks' checkpoint in one
+    process ran on with the wrong learning rate and length, exit 0; it is now one error saying how to resume."""
+    import shutil
+    import sys
+
+    from neuromoe.engine import TrainConfig
+    from neuromoe.errors import InputError
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from ddp_script import MSETrainer, RankRouted
+    finally:
+        sys.path.pop(0)
+    run, proc = ddp_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(run / "run", tmp_path / "run")
+    x = torch.randn(48, 5)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, device="cpu", progress=False, log_every=1, ckpt_every=2)
+    trainer = MSETrainer(RankRouted(use_expert=False), cfg, data, data, run_dir=tmp_path / "run")
+    trainer.draws = []
+    with pytest.raises(InputError, match=r"made with 2 process\(es\), this run has 1") as info:
+        trainer.fit(resume=True)
+    assert "torchrun --nproc_per_node=2" in str(info.value)

@@ -385,15 +385,22 @@ class Trainer:
                 raise InputError("the checkpoint was made with another architecture than this run's config",
                                  path=self.ckpt_path, fix="resume with the run's own config, or drop --resume "
                                  "and use a new --out") from None
+            pos = state["position"]
+            rng = state["rng"]  # one state per rank under DDP (a list), else one
+            made_with = int(pos.get("world_size", len(rng) if isinstance(rng, list) else 1))
+            if made_with != self.world_size:  # the schedule length and the batch position count per-rank steps
+                raise InputError(f"the checkpoint was made with {made_with} process(es), this run has "
+                                 f"{self.world_size}: resuming would change the learning-rate schedule and skip "
+                                 "or repeat items", path=self.ckpt_path,
+                                 fix=f"resume with torchrun --nproc_per_node={made_with}"
+                                 if made_with > 1 else "resume without torchrun (one process)")
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            pos = state["position"]
             self.global_step, start_epoch, skip = int(pos["global_step"]), int(pos["epoch"]), int(pos["batch"])
             best, best_step, bad = float(pos["best"]), int(pos["best_step"]), int(pos["bad"])
             self.history = list(state["history"])
             logs = pos.get("logs")  # the partial log window of a mid-epoch checkpoint (per rank under DDP)
             resumed_logs = (logs[min(self.rank, len(logs) - 1)] if isinstance(logs, list) else logs) or None
-            rng = state["rng"]  # one state per rank under DDP (a list), else one
             set_rng_state(rng[min(self.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
             if self.best_path.is_file():
                 self.best_state = load_checkpoint(self.best_path)["model"]
@@ -416,7 +423,8 @@ class Trainer:
                     "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng, "history": self.history,
                     "position": {"epoch": epoch, "batch": batch, "global_step": self.global_step, "best": best,
-                                 "best_step": best_step, "bad": bad, "logs": logs}})
+                                 "best_step": best_step, "bad": bad, "logs": logs,
+                                 "world_size": self.world_size}})
             dist_utils.barrier()
 
         bar = None
