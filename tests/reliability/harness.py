@@ -104,11 +104,10 @@ class Env:
             base = self.fmri[0] if split == "pretrain" else self.fmri[-1]
             other = "bold" if role == "timeseries" else "timeseries"
             rows = [*self.fmri, {**base, "subject": BAD_SUBJECT, other: "", role: str(case.path)}]
-        else:
-            rows = [
-                *self.cohort,
-                {**self.cohort[0], "subject": BAD_SUBJECT, "split": split, role: str(case.path)},
-            ]
+        else:  # copied from a row of the same split: a test row sharing a training case's mask is refused as
+            # fitted (MoME evaluate), before the defect is read
+            base = next((r for r in self.cohort if r["split"] == split), self.cohort[0])
+            rows = [*self.cohort, {**base, "subject": BAD_SUBJECT, "split": split, role: str(case.path)}]
         path = out.parent / f"{out.name}-input.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(path, index=False)
