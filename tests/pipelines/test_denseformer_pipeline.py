@@ -664,3 +664,21 @@ def test_a_label_fraction_outside_0_1_is_a_config_error(fraction, tmp_path) -> N
         pipe.train(tmp_path / "nothing.csv", tmp_path / "out", cfg)
     with pytest.raises(ConfigError, match=r"finetune\.label_fraction"):
         pipe.load_denseformer_config("tiny", [f"finetune.label_fraction={fraction}"])
+
+
+def test_mae_validation_loss_does_not_depend_on_the_batching():
+    """The validation masks were seeded by each batch's first item, so the monitored loss moved with the batch
+    size and the DDP ranks (1.0851 at batch 4, 1.0867 at batch 1 on the same weights)."""
+    from neuromoe.models import create_model
+
+    torch.manual_seed(0)
+    tr = pipe.MAETrainer.__new__(pipe.MAETrainer)
+    tr.model = create_model("denseformer_mae", preset="tiny").eval()
+    image, index = torch.randn(4, 1, 32, 32, 32), torch.arange(10, 14)
+    with torch.no_grad():
+        got = []
+        for bs in (1, 2, 4):
+            outs = [tr.validation_step({"image": image[i : i + bs], "index": index[i : i + bs]})
+                    for i in range(0, 4, bs)]
+            got.append(sum(o["loss"] * o["n"] for o in outs) / 4)
+    assert got == pytest.approx([got[2]] * 3, rel=1e-6)

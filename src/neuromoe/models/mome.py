@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
@@ -40,6 +41,8 @@ __all__ = [
     "MoMEOutput",
     "curriculum_weight",
     "deep_supervision_weights",
+    "dice_ce_from_sums",
+    "dice_ce_sums",
     "gate_supervision_loss",
     "mome_loss",
     "unet_widths",
@@ -359,6 +362,30 @@ def _dice_ce(logits: Tensor, target: Tensor) -> Tensor:
     if target.shape[2:] != logits.shape[2:]:
         target = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest")
     return _DICE_CE["loss"](logits.float(), target)
+
+
+def dice_ce_sums(logits: Tensor, target: Tensor) -> np.ndarray:
+    """Additive statistics of :func:`_dice_ce` over a batch: per class (intersection, predicted, true), then
+    the cross-entropy sum and the voxel count. Summed over batches (or DDP ranks) and given to
+    :func:`dice_ce_from_sums`, they give the loss of all the items as one batch, however they were grouped."""
+    if target.shape[2:] != logits.shape[2:]:
+        target = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest")
+    logits = logits.float()
+    label = target[:, 0].long()
+    prob = logits.softmax(1)
+    onehot = F.one_hot(label, logits.shape[1]).movedim(-1, 1).float()
+    dims = (0, *range(2, logits.dim()))
+    per_class = torch.stack([(prob * onehot).sum(dims), prob.sum(dims), onehot.sum(dims)], 1)  # (C, 3)
+    ce = F.cross_entropy(logits, label, reduction="sum")
+    return np.concatenate([per_class.flatten().cpu().double().numpy(), [float(ce), float(label.numel())]])
+
+
+def dice_ce_from_sums(sums: np.ndarray) -> float:
+    """The batch Dice + mean CE that MONAI's ``DiceCELoss(batch=True)`` gives, from :func:`dice_ce_sums`."""
+    per_class, (ce, n) = sums[:-2].reshape(-1, 3), sums[-2:]
+    smooth = 1e-5  # MONAI's smooth_nr = smooth_dr
+    dice = 1.0 - (2.0 * per_class[:, 0] + smooth) / (per_class[:, 1] + per_class[:, 2] + smooth)
+    return float(dice.mean() + ce / max(n, 1.0))
 
 
 def deep_supervised_loss(logits: list[Tensor], target: Tensor) -> Tensor:

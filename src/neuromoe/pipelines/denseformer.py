@@ -244,8 +244,11 @@ class MAETrainer(Trainer):
         return loss, {"mae_loss": float(loss.detach())}
 
     def validation_step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(1234 + int(batch["index"][0]))
-        noise = torch.rand(batch["image"].shape[0], self.model.encoder.num_patches, generator=gen)
+        # one mask per item, seeded by the item (it was by the batch's first item): the loss does not depend on
+        # how items are grouped into batches or DDP ranks
+        n = self.model.encoder.num_patches
+        noise = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(1234 + int(i)))
+                             for i in batch["index"]])
         loss, _, _ = self.model(batch["image"], noise=noise.to(batch["image"].device))
         return {"loss": float(loss), "n": batch["image"].shape[0]}  # the Trainer's default: mean weighted by n
 

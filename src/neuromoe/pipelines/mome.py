@@ -46,6 +46,9 @@ from neuromoe.models.mome import (
     MoME,
     curriculum_weight,
     deep_supervised_loss,
+    deep_supervision_weights,
+    dice_ce_from_sums,
+    dice_ce_sums,
     mome_loss,
 )
 
@@ -305,28 +308,33 @@ class MoMETrainer(Trainer):
         return self._forward(batch)[:2]
 
     def validation_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
-        _, logs, logits = self._forward(batch)
+        if isinstance(self.model, MoME):
+            scales = self.model(batch["image"], batch.get("available")).logits  # the fused output
+        else:
+            scales = self.model(batch["image"])
+        logits = scales[0]
         prob = logits.float().softmax(1)[:, 1].flatten(1)
         gt = batch["mask"].flatten(1) > 0.5
         pred = prob[None] > torch.as_tensor(THRESHOLDS, device=prob.device)[:, None, None]
         return {
-            "loss": logs.get("loss_fused", logs["loss"]),
-            "n": int(gt.shape[0]),
+            "loss_sums": [dice_ce_sums(lg, batch["mask"]) for lg in scales],
             "tp": (pred & gt).sum((1, 2)).cpu().numpy(),
             "n_pred": pred.sum((1, 2)).cpu().numpy(),
             "n_gt": int(gt.sum()),
         }
 
     def validation_end(self, outputs: list[dict[str, Any]]) -> dict[str, float]:
-        """Fused validation loss (mean over patches: batches weighted by their size, so neither the last short
-        batch nor the number of DDP ranks changes it), and the Dice over all validation patches (best candidate
-        threshold, 0.5)."""
+        """Fused validation loss (the deep-supervised batch Dice+CE of all validation patches as one batch, from
+        additive statistics, so neither the batch size, the last short batch nor the number of DDP ranks changes
+        it; a mean of per-batch batch-Dice losses moved with them), and the Dice over all validation patches
+        (best candidate threshold, 0.5)."""
         tp = np.sum([o["tp"] for o in outputs], 0)
         total = np.sum([o["n_pred"] for o in outputs], 0) + sum(o["n_gt"] for o in outputs)
         dice = np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)
         best = int(np.argmax(dice))
         return {
-            "val_loss": sum(o["loss"] * o["n"] for o in outputs) / max(sum(o["n"] for o in outputs), 1),
+            "val_loss": sum(w * dice_ce_from_sums(np.sum([o["loss_sums"][i] for o in outputs], 0))
+                            for i, w in enumerate(deep_supervision_weights(len(outputs[0]["loss_sums"])))),
             "val_dice": float(dice[best]),
             "val_dice_p50": float(dice[int(np.argmin(np.abs(THRESHOLDS - 0.5)))]),
         }
