@@ -102,7 +102,8 @@ def test_mome_plus_output_ignores_what_a_missing_channel_holds(top_k: int) -> No
     m = _mome(multimodal=True, top_k=top_k).eval()
     avail = torch.tensor([[1.0, 1, 0, 1, 0]])
     x = torch.randn(1, 5, 32, 32)
-    zero_filled = x * avail[..., None, None]
+    x[0, 4] = float("nan")  # whatever it holds
+    zero_filled = torch.where(avail.bool()[..., None, None], x, 0.0)
     with torch.no_grad():
         a, b = m(x, avail), m(zero_filled, avail)
     torch.testing.assert_close(a.logits[0], b.logits[0], rtol=0, atol=0)

@@ -19,7 +19,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64],
                       help="target shape (a crop/pad centred on the foreground)")
     size.add_argument("--full-fov", action="store_true",
-                      help="keep the whole field of view, as MoME evaluate/segment (and its demo preset) read a case")
+                      help="keep the whole field of view, as MoME evaluate (and its demo preset) read a case")
     parser.add_argument("--norm", choices=("zscore", "rank", "percentile", "none"), default="zscore")
     parser.add_argument("--register", action="store_true", help="affine registration to MNI152")
     parser.add_argument("--no-antialias", action="store_true",

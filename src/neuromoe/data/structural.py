@@ -34,11 +34,13 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
+from neuromoe.data.splits import assign_splits  # moved there; importable from here as before
 from neuromoe.errors import InputError
 
 __all__ = [
     "StructuralDataset",
     "TaskSpec",
+    "assign_splits",
     "encode_labels",
     "load_t1",
 ]

@@ -268,7 +268,7 @@ class MoME(PretrainedMixin, nn.Module):
                 available = torch.ones(B, E, device=x.device)
             # zero-filled here, not only in the expert inputs: the gate and the router must not see a channel
             # marked missing either (content left in it changed the fused output and the chosen experts)
-            x = x * available.to(x.dtype).view(B, E, *([1] * self.spatial_dims))
+            x = torch.where(available.bool().view(B, E, *([1] * self.spatial_dims)), x, 0.0)  # NaN too
         elif x.shape[1] != 1:
             raise ValueError(f"MoME expects one image channel, got {x.shape[1]} (use multimodal=True)")
         xin, D = self.expert_inputs(x, available)

@@ -143,7 +143,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     entry = _entry(name)
     try:
         model = entry.factory(**kwargs)
-    except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # a bad value, e.g. preset='small', img_size=30
+    except (TypeError, ValueError, KeyError) as exc:  # a bad value, e.g. preset='small', img_size=30
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"invalid arguments for model '{name}': {exc.__class__.__name__}: {exc}",
