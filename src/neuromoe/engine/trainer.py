@@ -387,10 +387,11 @@ class Trainer:
                                  "and use a new --out") from None
             pos = state["position"]
             rng = state["rng"]  # one state per rank under DDP (a list), else one
+            # the schedule length and the batch position count per-rank steps, so the world size must not change;
             # checkpoints before 2026-12-06 carry no world_size: per-rank RNG states (a list) still tell it; a
             # single state may be one process or older DDP, so it is not checked
             made_with = pos.get("world_size", len(rng) if isinstance(rng, list) else None)
-            if made_with is not None and made_with != self.world_size:  # the schedule length and the batch position count per-rank steps
+            if made_with is not None and made_with != self.world_size:
                 raise InputError(f"the checkpoint was made with {made_with} process(es), this run has "
                                  f"{self.world_size}: resuming would change the learning-rate schedule and skip "
                                  "or repeat items", path=self.ckpt_path,
