@@ -386,6 +386,21 @@ def test_zero_tokens_give_the_experts_output_width(mode) -> None:
     assert layer(torch.zeros(2, 0, 6)).output.shape == (2, 0, 4)
 
 
+@pytest.mark.parametrize("mode", ["sparse", "reference", "dense"])
+def test_zero_tokens_stay_in_the_graph_with_finite_stats(mode) -> None:
+    """Reference dispatch returned fresh zeros (no grad_fn) and ``importance`` was NaN for an empty batch."""
+    layer = make_layer(mode, grouped=False)
+    out = layer(torch.zeros(0, D))
+    out.output.sum().backward()  # raised "does not require grad" on the reference path
+    assert torch.equal(out.stats.importance, torch.zeros(E))
+    assert torch.equal(out.stats.load, torch.zeros(E))
+    keep_none = torch.zeros(3, 2, dtype=torch.bool)
+    x = torch.randn(3, D, requires_grad=True)
+    r = layer.router(x)
+    y = dispatch_experts(x, r.topk_idx, r.topk_weights, layer.experts, mode, keep_none)
+    assert torch.equal(y, torch.zeros(3, D)) and y.requires_grad
+
+
 def test_capacity_is_the_documented_ceiling_despite_float_rounding() -> None:
     """ceil(1.1 · 100 · 2 / 4) is 55; floating point made it 56."""
     assert MoELayer(8, 4, k=2, capacity_factor=1.1).capacity(100) == 55

@@ -391,9 +391,11 @@ def _dispatch_reference(
         if out is None:
             out = y.new_zeros(x.shape[0], *y.shape[1:])
         out.index_add_(0, tok, y * w)
-    if out is None:  # no token reached an expert (none given, or all dropped by the capacity)
+    if out is None:  # no token reached an expert (none given, or every slot dropped by ``keep``)
         y = _empty_output(experts, x)
-        out = y.new_zeros(x.shape[0], *y.shape[1:])
+        # zeros that stay in the autograd graph, as the sparse path's, so `output.sum().backward()` works
+        nothing = torch.zeros(0, dtype=torch.long, device=x.device)
+        out = y.new_zeros(x.shape[0], *y.shape[1:]).index_copy(0, nothing, y)
     return out
 
 
@@ -482,7 +484,9 @@ class MoELayer(nn.Module):
             load = torch.bincount(top_i.reshape(-1), minlength=self.num_experts).float() / max(
                 top_i.numel(), 1
             )
-            importance = route.probs.reshape(-1, self.num_experts).mean(0)
+            probs = route.probs.reshape(-1, self.num_experts)
+            # an empty batch routes nothing: zeros like ``load``, not the NaN of a mean over no rows
+            importance = probs.mean(0) if probs.shape[0] else probs.new_zeros(self.num_experts)
             dropped = int((~keep).sum()) if keep is not None else 0
         kept = None if keep is None else keep.reshape(route.topk_idx.shape)
         stats = RouterStats(load, importance, route.topk_idx.detach(), route.topk_weights.detach(), dropped, kept)
