@@ -8,7 +8,16 @@ import pandas as pd
 import pytest
 
 from neuromoe.errors import InputError
-from neuromoe.io.table import failures_path, file_ids, load_table, validate_table, write_failures
+from neuromoe.io.table import (
+    case_fingerprints,
+    failures_path,
+    file_ids,
+    load_table,
+    refuse_fitted,
+    scan_fingerprints,
+    validate_table,
+    write_failures,
+)
 
 
 def _img(path, shape=(8, 8, 8)):
@@ -211,3 +220,34 @@ def test_n_a_in_an_image_column_is_no_image(tmp_path):
     (tmp_path / "m.csv").write_text(f"subject,t1,flair\nsub-01,{t1.name},n/a\n")
     row = load_table(tmp_path / "m.csv").iloc[0]
     assert row["t1"].endswith("a_T1w.nii.gz") and pd.isna(row["flair"])
+
+
+def test_fingerprints_see_through_symlinks_and_copies_but_not_shared_empty_masks(tmp_path: Path) -> None:
+    """The fitted-scan guard hashed absolute paths: the cohort reached through a symlinked folder, or copied,
+    passed for new scans. Content counts now; a mask is compared by path only (lesion-free cases may share
+    one byte for byte)."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(rng.normal(size=(6, 6, 6)).astype(np.float32), np.eye(4)), cohort / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((6, 6, 6), np.uint8), np.eye(4)), cohort / f"{name}_mask.nii")
+    (tmp_path / "link").symlink_to(cohort, target_is_directory=True)
+    shutil.copytree(cohort, tmp_path / "copy")
+    fitted = scan_fingerprints([cohort / "a.nii.gz"])
+    for other in (tmp_path / "link" / "a.nii.gz", tmp_path / "copy" / "a.nii.gz", str(cohort / "." / "a.nii.gz")):
+        assert fitted & scan_fingerprints([other]), other
+    assert not fitted & scan_fingerprints([cohort / "b.nii.gz"])
+    assert not scan_fingerprints([cohort / "a_mask.nii"], content=False) & scan_fingerprints(
+        [cohort / "b_mask.nii"], content=False
+    )
+    rows = pd.DataFrame({"t1": [str(tmp_path / "copy" / "a.nii.gz"), str(cohort / "b.nii.gz")],
+                         "mask": [str(cohort / "b_mask.nii"), str(tmp_path / "copy" / "a_mask.nii")]})
+    cases = case_fingerprints(rows, ["t1", "mask", "flair"], path_only=["mask"])
+    with pytest.raises(InputError, match="1 of the 2 'test' scans were used to train"):  # a case counted once
+        refuse_fitted(sorted(fitted | scan_fingerprints([cohort / "a_mask.nii"], content=False)), cases, "m.csv",
+                      "scans", "train")
+    refuse_fitted(sorted(scan_fingerprints([tmp_path / "copy" / "b_mask.nii"], content=False)), cases, "m.csv",
+                  "scans", "train")  # another empty mask, by path: not the same case

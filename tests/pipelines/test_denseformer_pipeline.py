@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import types
 from pathlib import Path
@@ -297,9 +298,19 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     assert not (tmp_path / "eval3").exists()
     # the same scans without the split column: a new random split would score training scans as "test"
     table.drop(columns="split").to_csv(tmp_path / "nosplit.csv", index=False)
-    with pytest.raises(InputError, match="used to train or calibrate"):
+    with pytest.raises(InputError, match="used to train, pretrain or calibrate"):
         pipe.evaluate(run / "model", tmp_path / "nosplit.csv", tmp_path / "eval4", n_bootstrap=5,
                       cache_dir=cfg.cache_dir)
+    # ... and the same scans reached through a symlinked folder (the guard compared absolute paths)
+    root = cohort.parent.parent
+    (tmp_path / "linked").symlink_to(root, target_is_directory=True)
+    linked = table.drop(columns="split")
+    linked["t1"] = [str(tmp_path / "linked" / os.path.relpath(os.path.normpath(p), root)) for p in linked["t1"]]
+    linked.to_csv(tmp_path / "linked.csv", index=False)
+    with pytest.raises(InputError, match="used to train, pretrain or calibrate"):
+        pipe.evaluate(run / "model", tmp_path / "linked.csv", tmp_path / "eval5", n_bootstrap=5,
+                      cache_dir=cfg.cache_dir)
+    assert not (tmp_path / "eval5").exists()
 
     # a model fine-tuned on 30 % of the labels: its TBV baseline learns from the same 30 %, not all of train
     frac = tmp_path / "frac_model"
@@ -417,7 +428,10 @@ def test_finetune_refuses_test_scans_that_mae_pretraining_saw(cohort, tmp_path):
         pipe.train(manifest, tmp_path / "ft_leak", other)
     assert not (tmp_path / "ft_leak" / "model").exists()
     cfg.finetune.pretrained = str(mae_run / "model")
-    assert (pipe.train(manifest, tmp_path / "ft", cfg) / "model" / "config.json").is_file()
+    ft = json.loads((pipe.train(manifest, tmp_path / "ft", cfg) / "model" / "config.json").read_text())
+    mae = json.loads((mae_run / "model" / "config.json").read_text())
+    # the MAE's inputs count as fitted: evaluate refuses them as test on any other table
+    assert set(mae["extra"]["scan_fingerprints"]) <= set(ft["extra"]["fit_fingerprints"])
 
 
 def test_cli_train_scratch_shared_head_and_bad_pretrained(cohort, tmp_path):

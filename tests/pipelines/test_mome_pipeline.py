@@ -433,6 +433,41 @@ def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(t
     assert scored == set(table["subject"][split[1] == "test"]) and not scored & trained_on
 
 
+def test_stage2_refuses_test_cases_its_stage1_experts_were_trained_on(tmp_path) -> None:
+    """Without a split column each step draws its split from its seed: stage 2 with another seed than stage 1
+    tested on cases the experts had trained on, and evaluate scored them (only stage 2's cases were stored)."""
+    import json
+
+    import pandas as pd
+
+    from neuromoe.data.splits import assign_splits
+    from neuromoe.pipelines import mome
+
+    root = tmp_path / "cohort"
+    _mini_cohort(root)
+    manifest = root / "manifests" / "lesion.csv"
+    table = pd.read_csv(manifest).drop(columns=["split", "lesion_type"])
+    table.to_csv(manifest, index=False)
+    split = {s: assign_splits(table, seed=s, stratify=("lesion_type",)) for s in (0, 1)}
+    assert set(table["subject"][split[0] == "test"]) & set(table["subject"][split[1] != "test"])
+
+    def cfg(seed: int) -> mome.MoMEConfig:
+        c = mome.load_mome_config("tiny", ["model.modalities=[t1,flair]", "pretrain.max_steps=1",
+                                           "train.max_steps=1", "eval.tune_threshold=false"], seed=seed,
+                                  device="cpu")
+        c.cache_dir = str(tmp_path / "cache")
+        return c
+
+    experts = mome.pretrain(manifest, tmp_path / "experts", cfg(1))
+    with pytest.raises(InputError, match="test cases were used to train or tune the stage-1 experts"):
+        mome.train(manifest, tmp_path / "leak", cfg(0), experts=experts)
+    assert not (tmp_path / "leak").exists()
+    run = mome.train(manifest, tmp_path / "run", cfg(1), experts=experts)
+    stored = set(json.loads((run / "model" / "config.json").read_text())["extra"]["fit_fingerprints"])
+    expert = json.loads((experts / "experts" / "t1" / "config.json").read_text())["extra"]["fit_fingerprints"]
+    assert set(expert) <= stored
+
+
 def test_curriculum_spans_the_epochs_that_max_steps_lets_run(tmp_path) -> None:
     """``train.max_steps`` ends the run (and fits the LR schedule) early: the curriculum must reach the
     fused-loss end within the steps that run, not stay near the expert end of a 10-epoch schedule."""

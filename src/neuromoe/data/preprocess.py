@@ -25,7 +25,7 @@ from scipy import ndimage, special, stats
 from neuromoe.errors import ConfigError, InputError
 from neuromoe.io.atomic import atomic_path
 from neuromoe.io.nifti import MAX_VOXELS, Image, bval_path, load_role, resample_to_grid
-from neuromoe.io.table import write_failures
+from neuromoe.io.table import content_sample, write_failures
 
 IMAGE_ROLES = ("t1", "t1c", "t2", "flair", "dwi")
 NORMS = ("zscore", "rank", "percentile", "none")
@@ -309,23 +309,6 @@ def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
     return np.asarray(t[0], dtype=np.float32)
 
 
-def _content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) -> bytes:
-    """Digest that changes with the voxels even when size and mtime do not (``cp -p``/``rsync -a`` of another
-    version, coarse-mtime filesystems). A .gz: header, 8 evenly spaced blocks and the tail, which is the gzip
-    trailer (CRC-32 of the whole content). Anything else (.nii) has no such checksum: the whole file is
-    hashed (tens of ms for a 1 mm T1, far less than preprocessing it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if not path.name.endswith(".gz"):
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-            return h.digest()
-        for offset in (0, *(size * k // (n_mid + 1) for k in range(1, n_mid + 1)), max(0, size - block)):
-            fh.seek(offset)
-            h.update(fh.read(block))
-    return h.digest()
-
-
 # bumped whenever loading or preprocessing gives other arrays for the same file and spec, or refuses a file it
 # used to take (v2: the header's spatial unit is honoured; v3: single slices stored as 3-D are refused; v4:
 # registered scans are resampled onto an MNI-aligned grid; v5: a 4-D DWI's trace keeps a zero background; v6:
@@ -351,7 +334,7 @@ class PreprocCache:
             try:
                 st = p.stat()
                 h.update(f"{role}|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
-                h.update(_content_sample(p, st.st_size))
+                h.update(content_sample(p, st.st_size))
                 if role == "dwi" and bval_path(p).is_file():  # a 4-D series' b-values choose its volumes
                     h.update(bval_path(p).read_bytes())
             except OSError:

@@ -319,20 +319,68 @@ def write_failures(path: str | Path, rows: Sequence[dict[str, str]]) -> None:
         pd.DataFrame(list(rows)).to_csv(tmp, index=False)
 
 
-def scan_fingerprints(paths: Sequence[Any] | pd.Series) -> set[str]:
-    """Short hashes of absolute scan paths: a model stores those it was fitted on, so an evaluation of another
-    split (another seed, a manifest without its split column, rows in another order) can refuse to score them
-    as held-out, without the model carrying the cohort's file names."""
+def content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) -> bytes:
+    """Digest that changes with the voxels even when size and mtime do not (``cp -p``/``rsync -a`` of another
+    version, coarse-mtime filesystems). A .gz: header, 8 evenly spaced blocks and the tail, which is the gzip
+    trailer (CRC-32 of the whole content). Anything else (.nii) has no such checksum: the whole file is
+    hashed (tens of ms for a 1 mm T1, far less than preprocessing it)."""
     import hashlib
 
-    return {hashlib.sha1(os.path.abspath(str(p)).encode()).hexdigest()[:16] for p in paths
-            if isinstance(p, (str, os.PathLike)) and str(p)}
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if not path.name.endswith(".gz"):
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+            return h.digest()
+        for offset in (0, *(size * k // (n_mid + 1) for k in range(1, n_mid + 1)), max(0, size - block)):
+            fh.seek(offset)
+            h.update(fh.read(block))
+    return h.digest()
 
 
-def refuse_fitted(fit_fingerprints: Sequence[str], scans: pd.Series, source: str, what: str, how: str) -> None:
-    """Refuse a 'test' evaluation whose scans the model was fitted on (``fit_fingerprints``, stored at training)."""
-    fitted = len(set(fit_fingerprints) & scan_fingerprints(scans))
+def _fingerprints(path: Any, content: bool) -> set[str]:
+    """One scan's fingerprints: its real path (symlinks resolved) and, with ``content``, its size and content
+    sample, so neither a symlinked folder nor a copy of the cohort passes for new scans."""
+    import hashlib
+
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        return set()
+    real = os.path.realpath(str(path))
+    prints = {hashlib.sha1(real.encode()).hexdigest()[:16]}
+    if content:
+        try:
+            size = os.stat(real).st_size
+            digest = hashlib.sha1(f"{size}|".encode() + content_sample(Path(real), size)).hexdigest()
+        except OSError:
+            return prints  # a missing file is reported by the loader
+        prints.add("c" + digest[:15])
+    return prints
+
+
+def scan_fingerprints(paths: Sequence[Any] | pd.Series, *, content: bool = True) -> set[str]:
+    """Short hashes of scans: a model stores those it was fitted on, so an evaluation of another split
+    (another seed, a manifest without its split column, rows in another order, the cohort copied or reached
+    through a symlink) can refuse to score them as held-out, without the model carrying the cohort's file
+    names. ``content=False`` for files that distinct cases may share byte for byte (empty lesion masks)."""
+    return {f for p in paths for f in _fingerprints(p, content)}
+
+
+def case_fingerprints(rows: pd.DataFrame, columns: Sequence[str], *, path_only: Sequence[str] = ()) -> list[set[str]]:
+    """Per row, the :func:`scan_fingerprints` of its files in ``columns`` (those in ``path_only`` by path)."""
+    cols = [c for c in columns if c in rows.columns]
+    return [
+        {f for c in cols for f in _fingerprints(row[c], c not in path_only)}
+        for row in rows[cols].to_dict("records")
+    ]
+
+
+def refuse_fitted(fit_fingerprints: Sequence[str], cases: Sequence[set[str]], source: str, what: str,
+                  how: str) -> None:
+    """Refuse a 'test' evaluation whose cases (each given by its :func:`scan_fingerprints`) the model was
+    fitted on (``fit_fingerprints``, stored at training)."""
+    fit = set(fit_fingerprints)
+    fitted = sum(bool(fit & prints) for prints in cases)
     if fitted:
-        raise InputError(f"{fitted} of the {len(scans)} 'test' {what} were used to {how} this model", path=source,
+        raise InputError(f"{fitted} of the {len(cases)} 'test' {what} were used to {how} this model", path=source,
                          fix="evaluate on the table the model was trained with (same 'split' column) or on new "
                          f"{what}; --split train/val scores the fitted {what} on purpose")

@@ -56,7 +56,13 @@ from neuromoe.eval.conformal import (
 )
 from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
-from neuromoe.io.table import failures_path, refuse_fitted, scan_fingerprints, write_failures
+from neuromoe.io.table import (
+    case_fingerprints,
+    failures_path,
+    refuse_fitted,
+    scan_fingerprints,
+    write_failures,
+)
 from neuromoe.models.denseformer import Attention, DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
 FAMILY = "denseformer"
@@ -488,7 +494,7 @@ def _check_pretrain_leak(meta: dict[str, Any], test_scans: pd.Series, source: st
     """Refuse a fine-tune whose test scans were MAE-pretraining inputs (another seed's split, or another split
     column): its test metrics would be optimistic. Models pretrained before 2026-12-03 carry no fingerprints."""
     seen = set(meta.get("extra", {}).get("scan_fingerprints", []))
-    leaked = len(seen & scan_fingerprints(test_scans))
+    leaked = sum(bool(seen & scan_fingerprints([p])) for p in test_scans)
     if leaked:
         pseed = meta["extra"].get("split_seed")
         raise InputError(f"{leaked} of the {len(test_scans)} test scans were used for MAE pretraining "
@@ -580,8 +586,11 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         balance_coef=m.balance_coef, z_coef=m.z_coef, head_drop=m.head_drop, head_pool=m.head_pool,
         **m.backbone,
     )
+    mae_prints: list[str] = []
     if ft.pretrained:
-        _check_pretrain_leak(_load_pretrained(model, ft.pretrained), table["t1"][split == "test"], source, cfg.seed)
+        mae_meta = _load_pretrained(model, ft.pretrained)
+        _check_pretrain_leak(mae_meta, table["t1"][split == "test"], source, cfg.seed)
+        mae_prints = mae_meta.get("extra", {}).get("scan_fingerprints", [])
     if ft.freeze:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
@@ -613,9 +622,9 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
                   "calibration": calibration, "head": m.head, "pretrained": ft.pretrained,
                   "label_fraction": ft.label_fraction, "n_train": int(train_mask.sum()),
                   "best_val_loss": result.best_metric, "head_refit": refit, "split_seed": cfg.seed,
-                  # train + val scans (fitting, checkpoint choice, calibration): evaluate refuses to score them
-                  # as test when its table's split differs from this one
-                  "fit_fingerprints": sorted(scan_fingerprints(table["t1"][split != "test"]))},
+                  # train + val scans (fitting, checkpoint choice, calibration) and the MAE's inputs: evaluate
+                  # refuses to score them as test when its table's split differs from this one
+                  "fit_fingerprints": sorted(scan_fingerprints(table["t1"][split != "test"]) | set(mae_prints))},
     }
     save_model(model, out / "model", meta)
     section = _new_section("DenseFormer-MoE: multi-task fine-tuning")
@@ -961,7 +970,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     if not rows.any():
         raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
     if split == "test":  # e.g. the same manifest without its split column: a new random split
-        refuse_fitted(extra.get("fit_fingerprints", []), table["t1"][rows], source, "scans", "train or calibrate")
+        refuse_fitted(extra.get("fit_fingerprints", []), case_fingerprints(table[rows], ["t1"]), source, "scans",
+                      "train, pretrain or calibrate")
     from neuromoe.data.preprocess import PreprocSpec
 
     cfg = DenseFormerConfig(cache_dir=cache_dir)

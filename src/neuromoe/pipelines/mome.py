@@ -40,7 +40,7 @@ from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text
-from neuromoe.io.table import refuse_fitted, scan_fingerprints, write_failures
+from neuromoe.io.table import case_fingerprints, refuse_fitted, write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
     MoME,
@@ -207,10 +207,16 @@ def _table_and_split(data: str | Path, cfg: MoMEConfig) -> tuple[pd.DataFrame, s
     return table, source, assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
 
 
+def _case_prints(rows: pd.DataFrame, modalities: Sequence[str]) -> list[set[str]]:
+    """Each case's fingerprints: its mask by path (lesion-free cases may share an empty mask byte for byte),
+    its images by path and content."""
+    return case_fingerprints(rows, ["mask", *modalities], path_only=["mask"])
+
+
 def _fit_fingerprints(data: str | Path, cfg: MoMEConfig) -> list[str]:
-    """Fingerprints of the masks of the train and val cases (fitting, checkpoint choice, threshold)."""
+    """Fingerprints of the train and val cases (fitting, checkpoint choice, threshold)."""
     table, _, split = _table_and_split(data, cfg)
-    return sorted(scan_fingerprints(table["mask"][split != "test"]))
+    return sorted(set().union(*_case_prints(table[split != "test"], cfg.model.modalities)))
 
 
 def _split_cases(
@@ -519,8 +525,9 @@ def _model_kwargs(m: ModelSection) -> dict[str, Any]:
     return kw
 
 
-def _load_experts(model: MoME, experts: str | Path, modalities: Sequence[str]) -> list[str]:
-    """Copy stage-1 experts (``experts/<modality>`` model folders) into ``model``; returns those loaded."""
+def _load_experts(model: MoME, experts: str | Path, modalities: Sequence[str]) -> tuple[list[str], set[str]]:
+    """Copy stage-1 experts (``experts/<modality>`` model folders) into ``model``; returns those loaded and
+    the fingerprints of the cases they were fitted on."""
     from neuromoe.models.registry import load_model
 
     root = Path(experts)
@@ -530,13 +537,14 @@ def _load_experts(model: MoME, experts: str | Path, modalities: Sequence[str]) -
         raise InputError(
             "experts folder not found", path=root, fix="pass the run folder written by 'pretrain'"
         )
-    loaded = []
+    loaded, prints = [], set()
     for k, m in enumerate(modalities):
         if not (root / m).is_dir():
             print(f"neuromoe: no stage-1 expert for '{m}' in {root}: it starts from random weights",
                   file=sys.stderr)
             continue
-        expert, _ = load_model(root / m)
+        expert, meta = load_model(root / m)
+        prints |= set(meta.get("extra", {}).get("fit_fingerprints", []))
         if expert.logit_skip != model.experts[k].logit_skip:  # same parameters, different outputs
             raise ModelFormatError(
                 f"expert '{m}' was trained with logit_skip={expert.logit_skip}, this MoME uses "
@@ -559,7 +567,7 @@ def _load_experts(model: MoME, experts: str | Path, modalities: Sequence[str]) -
             path=root,
             fix="pass the run folder written by 'neuromoe pretrain --family mome'",
         )
-    return loaded
+    return loaded, prints
 
 
 def _load(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -679,6 +687,20 @@ def _add_pretrain(out: Path, cfg: MoMEConfig, rows: list[dict[str, Any]]) -> Non
 # --------------------------------------------------------------------------------------------- train
 
 
+def _check_expert_leak(data: str | Path, cfg: MoMEConfig, expert_prints: set[str], experts: str | Path) -> None:
+    """Refuse a stage 2 whose test cases trained or tuned the stage-1 experts (another seed's split, or another
+    split column): its test metrics would be optimistic."""
+    table, source, split = _table_and_split(data, cfg)
+    test = _case_prints(table[split == "test"], cfg.model.modalities)
+    leaked = sum(bool(expert_prints & prints) for prints in test)
+    if leaked:
+        raise InputError(
+            f"{leaked} of the {len(test)} test cases were used to train or tune the stage-1 experts in {experts}",
+            path=source,
+            fix="train stage 2 with the --seed of 'pretrain', or give both steps the same 'split' column",
+        )
+
+
 def train(
     data: str | Path,
     out: str | Path,
@@ -707,12 +729,14 @@ def train(
     torch.manual_seed(cfg.seed)
     model = create_model(f"{m.kind}_{m.preset}", **_model_kwargs(m))
     loaded: list[str] = []
+    expert_prints: set[str] = set()
     if experts is not None:
         if not isinstance(model, MoME):
             raise InputError(
                 "--experts only applies to MoME", path=experts, fix="drop --experts or use model.kind=mome"
             )
-        loaded = _load_experts(model, experts, m.modalities)
+        loaded, expert_prints = _load_experts(model, experts, m.modalities)
+        _check_expert_leak(data, cfg, expert_prints, experts)
     multimodal = m.kind == "mome" and m.multimodal
     train_set = LesionPatchDataset(
         cases["train"],
@@ -764,7 +788,8 @@ def train(
                 "best_val_loss": best,
                 "split_seed": cfg.seed,
                 "n_train_cases": len(cases["train"]),
-                "fit_fingerprints": _fit_fingerprints(data, cfg),
+                # stage 2's train + val cases and those the stage-1 experts were fitted on
+                "fit_fingerprints": sorted(set(_fit_fingerprints(data, cfg)) | expert_prints),
             },
         },
     )
@@ -841,8 +866,8 @@ def evaluate(
     spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
     if split == "test":  # a split drawn anew (no split column, other row order) may hold fitted cases
         table, source, splits = _table_and_split(data, cfg)
-        refuse_fitted(extra.get("fit_fingerprints", []), table["mask"][splits == "test"], source, "cases",
-                      "train or tune")
+        refuse_fitted(extra.get("fit_fingerprints", []), _case_prints(table[splits == "test"], mods), source,
+                      "cases", "train or tune")
     cases = _split_cases(data, cfg, spec, (split,))[split]
     if not cases:
         _, source, splits = _table_and_split(data, cfg)
