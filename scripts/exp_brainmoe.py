@@ -4,7 +4,7 @@ For each seed: pretrain one expert per cognitive state + the pooled all-states e
 k-fold cross-validation of BrainMoE (experts frozen or adapted as the preset says, FC router, transformer adapter) against the pooled
 expert + MLP head and + SVM. Reports macro-F1 / accuracy (phenotype, sex) and age MAE/MSE, mean ± std
 over folds per seed, the router's preference for the informative state's expert, the state router's
-held-out accuracy (when the preset fits one) and a linear probe of each expert's embedding (which expert
+validation accuracy (when the preset fits one; the same subjects chose its epoch) and a linear probe of each expert's embedding (which expert
 actually carries the phenotype: the router can only prefer the informative state's expert for a reason
 if that expert is the more useful one).
 
@@ -93,7 +93,7 @@ def table(results: list[dict]) -> str:
     lines.append("")
     lines.append(
         "| seed | informative expert selected (share of scans) | its mean router weight | "
-        "dominant combination | state router held-out accuracy |"
+        "dominant combination | state router validation accuracy |"
     )
     lines.append("|---|---|---|---|---|")
     for r in results:
