@@ -349,6 +349,14 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     cols = set(pd.read_csv(out_csv).columns)
     assert {"brain_age", "brain_age_corrected", "brain_age_lo", "brain_age_hi", "dx_ad", "dx_ad_p_AD",
             "dx_ad_set", "dx_ad_experts", "sex_experts"} <= cols
+    # copies of one scan under other names get one prediction set (the APS draw was seeded by the file name)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for name in "abcdefgh":
+        (copies / f"{name}.nii.gz").write_bytes((cohort.parent / good).read_bytes())
+    same, _ = pipe.predict(run / "model", copies, tmp_path / "copies.csv", progress=False, cache_dir=cfg.cache_dir)
+    set_cols = [c for c in same.columns if c.endswith("_set")]
+    assert set_cols and (same[set_cols].nunique() == 1).all(), same[set_cols]
     rc = cli_main(["predict", "--family", "denseformer", "--model", str(run / "model"), "--input", str(scans),
                    "--output", str(tmp_path / "p2.csv"), "--no-progress", "--cache", cfg.cache_dir])
     assert rc == 1 and (tmp_path / "p2.csv").is_file()

@@ -1270,7 +1270,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
         x = torch.from_numpy(np.stack([a for _, a in pending]))
         res = _predict_batches(model, iter([x]), tasks, extra["target_stats"], dev, "fp32")
         for i, (base, _) in enumerate(pending):
-            rows.append({**base, **_prediction_row(res, i, tasks, extra, base.get("age"), key=str(base["t1"]))})
+            rows.append({**base, **_prediction_row(res, i, tasks, extra, base.get("age"))})
         pending.clear()
 
     failed_rows: list[dict[str, str]] = []
@@ -1312,7 +1312,7 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
 
 
 def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec], extra: dict[str, Any],
-                    age: float | None, key: str = "") -> dict[str, Any]:
+                    age: float | None) -> dict[str, Any]:
     cal = extra["calibration"]
     row: dict[str, Any] = {}
     for t in tasks:
@@ -1336,7 +1336,9 @@ def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec
                 row[f"{t.name}_p_{c}"] = float(v[ci])
             if t.name in cal:
                 cc = ConformalClassifier.from_dict(cal[t.name]["conformal"])
-                u = np.random.default_rng([cc.seed + 1, zlib.crc32(key.encode())])  # own (reproducible) U per scan
+                # the APS draw is seeded by the scan's probabilities, not its name: copies of one scan under other
+                # names (or moved) got other sets; rounded, so the last bits of another batching do not count
+                u = np.random.default_rng([cc.seed + 1, zlib.crc32(np.round(np.asarray(v, np.float64), 6).tobytes())])
                 members = cc.predict(v[None], rng=u)[0]
                 row[f"{t.name}_set"] = "|".join(c for c, m in zip(t.classes, members) if m)
         if f"{t.name}/experts" in res:
