@@ -251,3 +251,10 @@ def test_fingerprints_see_through_symlinks_and_copies_but_not_shared_empty_masks
                       "scans", "train")
     refuse_fitted(sorted(scan_fingerprints([tmp_path / "copy" / "b_mask.nii"], content=False)), cases, "m.csv",
                   "scans", "train")  # another empty mask, by path: not the same case
+
+
+def test_file_ids_keep_dots_inside_the_name() -> None:
+    """``split('.')[0]`` made ``scan_off0.001.nii.gz`` and ``scan_off0.nii.gz`` one subject."""
+    ids = file_ids([Path("scan_off0.001.nii.gz"), Path("scan_off0.nii.gz"), Path("x.v2.nii")])
+    assert ids["subject"].tolist() == ["scan_off0.001", "scan_off0", "x.v2"]
+    assert failures_path("out/run.v1.nii.gz").name == "run.v1_failures.csv"

@@ -23,6 +23,13 @@ def bids_entities(name: str) -> dict[str, str]:
     return dict(_ENTITY.findall(name))
 
 
+def file_stem(path: str | Path) -> str:
+    """The file name without its extension, ``.nii.gz`` counted as one: ``run.v1.nii.gz`` → ``run.v1``
+    (``split(".")[0]`` gave ``sub-01_off0.001.nii.gz`` and ``sub-01_off0.nii.gz`` one subject id)."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+
+
 def file_ids(files: Sequence[Path]) -> pd.DataFrame:
     """Row ids of loose files, as a BIDS folder would give the same scans: ``subject`` (sub-01), ``session``
     (ses-2), ``state`` (the task) and ``run`` (bare, like the BIDS reader) from BIDS names; names that are
@@ -31,14 +38,14 @@ def file_ids(files: Sequence[Path]) -> pd.DataFrame:
     for f in files:
         ent = bids_entities(f.name)
         if "sub" not in ent:
-            ids.append({"subject": f.name.split(".")[0]})
+            ids.append({"subject": file_stem(f)})
             continue
         row = {"subject": f"sub-{ent['sub']}"}
         row.update({col: pre + ent[key] for key, col, pre in (("ses", "session", "ses-"), ("task", "state", ""),
                                                                ("run", "run", "")) if key in ent})
         ids.append(row)
     if len({tuple(sorted(i.items())) for i in ids}) < len(ids):
-        ids = [{"subject": f.name.split(".")[0]} for f in files]
+        ids = [{"subject": file_stem(f)} for f in files]
     return pd.DataFrame(ids)
 
 
@@ -303,8 +310,7 @@ def failures_path(output: str | Path) -> Path:
     """Where a batch command writing ``output`` lists its failed subjects: ``<output stem>_failures.csv``
     (only the extension is dropped: ``run.v1.npy`` → ``run.v1_failures.csv``)."""
     out = Path(output)
-    stem = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
-    return out.with_name(f"{stem}_failures.csv")
+    return out.with_name(f"{file_stem(out)}_failures.csv")
 
 
 def write_failures(path: str | Path, rows: Sequence[dict[str, str]]) -> None:

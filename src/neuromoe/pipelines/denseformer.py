@@ -59,6 +59,7 @@ from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, re
 from neuromoe.io.table import (
     case_fingerprints,
     failures_path,
+    file_stem,
     refuse_fitted,
     scan_fingerprints,
     write_failures,
@@ -1233,7 +1234,7 @@ def _prediction_inputs(source: str | Path) -> pd.DataFrame:
             return _file_table(files)
     table, _ = _resolve_table(source)
     if "subject" not in table.columns:
-        table["subject"] = [Path(p).name.split(".")[0] for p in table["t1"]]
+        table["subject"] = [file_stem(p) for p in table["t1"]]
     return table
 
 

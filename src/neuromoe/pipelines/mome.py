@@ -40,7 +40,7 @@ from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text
-from neuromoe.io.table import case_fingerprints, refuse_fitted, write_failures
+from neuromoe.io.table import case_fingerprints, file_stem, refuse_fitted, write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
     MoME,
@@ -1132,8 +1132,7 @@ def _segment_case(
 
 
 def _with_suffix(path: Path, suffix: str) -> Path:
-    stem = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
-    return path.with_name(stem + suffix)
+    return path.with_name(file_stem(path) + suffix)
 
 
 def segment(
