@@ -90,6 +90,29 @@ def test_info_warns_when_the_header_has_no_orientation(tmp_path, capsys) -> None
     assert main(["info", str(tmp_path / "noorient.nii.gz")]) == 0
     assert "WARN" in capsys.readouterr().out
     assert "no orientation" in describe_reasons(tmp_path / "noorient.nii.gz")
+    # the models read it too, and said nothing: loading says it once on stderr (info's verdict says it there)
+    from neuromoe.io.nifti import load_nifti
+
+    capsys.readouterr()
+    load_nifti(tmp_path / "noorient.nii.gz")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "noorient.nii.gz: no orientation" in err and "fix:" in err
+
+
+@pytest.mark.parametrize(("zoom", "words"), [(0.1, "finer than MRI gives"), (10.0, "larger than a head")])
+def test_info_warns_about_voxel_sizes_no_head_has(tmp_path, zoom, words) -> None:
+    """0.1 mm voxels (a 61-voxel scan 6 mm across) were OK to info, and segment labelled 80 % of it lesion;
+    10 mm voxels made a 610 mm field of view that took minutes to segment, also without a word."""
+    import nibabel as nib
+    import numpy as np
+
+    aff = np.diag([zoom, zoom, zoom, 1.0])
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((61, 73, 61)).astype(np.float32), aff),
+             tmp_path / "odd.nii.gz")
+    assert words in describe_reasons(tmp_path / "odd.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((61, 73, 61)).astype(np.float32),
+                             np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "head.nii.gz")
+    assert describe_reasons(tmp_path / "head.nii.gz") == ""
 
 
 def describe_reasons(path) -> str:

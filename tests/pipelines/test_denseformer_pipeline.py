@@ -704,3 +704,13 @@ def test_mae_validation_loss_does_not_depend_on_the_batching():
                     for i in range(0, 4, bs)]
             got.append(sum(o["loss"] * o["n"] for o in outs) / 4)
     assert got == pytest.approx([got[2]] * 3, rel=1e-6)
+
+
+def test_predictions_far_outside_the_training_range_are_flagged(capsys) -> None:
+    """Uniform noise got brain age -24 y and a mask given as a T1 9.9 y, written like any other prediction."""
+    tasks = [TaskSpec("age", "regression", "age"), TaskSpec("sex", "classification", "sex", ["F", "M"])]
+    extra = {"calibration": {}, "target_stats": {"age": (60.0, 8.0)}}
+    res = {"age": np.array([-24.0, 63.0]), "sex": np.array([[0.4, 0.6], [0.7, 0.3]])}
+    odd, fine = (pipe._prediction_row(res, i, tasks, extra, None) for i in (0, 1))
+    assert "brain_age -24.0 is -10.5 SD from the training mean" in odd["warning"]
+    assert "warning" not in fine

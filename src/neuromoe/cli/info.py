@@ -22,7 +22,7 @@ def describe(path: str) -> dict[str, Any]:
 
     try:
         info = inspect_nifti(path)
-        img = load_nifti(path, allow_4d=True)
+        img = load_nifti(path, allow_4d=True, warn=False)  # its verdict below says it
     except InputError as exc:
         return {"path": path, "verdict": "FAIL", "reasons": [str(exc)]}
     if img.data.min() == img.data.max():
@@ -34,6 +34,13 @@ def describe(path: str) -> dict[str, Any]:
         reasons.append(f"strongly anisotropic spacing {sp}")
     if max(sp) > 5:
         reasons.append(f"coarse spacing {sp} mm")
+    if min(sp) < 0.2:
+        reasons.append(f"spacing {sp} mm is finer than MRI gives: check the header's voxel size and units")
+    fov = [round(n * d) for n, d in zip(info["shape"][:3], sp)]
+    if max(fov) < 60:
+        reasons.append(f"field of view {fov} mm is smaller than a head: check the voxel size and units")
+    elif max(fov) > 400:
+        reasons.append(f"field of view {fov} mm is larger than a head (slow to preprocess): check the voxel size")
     if info["codes"] == [0, 0]:  # NIfTI "method 1": voxel sizes only; nibabel then assumes Analyze's LAS
         reasons.append("no orientation in the header (qform_code = sform_code = 0): read as "
                        f"{info['orientation']}, left and right may be swapped")

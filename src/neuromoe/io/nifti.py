@@ -9,6 +9,7 @@ an infinite slope or intercept is a corrupt header and is refused.
 from __future__ import annotations
 
 import gzip
+import sys
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -171,11 +172,16 @@ def inspect_nifti(path: str | Path, *, allow_4d: bool = True, max_voxels: int = 
 
 
 def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MAX_VOXELS,
-               allow_empty: bool = False) -> Image:
-    """Load a NIfTI as a RAS+ float32 :class:`Image`; every bad input raises :class:`InputError`."""
+               allow_empty: bool = False, warn: bool = True) -> Image:
+    """Load a NIfTI as a RAS+ float32 :class:`Image`; every bad input raises :class:`InputError`. With ``warn``
+    a header without orientation is said on stderr (it is read, as every reader does, but may be mirrored)."""
     path = Path(path)
     img = _open_header(path)
     _check_header(img, path, allow_4d, max_voxels)
+    if warn and int(img.header["qform_code"]) <= 0 and int(img.header["sform_code"]) <= 0:
+        print(f"neuromoe: warning: {path}: no orientation in the header (qform_code = sform_code = 0): read as "
+              f"{''.join(nib.aff2axcodes(img.affine))}, left and right may be swapped — fix: re-export it with "
+              "its orientation (e.g. from the DICOMs with dcm2niix)", file=sys.stderr)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:

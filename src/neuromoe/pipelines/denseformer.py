@@ -67,6 +67,9 @@ from neuromoe.io.table import (
 from neuromoe.models.denseformer import Attention, DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
 
 FAMILY = "denseformer"
+# a regression prediction this far from the training mean (in training SDs) is flagged in predict's output: no
+# brain in the training range gives it, an input that is not one (noise, a mask, a wrong header) does
+OUTLIER_SD = 4.0
 AGE_TASK = "age"
 
 __all__ = [
@@ -1309,6 +1312,11 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
     write_failures(failures_path(output), failed_rows)  # the batch finished; this says what to fix
+    if "warning" in frame.columns:
+        print(f"neuromoe: warning: {int(frame['warning'].notna().sum())} of {len(frame)} scans got a prediction "
+              f"more than {OUTLIER_SD:g} SD from the training mean (column 'warning' of {output}): check that they "
+              "are brain T1 scans like the training ones (noise, a mask or a wrong header come out like this)",
+              file=sys.stderr)
     return frame, failures
 
 
@@ -1316,11 +1324,15 @@ def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec
                     age: float | None) -> dict[str, Any]:
     cal = extra["calibration"]
     row: dict[str, Any] = {}
+    odd = []
     for t in tasks:
         v = res[t.name][i]
         name = "brain_age" if t.name == AGE_TASK else t.name
         if t.type == "regression":
             row[name] = float(v)
+            mean, std = extra["target_stats"].get(t.name, (float(v), 1.0))
+            if abs(float(v) - mean) > OUTLIER_SD * std:
+                odd.append(f"{name} {float(v):.1f} is {(float(v) - mean) / std:+.1f} SD from the training mean")
             tcal = cal.get(t.name, {})
             if t.name == AGE_TASK:
                 corrected = float(_corrected_age(np.asarray(v), tcal))
@@ -1344,6 +1356,8 @@ def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec
                 row[f"{t.name}_set"] = "|".join(c for c, m in zip(t.classes, members) if m)
         if f"{t.name}/experts" in res:
             row[f"{t.name}_experts"] = " ".join(str(e) for e in res[f"{t.name}/experts"][i])
+    if odd:
+        row["warning"] = "; ".join(odd)
     return row
 
 
