@@ -88,3 +88,18 @@ def test_cuda_without_a_gpu_is_refused_before_any_output(tmp_path, capsys, monke
     argv = ["train", "--family", "mome", "--config", "tiny", "--data", str(tmp_path), "--out", str(out)]
     assert main([*argv, "--device", "cuda"]) == 2
     assert "no CUDA GPU is available" in capsys.readouterr().err and not out.exists()
+
+
+def test_warnings_read_as_one_neuromoe_line() -> None:
+    """A UserWarning printed its message and then the source line that raised it (`return extract_timeseries(...)`)."""
+    import subprocess
+    import sys
+
+    from neuromoe.cli.main import _one_line_warning
+
+    assert _one_line_warning("3 ROIs outside", UserWarning, "x.py", 1) == "neuromoe: warning: 3 ROIs outside\n"
+    assert _one_line_warning("old", FutureWarning, "x.py", 1) == "neuromoe: FutureWarning: old\n"
+    code = ("import warnings, neuromoe.cli.main as m; m.main(['info', '--json', '/nonexistent.nii']); "
+            "warnings.warn('3 ROIs outside')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
+    assert err == "neuromoe: warning: 3 ROIs outside\n", err

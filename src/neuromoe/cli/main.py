@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from neuromoe import __version__
@@ -133,8 +134,16 @@ def _run_family_verb(verb: str, argv: list[str]) -> int:
     return int(module.run(verb, args) or 0)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """A warning reads like the toolkit's notices: one line, without the source line that raised it."""
+    kind = "warning" if category is UserWarning else category.__name__
+    return f"neuromoe: {kind}: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning
     try:
         if argv and argv[0] in VERB_ALIASES:
             argv[0] = VERB_ALIASES[argv[0]]
