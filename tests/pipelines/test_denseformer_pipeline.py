@@ -115,11 +115,11 @@ def test_predicted_sets_draw_their_own_randomisation_per_scan():
     task = TaskSpec("dx", "classification", "dx", ["a", "b", "c"])
     extra = {"calibration": {"dx": {"conformal": cc.to_dict()}}}
     res = {"dx": probs[1000:]}
-    sets = [pipe._prediction_row(res, i, [task], extra, None, key=f"scan{i}.nii.gz")["dx_set"].split("|")
+    sets = [pipe._prediction_row(res, i, [task], extra, None)["dx_set"].split("|")
             for i in range(len(y) - 1000)]
     member = np.array([[c in s for c in task.classes] for s in sets])
     assert abs(set_coverage(member, y[1000:]) - 0.9) < 0.025
-    again = pipe._prediction_row(res, 0, [task], extra, None, key="scan0.nii.gz")["dx_set"]
+    again = pipe._prediction_row(res, 0, [task], extra, None)["dx_set"]
     assert again == "|".join(sets[0])  # reproducible per scan
 
 

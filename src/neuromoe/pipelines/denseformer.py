@@ -1330,7 +1330,7 @@ def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec
         name = "brain_age" if t.name == AGE_TASK else t.name
         if t.type == "regression":
             row[name] = float(v)
-            mean, std = extra["target_stats"].get(t.name, (float(v), 1.0))
+            mean, std = extra.get("target_stats", {}).get(t.name, (float(v), 1.0))
             if abs(float(v) - mean) > OUTLIER_SD * std:
                 odd.append(f"{name} {float(v):.1f} is {(float(v) - mean) / std:+.1f} SD from the training mean")
             tcal = cal.get(t.name, {})
