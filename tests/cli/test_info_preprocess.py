@@ -75,11 +75,15 @@ def test_train_with_a_bad_preprocessing_override_is_a_one_line_error(tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
-def test_info_warns_when_the_header_has_no_orientation(tmp_path, capsys) -> None:
+def test_info_warns_when_the_header_has_no_orientation(tmp_path, capsys, monkeypatch) -> None:
     import nibabel as nib
     import numpy as np
 
     from neuromoe.cli.main import main
+    from neuromoe.errors import InputError
+    from neuromoe.io import nifti
+
+    monkeypatch.setattr(nifti, "_no_orientation", set())  # what earlier tests of this process were told
 
     img = nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4))
     img.set_qform(None, code=0)
@@ -97,6 +101,22 @@ def test_info_warns_when_the_header_has_no_orientation(tmp_path, capsys) -> None
     load_nifti(tmp_path / "noorient.nii.gz")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "noorient.nii.gz: no orientation" in err and "fix:" in err
+    # once per file, three files named, then one line for the rest of a cohort
+    for i in range(5):
+        nib.save(img, tmp_path / f"more{i}.nii.gz")
+        load_nifti(tmp_path / f"more{i}.nii.gz")
+        load_nifti(tmp_path / f"more{i}.nii.gz")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "more0.nii.gz" in err[0] and "more1.nii.gz" in err[1] and "more headers" in err[2]
+    # a refused file gets its one error line, no warning before it
+    monkeypatch.setattr(nifti, "_no_orientation", set())
+    zeros = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4))
+    zeros.set_qform(None, code=0)
+    zeros.set_sform(None, code=0)
+    nib.save(zeros, tmp_path / "zeros.nii.gz")
+    with pytest.raises(InputError, match="all zeros"):
+        load_nifti(tmp_path / "zeros.nii.gz")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(("zoom", "words"), [(0.1, "finer than MRI gives"), (10.0, "larger than a head")])

@@ -244,9 +244,10 @@ def test_fingerprints_see_through_symlinks_and_copies_but_not_shared_empty_masks
         [cohort / "b_mask.nii"], content=False
     )
     rows = pd.DataFrame({"t1": [str(tmp_path / "copy" / "a.nii.gz"), str(cohort / "b.nii.gz")],
-                         "mask": [str(cohort / "b_mask.nii"), str(tmp_path / "copy" / "a_mask.nii")]})
+                         "mask": [str(cohort / "a_mask.nii"), str(tmp_path / "copy" / "a_mask.nii")]})
     cases = case_fingerprints(rows, ["t1", "mask", "flair"], path_only=["mask"])
-    with pytest.raises(InputError, match="1 of the 2 'test' scans were used to train"):  # a case counted once
+    # the first case matches twice (its T1's content, its mask's path) and counts once
+    with pytest.raises(InputError, match="1 of the 2 'test' scans were used to train"):
         refuse_fitted(sorted(fitted | scan_fingerprints([cohort / "a_mask.nii"], content=False)), cases, "m.csv",
                       "scans", "train")
     refuse_fitted(sorted(scan_fingerprints([tmp_path / "copy" / "b_mask.nii"], content=False)), cases, "m.csv",

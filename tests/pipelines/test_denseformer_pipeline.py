@@ -123,6 +123,26 @@ def test_predicted_sets_draw_their_own_randomisation_per_scan():
     assert again == "|".join(sets[0])  # reproducible per scan
 
 
+def test_a_scans_prediction_set_is_a_function_of_its_probabilities():
+    """The APS draw was seeded by the file name, so copies of one scan got F or F|M by name; it is seeded by
+    the probabilities now. Checked on a probability vector whose set the draw does decide."""
+    from neuromoe.eval.conformal import ConformalClassifier
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, (600, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=p) for p in probs])
+    cc = ConformalClassifier(0.1, method="aps", seed=0).fit(probs[:300], y[:300])
+    decided = [p for p in probs[300:]
+               if len({tuple(cc.predict(p[None], rng=np.random.default_rng(k))[0]) for k in range(20)}) > 1]
+    assert decided  # the draw matters for these scans
+    task = TaskSpec("dx", "classification", "dx", ["a", "b", "c"])
+    extra = {"calibration": {"dx": {"conformal": cc.to_dict()}}}
+    res = {"dx": np.stack([decided[0], decided[0]])}
+    first, copy = (pipe._prediction_row(res, i, [task], extra, None)["dx_set"] for i in (0, 1))
+    assert first == copy
+
+
 def test_multitask_loss_masks_missing_labels():
     tasks = [TaskSpec("age", "regression", "age"), TaskSpec("dx", "classification", "dx", ["a", "b"])]
     out = types.SimpleNamespace(outputs={"age": torch.zeros(3, 1, requires_grad=True),
@@ -436,10 +456,14 @@ def test_finetune_refuses_test_scans_that_mae_pretraining_saw(cohort, tmp_path):
         pipe.train(manifest, tmp_path / "ft_leak", other)
     assert not (tmp_path / "ft_leak" / "model").exists()
     cfg.finetune.pretrained = str(mae_run / "model")
-    ft = json.loads((pipe.train(manifest, tmp_path / "ft", cfg) / "model" / "config.json").read_text())
-    mae = json.loads((mae_run / "model" / "config.json").read_text())
-    # the MAE's inputs count as fitted: evaluate refuses them as test on any other table
-    assert set(mae["extra"]["scan_fingerprints"]) <= set(ft["extra"]["fit_fingerprints"])
+    assert (pipe.train(manifest, tmp_path / "ft", cfg) / "model" / "config.json").is_file()
+    # the MAE's inputs count as fitted even where the fine-tuning table lacks them: evaluate then refuses them
+    # as test on any table (only the fine-tuning scans were stored)
+    table = pd.read_csv(manifest).assign(split=assign_splits(pd.read_csv(manifest), seed=cfg.seed).to_numpy())
+    dropped = table[table["split"] == "train"].head(3)
+    table.drop(dropped.index).to_csv(tmp_path / "fewer.csv", index=False)
+    ft = json.loads((pipe.train(tmp_path / "fewer.csv", tmp_path / "ft2", cfg) / "model" / "config.json").read_text())
+    assert pipe.scan_fingerprints(dropped["t1"]) <= set(ft["extra"]["fit_fingerprints"])
 
 
 def test_cli_train_scratch_shared_head_and_bad_pretrained(cohort, tmp_path):
@@ -713,4 +737,4 @@ def test_predictions_far_outside_the_training_range_are_flagged(capsys) -> None:
     res = {"age": np.array([-24.0, 63.0]), "sex": np.array([[0.4, 0.6], [0.7, 0.3]])}
     odd, fine = (pipe._prediction_row(res, i, tasks, extra, None) for i in (0, 1))
     assert "brain_age -24.0 is -10.5 SD from the training mean" in odd["warning"]
-    assert "warning" not in fine
+    assert fine["warning"] == ""  # the column is always there: one CSV schema whatever the scans

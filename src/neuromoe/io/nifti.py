@@ -178,10 +178,6 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MA
     path = Path(path)
     img = _open_header(path)
     _check_header(img, path, allow_4d, max_voxels)
-    if warn and int(img.header["qform_code"]) <= 0 and int(img.header["sform_code"]) <= 0:
-        print(f"neuromoe: warning: {path}: no orientation in the header (qform_code = sform_code = 0): read as "
-              f"{''.join(nib.aff2axcodes(img.affine))}, left and right may be swapped — fix: re-export it with "
-              "its orientation (e.g. from the DICOMs with dcm2niix)", file=sys.stderr)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
@@ -209,8 +205,27 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False, max_voxels: int = MA
     for key in _IDENTIFYING:
         if key in header:  # NIfTI-2 has no db_name
             header[key] = b""
+    if warn and int(img.header["qform_code"]) <= 0 and int(img.header["sform_code"]) <= 0:
+        _warn_no_orientation(path, img.affine)  # after every check: a refused file gets its one error line only
     return Image(np.ascontiguousarray(ras, dtype=np.float32), affine, img.affine.copy(), file_shape,
                  start, header, str(path))
+
+
+_NO_ORIENTATION_NAMED = 3  # files named per process; a cohort of such files says so once more, then nothing
+_no_orientation: set[str] = set()
+
+
+def _warn_no_orientation(path: Path, affine: np.ndarray) -> None:
+    if str(path) in _no_orientation or len(_no_orientation) > _NO_ORIENTATION_NAMED:
+        return
+    _no_orientation.add(str(path))
+    if len(_no_orientation) > _NO_ORIENTATION_NAMED:
+        print("neuromoe: warning: more headers without orientation; `neuromoe info FILES` lists them",
+              file=sys.stderr)
+        return
+    print(f"neuromoe: warning: {path}: no orientation in the header (qform_code = sform_code = 0): read as "
+          f"{''.join(nib.aff2axcodes(affine))}, left and right may be swapped — fix: re-export it with its "
+          "orientation (e.g. from the DICOMs with dcm2niix)", file=sys.stderr)
 
 
 def bval_path(path: str | Path) -> Path:

@@ -325,16 +325,17 @@ def write_failures(path: str | Path, rows: Sequence[dict[str, str]]) -> None:
         pd.DataFrame(list(rows)).to_csv(tmp, index=False)
 
 
-def content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8) -> bytes:
+def content_sample(path: Path, size: int, block: int = 4096, n_mid: int = 8, *, sampled: bool = False) -> bytes:
     """Digest that changes with the voxels even when size and mtime do not (``cp -p``/``rsync -a`` of another
     version, coarse-mtime filesystems). A .gz: header, 8 evenly spaced blocks and the tail, which is the gzip
     trailer (CRC-32 of the whole content). Anything else (.nii) has no such checksum: the whole file is
-    hashed (tens of ms for a 1 mm T1, far less than preprocessing it)."""
+    hashed (tens of ms for a 1 mm T1, far less than preprocessing it), unless ``sampled`` (telling scans
+    apart, not catching an edit: the same blocks as a .gz)."""
     import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        if not path.name.endswith(".gz"):
+        if not sampled and not path.name.endswith(".gz"):
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
             return h.digest()
@@ -352,11 +353,13 @@ def _fingerprints(path: Any, content: bool) -> set[str]:
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         return set()
     real = os.path.realpath(str(path))
-    prints = {hashlib.sha1(real.encode()).hexdigest()[:16]}
+    # the absolute path too: models saved before 2026-12-06 stored only its hash, which must still match
+    prints = {hashlib.sha1(p.encode()).hexdigest()[:16] for p in (real, os.path.abspath(str(path)))}
     if content:
         try:
             size = os.stat(real).st_size
-            digest = hashlib.sha1(f"{size}|".encode() + content_sample(Path(real), size)).hexdigest()
+            sample = content_sample(Path(real), size, sampled=True)
+            digest = hashlib.sha1(f"{size}|".encode() + sample).hexdigest()
         except OSError:
             return prints  # a missing file is reported by the loader
         prints.add("c" + digest[:15])

@@ -1312,8 +1312,9 @@ def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, de
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
     write_failures(failures_path(output), failed_rows)  # the batch finished; this says what to fix
-    if "warning" in frame.columns:
-        print(f"neuromoe: warning: {int(frame['warning'].notna().sum())} of {len(frame)} scans got a prediction "
+    odd = int((frame["warning"] != "").sum()) if "warning" in frame.columns else 0
+    if odd:
+        print(f"neuromoe: warning: {odd} of {len(frame)} scans got a prediction "
               f"more than {OUTLIER_SD:g} SD from the training mean (column 'warning' of {output}): check that they "
               "are brain T1 scans like the training ones (noise, a mask or a wrong header come out like this)",
               file=sys.stderr)
@@ -1356,8 +1357,7 @@ def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec
                 row[f"{t.name}_set"] = "|".join(c for c, m in zip(t.classes, members) if m)
         if f"{t.name}/experts" in res:
             row[f"{t.name}_experts"] = " ".join(str(e) for e in res[f"{t.name}/experts"][i])
-    if odd:
-        row["warning"] = "; ".join(odd)
+    row["warning"] = "; ".join(odd)  # always a column, empty when nothing is odd: one CSV schema for every run
     return row
 
 
