@@ -273,3 +273,25 @@ def test_dwi_series_without_usable_b_values_is_refused(tmp_path, bvals, message)
         load_dwi(path)
     with pytest.raises(InputError, match="expected 3D"):
         load_nifti(path)  # any other role stays 3-D only
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_garbage_extension_size_is_refused_before_nibabel_allocates_it(tmp_path, gz):
+    """Found by the slow fuzz test: the extension flag set and a ~1 GB extension size in a 38 kB file made
+    nibabel allocate 1 GB before the file was refused."""
+    import tracemalloc
+
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 24, 20)).astype(np.float32), np.eye(4)),
+             tmp_path / "base.nii")
+    raw = bytearray((tmp_path / "base.nii").read_bytes())
+    raw[110], raw[348] = 184, 1  # the fuzz case: vox_offset (float32 at 108) becomes huge, the extension flag set
+    path = tmp_path / ("bad.nii.gz" if gz else "bad.nii")
+    path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="header extension at byte 352 declares"):
+            load_nifti(path)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
