@@ -99,7 +99,8 @@ def test_warnings_read_as_one_neuromoe_line() -> None:
 
     assert _one_line_warning("3 ROIs outside", UserWarning, "x.py", 1) == "neuromoe: warning: 3 ROIs outside\n"
     assert _one_line_warning("old", FutureWarning, "x.py", 1) == "neuromoe: FutureWarning: old\n"
-    code = ("import warnings, neuromoe.cli.main as m; m.main(['info', '--json', '/nonexistent.nii']); "
-            "warnings.warn('3 ROIs outside')")
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
-    assert err == "neuromoe: warning: 3 ROIs outside\n", err
+    code = ("import warnings, neuromoe.cli.main as m, neuromoe.cli.info as i; "
+            "i.describe = lambda p: warnings.warn('3 ROIs outside') or {'path': p, 'verdict': 'FAIL', 'reasons': ['x']}; "
+            "m.main(['info', 'a.nii']); warnings.formatwarning is m._one_line_warning and print('leaked')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stderr == "neuromoe: warning: 3 ROIs outside\n" and "leaked" not in proc.stdout, proc

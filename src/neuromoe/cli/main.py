@@ -142,8 +142,15 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    previous = warnings.formatwarning  # one-line warnings for the command's run only (main may be called in-process)
     warnings.formatwarning = _one_line_warning
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        warnings.formatwarning = previous
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv and argv[0] in VERB_ALIASES:
             argv[0] = VERB_ALIASES[argv[0]]
