@@ -67,7 +67,15 @@ def _open_header(path: Path) -> nib.Nifti1Image:
 
 def _check_extensions(path: Path) -> None:
     """Walk the header extensions' size fields before nibabel reads them: it allocates each declared size, and
-    one flipped byte (a 1 GB size in a 38 kB file) cost 1 GB of memory before the file was refused."""
+    one flipped byte (a 1 GB size in a 38 kB file) cost 1 GB of memory before the file was refused. A file
+    that cannot be read this far (a folder, not gzip, truncated) is left to nibabel's error and ours."""
+    try:
+        _walk_extensions(path)
+    except (OSError, EOFError, zlib.error, ValueError):
+        return
+
+
+def _walk_extensions(path: Path) -> None:
     with nib.openers.ImageOpener(str(path)) as fh:
         head = fh.read(552)
     if len(head) < 352:
