@@ -1,5 +1,6 @@
 """Run by test_ddp.py under torchrun: a tiny regression trained on 2 gloo ranks; each rank dumps its weights,
-then validates an odd-sized set of item ids and writes what it saw to ``report_rank{rank}.json``."""
+then validates an odd-sized set of item ids, maps a function over 7 items on the ranks, closes the process group
+with ``finish_training`` and writes what it saw to ``report_rank{rank}.json``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from neuromoe.engine import TrainConfig, Trainer, cleanup, init_distributed
+from neuromoe.engine import TrainConfig, Trainer, finish_training, init_distributed, map_over_ranks
 
 
 class RankRouted(nn.Module):
@@ -78,9 +79,11 @@ def main(out: Path) -> None:
     probe = IdTrainer(model, cfg, data, ids, run_dir=out / "val")
     probe.local_ids, probe.end_ids, probe.draws = [], [], []
     metrics = probe.validate()
-    (out / f"report_rank{rank}.json").write_text(
-        json.dumps({"val": metrics, "local_ids": probe.local_ids, "end_ids": probe.end_ids}))
-    cleanup()
+    mapped = map_over_ranks(lambda i: [i, rank], list(range(7)))
+    goes_on = finish_training()
+    (out / f"report_rank{rank}.json").write_text(json.dumps({
+        "val": metrics, "local_ids": probe.local_ids, "end_ids": probe.end_ids, "mapped": mapped,
+        "goes_on": goes_on, "group_open": torch.distributed.is_initialized()}))
 
 
 if __name__ == "__main__":

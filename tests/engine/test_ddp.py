@@ -87,6 +87,19 @@ def test_ddp_validation_sees_each_item_once_and_all_outputs(ddp_run: DdpRun) -> 
         assert rep["val"] == {"val_n": 7.0, "val_max_id": 6.0, "val_mean_id": 3.0}
 
 
+def test_ddp_post_training_work_is_shared_then_left_to_rank_0(ddp_run: DdpRun) -> None:
+    """map_over_ranks gives every rank the one-process result in order, each item computed on one rank;
+    finish_training closes the group and tells rank 0 alone to go on (refit, calibration, writing the model
+    ran on every rank and wrote the same files once per rank)."""
+    tmp_path, proc = ddp_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report_rank{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["mapped"] == [[i, i % 2] for i in range(7)]
+        assert not rep["group_open"]
+    assert [rep["goes_on"] for rep in reports] == [True, False]
+
+
 def test_ddp_training_logs_are_averaged_by_key_name(ddp_run: DdpRun) -> None:
     """The ranks log the same keys in a different order; each key's mean must come from that key on
     every rank (rank 0 logs a=1, b=2, rank 1 b=20, a=10), not from whatever came at the same position."""
@@ -129,6 +142,25 @@ def test_family_cli_under_torchrun(tmp_path: Path) -> None:
         assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
         assert proc.stderr.count("no --config given") == (argv[0] == "train"), proc.stderr[-3000:]
     assert (tmp_path / "ft" / "model" / "model.safetensors").is_file()
+
+
+def test_mome_cli_under_torchrun(tmp_path: Path) -> None:
+    """MoME stage 1 → stage 2 on 2 gloo ranks: the whole-volume threshold search is shared out over the ranks
+    (a collective after each expert's training), rank 0 alone writes the experts and the model."""
+    from neuromoe.data.synth import synth_cohort
+
+    synth_cohort(tmp_path / "c", n_structural=0, n_lesion=12, n_fmri=0, spacing=6.0, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    common = ["--family", "mome", "--config", "tiny", "--device", "cpu", "--data", str(tmp_path / "c")]
+    for argv in (["pretrain", *common, "--out", str(tmp_path / "pre")],
+                 ["train", *common, "--experts", str(tmp_path / "pre"), "--out", str(tmp_path / "ft")]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "neuromoe.cli.main", *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    assert len(list((tmp_path / "pre" / "experts").glob("*/model.safetensors"))) == 5
+    assert json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["extra"]["threshold"] > 0
 
 
 def test_a_two_rank_checkpoint_does_not_resume_in_one_process(ddp_run: DdpRun, tmp_path: Path) -> None:

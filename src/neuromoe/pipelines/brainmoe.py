@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from neuromoe.config import load_family_config, save_config
-from neuromoe.engine import TrainConfig, Trainer
+from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
@@ -419,7 +419,8 @@ def pretrain(
             "n_scans": int(data_rows.sum()),
             "best_val_loss": result.best_metric,
         }
-        save_model(expert.cpu(), run, {"family": FAMILY, "extra": extra})
+        if is_main_process():  # the next expert's training is the next collective
+            save_model(expert.cpu(), run, {"family": FAMILY, "extra": extra})
         manifest.setdefault("summary", {})[name] = {"scans": extra["n_scans"], "best val loss": result.best_metric}
         if name == POOLED:
             manifest["pooled"] = name
@@ -429,6 +430,8 @@ def pretrain(
     if cfg.model.router_prior:
         router_acc = _pretrain_router(scans, state_of, groups, all_states, cfg, out / ROUTER, spec, resume=resume)
         manifest["router"] = ROUTER
+    if not finish_training():
+        return out
     manifest.update({"kind": cfg.expert.kind, "fc": spec.to_dict()})
     atomic_write_json(out / EXPERTS_FILE, manifest)
     _add_pretrain(out, cfg, manifest, router_acc)
@@ -508,7 +511,8 @@ def _pretrain_router(
         "val_state_acc": logs["state_acc"],
         "best_val_loss": result.best_metric,
     }
-    save_model(router.cpu(), run, {"family": FAMILY, "extra": extra})
+    if is_main_process():
+        save_model(router.cpu(), run, {"family": FAMILY, "extra": extra})
     return float(logs["state_acc"])
 
 
@@ -857,6 +861,8 @@ def train(
     if "split" in down.table.columns and down.table["split"].astype(str).isin(["train", "val"]).any():
         rows = down.table["split"].astype(str).isin(["train", "val"]).to_numpy()
     model, age_stats, result = _fit_moe(model, down, rows, cfg, out, resume)
+    if not finish_training():
+        return out
     save_model(
         model,
         out / "model",
@@ -1103,6 +1109,8 @@ def evaluate(
             )
             per_fold["pooled+MLP"].append(_fold_metrics(base["mlp"], yte))
             per_fold["pooled+SVM"].append(_fold_metrics(base["svm"], yte))
+    if not finish_training():
+        return out
     per_fold = {k: v for k, v in per_fold.items() if v}
 
     def _mean_std(v: list[dict[str, float]], k: str) -> list[float]:

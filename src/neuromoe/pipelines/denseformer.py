@@ -43,7 +43,7 @@ from neuromoe.data.structural import (
     encode_labels,
     load_t1,
 )
-from neuromoe.engine import TrainConfig, Trainer
+from neuromoe.engine import TrainConfig, Trainer, finish_training
 from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
@@ -422,6 +422,8 @@ def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = 
     save_config(cfg, out)
     trainer = MAETrainer(model, cfg.pretrain, train_set, val_set, run_dir=out, collate_fn=_collate)
     result = trainer.fit_best(resume)
+    if not finish_training():
+        return out
     extra = {"kind": "mae", "img_size": list(_img_size(cfg)), "best_val_loss": result.best_metric,
              "n_train": len(train_set), "n_val": 0 if val_set is None else len(val_set),
              "mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss, "split_seed": cfg.seed,
@@ -607,6 +609,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         head_lr_scale=ft.head_lr_scale,
     )
     result = trainer.fit_best(resume)
+    if not finish_training():
+        return out
     model = model.cpu().eval()
     device = _device(cfg.train.device)
     refit = None

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from neuromoe.config import load_family_config, save_config
 from neuromoe.data.lesion import LesionCase, LesionPatchDataset, load_lesion_cases
-from neuromoe.engine import TrainConfig, Trainer
+from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process, map_over_ranks
 from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
@@ -354,19 +354,23 @@ class MoMETrainer(Trainer):
         multimodal: bool = False,
     ) -> float:
         """The decision threshold to store with the model: ``ev.threshold``, or with ``ev.tune_threshold``
-        (and validation cases) the one with the best mean Dice on the whole validation volumes."""
+        (and validation cases) the one with the best mean Dice on the whole validation volumes (shared out
+        over the DDP ranks)."""
         if not (ev.tune_threshold and val_cases):
             return ev.threshold
-        scores = [
-            [_dice(pred.prob > t, case["mask"] > 0) for t in THRESHOLDS]
-            for case in val_cases
-            for pred in (
-                predict_volume(
-                    self.model, image, patch_size, available=avail, device=self.device, precision=ev.precision
+
+        def case_scores(case: LesionCase) -> list[list[float]]:
+            return [
+                [_dice(pred.prob > t, case["mask"] > 0) for t in THRESHOLDS]
+                for pred in (
+                    predict_volume(
+                        self.model, image, patch_size, available=avail, device=self.device, precision=ev.precision
+                    )
+                    for _, image, avail in _case_runs(case, modalities, multimodal)
                 )
-                for _, image, avail in _case_runs(case, modalities, multimodal)
-            )
-        ]
+            ]
+
+        scores = [row for rows in map_over_ranks(case_scores, list(val_cases)) for row in rows]
         return float(THRESHOLDS[int(np.argmax(np.mean(scores, 0)))])
 
 
@@ -633,6 +637,9 @@ def pretrain(
         best = trainer.fit_best(resume).best_metric
         whole = [_only(c, m) for c in whole_val if m in c["images"]]
         threshold = trainer.threshold(cfg.eval, whole, (m,), d.patch_size)  # on the training device, before .cpu()
+        rows.append({"expert": m, "train images": len(tr), "val images": len(va), "best val loss": best})
+        if not is_main_process():  # the next expert's training is the next collective
+            continue
         save_model(
             expert.cpu(),
             out / "experts" / m,
@@ -653,13 +660,14 @@ def pretrain(
                 },
             },
         )
-        rows.append({"expert": m, "train images": len(tr), "val images": len(va), "best val loss": best})
     if not rows:
         raise InputError(
             f"no training images for any of {cfg.model.modalities}",
             path=str(data),
             fix="check the modality columns of the lesion manifest",
         )
+    if not finish_training():
+        return out
     atomic_write_json(out / "experts" / "summary.json", rows, strict=True)
     _add_pretrain(out, cfg, rows)
     return out
@@ -768,6 +776,8 @@ def train(
     )
     best = trainer.fit_best(resume).best_metric
     threshold = trainer.threshold(cfg.eval, _whole_val(data, cfg, spec), m.modalities, d.patch_size, multimodal)
+    if not finish_training():
+        return out
     save_model(
         model.cpu(),
         out / "model",
