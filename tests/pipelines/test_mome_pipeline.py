@@ -716,3 +716,17 @@ def test_a_split_without_validation_is_said_and_an_empty_split_is_named(tmp_path
     with pytest.raises(InputError, match=r"the split has no 'val' case \(train 5, val 0, test 1\)"):
         mome.evaluate(run / "model", manifest, tmp_path / "ev", split="val", device="cpu", n_overlays=0,
                       cache_dir=cfg.cache_dir)
+
+
+def test_a_modality_without_training_images_is_dropped_from_a_copy_of_the_config(capsys) -> None:
+    """A cohort without DWI leaves DWI out of the run's model; the caller's config object kept losing it, so
+    reusing it for a cohort with DWI built a model without a DWI expert, silently."""
+    from neuromoe.pipelines import mome
+
+    cfg = mome.load_mome_config("tiny", device="cpu")
+    cfg.model.modalities = ["t1", "flair", "dwi"]
+    cases = {"train": [{**c, "images": {k: v for k, v in c["images"].items() if k != "dwi"}} for c in _cases()]}
+    kept = mome._keep_trained_modalities(cfg, cases)
+    assert kept.model.modalities == ["t1", "flair"]
+    assert cfg.model.modalities == ["t1", "flair", "dwi"]
+    assert "no training images for modality 'dwi'" in capsys.readouterr().err

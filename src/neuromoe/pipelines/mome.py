@@ -245,9 +245,10 @@ def _note_no_validation(cases: dict[str, list[LesionCase]], cfg: MoMEConfig) -> 
               file=sys.stderr)
 
 
-def _keep_trained_modalities(cfg: MoMEConfig, cases: dict[str, list[LesionCase]]) -> None:
+def _keep_trained_modalities(cfg: MoMEConfig, cases: dict[str, list[LesionCase]]) -> MoMEConfig:
     """Leave out of the model every configured modality without a training image (BraTS has no DWI): its
-    expert could only stay at random weights and would still take a share of the gate's fusion."""
+    expert could only stay at random weights and would still take a share of the gate's fusion. A copy: the
+    caller's config keeps its modalities (reused for a cohort with DWI, it built a model without a DWI expert)."""
     present = [m for m in cfg.model.modalities if any(m in c["images"] for c in cases["train"])]
     for m in cfg.model.modalities:
         if m not in present:
@@ -256,8 +257,7 @@ def _keep_trained_modalities(cfg: MoMEConfig, cases: dict[str, list[LesionCase]]
                 "(model.modalities lists the ones to use)",
                 file=sys.stderr,
             )
-    if present:
-        cfg.model.modalities = present
+    return replace(cfg, model=replace(cfg.model, modalities=present)) if present else cfg
 
 
 def _only(case: LesionCase, modality: str) -> LesionCase:
@@ -609,7 +609,7 @@ def pretrain(
     whole_val = _whole_val(data, cfg, spec)
     fit_prints = _fit_fingerprints(data, cfg)
     _note_no_validation(cases, cfg)
-    _keep_trained_modalities(cfg, cases)
+    cfg = _keep_trained_modalities(cfg, cases)
     save_config(cfg, out)
     kw: dict[str, Any] = {"logit_skip": cfg.model.logit_skip}
     if cfg.model.widths is not None:
@@ -733,7 +733,8 @@ def train(
     if not cases["train"]:
         raise InputError("no training cases", path=str(data), fix="add 'train' rows to the split column")
     _note_no_validation(cases, cfg)
-    _keep_trained_modalities(cfg, cases)
+    cfg = _keep_trained_modalities(cfg, cases)
+    m = cfg.model
     torch.manual_seed(cfg.seed)
     model = create_model(f"{m.kind}_{m.preset}", **_model_kwargs(m))
     loaded: list[str] = []
