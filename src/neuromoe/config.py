@@ -250,7 +250,32 @@ def load_family_config(
     return cfg
 
 
-def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml") -> Path:
+# What a resumed run may change: where it runs and how it reports, not what it computes
+RESUME_FREE = frozenset({"device", "progress", "num_workers", "log_every", "ckpt_every", "channels_last", "cache_dir"})
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml", *, resume: bool = False) -> Path:
+    """Write the resolved config. With ``resume`` the run's saved config must match it: the checkpoint continues
+    the run as it was configured (optimiser, schedule, weights), so another learning rate, epoch count or
+    ``top_k`` was recorded in the run folder without having been used (``RESUME_FREE`` keys may change)."""
     path = Path(run_dir) / name
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if resume and path.is_file():
+        old, new = _flat(read_yaml(path)), _flat(yaml.safe_load(text))
+        changed = [k for k in dict.fromkeys([*old, *new])
+                   if k.rsplit(".", 1)[-1] not in RESUME_FREE and old.get(k) != new.get(k)]
+        if changed:
+            what = ", ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in changed[:4])
+            raise ConfigError(f"--resume with another config than the run's ({what}"
+                              f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''}); the checkpoint "
+                              "continues the run as it was configured", path=path,
+                              fix=f"resume with --config {path} (and the same flags), or start a new run in "
+                                  "another --out folder")
+    atomic_write_text(path, text)
     return path

@@ -163,3 +163,20 @@ def test_training_values_of_the_right_type_but_unusable_are_named_under_their_se
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_denseformer_config("tiny", [override])
+
+
+def test_a_resume_refuses_another_config_than_the_runs(tmp_path):
+    """--resume with another lr or top_k ran on with the checkpoint's optimiser and weights while the run folder
+    recorded the new values; where it runs and how it reports (device, progress) may change."""
+    from neuromoe.pipelines.mome import load_mome_config
+
+    save_config(load_mome_config("tiny", device="cpu"), tmp_path)
+    save_config(load_mome_config("tiny", ["train.progress=false"], device="cuda"), tmp_path, resume=True)
+    with pytest.raises(ConfigError, match=r"train\.lr 0\.003 → 0\.5.*resume with --config") as info:
+        save_config(load_mome_config("tiny", ["train.lr=0.5"], device="cpu"), tmp_path, resume=True)
+    assert str(tmp_path / "config.yaml") in str(info.value)
+    with pytest.raises(ConfigError, match=r"model\.top_k"):
+        save_config(load_mome_config("tiny", ["model.top_k=1"], device="cpu"), tmp_path, resume=True)
+    assert read_yaml(tmp_path / "config.yaml")["train"]["lr"] != 0.5  # the refused config is not written
+    save_config(load_mome_config("tiny", ["train.lr=0.5"], device="cpu"), tmp_path)  # a new run: written
+    assert read_yaml(tmp_path / "config.yaml")["train"]["lr"] == 0.5

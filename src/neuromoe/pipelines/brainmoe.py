@@ -377,7 +377,7 @@ def pretrain(
     state_of = table["state"].astype(str).to_numpy()
     groups = table["subject"].astype(str).to_numpy()
     scans = ScanSet(tensors)
-    save_config(cfg, out)
+    save_config(cfg, out, resume=resume)
     jobs = [(s, state_of == s) for s in todo]
     if pooled if pooled is not None else cfg.expert.pooled:
         jobs.append((POOLED, np.ones(len(table), dtype=bool)))
@@ -856,7 +856,7 @@ def train(
     _, _, _, spec = _experts_for(experts)
     down = _downstream(data, cfg, spec)
     model, names, spec = _build_moe(experts, cfg, down)
-    save_config(cfg, out)
+    save_config(cfg, out, resume=resume)
     rows = np.ones(len(down.table), dtype=bool)
     if "split" in down.table.columns and down.table["split"].astype(str).isin(["train", "val"]).any():
         rows = down.table["split"].astype(str).isin(["train", "val"]).to_numpy()

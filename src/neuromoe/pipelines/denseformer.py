@@ -419,7 +419,7 @@ def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = 
     torch.manual_seed(cfg.seed)
     model = create_model("denseformer_mae", preset=cfg.model.preset, mask_ratio=cfg.model.mask_ratio,
                          norm_pix_loss=cfg.model.norm_pix_loss, **cfg.model.backbone, **cfg.model.decoder)
-    save_config(cfg, out)
+    save_config(cfg, out, resume=resume)
     trainer = MAETrainer(model, cfg.pretrain, train_set, val_set, run_dir=out, collate_fn=_collate)
     result = trainer.fit_best(resume)
     if not finish_training():
@@ -600,7 +600,7 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     if ft.freeze:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-    save_config(cfg, out)
+    save_config(cfg, out, resume=resume)
     train_set = dataset.subset(train_mask, augment=ft.augment, contrast=ft.contrast_augment, seed=cfg.seed)
     trainer = FinetuneTrainer(
         model, cfg.train, train_set, dataset.subset(split == "val"), run_dir=out, collate_fn=_collate,

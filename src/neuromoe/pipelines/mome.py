@@ -610,7 +610,7 @@ def pretrain(
     fit_prints = _fit_fingerprints(data, cfg)
     _note_no_validation(cases, cfg)
     cfg = _keep_trained_modalities(cfg, cases)
-    save_config(cfg, out)
+    save_config(cfg, out, resume=resume)
     kw: dict[str, Any] = {"logit_skip": cfg.model.logit_skip}
     if cfg.model.widths is not None:
         kw["widths"] = list(cfg.model.widths)
@@ -765,7 +765,7 @@ def train(
         if cases["val"]
         else None
     )
-    save_config(cfg, out)
+    save_config(cfg, out, resume=resume)
     trainer = MoMETrainer(
         model,
         cfg.train,
