@@ -259,3 +259,65 @@ def test_file_ids_keep_dots_inside_the_name() -> None:
     ids = file_ids([Path("scan_off0.001.nii.gz"), Path("scan_off0.nii.gz"), Path("x.v2.nii")])
     assert ids["subject"].tolist() == ["scan_off0.001", "scan_off0", "x.v2"]
     assert failures_path("out/run.v1.nii.gz").name == "run.v1_failures.csv"
+
+
+def test_sessions_tsv_ids_that_match_no_image_session_are_said(tmp_path, capsys):
+    """``ses-1`` written for the folder ``ses-01``: every visit silently got participants.tsv's baseline age;
+    ``NA`` and ``n/a`` in a sessions.tsv mean the same (one kept the baseline value, the other none)."""
+    for ses in ("ses-01", "ses-02"):
+        _img(tmp_path / f"sub-01/{ses}/anat/sub-01_{ses}_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-01\t60\n")
+    (tmp_path / "sub-01/sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t60\nses-2\t62\n")
+    load_table(tmp_path)
+    err = capsys.readouterr().err
+    assert "lists ses-1, ses-2, not ses-01, ses-02" in err and "sub-01_sessions.tsv" in err
+    ages = []
+    for token in ("n/a", "NA"):
+        (tmp_path / "sub-01/sub-01_sessions.tsv").write_text(f"session_id\tage\nses-01\t60\nses-02\t{token}\n")
+        ages.append(load_table(tmp_path).set_index("session").loc["ses-02", "age"])
+    assert ages == [60, 60]
+    assert "no row" not in capsys.readouterr().err
+    (tmp_path / "sub-01/sub-01_sessions.tsv").write_text("session_id\tage\nses-01\t60\nses-01\t61\n")
+    with pytest.raises(InputError, match=r"sub-01_sessions\.tsv lists ses-01 twice"):
+        load_table(tmp_path)
+
+
+def test_per_session_labels_alone_are_labels(tmp_path):
+    _img(tmp_path / "sub-01/ses-01/anat/sub-01_ses-01_T1w.nii.gz")
+    (tmp_path / "sub-01/sub-01_sessions.tsv").write_text("session_id\tage\nses-01\t70\n")
+    df = load_table(tmp_path)
+    assert df.loc[0, "age"] == 70 and not df.attrs["labels_missing"]
+
+
+def test_a_lesion_mask_in_a_session_folder_pairs_with_that_sessions_images(tmp_path, capsys):
+    """A mask named without ``ses-`` in ``ses-2/anat``: its row held no image and every command dropped the case
+    silently (half a longitudinal lesion cohort); one that matches no image at all is said."""
+    for ses in ("ses-1", "ses-2"):
+        _img(tmp_path / f"sub-01/{ses}/anat/sub-01_{ses}_FLAIR.nii.gz")
+        _img(tmp_path / f"derivatives/manual/sub-01/{ses}/anat/sub-01_desc-lesion_mask.nii.gz")
+    df = load_table(tmp_path)
+    assert len(df) == 2 and df["mask"].notna().all() and capsys.readouterr().err == ""
+    _img(tmp_path / "derivatives/manual/sub-02/anat/sub-02_desc-lesion_mask.nii.gz")
+    assert len(load_table(tmp_path)) == 2
+    assert "1 lesion mask(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("column", ["subject", "session"])
+def test_participants_tsv_with_its_own_subject_or_session_column_is_one_clear_error(tmp_path, column):
+    _img(tmp_path / "sub-01/anat/sub-01_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text(f"participant_id\tage\t{column}\nsub-01\t30\tX\n")
+    with pytest.raises(InputError, match=f"participants.tsv has a '{column}' column"):
+        load_table(tmp_path)
+
+
+def test_manifest_cells_and_file_kinds_as_spreadsheets_write_them(tmp_path):
+    """NaN / N/A image cells are no image, a space after a path is not part of it, ``.CSV`` is a manifest, and a
+    ';'-separated or tab-separated file saved as .csv says so (not "no 'subject' column")."""
+    t1 = _img(tmp_path / "a_T1w.nii.gz")
+    (tmp_path / "m.CSV").write_text(f"subject,t1,flair\nsub-01,{t1.name} ,NaN\nsub-02,{t1.name},N/A\n")
+    df = load_table(tmp_path / "m.CSV")
+    assert df["t1"].str.endswith("a_T1w.nii.gz").all() and df["flair"].isna().all()
+    for name, text, what in (("s.csv", "subject;t1\nsub-01;x\n", "';'"), ("t.csv", "subject\tt1\nsub-01\tx\n", "tabs")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=f"separated by {what}"):
+            load_table(tmp_path / name)

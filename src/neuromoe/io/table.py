@@ -80,6 +80,9 @@ def _load_bids(root: Path) -> pd.DataFrame:
         if role is None or (f not in masks and f.parent.name not in ("anat", "func", "dwi")):
             continue
         ent = bids_entities(f.name)
+        folder_ses = [part[4:] for part in f.relative_to(root).parts[:-1] if part.startswith("ses-")]
+        if "ses" not in ent and folder_ses:  # a session folder names the session a file name left out
+            ent["ses"] = folder_ses[-1]
         key = (f"sub-{ent.get('sub', '')}", f"ses-{ent['ses']}" if "ses" in ent else "", ent.get("task", ""),
                ent.get("run", ""))
         row = rows.setdefault(key, {})
@@ -92,6 +95,7 @@ def _load_bids(root: Path) -> pd.DataFrame:
         raise InputError("no BIDS images found (sub-*/[ses-*/]anat|func)", path=root,
                          fix="point --data at a BIDS root or a manifest CSV")
     _merge_runless(rows, root)
+    _drop_unpaired_masks(rows, root)
     df = pd.DataFrame([{"subject": s, "session": ses, "state": task, "run": run, **r}
                        for (s, ses, task, run), r in rows.items()])
     for col in ("session", "state", "run"):
@@ -99,7 +103,12 @@ def _load_bids(root: Path) -> pd.DataFrame:
             df = df.drop(columns=col)
     part = root / "participants.tsv"
     if part.exists():
-        labels = read_delimited(part, "\t", "participants.tsv").rename(columns={"participant_id": "subject"})
+        labels = read_delimited(part, "\t", "participants.tsv")
+        for col, fix in (("subject", "rename that column (participant_id names the subject)"),
+                         ("session", "per-session values belong in sub-<label>/sub-<label>_sessions.tsv")):
+            if col in labels.columns:
+                raise InputError(f"participants.tsv has a '{col}' column", path=part, fix=fix)
+        labels = labels.rename(columns={"participant_id": "subject"})
         if "subject" not in labels.columns:
             raise InputError("participants.tsv has no participant_id column", path=part,
                              fix="a tab-separated file whose first column is participant_id (BIDS)")
@@ -112,16 +121,32 @@ def _load_bids(root: Path) -> pd.DataFrame:
                   f"{', '.join(labels['subject'].head(3))}; the images {', '.join(df['subject'].head(3))}): no "
                   "labels are read; write participant_id as the folder names (sub-<label>)", file=sys.stderr)
         df = df.merge(labels, on="subject", how="left")
+    merged = False
     if "session" in df.columns:
-        df = _merge_sessions(df, root)
-    df.attrs["labels_missing"] = not part.exists()
+        df, merged = _merge_sessions(df, root)
+    df.attrs["labels_missing"] = not part.exists() and not merged
     return df
 
 
-def _merge_sessions(df: pd.DataFrame, root: Path) -> pd.DataFrame:
+def _drop_unpaired_masks(rows: dict[tuple[str, str, str, str], dict[str, str]], root: Path) -> None:
+    """A lesion mask whose sub/ses/run entities name no image (``sub-01_desc-lesion_mask`` for images of
+    ``ses-2``) made a row without images, which every command then left out without a word."""
+    lone = [key for key, row in rows.items() if set(row) == {"mask"}]
+    if not lone:
+        return
+    print(f"neuromoe: warning: {len(lone)} lesion mask(s) under {root} match no image by their sub/ses/run "
+          f"entities (e.g. {Path(rows[lone[0]]['mask']).relative_to(root)}) and are not used; name each mask "
+          "with its image's entities", file=sys.stderr)
+    for key in lone:
+        del rows[key]
+
+
+def _merge_sessions(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, bool]:
     """Per-session values from ``sub-<label>/sub-<label>_sessions.tsv`` (BIDS): a longitudinal subject's age at
-    each visit (ADNI, OASIS) replaces the one participants.tsv gives for the whole subject."""
-    tables = []
+    each visit (ADNI, OASIS) replaces the one participants.tsv gives for the whole subject. Returns the table
+    and whether any sessions file was read. An image session the file has no row for keeps the subject's
+    values, and is said: with ``ses-1`` written for the folder ``ses-01`` every visit got the baseline age."""
+    tables, unlisted = [], []
     for sub in df["subject"].unique():
         path = root / sub / f"{sub}_sessions.tsv"
         if not path.is_file():
@@ -130,17 +155,28 @@ def _merge_sessions(df: pd.DataFrame, root: Path) -> pd.DataFrame:
         if "session_id" not in t.columns:
             raise InputError(f"{path.name} has no session_id column", path=path,
                              fix="a tab-separated file whose first column is session_id (BIDS)")
-        tables.append(t.drop(columns="session_id").assign(subject=sub, session=_entity_ids(t["session_id"], "ses-")))
+        ids = _entity_ids(t["session_id"], "ses-")
+        if ids.duplicated().any():
+            raise InputError(f"{path.name} lists {ids[ids.duplicated()].iloc[0]} twice", path=path,
+                             fix="keep one row per session")
+        have = set(df.loc[df["subject"] == sub, "session"].astype(str)) - {""}
+        unlisted += [(path, sorted(have - set(ids)), sorted(set(ids) - have))] if have - set(ids) else []
+        tables.append(t.drop(columns="session_id").assign(subject=sub, session=ids))
+    if unlisted:
+        path, missing, other = unlisted[0]
+        print(f"neuromoe: warning: {len(unlisted)} sessions.tsv file(s) have no row for some image sessions, "
+              f"which keep participants.tsv's values (e.g. {path} lists {', '.join(other) or 'none of them'}, "
+              f"not {', '.join(missing)}); write session_id as the folder names (ses-<label>)", file=sys.stderr)
     if not tables:
-        return df
-    per = pd.concat(tables, ignore_index=True).replace({"n/a": "", "NaN": "", "nan": ""})
+        return df, False
+    per = pd.concat(tables, ignore_index=True).replace({t: "" for t in MISSING_TOKENS})
     out = df.merge(per, on=["subject", "session"], how="left", suffixes=("", "__session"))
     for col in [c for c in per.columns if c not in ("subject", "session")]:
         if f"{col}__session" in out.columns:  # a session's own value wins where it has one
             given = out[f"{col}__session"].fillna("").astype(str) != ""
             out.loc[given, col] = out.loc[given, f"{col}__session"]
             out = out.drop(columns=f"{col}__session")
-    return out
+    return out, True
 
 
 def _merge_runless(rows: dict[tuple[str, str, str, str], dict[str, str]], root: Path) -> None:
@@ -209,9 +245,15 @@ def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.
     source = Path(source)
     if source.is_dir():
         df = _load_bids(source)
-    elif source.suffix in (".csv", ".tsv") and source.exists():
-        df = read_delimited(source, "\t" if source.suffix == ".tsv" else ",", "manifest")
+    elif source.suffix.lower() in (".csv", ".tsv") and source.exists():
+        sep = "\t" if source.suffix.lower() == ".tsv" else ","
+        df = read_delimited(source, sep, "manifest")
         if "subject" not in df.columns:
+            other = next((d for d in (";", "\t", ",") if d != sep and d in str(df.columns[0])), None)
+            if other is not None:  # a spreadsheet's ';' export, or a TSV saved as .csv: one column of everything
+                name = {";": "';'", "\t": "tabs", ",": "commas"}[other]
+                raise InputError(f"manifest is separated by {name}, not {'tabs' if sep == chr(9) else 'commas'}",
+                                 path=source, fix="save it comma-separated as .csv, or tab-separated as .tsv")
             raise InputError("manifest has no 'subject' column", path=source, fix="add a subject column")
         df["subject"] = df["subject"].str.strip()  # "sub-01 " and "sub-01" are one subject
         for col in (c for c in df.columns if c in ROLES):
@@ -219,9 +261,10 @@ def load_table(source: str | Path, *, roles: Sequence[str] | None = None) -> pd.
             if bad:
                 raise InputError(f"column '{col}' holds a path with a NUL byte ({bad[0]!r})", path=source,
                                  fix="re-export the manifest as plain text")
-            # BIDS writes a missing value as n/a: in an image column it is no image, not a file named "a"
-            df[col] = [os.path.abspath(source.parent / p) if p and p.strip() not in ("n/a", "NA") else ""
-                       for p in df[col]]
+            # BIDS writes a missing value as n/a (pandas NaN): in an image column it is no image, not a file
+            # named "a"; a space after a path (a spreadsheet cell) is not part of the file name
+            df[col] = [os.path.abspath(source.parent / p.strip()) if p.strip() not in ("", *MISSING_TOKENS)
+                       else "" for p in df[col]]
     else:
         raise InputError("not a manifest (.csv/.tsv) or a BIDS folder", path=source,
                          fix="give a manifest CSV/TSV or a BIDS root folder")
