@@ -9,6 +9,7 @@ resolved config is saved in every run directory with :func:`save_config`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -22,6 +23,54 @@ from neuromoe.errors import ConfigError
 from neuromoe.io.atomic import atomic_write_text
 
 T = TypeVar("T")
+
+_NUMERIC_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader reading numbers and booleans as YAML 1.2's core schema does. PyYAML follows YAML 1.1, where
+    ``epochs: 010`` is octal 8, ``1:30`` is base-60 90 and ``no``/``on`` are booleans (``[t1, no]`` was no list
+    of strings); here they are 10 and the strings ``'1:30'`` and ``'no'``, and ``1e-3`` is a float."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _NUMERIC_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in (  # int before float: the float pattern also matches "10"
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+    ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+     "-+.0123456789"),
+):
+    _Yaml12Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), list(_first))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """Decimal whatever its leading zeros; ``0o``/``0x`` prefixes for octal and hexadecimal (YAML 1.2)."""
+    text = str(loader.construct_scalar(node))
+    try:
+        return int(text, 0) if text.startswith(("0o", "0x")) else int(text, 10)
+    except ValueError:  # only reachable through an explicit !!int tag
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes a string that YAML 1.1 *or* 1.2 would read as another type (``'no'``, ``'1e3'``, ``'0o7'``), so a
+    saved config reads back the same here and in any other YAML reader."""
+
+
+for _first, _resolvers in _Yaml12Loader.yaml_implicit_resolvers.items():
+    for _tag, _rx in _resolvers:
+        if _tag in _NUMERIC_TAGS:
+            _Dumper.add_implicit_resolver(_tag, _rx, [_first])
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def preset_path(family: str, name: str) -> Path:
@@ -53,7 +102,7 @@ def inherited_preset(preset: str | Path | None, stage_dir: str | Path | None) ->
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("config file not found", path=path, fix="check the path") from None
     except yaml.YAMLError as exc:
@@ -73,7 +122,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' is not key=value", fix="write e.g. train.lr=1e-3")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = _load_yaml(raw)
         except yaml.YAMLError:
             value = raw
         node = out
@@ -164,7 +213,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         vt = args[1] if args else Any
         return {k: _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 / 5E-4 as strings
+        if isinstance(value, str):  # "nan", "inf", "1_000": YAML 1.2 reads them as strings
             try:
                 value = float(value)
             except ValueError:
@@ -265,9 +314,9 @@ def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml", *, res
     the run as it was configured (optimiser, schedule, weights), so another learning rate, epoch count or
     ``top_k`` was recorded in the run folder without having been used (``RESUME_FREE`` keys may change)."""
     path = Path(run_dir) / name
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    text = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)
     if resume and path.is_file():
-        old, new = _flat(read_yaml(path)), _flat(yaml.safe_load(text))
+        old, new = _flat(read_yaml(path)), _flat(_load_yaml(text))
         changed = [k for k in dict.fromkeys([*old, *new])
                    if k.rsplit(".", 1)[-1] not in RESUME_FREE and old.get(k) != new.get(k)]
         if changed:

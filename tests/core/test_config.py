@@ -180,3 +180,98 @@ def test_a_resume_refuses_another_config_than_the_runs(tmp_path):
     assert read_yaml(tmp_path / "config.yaml")["train"]["lr"] != 0.5  # the refused config is not written
     save_config(load_mome_config("tiny", ["train.lr=0.5"], device="cpu"), tmp_path)  # a new run: written
     assert read_yaml(tmp_path / "config.yaml")["train"]["lr"] == 0.5
+
+
+@dataclass
+class Counts:
+    epochs: int = 10
+    lr: float = 1e-3
+    flag: bool = False
+    modalities: list[str] = field(default_factory=lambda: ["t1"])
+    name: str = "x"
+
+
+def test_numbers_and_booleans_read_as_yaml_1_2(tmp_path):
+    """PyYAML's YAML 1.1 read ``epochs=010`` as octal 8, ``1:30`` as base-60 90 and ``no`` as false: an epoch
+    count silently changed and a modality list ``[t1, no]`` was refused as 'must be a string, got False'."""
+    assert load_config(Counts, "none", None, ["epochs=010"]).epochs == 10
+    with pytest.raises(ConfigError, match="must be an integer, got '1:30'"):
+        load_config(Counts, "none", None, ["epochs=1:30"])
+    assert load_config(Counts, "none", None, ["modalities=[t1, no, on, yes, off]"]).modalities == [
+        "t1", "no", "on", "yes", "off"]
+    with pytest.raises(ConfigError, match="must be true or false, got 'yes'"):
+        load_config(Counts, "none", None, ["flag=yes"])
+    assert parse_overrides(["a=true", "b=False", "c=-5", "d=0x1F", "e=0o17", "f=3.0e-3", "g=.inf", "h=1."]) == {
+        "a": True, "b": False, "c": -5, "d": 31, "e": 15, "f": 3.0e-3, "g": float("inf"), "h": 1.0}
+    preset = tmp_path / "p.yaml"
+    preset.write_text("epochs: 010\nmodalities: [t1, no]\nname: 1:30\nlr: 1e-4\n")
+    cfg = load_config(Counts, "none", preset)
+    assert (cfg.epochs, cfg.modalities, cfg.name, cfg.lr) == (10, ["t1", "no"], "1:30", 1e-4)
+
+
+def test_strings_that_look_like_numbers_survive_a_save(tmp_path):
+    """Strings YAML 1.1 leaves as strings but 1.2 reads as numbers (``1e3``, ``0o7``) are quoted when saved, and
+    those 1.1 reads as numbers or booleans (``no``, ``010``) too, so the saved config reloads the same."""
+    cfg = load_config(Counts, "none", None, ["name='1e3'", "modalities=['0o7', 'no', '010', '1:30']"])
+    again = load_config(Counts, "none", save_config(cfg, tmp_path))
+    assert again == cfg and again.name == "1e3" and again.modalities == ["0o7", "no", "010", "1:30"]
+
+
+@pytest.mark.parametrize("family, override, key", [
+    ("mome", "eval.threshold=nan", "eval.threshold"),  # segment wrote lesion volume 0 for every case
+    ("mome", "eval.threshold=1.5", "eval.threshold"),
+    ("mome", "eval.n_overlays=-1", "eval.n_overlays"),
+    ("mome", "data.fg_fraction=1.5", "data.fg_fraction"),
+    ("mome", "data.modality_dropout=-0.1", "data.modality_dropout"),
+    ("mome", "data.patch_size=[16,16]", "data.patch_size"),
+    ("mome", "data.patch_size=[16,0,16]", "data.patch_size"),
+    ("mome", "data.samples_per_epoch=-1", "data.samples_per_epoch"),
+    ("mome", "model.top_k=6", "model.top_k"),
+    ("mome", "model.modalities=[]", "model.modalities"),
+    ("mome", "gate_supervision=-1", "gate_supervision"),
+    ("brainmoe", "eval.folds=1", "eval.folds"),
+    ("brainmoe", "eval.svm_c=[0.0,1.0]", "eval.svm_c"),
+    ("brainmoe", "eval.mlp_hidden=0", "eval.mlp_hidden"),
+    ("brainmoe", "model.top_k=0", "model.top_k"),
+    ("brainmoe", "model.router_noise=-0.5", "model.router_noise"),
+    ("brainmoe", "model.balance_coef=nan", "model.balance_coef"),
+    ("brainmoe", "model.z_coef=-1", "model.z_coef"),
+    ("brainmoe", "model.dropout=1", "model.dropout"),
+    ("brainmoe", "model.dense_warmup=2", "model.dense_warmup"),
+    ("brainmoe", "model.router_pca=0", "model.router_pca"),
+    ("brainmoe", "expert.kind=fc_mae expert.mask_ratio=1", "expert.mask_ratio"),
+    ("denseformer", "eval.alpha=0", "eval.alpha"),
+    ("denseformer", "eval.alpha=1.2", "eval.alpha"),
+    ("denseformer", "eval.n_bootstrap=-1", "eval.n_bootstrap"),
+    ("denseformer", "model.top_k=9", "model.top_k"),
+    ("denseformer", "model.num_experts=0", "model.num_experts"),
+    ("denseformer", "model.head_drop=1", "model.head_drop"),
+    ("denseformer", "model.mask_ratio=1", "model.mask_ratio"),
+    ("denseformer", "model.balance_coef=-0.01", "model.balance_coef"),
+])
+def test_section_values_of_the_right_type_but_unusable_are_refused_at_load(family, override, key) -> None:
+    """Only the train sections and DenseFormer's finetune refused unusable values: a NaN or 1.5 MoME threshold,
+    one fold or a negative router noise were accepted, stored in config.json and failed (or ran wrong) later."""
+    import importlib
+
+    load = getattr(importlib.import_module(f"neuromoe.pipelines.{family}"), f"load_{family}_config")
+    sets = ["eval.tune_threshold=false"] if family == "mome" else []
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')} .*fix: e\.g\. --set {key.replace('.', '[.]')}="):
+        load("tiny", [*sets, *override.split()])
+    for preset in ("tiny", "demo", "paper"):  # the bundled presets stay valid
+        load(preset, sets)
+
+
+def test_section_checks_follow_what_the_setting_is_used_for() -> None:
+    """Values that look out of range but are used: a MoME+ modality dropout of 1 keeps one modality per case,
+    a JEPA window setting is not checked for a state classifier, nor top_k for a head without experts."""
+    from neuromoe.pipelines.brainmoe import load_brainmoe_config
+    from neuromoe.pipelines.denseformer import load_denseformer_config
+    from neuromoe.pipelines.mome import load_mome_config
+
+    assert load_mome_config("tiny", ["data.modality_dropout=1", "data.fg_fraction=0"]).data.modality_dropout == 1
+    assert load_mome_config("tiny", ["model.kind=unet", "model.top_k=9"]).model.top_k == 9
+    assert load_brainmoe_config("tiny", ["expert.kind=state_clf", "expert.n_windows=1"]).expert.n_windows == 1
+    with pytest.raises(ConfigError, match=r"expert\.n_windows"):
+        load_brainmoe_config("tiny", ["expert.kind=jepa", "expert.n_windows=1"])
+    assert load_denseformer_config("tiny", ["model.head=shared", "model.top_k=0"]).model.top_k == 0

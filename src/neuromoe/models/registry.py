@@ -143,11 +143,13 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     entry = _entry(name)
     try:
         model = entry.factory(**kwargs)
-    except (TypeError, ValueError, KeyError) as exc:  # a bad value, e.g. preset='small', img_size=30
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"invalid arguments for model '{name}': {exc.__class__.__name__}: {exc}",
-                          fix="check the model options") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # any bad value: preset='small' (KeyError), patch_size=0 (ZeroDivisionError) ...
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        given = given if len(given) <= 200 else given[:200] + "…"
+        raise ConfigError(f"invalid arguments for model '{name}' ({given}): {exc.__class__.__name__}: {exc}",
+                          fix="check the model options") from exc
     model.neuromoe_config = {"architecture": name, "kwargs": dict(kwargs)}
     return model
 
@@ -362,8 +364,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
                                path=path, fix="restore the original file")
     try:
         model = create_model(arch, **config["kwargs"])
-    except ConfigError as exc:
-        raise ModelFormatError(f"cannot rebuild '{arch}': {exc}", path=path, fix="restore the original file") from None
+    except ConfigError as exc:  # its own fix (check the model options) gives way to this one's
+        reason = str(exc).removesuffix(f" — fix: {exc.fix}") if exc.fix else str(exc)
+        raise ModelFormatError(f"cannot rebuild '{arch}': {reason}", path=path,
+                               fix="restore the original file") from None
     tensors = _read_weights(directory / WEIGHTS_NAME)
     _check_tensors(model, tensors, directory / WEIGHTS_NAME)
     model.load_state_dict(tensors, strict=True)

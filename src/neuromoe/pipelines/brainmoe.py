@@ -91,6 +91,20 @@ class ExpertSection:
     ema: float = 0.99  # jepa target encoder
     pooled: bool = True  # also pretrain the all-states expert used by the baselines
 
+    def problems(self) -> list[tuple[str, str, str]]:
+        """Values of the right type the chosen expert cannot use, refused before any scan is read."""
+        out = []
+        if self.kind in ("fc_mae", "jepa") and not 0 < self.mask_ratio < 1:
+            out.append(("mask_ratio", f"{self.mask_ratio} is not in (0, 1)", "0.5"))
+        if self.kind == "jepa":  # a crop of window·n_windows TRs, some windows masked, the others context
+            if self.window < 1:
+                out.append(("window", "must be >= 1", "16"))
+            if self.n_windows < 2:
+                out.append(("n_windows", "must be >= 2", "8"))
+            if not 0 <= self.ema <= 1:
+                out.append(("ema", f"{self.ema} is not in [0, 1]", "0.99"))
+        return out
+
 
 @dataclass
 class ModelSection:
@@ -112,12 +126,44 @@ class ModelSection:
     sex_weight: float = 0.5
     age_weight: float = 0.5  # on the standardised age (MSE)
 
+    def problems(self) -> list[tuple[str, str, str]]:
+        """Values of the right type fine-tuning cannot use (top_k above the number of experts is capped there)."""
+        out = []
+        if self.top_k < 1:
+            out.append(("top_k", "must be >= 1 (experts per scan)", "2"))
+        if self.router_pca < 1:
+            out.append(("router_pca", "must be >= 1", "16"))
+        if self.router_prior and self.router_prior_epochs < 1:
+            out.append(("router_prior_epochs", "must be >= 1", "50"))
+        if not 0 <= self.dropout < 1:
+            out.append(("dropout", f"{self.dropout} is not in [0, 1)", "0.1"))
+        for name in ("dense_warmup", "expert_warmup"):  # shares of the fine-tuning epochs
+            if not 0 <= getattr(self, name) <= 1:
+                out.append((name, f"{getattr(self, name)} is not a share in [0, 1]", "0"))
+        # a negative loss weight is maximised and a negative learning rate climbs the loss; NaN spoils both
+        for name, example in (("router_noise", "0.5"), ("balance_coef", "0"), ("z_coef", "0"), ("sex_weight", "0.5"),
+                              ("age_weight", "0.5"), ("expert_lr_scale", "1"), ("router_lr_scale", "1")):
+            if not 0 <= getattr(self, name) < float("inf"):
+                out.append((name, f"{getattr(self, name)} is not a number >= 0", example))
+        return out
+
 
 @dataclass
 class EvalSection:
     folds: int = 5
     svm_c: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
     mlp_hidden: int = 64
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        """Values of the right type cross-validation and the baselines cannot use."""
+        out = []
+        if self.folds < 2:
+            out.append(("folds", "must be >= 2 for cross-validation", "5"))
+        if not self.svm_c or not all(0 < c < float("inf") for c in self.svm_c):  # the SVMs' C grid
+            out.append(("svm_c", f"{list(self.svm_c)} is not a list of positive numbers", "[0.1,1.0]"))
+        if self.mlp_hidden < 1:
+            out.append(("mlp_hidden", "must be >= 1", "64"))
+        return out
 
 
 @dataclass

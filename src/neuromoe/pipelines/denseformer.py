@@ -114,6 +114,23 @@ class ModelSection:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
 
+    def problems(self) -> list[tuple[str, str, str]]:
+        """Values of the right type the model cannot use, refused before pretraining starts."""
+        out = []
+        if self.head == "moe" and self.num_experts < 1:  # the other heads have no experts
+            out.append(("num_experts", "must be >= 1", "8"))
+        elif self.head == "moe" and not 1 <= self.top_k <= self.num_experts:
+            out.append(("top_k", f"{self.top_k} is not in [1, num_experts={self.num_experts}]", "2"))
+        if self.task_embed_dim < 1:
+            out.append(("task_embed_dim", "must be >= 1", "32"))
+        for name in ("balance_coef", "z_coef"):  # a negative auxiliary loss weight is maximised
+            if not 0 <= getattr(self, name) < math.inf:
+                out.append((name, f"{getattr(self, name)} is not a number >= 0", "0.01"))
+        for name, example in (("head_drop", "0.1"), ("mask_ratio", "0.75")):  # 1 drops / masks everything
+            if not 0 <= getattr(self, name) < 1:
+                out.append((name, f"{getattr(self, name)} is not in [0, 1)", example))
+        return out
+
 
 @dataclass
 class FinetuneSection:
@@ -162,6 +179,15 @@ class EvalSection:
     alpha: float = 0.1
     set_method: Literal["aps", "lac"] = "aps"
     n_bootstrap: int = 1000
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        """Values of the right type calibration and the confidence intervals cannot use."""
+        out = []
+        if not 0 < self.alpha < 1:  # the conformal miscoverage: 1 - alpha is the nominal coverage
+            out.append(("alpha", f"{self.alpha} is not in (0, 1)", "0.1"))
+        if self.n_bootstrap < 0:
+            out.append(("n_bootstrap", "must be >= 0 (0 = no confidence intervals)", "1000"))
+        return out
 
 
 @dataclass

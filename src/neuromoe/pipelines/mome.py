@@ -94,6 +94,16 @@ class ModelSection:
     # nnU-Net's plain heads
     logit_skip: bool = True
 
+    def problems(self) -> list[tuple[str, str, str]]:
+        """Values of the right type the model cannot use, refused at load rather than after preprocessing."""
+        out = []
+        if not self.modalities:
+            out.append(("modalities", "is empty: MoME needs one expert per modality", "[t1,flair]"))
+        if self.kind == "mome" and not 0 <= self.top_k <= len(self.modalities):
+            out.append(("top_k", f"{self.top_k} is not in [0, {len(self.modalities)}] (0 = dense, else experts "
+                        "per input)", "0"))
+        return out
+
 
 @dataclass
 class DataSection:
@@ -105,6 +115,20 @@ class DataSection:
     # Stage 1 patches per epoch for *each* expert (nnU-Net style fixed iterations); 0 = one pass over
     # that modality's images, which gives an expert with few images (DWI: 8) a handful of steps.
     expert_samples_per_epoch: int = 0
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        """Values of the right type that patch sampling cannot use (a NaN probability samples silently)."""
+        out = []
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            out.append(("patch_size", f"{list(self.patch_size)} is not 3 positive sizes", "[32,32,32]"))
+        # probabilities; a modality dropout of 1 still keeps one modality per case
+        for name, example in (("fg_fraction", "0.333"), ("modality_dropout", "0.5")):
+            if not 0 <= getattr(self, name) <= 1:
+                out.append((name, f"{getattr(self, name)} is not a probability in [0, 1]", example))
+        for name in ("samples_per_epoch", "expert_samples_per_epoch"):
+            if getattr(self, name) < 0:
+                out.append((name, "must be >= 0 (0 = one pass)", "0"))
+        return out
 
 
 @dataclass
@@ -122,6 +146,16 @@ class EvalSection:
     precision: Literal["fp32", "bf16"] = "fp32"
     n_overlays: int = 3
 
+    def problems(self) -> list[tuple[str, str, str]]:
+        """A threshold outside (0, 1) or NaN (``prob > threshold``) marks no voxel or every voxel: segment wrote
+        lesion volume 0 for every case."""
+        out = []
+        if not 0 < self.threshold < 1:
+            out.append(("threshold", f"{self.threshold} is not a probability in (0, 1)", "0.5"))
+        if self.n_overlays < 0:
+            out.append(("n_overlays", "must be >= 0", "3"))
+        return out
+
 
 @dataclass
 class MoMEConfig:
@@ -137,6 +171,12 @@ class MoMEConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     cache_dir: str | None = None
     seed: int = 0
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        """The gate-supervision loss weight: a negative one would reward misrouting, NaN or inf spoil the loss."""
+        if not 0 <= self.gate_supervision < math.inf:
+            return [("gate_supervision", f"{self.gate_supervision} is not a number >= 0", "0")]
+        return []
 
 
 def load_mome_config(
