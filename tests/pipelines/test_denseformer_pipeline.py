@@ -309,8 +309,17 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
                        cache_dir=cfg.cache_dir)
     metrics = json.loads((ev / "metrics.json").read_text())
     assert "dx_pd" not in metrics["tasks"] and "0 labelled 'test' subjects" in metrics["skipped"]["dx_pd"]
+    # two visits of each test subject: every row says which visit it is, and counts say scans of how many subjects
+    visits = pd.concat([table.assign(session="ses-1"), table[test := table["split"] == "test"].assign(session="ses-2")])
+    visits.to_csv(tmp_path / "visits.csv", index=False)
+    ev = pipe.evaluate(run / "model", tmp_path / "visits.csv", tmp_path / "eval_visits", n_bootstrap=5,
+                       cache_dir=cfg.cache_dir)
+    metrics = json.loads((ev / "metrics.json").read_text())
+    frame = pd.read_csv(ev / "predictions.csv")
+    assert list(frame.columns[:3]) == ["subject", "session", "t1"] and not frame.duplicated(["subject", "session"]).any()
+    assert metrics["n"] == 2 * test.sum() and metrics["n_subjects"] == test.sum()
+    assert "0 labelled 'test' subjects" in metrics["skipped"]["dx_pd"]
     # nothing to score at all: one clear error and no output folder (it used to write "tasks": {})
-    test = table["split"] == "test"
     pd.concat([table[~test], table[test].head(1)]).to_csv(tmp_path / "one.csv", index=False)
     with pytest.raises(InputError, match="no task can be scored"):
         pipe.evaluate(run / "model", tmp_path / "one.csv", tmp_path / "eval3", n_bootstrap=5,
@@ -603,6 +612,20 @@ def test_loose_bids_named_files_are_predicted_under_their_subject_and_session():
     assert table["run"].fillna("").tolist() == ["", "1", ""]  # bare, as a BIDS folder gives it (was "run-1")
     clash = pipe._file_table([Path("d/sub-01_T1w.nii.gz"), Path("d/sub-01_acq-hi_T1w.nii.gz")])
     assert clash["subject"].tolist() == ["sub-01_T1w", "sub-01_acq-hi_T1w"]
+
+
+def test_a_bids_folder_with_a_stray_top_level_scan_is_read_as_bids(tmp_path, capsys):
+    """One group template at the top of a BIDS root made predict score that file alone (40 scans skipped)."""
+    import nibabel as nib
+
+    for sub in ("sub-01", "sub-02"):
+        (tmp_path / sub / "anat").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / sub / "anat" / f"{sub}_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "group_mean_T1w.nii.gz")
+    table = pipe._prediction_inputs(tmp_path)
+    assert table["subject"].tolist() == ["sub-01", "sub-02"]
+    assert "1 NIfTI file(s) at the top of the BIDS folder" in capsys.readouterr().err
+    assert pipe._prediction_inputs(tmp_path / "sub-01" / "anat")["subject"].tolist() == ["sub-01"]  # loose files
 
 
 def test_conformal_calibration_uses_one_session_per_validation_subject():

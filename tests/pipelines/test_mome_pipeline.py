@@ -413,6 +413,7 @@ def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(t
     _mini_cohort(root)
     manifest = root / "manifests" / "lesion.csv"
     table = pd.read_csv(manifest).drop(columns=["split", "lesion_type"])  # one stratum: 1 test case
+    table.insert(1, "session", "ses-2")  # per_case.csv rows say which visit they score
     table.to_csv(manifest, index=False)
     split = {s: assign_splits(table, seed=s, stratify=("lesion_type",)) for s in (0, 1)}
     trained_on = set(table["subject"][split[1] == "train"])
@@ -429,8 +430,10 @@ def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(t
     assert json.loads((run / "model" / "config.json").read_text())["extra"]["split_seed"] == 1
     ev = mome.evaluate(run / "model", manifest, tmp_path / "ev", device="cpu", n_overlays=0,
                        cache_dir=cfg.cache_dir)
-    scored = set(pd.read_csv(ev / "per_case.csv")["subject"])
+    per_case = pd.read_csv(ev / "per_case.csv")
+    scored = set(per_case["subject"])
     assert scored == set(table["subject"][split[1] == "test"]) and not scored & trained_on
+    assert (per_case["session"] == "ses-2").all()
 
 
 def test_stage2_refuses_test_cases_its_stage1_experts_were_trained_on(tmp_path) -> None:

@@ -66,7 +66,7 @@ def load_lesion_cases(
             {
                 "images": {m: np.asarray(out[m], dtype=np.float32) for m in paths},
                 "mask": (np.asarray(out["mask"]) > 0.5).astype(np.uint8),
-                "meta": {k: row[k] for k in ("subject", "lesion_type", "dataset", "site") if k in row},
+                "meta": {k: row[k] for k in ("subject", "session", "run", "lesion_type", "dataset", "site") if k in row},
                 "affine": np.asarray(out.affine, dtype=np.float64),
             }
         )

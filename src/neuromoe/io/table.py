@@ -30,6 +30,16 @@ def file_stem(path: str | Path) -> str:
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
 
 
+def scan_ids(table: pd.DataFrame) -> pd.DataFrame:
+    """subject + whichever of session/state/run the table has: what tells one scan's row from another's (an
+    evaluation table with ``sub-01`` twice, at 64 and 66 years, named neither visit)."""
+    ids = pd.DataFrame({"subject": table["subject"].astype(str).to_numpy()})
+    for col in ("session", "state", "run"):
+        if col in table.columns:
+            ids[col] = table[col].to_numpy()
+    return ids
+
+
 def file_ids(files: Sequence[Path]) -> pd.DataFrame:
     """Row ids of loose files, as a BIDS folder would give the same scans: ``subject`` (sub-01), ``session``
     (ses-2), ``state`` (the task) and ``run`` (bare, like the BIDS reader) from BIDS names; names that are

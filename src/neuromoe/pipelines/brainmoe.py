@@ -39,7 +39,7 @@ from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_proce
 from neuromoe.engine.utils import resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
-from neuromoe.io.table import failures_path, file_ids, write_failures
+from neuromoe.io.table import failures_path, file_ids, scan_ids, write_failures
 from neuromoe.layers.moe import load_balancing_loss, router_z_loss
 from neuromoe.models.brainmoe import (
     BrainMoE,
@@ -1193,7 +1193,7 @@ def evaluate(
         "expert_embedding_correlation": corr.tolist(),
     }
     atomic_write_json(out / "metrics.json", metrics, strict=True)
-    frame = _scan_ids(down.table)
+    frame = scan_ids(down.table)
     frame["fold"] = oof["fold"]  # the per-fold metrics can be recomputed from this table
     frame["phenotype"] = down.table[cfg.data.phenotype].to_numpy()
     for ci, c in enumerate(down.classes):
@@ -1353,15 +1353,6 @@ def _is_manifest(path: Path) -> bool:
     return bool(head) and "subject" in head[0]
 
 
-def _scan_ids(table: pd.DataFrame) -> pd.DataFrame:
-    """subject + whichever of session/state/run the table has: what tells one scan's row from another's."""
-    ids = pd.DataFrame({"subject": table["subject"].astype(str).to_numpy()})
-    for col in ("session", "state", "run"):
-        if col in table.columns:
-            ids[col] = table[col].to_numpy()
-    return ids
-
-
 def _scan_file(row: pd.Series) -> str:
     for role in ("timeseries", "bold"):
         if isinstance(row.get(role), str) and row.get(role):
@@ -1435,7 +1426,7 @@ def predict(
         raise
     res = _run_moe(model, scans, meta["extra"]["age_stats"])
     names, lm = meta["extra"]["experts"], meta["label_maps"]
-    frame = _scan_ids(table)
+    frame = scan_ids(table)
     frame["phenotype"] = [lm["phenotype"][i] for i in res["phenotype"].argmax(1)]
     for ci, c in enumerate(lm["phenotype"]):
         frame[f"phenotype_p_{c}"] = res["phenotype"][:, ci]
@@ -1474,7 +1465,7 @@ def embed(
         vectors = _run_moe(model, scans, meta["extra"]["age_stats"])["joint"]
     else:
         vectors = _embeddings_single(model, scans)
-    ids = _scan_ids(table)
+    ids = scan_ids(table)
     if npy:
         # Both files are written before either is renamed, so an interruption can leave a mismatched
         # pair only between two back-to-back renames.

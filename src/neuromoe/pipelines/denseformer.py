@@ -62,6 +62,7 @@ from neuromoe.io.table import (
     file_stem,
     refuse_fitted,
     scan_fingerprints,
+    scan_ids,
     write_failures,
 )
 from neuromoe.models.denseformer import Attention, DenseFormerMAE, DenseFormerMoE, layerwise_lr_groups
@@ -1018,8 +1019,9 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     tbv = _tbv(dataset.images)
     cal = extra["calibration"]
     metrics: dict[str, Any] = {"split": split, "n": int(rows.sum()), "tasks": {}}
-    frame = pd.DataFrame({"subject": table.loc[rows, "subject"].to_numpy() if "subject" in table else np.flatnonzero(rows)})
+    frame = scan_ids(table.loc[rows]).assign(t1=table.loc[rows, "t1"].to_numpy())
     subjects = frame["subject"].astype(str).to_numpy()  # CIs resample subjects: their sessions are not independent
+    metrics["n_subjects"] = len(set(subjects))
     skipped: dict[str, str] = {}
     no_baseline: dict[str, str] = {}
     for t in tasks:
@@ -1033,7 +1035,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
         if t.type == "regression":
             have = np.isfinite(y)
             if have.sum() < 3:
-                skipped[t.name] = f"{int(have.sum())} labelled '{split}' subjects (at least 3 needed)"
+                skipped[t.name] = f"{_labelled(subjects[have], split)} (at least 3 scans needed)"
                 continue
             tcal = cal.get(t.name, {})
             corrected = _corrected_age(p, tcal)
@@ -1061,8 +1063,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
         else:
             have = y >= 0
             if have.sum() < 3 or len(np.unique(y[have])) < 2:
-                skipped[t.name] = (f"{int(have.sum())} labelled '{split}' subjects in "
-                                   f"{len(np.unique(y[have]))} class(es) (at least 3 in 2 classes needed)")
+                skipped[t.name] = (f"{_labelled(subjects[have], split)} in "
+                                   f"{len(np.unique(y[have]))} class(es) (at least 3 scans in 2 classes needed)")
                 continue
             entry["model"] = _classification_metrics(y[have], p[have], n_bootstrap, seed, subjects[have])
             if base is not None:
@@ -1112,6 +1114,13 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     if own:
         section.save(out)
     return out
+
+
+def _labelled(subjects: np.ndarray, split: str) -> str:
+    """"5 labelled 'test' scans of 3 subjects" (one subject's sessions are not independent subjects), or
+    "3 labelled 'test' subjects"."""
+    n, k = len(subjects), len(set(subjects))
+    return f"{n} labelled '{split}' " + (f"scans of {k} subjects" if n != k else "subjects")
 
 
 def _positive_vs_reference(t: TaskSpec) -> tuple[int, int] | None:
@@ -1263,8 +1272,13 @@ def _prediction_inputs(source: str | Path) -> pd.DataFrame:
                              "a manifest (.csv/.tsv) or a BIDS folder")
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.name.endswith(_NIFTI_SUFFIXES))
-        if files:
+        # a BIDS root (or a synthetic cohort) is read as one, as BrainMoE reads it: one stray template at its top
+        # level made predict score that file alone and skip every subject's scans
+        if files and not (any(p.is_dir() for p in source.glob("sub-*")) or (source / "manifests").is_dir()):
             return _file_table(files)
+        if files:
+            print(f"neuromoe: warning: {len(files)} NIfTI file(s) at the top of the BIDS folder {source} are not "
+                  f"read (e.g. {files[0].name}); predict reads the sub-*/ scans", file=sys.stderr)
     table, _ = _resolve_table(source)
     if "subject" not in table.columns:
         table["subject"] = [file_stem(p) for p in table["t1"]]
