@@ -761,3 +761,31 @@ def test_predictions_far_outside_the_training_range_are_flagged(capsys) -> None:
     odd, fine = (pipe._prediction_row(res, i, tasks, extra, None) for i in (0, 1))
     assert "brain_age -24.0 is -10.5 SD from the training mean" in odd["warning"]
     assert fine["warning"] == ""  # the column is always there: one CSV schema whatever the scans
+
+
+def test_pipeline_calls_leave_the_callers_random_streams_alone(cohort, tmp_path):
+    """Training seeded Python, NumPy and torch from its config and left them so: a notebook looping over configs
+    after np.random.seed(s) drew the same numbers after every call; loading a model consumed torch's stream."""
+    import random
+
+    from neuromoe.models.registry import load_model
+
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    def seed(s: int) -> None:
+        random.seed(s), np.random.seed(s), torch.manual_seed(s)
+
+    seed(5)
+    expected = draws()
+    seed(5)
+    run = pipe.pretrain(cohort, tmp_path / "mae", _cfg(tmp_path, **{"pretrain.max_steps": 1}))
+    assert draws() == expected
+    seed(5)
+    load_model(run / "model")
+    assert draws() == expected
+    from neuromoe.pipelines import brainmoe, mome
+
+    for module in (pipe, mome, brainmoe):  # every entry point, as pretrain above
+        for verb in ("pretrain", "train", "evaluate", "demo"):
+            assert hasattr(getattr(module, verb), "__wrapped__"), (module.__name__, verb)

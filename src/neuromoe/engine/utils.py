@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,6 +31,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def keeps_caller_rng() -> Iterator[None]:
+    """Python, NumPy and torch random streams as the caller left them, also after an error; as a decorator on
+    every pipeline entry point. Training seeds them from its config: a notebook looping over configs after
+    ``np.random.seed(s)`` drew the same numbers after each call, and loading a model consumed torch's stream."""
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

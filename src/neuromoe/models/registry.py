@@ -363,7 +363,8 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
         raise ModelFormatError(f"family '{config['family']}' does not match architecture '{arch}'",
                                path=path, fix="restore the original file")
     try:
-        model = create_model(arch, **config["kwargs"])
+        with torch.random.fork_rng(devices=[]):  # initial weights, replaced below: not from the caller's stream
+            model = create_model(arch, **config["kwargs"])
     except ConfigError as exc:  # its own fix (check the model options) gives way to this one's
         reason = str(exc).removesuffix(f" — fix: {exc.fix}") if exc.fix else str(exc)
         raise ModelFormatError(f"cannot rebuild '{arch}': {reason}", path=path,

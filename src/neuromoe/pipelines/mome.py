@@ -36,7 +36,7 @@ from neuromoe.config import load_family_config, save_config
 from neuromoe.data.lesion import LesionCase, LesionPatchDataset, load_lesion_cases
 from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process, map_over_ranks
 from neuromoe.engine.precision import resolve_precision
-from neuromoe.engine.utils import resolve_device
+from neuromoe.engine.utils import keeps_caller_rng, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text
@@ -636,6 +636,7 @@ def _new_section(title: str) -> Any:
 # ------------------------------------------------------------------------------------------ pretrain
 
 
+@keeps_caller_rng()
 def pretrain(
     data: str | Path, out: str | Path, cfg: MoMEConfig | None = None, *, resume: bool = False
 ) -> Path:
@@ -749,6 +750,7 @@ def _check_expert_leak(data: str | Path, cfg: MoMEConfig, expert_prints: set[str
         )
 
 
+@keeps_caller_rng()
 def train(
     data: str | Path,
     out: str | Path,
@@ -883,6 +885,7 @@ def _summary(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     return g[cols].mean().round(4).assign(n=g.size(), n_hd95=g["hd95"].count()).reset_index()
 
 
+@keeps_caller_rng()
 def evaluate(
     model_dir: str | Path,
     data: str | Path,
@@ -1186,6 +1189,7 @@ def _with_suffix(path: Path, suffix: str) -> Path:
     return path.with_name(file_stem(path) + suffix)
 
 
+@keeps_caller_rng()
 def segment(
     model_dir: str | Path,
     inputs: dict[str, str | Path] | str | Path,
@@ -1294,6 +1298,7 @@ def segment(
 # ----------------------------------------------------------------------------------------------- demo
 
 
+@keeps_caller_rng()
 def demo(
     cohort_dir: str | Path,
     out_dir: str | Path,
