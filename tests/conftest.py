@@ -21,12 +21,9 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture
 def cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
     """Set ``NEUROMOE_CPU_BF16`` ("1" force, "0" forbid, "" detect) for one test, so bf16 paths are tested
-    the same on CPUs with and without native bf16 (``native_cpu_bf16`` is cached per process)."""
-    from neuromoe.engine.precision import native_cpu_bf16
+    the same on CPUs with and without native bf16."""
 
     def set_(value: str) -> None:
         monkeypatch.setenv("NEUROMOE_CPU_BF16", value)
-        native_cpu_bf16.cache_clear()
 
     yield set_
-    native_cpu_bf16.cache_clear()

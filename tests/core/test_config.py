@@ -154,7 +154,8 @@ def test_a_later_stage_without_config_inherits_the_pretraining_runs_config(tmp_p
                                            ("pretrain.log_every=0", "pretrain.log_every"),
                                            ("train.num_workers=-1", "train.num_workers"),
                                            ("pretrain.precision=fp16", "pretrain.precision"),
-                                           ("train.warmup_frac=2", "train.warmup_frac")])
+                                           ("train.warmup_frac=2", "train.warmup_frac"),
+                                           ("train.device=gpu", "train.device")])
 def test_training_values_of_the_right_type_but_unusable_are_named_under_their_section(override, key) -> None:
     """lr=-1, log_every=0, num_workers=-1 passed the type check and crashed later with tracebacks; fp16 was
     refused as 'train.precision' whatever section it was in."""

@@ -125,3 +125,12 @@ def test_bf16_on_a_gpu_without_bf16_units_runs_fp32(monkeypatch, capability, exp
     assert resolve_precision("bf16", "cuda") == expected
     assert resolve_precision("bf16", "cuda:0") == expected
     assert resolve_precision("fp32", "cuda") == "fp32"
+
+
+def test_the_bf16_override_is_read_at_every_call(monkeypatch) -> None:
+    """The fp32-fallback warning says "set NEUROMOE_CPU_BF16=1 to force bf16"; set from Python after a first
+    model ran, it had no effect (the answer was cached for the process)."""
+    monkeypatch.setenv("NEUROMOE_CPU_BF16", "0")
+    assert resolve_precision("bf16", "cpu") == "fp32"
+    monkeypatch.setenv("NEUROMOE_CPU_BF16", "1")
+    assert resolve_precision("bf16", "cpu") == "bf16"

@@ -35,12 +35,17 @@ def cpu_features() -> dict[str, object]:
             **{f: f in flags for f in ("avx512f", "avx512_bf16", "amx_bf16")}}
 
 
-@cache
 def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16``); ``NEUROMOE_CPU_BF16=1|0`` overrides."""
+    """Whether this CPU computes bf16 natively (``avx512_bf16`` or ``amx_bf16``); ``NEUROMOE_CPU_BF16=1|0`` overrides,
+    read at every call (the warning tells users to set it, also from Python after a first model ran)."""
     forced = os.environ.get("NEUROMOE_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    return _cpu_has_bf16()
+
+
+@cache
+def _cpu_has_bf16() -> bool:
     feats = cpu_features()
     return bool(feats["avx512_bf16"] or feats["amx_bf16"])
 

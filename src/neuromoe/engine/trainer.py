@@ -16,6 +16,7 @@ import dataclasses
 import io
 import math
 import random
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class TrainConfig:
             out.append(("precision", f"'{self.precision}' is not fp32 or bf16", "bf16"))
         if self.monitor_mode not in ("min", "max"):
             out.append(("monitor_mode", f"'{self.monitor_mode}' is not min or max", "min"))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):  # 'gpu' failed only when the trainer was built
+            out.append(("device", f"'{self.device}' is not auto, cpu, cuda or cuda:N", "auto"))
         for name in ("epochs", "batch_size", "accum_steps", "val_every", "log_every"):
             if getattr(self, name) < 1:
                 out.append((name, "must be >= 1", "1"))
