@@ -789,3 +789,13 @@ def test_pipeline_calls_leave_the_callers_random_streams_alone(cohort, tmp_path)
     for module in (pipe, mome, brainmoe):  # every entry point, as pretrain above
         for verb in ("pretrain", "train", "evaluate", "demo"):
             assert hasattr(getattr(module, verb), "__wrapped__"), (module.__name__, verb)
+
+
+def test_a_dropped_task_names_a_label_column_that_differs_only_in_case(capsys):
+    """'Age' in the manifest: the age task was dropped with "no training subject has a 'age' label", and the
+    model trained without it; the notice now points at the column."""
+    table = pd.DataFrame({"Age": [60.0, 70.0], "sex": ["F", "M"]})
+    tasks = [TaskSpec("age", "regression", "age"), TaskSpec("sex", "classification", "sex", ["F", "M"])]
+    kept = pipe._learnable_tasks(table, tasks, np.array([True, True]), "m.csv")
+    assert [t.name for t in kept] == ["sex"]
+    assert "the table has 'Age': column names are case-sensitive" in capsys.readouterr().err

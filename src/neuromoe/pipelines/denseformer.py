@@ -567,7 +567,9 @@ def _learnable_tasks(table: pd.DataFrame, tasks: Sequence[TaskSpec], train_mask:
         y = labels[t.name][train_mask]
         known = y[y != MISSING_CLASS] if t.type == "classification" else y[np.isfinite(y)]
         if known.size == 0:
-            print(f"neuromoe: task '{t.name}' dropped: no training subject has a '{t.label_column}' label",
+            near = [c for c in table.columns if c != t.label_column and c.strip().lower() == t.label_column.lower()]
+            hint = f" (the table has '{near[0]}': column names are case-sensitive)" if near else ""
+            print(f"neuromoe: task '{t.name}' dropped: no training subject has a '{t.label_column}' label{hint}",
                   file=sys.stderr)
             continue
         if t.type == "classification" and np.unique(known).size < 2:
