@@ -49,6 +49,11 @@ def test_console_script_runs_as_module():
         (["predict", "--family", "denseformer", "--model", "m", "--input", "i", "--output", "o.csv"],
          ["--set", "train.lr=fast"], "train.lr"),
         (["embed", "--model", "m", "--data", "d", "--out", "o.csv"], ["--config", "no_such_preset"], "unknown preset"),
+        # the free-form preprocessing section: a typo was exit 0 (predict replays the model's own preprocessing)
+        (["predict", "--family", "denseformer", "--model", "m", "--input", "i", "--output", "o.csv"],
+         ["--set", "preprocessing.spacng=4"], "spacng"),
+        (["segment", "--model", "m", "--t1", "a.nii.gz", "--output", "o.nii.gz"],
+         ["--set", "preprocessing.spacing=banana"], "banana"),
     ],
 )
 def test_inference_verbs_check_config_options(argv, flag, message, capsys):

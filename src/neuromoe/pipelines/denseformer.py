@@ -205,8 +205,12 @@ class DenseFormerConfig:
 
 def load_denseformer_config(preset: str | Path | None = "demo", overrides: list[str] | None = None,
                             seed: int | None = None, device: str | None = None) -> DenseFormerConfig:
-    """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs)."""
-    return load_family_config(DenseFormerConfig, FAMILY, preset, overrides, seed, device)
+    """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs); the
+    ``preprocessing`` keys are checked here too, so a typo is refused by every verb (``predict`` replays the model's
+    own preprocessing and took ``--set preprocessing.spacng=4`` silently)."""
+    cfg = load_family_config(DenseFormerConfig, FAMILY, preset, overrides, seed, device)
+    _spec(cfg)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------- data

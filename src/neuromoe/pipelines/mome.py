@@ -185,8 +185,12 @@ def load_mome_config(
     seed: int | None = None,
     device: str | None = None,
 ) -> MoMEConfig:
-    """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs)."""
-    return load_family_config(MoMEConfig, FAMILY, preset, overrides, seed, device)
+    """Preset ← ``--set`` overrides ← ``--seed``/``--device`` (which also reach both train configs); the
+    ``preprocessing`` keys are checked here too, so a typo is refused by every verb (``predict`` replays the model's
+    own preprocessing and took ``--set preprocessing.spacng=4`` silently)."""
+    cfg = load_family_config(MoMEConfig, FAMILY, preset, overrides, seed, device)
+    _spec(cfg)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------- data
