@@ -309,6 +309,12 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()} or {prefix: {}}
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as YAML would write them (tuples as lists), NaN equal to NaN."""
+    a, b = _load_yaml(yaml.dump(a, Dumper=_Dumper)), _load_yaml(yaml.dump(b, Dumper=_Dumper))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
 def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml", *, resume: bool = False) -> Path:
     """Write the resolved config. With ``resume`` the run's saved config must match it: the checkpoint continues
     the run as it was configured (optimiser, schedule, weights), so another learning rate, epoch count or
@@ -316,9 +322,16 @@ def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml", *, res
     path = Path(run_dir) / name
     text = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)
     if resume and path.is_file():
-        old, new = _flat(read_yaml(path)), _flat(_load_yaml(text))
+        # the saved file read through the same dataclass: a key added since it was written takes its default
+        # (a run saved before `resumable` existed read as "None → True", refusing the --config it suggests)
+        try:
+            old = _flat(to_dict(from_dict(type(cfg), read_yaml(path)))) if dataclasses.is_dataclass(cfg) else {}
+        except ConfigError as exc:
+            raise ConfigError(f"--resume: the run's config no longer loads ({exc})", path=path,
+                              fix="start a new run in another --out folder") from None
+        new = _flat(_load_yaml(text))
         changed = [k for k in dict.fromkeys([*old, *new])
-                   if k.rsplit(".", 1)[-1] not in RESUME_FREE and old.get(k) != new.get(k)]
+                   if k.rsplit(".", 1)[-1] not in RESUME_FREE and not _same(old.get(k), new.get(k))]
         if changed:
             what = ", ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in changed[:4])
             raise ConfigError(f"--resume with another config than the run's ({what}"

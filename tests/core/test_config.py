@@ -181,6 +181,11 @@ def test_a_resume_refuses_another_config_than_the_runs(tmp_path):
     assert read_yaml(tmp_path / "config.yaml")["train"]["lr"] != 0.5  # the refused config is not written
     save_config(load_mome_config("tiny", ["train.lr=0.5"], device="cpu"), tmp_path)  # a new run: written
     assert read_yaml(tmp_path / "config.yaml")["train"]["lr"] == 0.5
+    # a run saved before a key existed (resumable, 2026-12-06) resumes: the missing key is its default
+    text = (tmp_path / "config.yaml").read_text().replace("  resumable: true\n", "")
+    assert "resumable" not in text
+    (tmp_path / "config.yaml").write_text(text)
+    save_config(load_mome_config(tmp_path / "config.yaml"), tmp_path, resume=True)
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Run by test_ddp.py under torchrun: a tiny regression trained on 2 gloo ranks; each rank dumps its weights,
 then validates an odd-sized set of item ids, maps a function over 7 items on the ranks, closes the process group
-with ``finish_training`` and writes what it saw to ``report_rank{rank}.json``."""
+with ``finish_training`` / ``join_ranks`` and writes what it saw to ``report_rank{rank}.json``."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,7 +14,14 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from neuromoe.engine import TrainConfig, Trainer, finish_training, init_distributed, map_over_ranks
+from neuromoe.engine import (
+    TrainConfig,
+    Trainer,
+    finish_training,
+    init_distributed,
+    join_ranks,
+    map_over_ranks,
+)
 
 
 class RankRouted(nn.Module):
@@ -81,9 +89,13 @@ def main(out: Path) -> None:
     metrics = probe.validate()
     mapped = map_over_ranks(lambda i: [i, rank], list(range(7)))
     goes_on = finish_training()
+    if goes_on:  # rank 0 finishing the command alone, slowly: the others must wait for it before returning
+        time.sleep(2)
+        (out / "finished_by_rank0").write_text("done")
+    join_ranks()
     (out / f"report_rank{rank}.json").write_text(json.dumps({
         "val": metrics, "local_ids": probe.local_ids, "end_ids": probe.end_ids, "mapped": mapped,
-        "goes_on": goes_on, "group_open": torch.distributed.is_initialized()}))
+        "goes_on": goes_on, "saw_rank0_finish": (out / "finished_by_rank0").is_file()}))
 
 
 if __name__ == "__main__":

@@ -89,14 +89,15 @@ def test_ddp_validation_sees_each_item_once_and_all_outputs(ddp_run: DdpRun) -> 
 
 def test_ddp_post_training_work_is_shared_then_left_to_rank_0(ddp_run: DdpRun) -> None:
     """map_over_ranks gives every rank the one-process result in order, each item computed on one rank;
-    finish_training closes the group and tells rank 0 alone to go on (refit, calibration, writing the model
-    ran on every rank and wrote the same files once per rank)."""
+    finish_training tells rank 0 alone to go on (refit, calibration, writing the model ran on every rank and
+    wrote the same files once per rank), and join_ranks returns on every rank only once rank 0 is done
+    (a chained call, demo's pretrain → train, must find the model written)."""
     tmp_path, proc = ddp_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report_rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
         assert rep["mapped"] == [[i, i % 2] for i in range(7)]
-        assert not rep["group_open"]
+        assert rep["saw_rank0_finish"]
     assert [rep["goes_on"] for rep in reports] == [True, False]
 
 
@@ -161,6 +162,20 @@ def test_mome_cli_under_torchrun(tmp_path: Path) -> None:
         assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
     assert len(list((tmp_path / "pre" / "experts").glob("*/model.safetensors"))) == 5
     assert json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["extra"]["threshold"] > 0
+
+
+def test_a_chained_pipeline_under_torchrun_finds_each_stage_written(tmp_path: Path) -> None:
+    """DenseFormer's demo on 2 ranks: pretrain → train → evaluate in one process per rank. With rank 0 finishing
+    each command alone, rank 1 went on to train before the pretrained model existed and the launcher killed both."""
+    from neuromoe.data.synth import synth_cohort
+
+    synth_cohort(tmp_path / "c", n_structural=30, n_lesion=0, n_fmri=0, spacing=6.0, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(SCRIPT.with_name("ddp_chain_script.py")), str(tmp_path / "c"), str(tmp_path / "demo")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "demo" / "evaluate" / "metrics.json").is_file()
 
 
 def test_a_two_rank_checkpoint_does_not_resume_in_one_process(ddp_run: DdpRun, tmp_path: Path) -> None:

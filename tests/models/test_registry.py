@@ -307,3 +307,17 @@ def test_a_saved_model_that_cannot_be_rebuilt_gives_one_fix(tmp_path) -> None:
     with pytest.raises(ModelFormatError, match="cannot rebuild 'denseformer_tiny'") as info:
         load_model(d)
     assert str(info.value).count("fix:") == 1 and str(info.value).endswith("fix: restore the original file")
+
+
+def test_running_out_of_memory_while_building_is_not_called_a_bad_argument(monkeypatch) -> None:
+    """A paper preset on a small machine: 'DefaultCPUAllocator: can't allocate memory' came out as "invalid
+    arguments for model" with the fix "check the model options"."""
+    from neuromoe.models import registry
+
+    def oom(**kw):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    entry = registry._entry("denseformer_tiny")
+    monkeypatch.setitem(registry._REGISTRY, "denseformer_tiny", registry._Entry(oom, entry.family))
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        create_model("denseformer_tiny")

@@ -4,10 +4,10 @@ from neuromoe.engine.checkpoint import load_checkpoint, save_checkpoint
 from neuromoe.engine.distributed import (
     all_reduce_mean,
     barrier,
-    cleanup,
     finish_training,
     init_distributed,
     is_main_process,
+    join_ranks,
     map_over_ranks,
 )
 from neuromoe.engine.schedule import WarmupCosine, warmup_cosine
@@ -15,7 +15,20 @@ from neuromoe.engine.trainer import TrainConfig, Trainer, TrainResult
 from neuromoe.engine.utils import resolve_device, seed_everything
 
 __all__ = [
-    "TrainConfig", "TrainResult", "Trainer", "WarmupCosine", "all_reduce_mean", "barrier", "cleanup",
-    "finish_training", "init_distributed", "is_main_process", "load_checkpoint", "map_over_ranks", "resolve_device", "save_checkpoint",
-    "seed_everything", "warmup_cosine",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "WarmupCosine",
+    "all_reduce_mean",
+    "barrier",
+    "finish_training",
+    "init_distributed",
+    "is_main_process",
+    "join_ranks",
+    "load_checkpoint",
+    "map_over_ranks",
+    "resolve_device",
+    "save_checkpoint",
+    "seed_everything",
+    "warmup_cosine",
 ]

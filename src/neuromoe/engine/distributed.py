@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+# A CPU group with a long timeout in which ranks > 0 wait while rank 0 finishes a command alone: a wait in the
+# NCCL group would be cut by its watchdog (10 min), and post-training on a large cohort can take longer.
+_STATE: dict[str, Any] = {"wait": None}
 
 
 def world_size() -> int:
@@ -25,6 +31,12 @@ def init_distributed() -> tuple[int, int]:
         dist.init_process_group(backend=backend, init_method="env://")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # closed at exit, not after a command: a group opened again in the same process (demo's pretrain →
+        # train) found the first one's addresses in torchrun's store and failed to connect; a process leaving
+        # with its group open can make gloo abort at exit
+        atexit.register(_close_at_exit)
+    if world_size() > 1 and _STATE["wait"] is None:  # every rank builds its Trainer here, so all reach new_group
+        _STATE["wait"] = dist.new_group(backend="gloo", timeout=timedelta(days=1))
     return rank(), world_size()
 
 
@@ -64,25 +76,26 @@ def map_over_ranks(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
 
 
 def finish_training() -> bool:
-    """Close the torchrun process group after a command's last collective; True where the command goes on.
+    """After a command's last collective: True on the process that finishes the command (rank 0, or the only one).
 
     What follows training (output-layer refit, calibration, writing the model and report) needs no other rank,
-    so rank 0 does it alone: the other ranks return at once, freeing their devices, instead of repeating it
-    and writing the same files; no rank waits in a collective while rank 0 works (NCCL would time out), and
-    none exits with the group still open (gloo can abort at exit). One process: nothing to do, True."""
-    if world_size() == 1:
-        return True
-    main = is_main_process()
-    cleanup()
-    return main
+    so rank 0 does it alone instead of every rank repeating it and writing the same files. The others return
+    and wait in :func:`join_ranks` until rank 0 is done."""
+    return world_size() == 1 or is_main_process()
 
+
+def join_ranks() -> None:
+    """End of a command on every rank (the pipeline entry point calls it): ranks > 0 wait here until rank 0
+    has finished alone, so a caller that goes on (``demo``: pretrain → train) finds every output written."""
+    if world_size() > 1:
+        dist.barrier(group=_STATE["wait"])
+
+
+def _close_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        _STATE["wait"] = None
 
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
-
-
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-        dist.destroy_process_group()

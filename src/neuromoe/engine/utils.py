@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from neuromoe.engine.distributed import join_ranks
 from neuromoe.errors import ConfigError
 
 
@@ -34,14 +35,21 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def keeps_caller_rng() -> Iterator[None]:
-    """Python, NumPy and torch random streams as the caller left them, also after an error; as a decorator on
-    every pipeline entry point. Training seeds them from its config: a notebook looping over configs after
-    ``np.random.seed(s)`` drew the same numbers after each call, and loading a model consumed torch's stream."""
+def pipeline_entry() -> Iterator[None]:
+    """What every pipeline entry point (a decorator on each) guarantees its caller:
+
+    - Python, NumPy and torch random streams as the caller left them, also after an error. Training seeds them
+      from its config: a notebook looping over configs after ``np.random.seed(s)`` drew the same numbers after
+      each call. CUDA's stream is kept when CUDA was initialised before the call (saving it otherwise would
+      initialise CUDA, on every torchrun rank's default device).
+    - Under torchrun, every rank returns together once rank 0 has finished the command alone
+      (:func:`~neuromoe.engine.distributed.join_ranks`); after an error the launcher stops the others.
+    """
     py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
         yield
+        join_ranks()
     finally:
         random.setstate(py)
         np.random.set_state(npy)

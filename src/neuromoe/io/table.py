@@ -114,10 +114,12 @@ def _load_bids(root: Path) -> pd.DataFrame:
     part = root / "participants.tsv"
     if part.exists():
         labels = read_delimited(part, "\t", "participants.tsv")
-        for col, fix in (("subject", "rename that column (participant_id names the subject)"),
-                         ("session", "per-session values belong in sub-<label>/sub-<label>_sessions.tsv")):
-            if col in labels.columns:
-                raise InputError(f"participants.tsv has a '{col}' column", path=part, fix=fix)
+        if "participant_id" in labels.columns and "subject" in labels.columns:  # which one names the subject?
+            raise InputError("participants.tsv has both participant_id and subject columns", path=part,
+                             fix="rename the subject column (participant_id names the subject in BIDS)")
+        if "session" in labels.columns:
+            raise InputError("participants.tsv has a 'session' column", path=part,
+                             fix="per-session values belong in sub-<label>/sub-<label>_sessions.tsv")
         labels = labels.rename(columns={"participant_id": "subject"})
         if "subject" not in labels.columns:
             raise InputError("participants.tsv has no participant_id column", path=part,
@@ -145,7 +147,7 @@ def _drop_unpaired_masks(rows: dict[tuple[str, str, str, str], dict[str, str]], 
     if not lone:
         return
     print(f"neuromoe: warning: {len(lone)} lesion mask(s) under {root} match no image by their sub/ses/run "
-          f"entities (e.g. {Path(rows[lone[0]]['mask']).relative_to(root)}) and are not used; name each mask "
+          f"entities (e.g. {os.path.relpath(rows[lone[0]]['mask'], root)}) and are not used; name each mask "
           "with its image's entities", file=sys.stderr)
     for key in lone:
         del rows[key]
@@ -154,7 +156,7 @@ def _drop_unpaired_masks(rows: dict[tuple[str, str, str, str], dict[str, str]], 
 def _merge_sessions(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, bool]:
     """Per-session values from ``sub-<label>/sub-<label>_sessions.tsv`` (BIDS): a longitudinal subject's age at
     each visit (ADNI, OASIS) replaces the one participants.tsv gives for the whole subject. Returns the table
-    and whether any sessions file was read. An image session the file has no row for keeps the subject's
+    and whether a sessions file gave labels (more than ``acq_time``). An image session the file has no row for keeps the subject's
     values, and is said: with ``ses-1`` written for the folder ``ses-01`` every visit got the baseline age."""
     tables, unlisted = [], []
     for sub in df["subject"].unique():
@@ -180,13 +182,14 @@ def _merge_sessions(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, bool]:
     if not tables:
         return df, False
     per = pd.concat(tables, ignore_index=True).replace({t: "" for t in MISSING_TOKENS})
+    labelled = bool(set(per.columns) - {"subject", "session", "acq_time"})  # acq_time alone is no label
     out = df.merge(per, on=["subject", "session"], how="left", suffixes=("", "__session"))
     for col in [c for c in per.columns if c not in ("subject", "session")]:
         if f"{col}__session" in out.columns:  # a session's own value wins where it has one
             given = out[f"{col}__session"].fillna("").astype(str) != ""
             out.loc[given, col] = out.loc[given, f"{col}__session"]
             out = out.drop(columns=f"{col}__session")
-    return out, True
+    return out, labelled
 
 
 def _merge_runless(rows: dict[tuple[str, str, str, str], dict[str, str]], root: Path) -> None:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neuromoe import __version__
-from neuromoe.errors import ConfigError, ModelFormatError
+from neuromoe.errors import ConfigError, ModelFormatError, NeuroMoEError
 from neuromoe.io.atomic import atomic_path, atomic_write_json
 
 __all__ = [
@@ -143,9 +143,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     entry = _entry(name)
     try:
         model = entry.factory(**kwargs)
-    except ConfigError:
+    except (NeuroMoEError, MemoryError, torch.OutOfMemoryError):  # a paper preset on a small machine is no bad value
         raise
     except Exception as exc:  # any bad value: preset='small' (KeyError), patch_size=0 (ZeroDivisionError) ...
+        if isinstance(exc, RuntimeError) and "alloc" in str(exc).lower():  # DefaultCPUAllocator: can't allocate
+            raise
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         given = given if len(given) <= 200 else given[:200] + "…"
         raise ConfigError(f"invalid arguments for model '{name}' ({given}): {exc.__class__.__name__}: {exc}",

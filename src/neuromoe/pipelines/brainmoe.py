@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process
-from neuromoe.engine.utils import keeps_caller_rng, resolve_device
+from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
 from neuromoe.io.table import failures_path, file_ids, scan_ids, write_failures
@@ -379,7 +379,7 @@ def _states(table: pd.DataFrame, cfg: BrainMoEConfig, states: Sequence[str] | No
     return wanted
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def pretrain(
     data: str | Path,
     out: str | Path,
@@ -890,7 +890,7 @@ def _meta(
     }
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def train(
     data: str | Path, out: str | Path, cfg: BrainMoEConfig | None = None, *, experts: str | Path,
     resume: bool = False,
@@ -1092,7 +1092,7 @@ def _fold_metrics(pred: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict
     return res
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def evaluate(
     experts: str | Path,
     data: str | Path,
@@ -1406,7 +1406,7 @@ def _batch_scans(
     return ScanSet(tensors), table.loc[kept].reset_index(drop=True), failures
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def predict(
     model_dir: str | Path, inputs: str | Path, output: str | Path, *, device: str = "auto"
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
@@ -1447,7 +1447,7 @@ def predict(
     return frame, failures
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def embed(
     model_dir: str | Path, data: str | Path, out: str | Path, *, device: str = "auto"
 ) -> tuple[Path, list[dict[str, str]]]:
@@ -1490,7 +1490,7 @@ def embed(
 # ----------------------------------------------------------------------------------------------- demo
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def demo(
     cohort_dir: str | Path, out_dir: str | Path, *, device: str = "auto", seed: int = 0, preset: str = "demo"
 ) -> Path:

@@ -27,7 +27,7 @@ from neuromoe.config import save_config
 from neuromoe.data.preprocess import PreprocCache, PreprocSpec
 from neuromoe.data.splits import assign_splits
 from neuromoe.data.structural import TaskSpec, encode_labels, load_t1
-from neuromoe.engine.utils import keeps_caller_rng
+from neuromoe.engine.utils import pipeline_entry
 from neuromoe.errors import InputError
 from neuromoe.eval.metrics import bootstrap_ci, regression_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json
@@ -207,7 +207,7 @@ def _split_metrics(
     }
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def run(
     cohort_dir: str | Path,
     out_dir: str | Path,

@@ -45,7 +45,7 @@ from neuromoe.data.structural import (
 )
 from neuromoe.engine import TrainConfig, Trainer, finish_training
 from neuromoe.engine.precision import resolve_precision
-from neuromoe.engine.utils import keeps_caller_rng, resolve_device
+from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.conformal import (
     ConformalClassifier,
@@ -433,7 +433,7 @@ class FinetuneTrainer(Trainer):
 # ------------------------------------------------------------------------------------------- pretrain
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = None, *,
              resume: bool = False) -> Path:
     """MAE pretraining on the train+val scans of ``data`` → ``out/model`` and ``out/reconstruction.png``."""
@@ -586,7 +586,7 @@ def _learnable_tasks(table: pd.DataFrame, tasks: Sequence[TaskSpec], train_mask:
     return kept
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = None, *,
           resume: bool = False) -> Path:
     """Multi-task fine-tuning → ``out/model`` (with calibration fitted on validation) and a report section."""
@@ -994,7 +994,7 @@ def _calibration_size(task_cal: dict[str, Any]) -> dict[str, Any]:
     return {"n_calib": int(conf["n_calib"]), "unbounded": math.isinf(conf["q"])}
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
              device: str = "auto", n_bootstrap: int = 1000, seed: int = 0,
              cache_dir: str | None = None, section: Any = None) -> Path:
@@ -1107,7 +1107,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     for name, why in skipped.items():
         print(f"neuromoe: task '{name}' not scored: {why}", file=sys.stderr)
     if not metrics["tasks"]:
-        raise InputError(f"no task can be scored on the '{split}' split ({metrics['n']} subjects)",
+        raise InputError(f"no task can be scored on the '{split}' split ({metrics['n']} scans of "
+                         f"{metrics['n_subjects']} subjects)",
                          path=source, fix="evaluate on a cohort with more labelled subjects, or another --split")
     metrics["skipped"] = skipped
     metrics["tbv_baseline_skipped"] = {k: v for k, v in no_baseline.items() if k in metrics["tasks"]}
@@ -1294,7 +1295,7 @@ def _prediction_inputs(source: str | Path) -> pd.DataFrame:
     return table
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def predict(model_dir: str | Path, inputs: str | Path, output: str | Path, *, device: str = "auto",
             strict: bool = False, progress: bool = True, cache_dir: str | None = None,
             batch_size: int = 4) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -1418,7 +1419,7 @@ def _prediction_row(res: dict[str, np.ndarray], i: int, tasks: Sequence[TaskSpec
 # ----------------------------------------------------------------------------------------------- demo
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def demo(cohort_dir: str | Path, out_dir: str | Path, *, device: str = "auto", seed: int = 0,
          preset: str | Path = "demo", cache_dir: str | Path | None = None) -> Path:
     """MAE pretraining → multi-task fine-tuning → test evaluation → report section (``out_dir/report``)."""

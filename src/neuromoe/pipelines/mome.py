@@ -36,7 +36,7 @@ from neuromoe.config import load_family_config, save_config
 from neuromoe.data.lesion import LesionCase, LesionPatchDataset, load_lesion_cases
 from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process, map_over_ranks
 from neuromoe.engine.precision import resolve_precision
-from neuromoe.engine.utils import keeps_caller_rng, resolve_device
+from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text
@@ -640,7 +640,7 @@ def _new_section(title: str) -> Any:
 # ------------------------------------------------------------------------------------------ pretrain
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def pretrain(
     data: str | Path, out: str | Path, cfg: MoMEConfig | None = None, *, resume: bool = False
 ) -> Path:
@@ -754,7 +754,7 @@ def _check_expert_leak(data: str | Path, cfg: MoMEConfig, expert_prints: set[str
         )
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def train(
     data: str | Path,
     out: str | Path,
@@ -889,7 +889,7 @@ def _summary(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     return g[cols].mean().round(4).assign(n=g.size(), n_hd95=g["hd95"].count()).reset_index()
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def evaluate(
     model_dir: str | Path,
     data: str | Path,
@@ -1193,7 +1193,7 @@ def _with_suffix(path: Path, suffix: str) -> Path:
     return path.with_name(file_stem(path) + suffix)
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def segment(
     model_dir: str | Path,
     inputs: dict[str, str | Path] | str | Path,
@@ -1302,7 +1302,7 @@ def segment(
 # ----------------------------------------------------------------------------------------------- demo
 
 
-@keeps_caller_rng()
+@pipeline_entry()
 def demo(
     cohort_dir: str | Path,
     out_dir: str | Path,
