@@ -138,11 +138,21 @@ def test_evaluate_reports_brainmoe_and_pooled_baselines(cohort, pretrained, tmp_
     assert (out / "config.yaml").is_file() and metrics["experts_adapted"] is _cfg().model.unfreeze_experts
     folds = pd.read_csv(out / "predictions.csv")["fold"]
     assert sorted(folds.unique()) == list(range(metrics["folds"]))
-    assert set(metrics["summary"]) == {"BrainMoE", "pooled+MLP", "pooled+SVM"}
+    assert set(metrics["summary"]) == {"BrainMoE", "pooled+MLP", "pooled+SVM", "chance"}
     for model in metrics["summary"].values():
         f1, sd = model["phenotype_f1_macro"]
         assert 0.0 <= f1 <= 1.0 and sd >= 0.0
         assert "age_mae" in model and "sex_accuracy" in model
+    # chance, recomputed: each fold's majority training phenotype class, and its mean training age
+    frame = pd.read_csv(out / "predictions.csv")
+    y = frame["phenotype"].map({c: i for i, c in enumerate(metrics["classes"])}).to_numpy()
+    keys = ["subject", "session", "state"]
+    age = frame[keys].merge(bm.load_scans(cohort)[[*keys, "age"]], on=keys, how="left")["age"].to_numpy(float)
+    for f, fold in enumerate(metrics["per_fold"]["chance"]):
+        test, train = (frame["fold"] == f).to_numpy(), (frame["fold"] != f).to_numpy()
+        majority = np.bincount(y[train]).argmax()
+        assert fold["phenotype_accuracy"] == pytest.approx(np.mean(y[test] == majority))
+        assert fold["age_mae"] == pytest.approx(np.mean(np.abs(age[test] - np.nanmean(age[train]))))
     assert metrics["folds"] == 2 and len(metrics["per_fold"]["BrainMoE"]) == 2
     assert not list((out / "folds").rglob("*.safetensors"))  # folds are never resumed: nothing to write
     assert sum(metrics["router"]["combinations"].values()) == metrics["n_scans"]
