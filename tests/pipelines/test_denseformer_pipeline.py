@@ -298,6 +298,12 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
         assert c["unbounded"] is math.isinf(cal[name]["conformal"]["q"])
     text = (ev / "report" / "section.json").read_text()
     assert "mae (bias-corrected)" in text and "brain-age gap" in text and "Held-out 'test'" in text
+    # each row says how many labelled scans it rests on, and age sits beside the predict-the-mean floor
+    test_ages = pd.read_csv(cohort).query("split == 'test'")["age"]
+    assert age["n"] == test_ages.notna().sum() and "mae of predicting the training mean" in text
+    section = load_section(ev)
+    rows = next(i for i in section.items if i["kind"] == "table")
+    assert rows["columns"][:3] == ["task", "n", "metric"]
     trivial = "too few calibration subjects" in text
     assert trivial is any(c["unbounded"] for c in scored.values())
     # a task without enough labelled test subjects is named as not scored, not silently missing

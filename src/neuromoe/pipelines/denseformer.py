@@ -1047,6 +1047,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 skipped[t.name] = f"{_labelled(subjects[have], split)} (at least 3 scans needed)"
                 continue
             tcal = cal.get(t.name, {})
+            entry["n"] = int(have.sum())
             corrected = _corrected_age(p, tcal)
             entry["model"] = _regression_metrics(y[have], p[have], n_bootstrap, seed, subjects[have])
             entry["model_bias_corrected"] = _regression_metrics(y[have], corrected[have], n_bootstrap, seed,
@@ -1075,6 +1076,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 skipped[t.name] = (f"{_labelled(subjects[have], split)} in "
                                    f"{len(np.unique(y[have]))} class(es) (at least 3 scans in 2 classes needed)")
                 continue
+            entry["n"] = int(have.sum())
             entry["model"] = _classification_metrics(y[have], p[have], n_bootstrap, seed, subjects[have])
             if base is not None:
                 entry["tbv_baseline"] = _classification_metrics(y[have], base[have], n_bootstrap, seed,
@@ -1086,6 +1088,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 ref, tgt = pos
                 score = p[sel, tgt] / (p[sel, tgt] + p[sel, ref] + 1e-12)
                 is_tgt = (y[sel] == tgt).astype(int)
+                entry[f"n_{t.classes[tgt]}_vs_{t.classes[ref]}"] = [int(is_tgt.sum()), int((1 - is_tgt).sum())]
                 entry[f"auc_{t.classes[tgt]}_vs_{t.classes[ref]}"] = bootstrap_ci(
                     _auc, is_tgt, score, n_boot=n_bootstrap, seed=seed, stratify=is_tgt, groups=subjects[sel])
                 if base is not None:
@@ -1172,29 +1175,36 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
     table_rows = []
     for name, e in metrics["tasks"].items():
         m, b = e.get("model", {}), e.get("tbv_baseline", {})
+        n = str(e.get("n", ""))  # the labelled scans of this task: far fewer than the split's for a diagnosis
         for key in ("mae", "r", "r2", "auc", "balanced_accuracy", "f1_macro"):
             if key in m:
-                table_rows.append({"task": name, "metric": key, "model": _fmt_ci(m[key]),
+                table_rows.append({"task": name, "n": n, "metric": key, "model": _fmt_ci(m[key]),
                                    "TBV baseline": _fmt_ci(b[key]) if key in b else ""})
+        if "predict_train_mean_mae" in e:  # the floor: what knowing nothing about the scan gives
+            table_rows.append({"task": name, "n": n, "metric": "mae of predicting the training mean",
+                               "model": f"{e['predict_train_mean_mae']:.3f} (ratio {e['mae_ratio_to_mean']:.2f})",
+                               "TBV baseline": ""})
         corrected = e.get("model_bias_corrected", {})
         if "mae" in corrected:  # the values the intervals and the brain-age gap are built on
-            table_rows.append({"task": name, "metric": "mae (bias-corrected)", "model": _fmt_ci(corrected["mae"]),
-                               "TBV baseline": ""})
+            table_rows.append({"task": name, "n": n, "metric": "mae (bias-corrected)",
+                               "model": _fmt_ci(corrected["mae"]), "TBV baseline": ""})
         if "brain_age_gap" in e:
             g = e["brain_age_gap"]
-            table_rows.append({"task": name, "metric": "brain-age gap mean ± sd (y)",
+            table_rows.append({"task": name, "n": n, "metric": "brain-age gap mean ± sd (y)",
                                "model": f"{g['mean']:.2f} ± {g['sd']:.2f}", "TBV baseline": ""})
         for key, v in e.items():
             if key.startswith("auc_"):
-                table_rows.append({"task": name, "metric": key, "model": _fmt_ci(v),
+                pos, neg = e.get("n_" + key.removeprefix("auc_"), ["?", "?"])
+                table_rows.append({"task": name, "n": f"{pos} vs {neg}", "metric": key, "model": _fmt_ci(v),
                                    "TBV baseline": f"{e.get('tbv_' + key, float('nan')):.3f}"})
         if "conformal" in e:
             c = e["conformal"]
             size = c.get("mean_width", c.get("mean_set_size"))
             trivial = "; too few calibration subjects: trivial" if c.get("unbounded") else ""
-            table_rows.append({"task": name, "metric": f"conformal coverage (nominal {c['nominal']:.2f})",
+            table_rows.append({"task": name, "n": n, "metric": f"conformal coverage (nominal {c['nominal']:.2f})",
                                "model": f"{c['coverage']:.3f} (mean size {size:.2f}{trivial})", "TBV baseline": ""})
-    section.add_table(table_rows, "Per-task metrics with 95 % bootstrap CIs.")
+    section.add_table(table_rows, "Per-task metrics with 95 % bootstrap CIs; n = labelled scans of the task (for "
+                                  "an AUC contrast: positive vs reference class). Age MAE in years.")
 
     cls_tasks = [t for t in tasks if t.type == "classification" and t.name in metrics["tasks"]]
     if cls_tasks:
@@ -1207,15 +1217,17 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
                 k = ci if len(t.classes) > 2 else 1
                 if len(np.unique(y[have] == k)) == 2:
                     fpr, tpr, _ = roc_curve(y[have] == k, p[have, k])
-                    ax.plot(fpr, tpr, label=c)
+                    ax.plot(fpr, tpr, label=f"{c} (AUC {_auc((y[have] == k).astype(int), p[have, k]):.2f}, "
+                                            f"n={int((y[have] == k).sum())} vs {int((y[have] != k).sum())})")
             ax.plot([0, 1], [0, 1], "k:", lw=0.8)
             ax.set(title=f"ROC · {t.name}", xlabel="1 − specificity", ylabel="sensitivity")
             ax.legend(fontsize=7)
             cm = confusion_matrix(y[have], p[have].argmax(1), labels=np.arange(len(t.classes)))
             ax = axes[1, j]
             ax.imshow(cm, cmap="Blues")
-            for (a, b_), v in np.ndenumerate(cm):
-                ax.text(b_, a, str(v), ha="center", va="center", fontsize=8)
+            for (a, b_), v in np.ndenumerate(cm):  # white on the dark cells: black on navy was unreadable
+                ax.text(b_, a, str(v), ha="center", va="center", fontsize=8,
+                        color="white" if v > cm.max() / 2 else "black")
             ax.set(xticks=range(len(t.classes)), yticks=range(len(t.classes)), xticklabels=t.classes,
                    yticklabels=t.classes, xlabel="predicted", ylabel="true", title=f"confusion · {t.name}")
         fig.tight_layout()
@@ -1228,11 +1240,12 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
         ax.scatter(y, frame[f"{AGE_TASK}_pred"], s=10, alpha=0.6, label="raw")
         ax.scatter(y, frame[f"{AGE_TASK}_corrected"], s=10, alpha=0.6, label="bias-corrected")
         lim = [np.nanmin(y), np.nanmax(y)]
-        ax.plot(lim, lim, "k:", lw=0.8)
-        ax.set(xlabel="chronological age", ylabel="predicted brain age", title=f"brain age ({metrics['split']})")
+        ax.plot(lim, lim, "k:", lw=0.8, label="identity")
+        ax.set(xlabel="chronological age (y)", ylabel="predicted brain age (y)",
+               title=f"brain age ({metrics['split']}, n={metrics['tasks'][AGE_TASK].get('n', len(y))})")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        section.add_figure(fig, "Predicted vs chronological age.")
+        section.add_figure(fig, "Predicted vs chronological age: raw and bias-corrected predictions.")
         plt.close(fig)
 
     usage = {n: e["expert_usage"] for n, e in metrics["tasks"].items() if "expert_usage" in e}
@@ -1243,7 +1256,7 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
         im = ax.imshow(mat, cmap="viridis", vmin=0)
         ax.set(xticks=range(mat.shape[1]), yticks=range(mat.shape[0]), yticklabels=list(usage),
                xlabel="expert", title="expert usage per task (fraction of top-k slots)")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the task's top-k slots")
         fig.tight_layout()
         section.add_figure(fig, f"Task × expert routing of the MoE head on {metrics['split']} subjects.")
         plt.close(fig)
