@@ -733,3 +733,16 @@ def test_a_modality_without_training_images_is_dropped_from_a_copy_of_the_config
     assert kept.model.modalities == ["t1", "flair"]
     assert cfg.model.modalities == ["t1", "flair", "dwi"]
     assert "no training images for modality 'dwi'" in capsys.readouterr().err
+
+
+def test_report_overlays_show_the_input_modalities_in_turn() -> None:
+    """Every overlay row was a T1 prediction (each case's first), the modality the demo model segments worst."""
+    from neuromoe.pipelines import mome
+
+    mods, maps = ["t1", "flair", "dwi"], []
+    for ci in range(5):
+        for name in mods:
+            if mome._overlay_wanted(maps, ci, name, mods, 3):
+                maps.append((ci, name, None))
+    assert [(c, n) for c, n, _ in maps] == [(0, "t1"), (1, "flair"), (2, "dwi")]
+    assert mome._overlay_wanted([], 0, "t1+flair", mods, 3)  # MoME+: all modalities in one prediction

@@ -945,7 +945,7 @@ def evaluate(
     maps: list[tuple[int, str, VolumePrediction]] = []
 
     def keep(ci: int, name: str, pred: VolumePrediction) -> None:
-        if len(maps) < n_overlays and all(c != ci for c, _, _ in maps):
+        if _overlay_wanted(maps, ci, name, mods, n_overlays):
             maps.append((ci, name, pred))
 
     frame = evaluate_cases(
@@ -1007,7 +1007,7 @@ def _add_evaluation(
     mean = metrics["mean"]
     section.add_text(
         f"Held-out '{metrics['split']}' cases (n={metrics['n_cases']}, {metrics['n_predictions']} predictions; "
-        f"{'MoME+: all available modalities at once' if metrics['multimodal'] else 'one prediction per modality, the gate infers which'}"
+        f"{'MoME+: all available modalities at once' if metrics['multimodal'] else 'one prediction per input modality; the modality is not given to the model, the gate sees only the image'}"
         f"{', mirror TTA' if metrics['tta'] else ''}). Mean Dice {mean['dice']:.3f}, HD95 {mean['hd95']:.1f} mm "
         f"(over the {mean['n_hd95']} predictions where it is defined: both masks non-empty or both empty), "
         f"lesion-wise F1 {mean['lesion_f1']:.3f}, |volume difference| {mean['abs_volume_diff_ml']:.2f} mL. "
@@ -1031,9 +1031,19 @@ def _add_evaluation(
     if maps:
         section.add_figure(
             _overlay_figure(cases, maps, mods, metrics["threshold"]),
-            "Axial slice through the largest lesion area: ground truth (green) and prediction (red) "
-            "contours, then the full-resolution gate weight of each expert.",
+            "One case per row (input modalities in turn), axial slice through the largest lesion area: ground "
+            f"truth (green) and prediction (red, probability > {metrics['threshold']:g}, the model's threshold) "
+            "contours, then the full-resolution gate weight of each expert (0–1); in brackets the expert's mean "
+            "gate weight over the volume.",
         )
+
+
+def _overlay_wanted(maps: Sequence[tuple[int, str, Any]], ci: int, name: str, mods: Sequence[str], n: int) -> bool:
+    """Whether case ``ci``'s prediction from ``name`` goes into the report's overlays: one case per row, the input
+    modalities in turn. The first prediction of each case was always its T1, the modality the demo model segments
+    worst, so every overlay showed T1 (two rows without any predicted contour)."""
+    want = mods[len(maps) % len(mods)]
+    return len(maps) < n and all(c != ci for c, _, _ in maps) and ("+" in name or name == want)
 
 
 def _overlay_figure(
@@ -1063,12 +1073,15 @@ def _overlay_figure(
             if mask.any():
                 ax.contour(np.rot90(mask.astype(float)), levels=[0.5], colors=colour, linewidths=0.8)
         ax.set_title(f"{case['meta'].get('subject', ci)} · {name}", fontsize=8)
+        im = None
         for k in range(n_gate):
             ax = axes[r, 1 + k]
-            ax.imshow(np.rot90(pred.gate[k][:, :, z]), cmap="viridis", vmin=0, vmax=1)
+            im = ax.imshow(np.rot90(pred.gate[k][:, :, z]), cmap="viridis", vmin=0, vmax=1)
             ax.set_title(f"gate {mods[k]} ({pred.gate_share[k]:.2f})", fontsize=8)
         for ax in axes[r]:
             ax.set_axis_off()
+        if im is not None:
+            fig.colorbar(im, ax=axes[r, -1], fraction=0.046, label="gate weight")
     fig.tight_layout()
     return fig
 
