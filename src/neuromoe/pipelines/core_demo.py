@@ -336,7 +336,8 @@ def _report(
         f"A small strided 3D CNN with a residual top-k Mixture-of-Experts head, trained with the shared "
         f"Trainer on {metrics['n_train']} T1 scans (brain at {cfg.spacing:g} mm in a {cfg.img_size}³ grid) to predict age. The "
         f"baseline predicts the training mean age ({mean:.1f} y) for everyone. Training Huber loss per "
-        f"epoch: {losses[0]:.3f} → {losses[-1]:.3f}."
+        f"epoch: {losses[0]:.3f} → {losses[-1]:.3f} (first → last epoch; the kept weights are those of the "
+        "best validation MAE, so the validation row is optimistic and the test row is the one to read)."
         if losses
         else ""
     )

@@ -520,9 +520,13 @@ def _add_pretrain(section: Any, extra: dict[str, Any], fig: Path) -> None:
         f"{extra['n_val']} validation scans (no labels used), mask ratio {extra['mask_ratio']:.2f}. "
         f"Best validation masked-patch MSE "
         f"({'per-patch normalised' if extra.get('norm_pix_loss', True) else 'raw'} voxels): "
-        f"{'n/a' if loss is None else f'{loss:.4f}'}."
+        f"{'n/a' if loss is None else f'{loss:.4f}'}"
+        # the floor on normalised patches (zero mean, unit variance): predicting each patch's mean scores 1
+        + (" (predicting each masked patch's mean scores 1.0 on these targets)."
+           if extra.get("norm_pix_loss", True) else ".")
     )
-    section.add_figure(fig, "Input, masked input and reconstruction (three orthogonal slices).")
+    which = "validation" if extra.get("n_val") else "training"
+    section.add_figure(fig, f"Input, masked input and reconstruction of {which} scans (three orthogonal slices).")
 
 
 # ---------------------------------------------------------------------------------------------- train
