@@ -582,3 +582,15 @@ def test_pretraining_errors_name_the_scan_file(tmp_path) -> None:
     np.save(tmp_path / "s0.npy", rng.standard_normal((40, 12)))
     with pytest.raises(InputError, match=r"s2\.npy: ROI 3 is constant"):
         bm.pretrain(tmp_path / "m.csv", tmp_path / "run", cfg)
+
+
+def test_demo_report_says_which_states_the_downstream_scans_are(cohort, tmp_path):
+    """The router-preference plots were shown without the downstream scans' states (all 'wm' in the demo, so
+    a 97 % share for the wm expert is the expected answer, not a finding), and without a chance row."""
+    out = bm.demo(cohort, tmp_path / "demo", device="cpu", preset="tiny")
+    section = json.loads((out / "report" / "section.json").read_text())
+    texts = " ".join(i["text"] for i in section["items"] if i["kind"] == "text")
+    labelled = bm.load_scans(cohort).query("phenotype == phenotype")["state"].value_counts()
+    assert f"Downstream (labelled) scans by state: {', '.join(f'{k} {v}' for k, v in sorted(labelled.items()))}" in texts
+    table = next(i for i in section["items"] if i["kind"] == "table")
+    assert "chance" in table["columns"]

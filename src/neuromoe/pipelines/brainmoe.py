@@ -1518,6 +1518,17 @@ def demo(
     pretrain(cohort_dir, out / "pretrain", cfg)
     train(cohort_dir, out / "train", cfg, experts=out / "pretrain")
     section = _new_section("BrainMoE (fMRI): per-state experts → FC router → transformer adapter")
+    experts = _read_experts(out / "pretrain")
+    acc = json.loads((out / "pretrain" / ROUTER / "config.json").read_text())["extra"]["val_state_acc"] \
+        if experts.get("router") else None
+    table = load_scans(cohort_dir)
+    states = Counter(table[_is_labelled(table, cfg.data.phenotype)]["state"].astype(str))
+    section.add_text(
+        f"Experts pretrained per state ({', '.join(experts['states'])}) on the unlabelled pretraining scans"
+        + (f"; the state router's accuracy on its validation scans: {acc:.2f}" if acc is not None else "")
+        + f". Downstream (labelled) scans by state: {', '.join(f'{k} {v}' for k, v in sorted(states.items()))} — "
+        "the router-preference plots below are read against this mix."
+    )
     evaluate(out / "pretrain", cohort_dir, out / "evaluate", cfg, section=section)
     section.save(out)
     print(f"brainmoe demo: report section in {out}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import sys
@@ -1334,10 +1335,13 @@ def demo(
     train(cohort_dir, out / "train", cfg, experts=out / "experts")
     section = _new_section("MoME (lesions): modality experts → hierarchical gate with curriculum")
     stage1 = pd.read_json(out / "experts" / "experts" / "summary.json")
+    extra = json.loads((out / "train" / "model" / "config.json").read_text())["extra"]
     section.add_text(
         f"Stage 1: one '{preset}' expert U-Net per modality trained alone on its modality's images; stage 2: "
         f"MoME ({cfg.model.gate_norm} gate at every decoder scale, {cfg.curriculum} curriculum) fine-tunes the "
-        f"experts and the gate jointly on {cfg.data.patch_size} patches with 1/3 foreground oversampling."
+        f"experts and the gate jointly on {list(cfg.data.patch_size)} patches ({cfg.data.fg_fraction:.0%} "
+        f"centred on lesion voxels) from {extra['n_train_cases']} training cases. Decision threshold "
+        f"{extra['threshold']:g}, the best mean Dice on the whole validation volumes."
     )
     section.add_table(stage1, "Stage-1 experts (validation loss = deep-supervised Dice+CE).")
     evaluate(
