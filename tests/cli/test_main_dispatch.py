@@ -109,3 +109,24 @@ def test_warnings_read_as_one_neuromoe_line() -> None:
             "m.main(['info', 'a.nii']); warnings.formatwarning is m._one_line_warning and print('leaked')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stderr == "neuromoe: warning: 3 ROIs outside\n" and "leaked" not in proc.stdout, proc
+
+
+def test_running_out_of_memory_is_one_line_with_what_to_change(capsys, monkeypatch):
+    """A paper preset on a small machine ended in a raw RuntimeError traceback; other RuntimeErrors stay raised."""
+    from neuromoe.pipelines import denseformer
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 98304000000 bytes")
+
+    monkeypatch.setattr(denseformer, "train", oom)
+    assert main(["train", "--family", "denseformer", "--data", "d", "--out", "o"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("neuromoe: error: out of memory") and "smaller preset" in err and err.count("\n") == 1
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(denseformer, "train", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", "--family", "denseformer", "--data", "d", "--out", "o"])

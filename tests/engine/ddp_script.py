@@ -93,6 +93,8 @@ def main(out: Path) -> None:
         time.sleep(2)
         (out / "finished_by_rank0").write_text("done")
     join_ranks()
+    if rank == 0:  # an entry point that did not train, called on rank 0 only (evaluate): waits for nobody
+        join_ranks()
     (out / f"report_rank{rank}.json").write_text(json.dumps({
         "val": metrics, "local_ids": probe.local_ids, "end_ids": probe.end_ids, "mapped": mapped,
         "goes_on": goes_on, "saw_rank0_finish": (out / "finished_by_rank0").is_file()}))

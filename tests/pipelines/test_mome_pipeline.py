@@ -736,13 +736,20 @@ def test_a_modality_without_training_images_is_dropped_from_a_copy_of_the_config
 
 
 def test_report_overlays_show_the_input_modalities_in_turn() -> None:
-    """Every overlay row was a T1 prediction (each case's first), the modality the demo model segments worst."""
+    """Every overlay row was a T1 prediction (each case's first), the modality the demo model segments worst;
+    the modalities now come in turn, and a case without the one due still gives a row (its first prediction)."""
     from neuromoe.pipelines import mome
 
-    mods, maps = ["t1", "flair", "dwi"], []
-    for ci in range(5):
-        for name in mods:
-            if mome._overlay_wanted(maps, ci, name, mods, 3):
-                maps.append((ci, name, None))
-    assert [(c, n) for c, n, _ in maps] == [(0, "t1"), (1, "flair"), (2, "dwi")]
-    assert mome._overlay_wanted([], 0, "t1+flair", mods, 3)  # MoME+: all modalities in one prediction
+    def pick(mods: list[str], case_mods: list[list[str]], multimodal: bool = False) -> list[tuple[int, str]]:
+        maps: list = []
+        for ci, present in enumerate(case_mods):
+            for name in (["+".join(present)] if multimodal else present):
+                if mome._overlay_wanted(maps, ci, name, present, mods, 3, multimodal):
+                    maps.append((ci, name, None))
+        return [(c, n) for c, n, _ in maps]
+
+    mods = ["t1", "flair", "dwi"]
+    assert pick(mods, [mods] * 5) == [(0, "t1"), (1, "flair"), (2, "dwi")]
+    # no case has DWI (BraTS): still three rows, not one
+    assert pick(["t1", "dwi", "flair"], [["t1", "flair"]] * 5) == [(0, "t1"), (1, "t1"), (2, "flair")]
+    assert pick(mods, [["t1"], ["flair", "dwi"], ["t1"]], multimodal=True) == [(0, "t1"), (1, "flair+dwi"), (2, "t1")]

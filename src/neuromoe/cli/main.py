@@ -141,6 +141,13 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
     return f"neuromoe: {kind}: {message}\n"
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """torch's CUDA out-of-memory error, or the CPU allocator's 'can't allocate memory'."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     previous = warnings.formatwarning  # one-line warnings for the command's run only (main may be called in-process)
     warnings.formatwarning = _one_line_warning
@@ -179,6 +186,12 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("neuromoe: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # out of memory: one line and what to change, not a traceback
+        if isinstance(exc, RuntimeError) and not _out_of_memory(exc):
+            raise
+        print(f"neuromoe: error: out of memory ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+              " — fix: use a smaller preset, batch size or patch size, or a machine with more memory", file=sys.stderr)
+        return 1
     except OSError as exc:  # disk full, permissions, a folder where a file goes: the path and reason suffice
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"neuromoe: error: {where}{exc.strerror or exc}", file=sys.stderr)

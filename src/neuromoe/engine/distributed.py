@@ -13,7 +13,9 @@ import torch.distributed as dist
 
 # A CPU group with a long timeout in which ranks > 0 wait while rank 0 finishes a command alone: a wait in the
 # NCCL group would be cut by its watchdog (10 min), and post-training on a large cohort can take longer.
-_STATE: dict[str, Any] = {"wait": None}
+# ``pending``: this process trained under torchrun and rank 0 may still be finishing alone (set by
+# finish_training, cleared by join_ranks), so only an entry point that trained waits.
+_STATE: dict[str, Any] = {"wait": None, "pending": False}
 
 
 def world_size() -> int:
@@ -81,14 +83,20 @@ def finish_training() -> bool:
     What follows training (output-layer refit, calibration, writing the model and report) needs no other rank,
     so rank 0 does it alone instead of every rank repeating it and writing the same files. The others return
     and wait in :func:`join_ranks` until rank 0 is done."""
-    return world_size() == 1 or is_main_process()
+    if world_size() == 1:
+        return True
+    _STATE["pending"] = True
+    return is_main_process()
 
 
 def join_ranks() -> None:
-    """End of a command on every rank (the pipeline entry point calls it): ranks > 0 wait here until rank 0
-    has finished alone, so a caller that goes on (``demo``: pretrain → train) finds every output written."""
-    if world_size() > 1:
+    """End of a command that trained under torchrun (the pipeline entry point calls it on every rank): ranks > 0
+    wait here until rank 0 has finished alone, so a caller that goes on (``demo``: pretrain → train) finds every
+    output written. An entry point that did not train (``evaluate``, perhaps called on rank 0 only) waits for
+    nobody."""
+    if _STATE["pending"] and world_size() > 1 and _STATE["wait"] is not None:
         dist.barrier(group=_STATE["wait"])
+    _STATE["pending"] = False
 
 
 def _close_at_exit() -> None:

@@ -146,7 +146,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     except (NeuroMoEError, MemoryError, torch.OutOfMemoryError):  # a paper preset on a small machine is no bad value
         raise
     except Exception as exc:  # any bad value: preset='small' (KeyError), patch_size=0 (ZeroDivisionError) ...
-        if isinstance(exc, RuntimeError) and "alloc" in str(exc).lower():  # DefaultCPUAllocator: can't allocate
+        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # the CPU allocator's
             raise
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         given = given if len(given) <= 200 else given[:200] + "…"

@@ -1186,7 +1186,8 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
                                    "TBV baseline": _fmt_ci(b[key]) if key in b else ""})
         if "predict_train_mean_mae" in e:  # the floor: what knowing nothing about the scan gives
             table_rows.append({"task": name, "n": n, "metric": "mae of predicting the training mean",
-                               "model": f"{e['predict_train_mean_mae']:.3f} (ratio {e['mae_ratio_to_mean']:.2f})",
+                               "model": f"{e['predict_train_mean_mae']:.3f} (model / floor "
+                                        f"{e['mae_ratio_to_mean']:.2f})",
                                "TBV baseline": ""})
         corrected = e.get("model_bias_corrected", {})
         if "mae" in corrected:  # the values the intervals and the brain-age gap are built on

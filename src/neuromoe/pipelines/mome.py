@@ -842,6 +842,7 @@ def train(
                 "curriculum": cfg.curriculum,
                 "experts_loaded": loaded,
                 "threshold": threshold,
+                "threshold_tuned": bool(cfg.eval.tune_threshold and cases["val"]),
                 "precision": cfg.eval.precision,
                 "best_val_loss": best,
                 "split_seed": cfg.seed,
@@ -946,7 +947,8 @@ def evaluate(
     maps: list[tuple[int, str, VolumePrediction]] = []
 
     def keep(ci: int, name: str, pred: VolumePrediction) -> None:
-        if _overlay_wanted(maps, ci, name, mods, n_overlays):
+        if _overlay_wanted(maps, ci, name, [m for m in mods if m in cases[ci]["images"]], mods, n_overlays,
+                           extra["multimodal"]):
             maps.append((ci, name, pred))
 
     frame = evaluate_cases(
@@ -1034,17 +1036,21 @@ def _add_evaluation(
             _overlay_figure(cases, maps, mods, metrics["threshold"]),
             "One case per row (input modalities in turn), axial slice through the largest lesion area: ground "
             f"truth (green) and prediction (red, probability > {metrics['threshold']:g}, the model's threshold) "
-            "contours, then the full-resolution gate weight of each expert (0–1); in brackets the expert's mean "
-            "gate weight over the volume.",
+            "contours, then the full-resolution gate weight of each expert (0–1); in brackets the expert's gate "
+            "share over the volume, weighted by the predicted lesion probability.",
         )
 
 
-def _overlay_wanted(maps: Sequence[tuple[int, str, Any]], ci: int, name: str, mods: Sequence[str], n: int) -> bool:
-    """Whether case ``ci``'s prediction from ``name`` goes into the report's overlays: one case per row, the input
-    modalities in turn. The first prediction of each case was always its T1, the modality the demo model segments
+def _overlay_wanted(maps: Sequence[tuple[int, str, Any]], ci: int, name: str, present: Sequence[str],
+                    mods: Sequence[str], n: int, multimodal: bool) -> bool:
+    """Whether case ``ci``'s prediction from ``name`` (its modalities: ``present``) goes into the report's
+    overlays: one case per row, the model's modalities in turn where the case has the one due, else its first
+    prediction. The first prediction of each case was always its T1, the modality the demo model segments
     worst, so every overlay showed T1 (two rows without any predicted contour)."""
+    if len(maps) >= n or any(c == ci for c, _, _ in maps):
+        return False
     want = mods[len(maps) % len(mods)]
-    return len(maps) < n and all(c != ci for c, _, _ in maps) and ("+" in name or name == want)
+    return multimodal or name == want or (want not in present and name == present[0])
 
 
 def _overlay_figure(
@@ -1074,16 +1080,18 @@ def _overlay_figure(
             if mask.any():
                 ax.contour(np.rot90(mask.astype(float)), levels=[0.5], colors=colour, linewidths=0.8)
         ax.set_title(f"{case['meta'].get('subject', ci)} · {name}", fontsize=8)
-        im = None
         for k in range(n_gate):
             ax = axes[r, 1 + k]
-            im = ax.imshow(np.rot90(pred.gate[k][:, :, z]), cmap="viridis", vmin=0, vmax=1)
+            ax.imshow(np.rot90(pred.gate[k][:, :, z]), cmap="viridis", vmin=0, vmax=1)
             ax.set_title(f"gate {mods[k]} ({pred.gate_share[k]:.2f})", fontsize=8)
         for ax in axes[r]:
             ax.set_axis_off()
-        if im is not None:
-            fig.colorbar(im, ax=axes[r, -1], fraction=0.046, label="gate weight")
     fig.tight_layout()
+    if n_gate:  # one 0–1 scale for every gate panel, beside the figure (a bar per row shrank the last panel)
+        from matplotlib.cm import ScalarMappable
+
+        fig.colorbar(ScalarMappable(cmap="viridis"), ax=axes[:, 1:].ravel().tolist(), fraction=0.02,
+                     label="gate weight")
     return fig
 
 
@@ -1341,7 +1349,9 @@ def demo(
         f"MoME ({cfg.model.gate_norm} gate at every decoder scale, {cfg.curriculum} curriculum) fine-tunes the "
         f"experts and the gate jointly on {list(cfg.data.patch_size)} patches ({cfg.data.fg_fraction:.0%} "
         f"centred on lesion voxels) from {extra['n_train_cases']} training cases. Decision threshold "
-        f"{extra['threshold']:g}, the best mean Dice on the whole validation volumes."
+        f"{extra['threshold']:g}"
+        + (", the best mean Dice on the whole validation volumes." if extra.get("threshold_tuned") else
+           " (eval.threshold: not tuned on validation volumes).")
     )
     section.add_table(stage1, "Stage-1 experts (validation loss = deep-supervised Dice+CE).")
     evaluate(
