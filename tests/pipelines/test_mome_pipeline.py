@@ -736,20 +736,17 @@ def test_a_modality_without_training_images_is_dropped_from_a_copy_of_the_config
 
 
 def test_report_overlays_show_the_input_modalities_in_turn() -> None:
-    """Every overlay row was a T1 prediction (each case's first), the modality the demo model segments worst;
-    the modalities now come in turn, and a case without the one due still gives a row (its first prediction)."""
+    """Every overlay row was a T1 prediction (each case's first), the modality the demo model segments worst —
+    and the demo's first test cases are T1-only; the modalities now come in turn, each from a case that has it."""
     from neuromoe.pipelines import mome
 
-    def pick(mods: list[str], case_mods: list[list[str]], multimodal: bool = False) -> list[tuple[int, str]]:
-        maps: list = []
-        for ci, present in enumerate(case_mods):
-            for name in (["+".join(present)] if multimodal else present):
-                if mome._overlay_wanted(maps, ci, name, present, mods, 3, multimodal):
-                    maps.append((ci, name, None))
-        return [(c, n) for c, n, _ in maps]
-
     mods = ["t1", "flair", "dwi"]
-    assert pick(mods, [mods] * 5) == [(0, "t1"), (1, "flair"), (2, "dwi")]
-    # no case has DWI (BraTS): still three rows, not one
-    assert pick(["t1", "dwi", "flair"], [["t1", "flair"]] * 5) == [(0, "t1"), (1, "t1"), (2, "flair")]
-    assert pick(mods, [["t1"], ["flair", "dwi"], ["t1"]], multimodal=True) == [(0, "t1"), (1, "flair+dwi"), (2, "t1")]
+    assert mome._overlay_plan([mods] * 5, mods, 3, False) == {0: "t1", 1: "flair", 2: "dwi"}
+    # T1-only cases first (the demo's test split): the other modalities come from later cases
+    assert mome._overlay_plan([["t1"], ["t1"], ["t1", "flair"], ["dwi"]], mods, 3, False) == \
+        {0: "t1", 2: "flair", 3: "dwi"}
+    # no case has DWI: still three rows (the next modality in turn)
+    assert mome._overlay_plan([["t1", "flair"]] * 5, ["t1", "dwi", "flair"], 3, False) == \
+        {0: "t1", 1: "flair", 2: "flair"}
+    assert mome._overlay_plan([["t1"], ["flair"]], mods, 3, True) == {0: None, 1: None}  # MoME+: one per case
+    assert mome._overlay_plan([["t1"]], mods, 0, False) == {}

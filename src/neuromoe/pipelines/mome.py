@@ -946,9 +946,11 @@ def evaluate(
     model.to(dev)
     maps: list[tuple[int, str, VolumePrediction]] = []
 
+    plan = _overlay_plan([[m for m in mods if m in c["images"]] for c in cases], mods, n_overlays,
+                         extra["multimodal"])
+
     def keep(ci: int, name: str, pred: VolumePrediction) -> None:
-        if _overlay_wanted(maps, ci, name, [m for m in mods if m in cases[ci]["images"]], mods, n_overlays,
-                           extra["multimodal"]):
+        if ci in plan and plan[ci] in (None, name):
             maps.append((ci, name, pred))
 
     frame = evaluate_cases(
@@ -1041,16 +1043,22 @@ def _add_evaluation(
         )
 
 
-def _overlay_wanted(maps: Sequence[tuple[int, str, Any]], ci: int, name: str, present: Sequence[str],
-                    mods: Sequence[str], n: int, multimodal: bool) -> bool:
-    """Whether case ``ci``'s prediction from ``name`` (its modalities: ``present``) goes into the report's
-    overlays: one case per row, the model's modalities in turn where the case has the one due, else its first
-    prediction. The first prediction of each case was always its T1, the modality the demo model segments
-    worst, so every overlay showed T1 (two rows without any predicted contour)."""
-    if len(maps) >= n or any(c == ci for c, _, _ in maps):
-        return False
-    want = mods[len(maps) % len(mods)]
-    return multimodal or name == want or (want not in present and name == present[0])
+def _overlay_plan(present: Sequence[Sequence[str]], mods: Sequence[str], n: int,
+                  multimodal: bool) -> dict[int, str | None]:
+    """Which prediction of which case the report's overlays show, chosen before inference from each case's
+    modalities (``present``): one case per row, the model's modalities in turn, each from the first case not yet
+    shown that has it (else the next modality in turn). Each case's first prediction was shown, always its T1 —
+    the modality the demo model segments worst, and the only one of the T1-only (stroke) cases that come first.
+    ``{case: modality}``; ``None`` = the case's one MoME+ prediction."""
+    plan: dict[int, str | None] = {}
+    for j in range(min(n, len(present))):
+        order = [*mods[j % len(mods):], *mods[:j % len(mods)]]
+        free = [ci for ci in range(len(present)) if ci not in plan and present[ci]]
+        if not free:
+            break
+        ci, m = next(((ci, m) for m in order for ci in free if m in present[ci]), (free[0], present[free[0]][0]))
+        plan[ci] = None if multimodal else m
+    return plan
 
 
 def _overlay_figure(
