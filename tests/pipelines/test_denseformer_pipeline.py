@@ -704,7 +704,7 @@ def test_figures_name_the_split_and_mask_ratio_they_show(tmp_path, monkeypatch) 
                          {"dx": np.array([0, 1, 0, 1, 0, 1]), "age": frame["age"].to_numpy()})
     captions = [item["caption"] for item in section.items if item["kind"] == "figure"]
     assert all("test" not in c for c in captions) and any("val subjects" in c for c in captions)
-    assert "brain age (val)" in titles
+    assert "brain age (val, n=6)" in titles
 
     titles.clear()
     torch.manual_seed(0)
