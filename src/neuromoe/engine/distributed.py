@@ -104,6 +104,7 @@ def _close_at_exit() -> None:
         dist.destroy_process_group()
         _STATE["wait"] = None
 
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
