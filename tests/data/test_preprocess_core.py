@@ -386,3 +386,28 @@ def test_registered_images_off_the_reference_grid_are_blurred_in_the_registered_
     spec = PreprocSpec(spacing=(2.0, 2.0, 2.0), register=True, norm="none", crop_foreground=False)
     a, b = preprocess_image({"t1": t1, "flair": flair}, spec).data
     assert float(np.abs(a - b).max()) < 2.0
+
+
+def test_an_unwritable_cache_is_said_once_and_inference_goes_on(tmp_path, capsys):
+    """A read-only home (an inference container) must not fail predict, nor blame the scans."""
+    spec = PreprocSpec(spacing=(2.0, 2.0, 2.0), shape=(12, 12, 12))
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")  # a file where the cache folder would go: unwritable even for root
+    cache = PreprocCache(blocker / "cache")
+    a = preprocess_case({"t1": str(_brain(tmp_path / "a.nii.gz", np.eye(4)))}, spec, cache)
+    b = preprocess_case({"t1": str(_brain(tmp_path / "b.nii.gz", np.eye(4), seed=1))}, spec, cache)
+    ref = preprocess_case({"t1": str(tmp_path / "a.nii.gz")}, spec)
+    np.testing.assert_array_equal(a["t1"], ref["t1"])
+    assert b["t1"].shape == (12, 12, 12) and not cache.writable
+    err = capsys.readouterr().err
+    assert err.count("cannot write the preprocessing cache") == 1 and "--cache" in err
+    with pytest.raises(InputError, match="cannot write the preprocessing cache"):
+        preprocess_case({"t1": str(tmp_path / "a.nii.gz")}, spec, PreprocCache(blocker / "c", required=True))
+
+
+def test_preprocess_into_an_unwritable_folder_is_one_error_before_any_row(tmp_path):
+    t1 = _brain(tmp_path / "t1.nii.gz", np.eye(4))
+    (tmp_path / "f").write_text("x")
+    table = pd.DataFrame({"subject": ["a"], "t1": [str(t1)]})
+    with pytest.raises(InputError, match="cannot write the output folder"):
+        preprocess_cohort(table, PreprocSpec(), tmp_path / "f" / "cache")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
@@ -335,11 +336,23 @@ def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
 CACHE_VERSION = 9
 
 
-class PreprocCache:
-    """On-disk cache of preprocessed cases keyed by (path, size, mtime_ns, content sample, role order, spec hash)."""
+def default_cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$NEUROMOE_CACHE``, else ``~/.cache/neuromoe/preprocess``."""
+    return Path(cache_dir or os.environ.get("NEUROMOE_CACHE") or Path.home() / ".cache" / "neuromoe" / "preprocess")
 
-    def __init__(self, root: str | Path):
+
+class PreprocCache:
+    """On-disk cache of preprocessed cases keyed by (path, size, mtime_ns, content sample, role order, spec hash).
+
+    A cache that cannot be written (read-only home in an inference container, a full disk) is said once and
+    then skipped: inference must not fail, nor blame the scans, for want of a cache. ``required`` (the
+    ``preprocess`` command, whose output the cache is) makes that an error instead.
+    """
+
+    def __init__(self, root: str | Path, *, required: bool = False):
         self.root = Path(root)
+        self.required = required
+        self.writable = True
         self.hits = 0
         self.misses = 0
 
@@ -368,10 +381,21 @@ class PreprocCache:
             return None
 
     def put(self, key: str, data: np.ndarray, meta: dict[str, Any]) -> None:
-        with atomic_path(self.root / f"{key}.npy") as tmp:
-            np.save(tmp, data)
-        with atomic_path(self.root / f"{key}.json") as tmp:
-            tmp.write_text(json.dumps(meta))
+        if not self.writable:
+            return
+        try:
+            with atomic_path(self.root / f"{key}.npy") as tmp:
+                np.save(tmp, data)
+            with atomic_path(self.root / f"{key}.json") as tmp:
+                tmp.write_text(json.dumps(meta))
+        except OSError as err:
+            fix = "give a writable folder with --cache or NEUROMOE_CACHE"
+            if self.required:
+                raise InputError(f"cannot write the preprocessing cache: {err.strerror or err}", path=self.root,
+                                 fix=fix) from None
+            self.writable = False
+            print(f"neuromoe: warning: {self.root}: cannot write the preprocessing cache ({err.strerror or err}); "
+                  f"going on without it — {fix}", file=sys.stderr)
 
 
 class CaseResult(dict):
@@ -438,7 +462,7 @@ def fmri_only_rows(table: pd.DataFrame, roles: tuple[str, ...]) -> pd.Series:
 def _work(paths: dict[str, str], spec: PreprocSpec, cache_dir: str) -> str:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    cache = PreprocCache(cache_dir)
+    cache = PreprocCache(cache_dir, required=True)
     preprocess_case(paths, spec, cache)
     return "cached" if cache.hits else "done"
 
@@ -454,6 +478,12 @@ def preprocess_cohort(table: pd.DataFrame, spec: PreprocSpec, cache_dir: str | P
     if not any(r in table.columns for r in roles):
         raise InputError(f"no image column to preprocess (one of {', '.join(roles)})", path=table.attrs.get("source"),
                          fix="point --data at a structural or lesion manifest / BIDS folder with anat images")
+    # checked once here, not found again for every row; nothing is created before the rows are read
+    here = Path(cache_dir).absolute()
+    while not here.exists():
+        here = here.parent
+    if not (here.is_dir() and os.access(here, os.W_OK | os.X_OK)):
+        raise InputError("cannot write the output folder", path=cache_dir, fix="give a writable folder as --out")
     # a BIDS root also lists its func/ scans: those rows are not this command's input, not failures
     fmri = fmri_only_rows(table, roles)
     rows = shard_rows(table[~fmri], shard)

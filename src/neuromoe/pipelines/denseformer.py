@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import zlib
 from collections.abc import Iterator, Sequence
@@ -237,10 +236,9 @@ def _spec(cfg: DenseFormerConfig) -> Any:
 
 
 def _cache(cfg: DenseFormerConfig) -> Any:
-    from neuromoe.data.preprocess import PreprocCache
+    from neuromoe.data.preprocess import PreprocCache, default_cache_root
 
-    root = cfg.cache_dir or os.environ.get("NEUROMOE_CACHE") or Path.home() / ".cache" / "neuromoe" / "preprocess"
-    return PreprocCache(root)
+    return PreprocCache(default_cache_root(cfg.cache_dir))
 
 
 def _backbone_kwargs(m: ModelSection) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -210,10 +209,9 @@ def _spec(cfg: MoMEConfig) -> Any:
 
 
 def _cache(cache_dir: str | None) -> Any:
-    from neuromoe.data.preprocess import PreprocCache
+    from neuromoe.data.preprocess import PreprocCache, default_cache_root
 
-    root = cache_dir or os.environ.get("NEUROMOE_CACHE") or Path.home() / ".cache" / "neuromoe" / "preprocess"
-    return PreprocCache(root)
+    return PreprocCache(default_cache_root(cache_dir))
 
 
 def _unscored(data: str | Path, cfg: MoMEConfig, split: str, mods: Sequence[str]) -> dict[str, str]:
