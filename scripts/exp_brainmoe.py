@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--config", default="demo")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--expert-kind", default=None, choices=["fc_mae", "jepa", "state_clf"])
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model.unfreeze_experts=true")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], help="config overrides, e.g. model.unfreeze_experts=true")
     args = ap.parse_args()
     cohort = args.cohort
     if cohort is None:
