@@ -456,3 +456,19 @@ def test_a_3d_dwi_stored_with_a_singleton_fourth_axis_is_the_trace_image(anatomi
     nib.save(nib.Nifti1Image(np.asarray(src.dataobj, dtype=np.float32)[..., None], src.affine), str(path))
     img = load_dwi(path)
     assert img.data.shape == src.shape
+
+
+def test_a_batch_where_every_case_fails_is_refused_with_its_failures_and_no_table(
+    model_dir, anatomical, tmp_path, capsys
+) -> None:
+    """Like predict / embed: exit 2 and no segment.csv (it was a 1-byte file a reader could not parse, exit 1)."""
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"subject,t1\n../up,{anatomical}\nmissing,{tmp_path / 'nope.nii.gz'}\n")
+    out = tmp_path / "masks"
+    out.mkdir()
+    (out / "segment.csv").write_text("subject\nold\n")  # an earlier run's table must not pass for this one's
+    assert main(["segment", "--model", model_dir, "--input", str(manifest), "--output", str(out),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no case could be segmented (2 failed" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["failures.csv"]

@@ -39,7 +39,7 @@ from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
-from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text
+from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text, remove_stale
 from neuromoe.io.table import case_fingerprints, file_stem, refuse_fitted, write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
@@ -1320,6 +1320,11 @@ def segment(
             msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
             failures.append({**ids, "error": msg})
             print(f"neuromoe: skipped {name}: {msg}", file=sys.stderr)
+    if failures and not sidecars:  # nothing segmented: refuse like a single bad case; the failures say what to fix
+        remove_stale(out_dir / "segment.csv")
+        write_failures(out_dir / "failures.csv", failures)
+        raise InputError(f"no case could be segmented ({len(failures)} failed, listed above)", path=source,
+                         fix="fix the listed files")
     summary = pd.DataFrame([{k: v for k, v in s.items() if not isinstance(v, dict)} for s in sidecars])
     with atomic_path(out_dir / "segment.csv") as tmp:
         summary.to_csv(tmp, index=False)
