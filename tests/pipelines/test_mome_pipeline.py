@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -256,10 +257,12 @@ def test_demo_pretrain_train_evaluate_segment_on_a_small_cohort(tmp_path) -> Non
     assert not (tmp_path / "raw").exists()
 
 
-def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_path, monkeypatch) -> None:
+def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_path, monkeypatch, cpu_bf16) -> None:
     """``data.expert_samples_per_epoch``: an expert with few images (here FLAIR, 2 of 4 train cases) gets as
     many optimiser steps as one with many (T1, 4 cases), nnU-Net style. Each expert's threshold is tuned
-    before it is moved to the CPU for saving (on CUDA the search would feed GPU inputs to a CPU model)."""
+    before it is moved to the CPU for saving (on CUDA the search would feed GPU inputs to a CPU model), and
+    the model stores the precision that tuned it (bf16 asked for ran as fp32 on this CPU: a machine with
+    native bf16 would otherwise run the shipped model in bf16 and move its masks)."""
     import pandas as pd
 
     from neuromoe.pipelines import mome
@@ -270,10 +273,13 @@ def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_p
                                                                               tune(self, *a, **k))[1])
     monkeypatch.setattr(torch.nn.Module, "cpu", lambda self: (events.append("cpu"), to_cpu(self))[1])
     _mini_cohort(tmp_path / "cohort")
-    cfg = mome.load_mome_config("tiny", ["data.expert_samples_per_epoch=12"], device="cpu")
+    cfg = mome.load_mome_config("tiny", ["data.expert_samples_per_epoch=12", "eval.precision=bf16"], device="cpu")
     cfg.cache_dir = str(tmp_path / "cache")
+    cpu_bf16("0")
     run = mome.pretrain(tmp_path / "cohort", tmp_path / "exp", cfg)
     assert events == ["tune", "cpu"] * 2
+    for m in ("t1", "flair"):
+        assert json.loads((run / "experts" / m / "config.json").read_text())["extra"]["precision"] == "fp32"
     steps = {m: pd.read_csv(run / "stage1" / m / "metrics.csv")["step"].max() for m in ("t1", "flair")}
     assert steps == {"t1": 3, "flair": 3}  # 12 patches / batch 4, one epoch
     from neuromoe.eval.report import build_report, load_section

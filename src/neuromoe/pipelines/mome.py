@@ -696,7 +696,7 @@ def pretrain(
                     "patch_size": list(d.patch_size),
                     "multimodal": False,
                     "threshold": threshold,
-                    "precision": cfg.eval.precision,
+                    "precision": resolve_precision(cfg.eval.precision, trainer.device),  # what tuned the threshold
                     "best_val_loss": best,
                     "split_seed": cfg.seed,
                     "n_train_images": len(tr),
@@ -841,7 +841,7 @@ def train(
                 "experts_loaded": loaded,
                 "threshold": threshold,
                 "threshold_tuned": bool(cfg.eval.tune_threshold and cases["val"]),
-                "precision": cfg.eval.precision,
+                "precision": resolve_precision(cfg.eval.precision, trainer.device),  # what tuned the threshold
                 "best_val_loss": best,
                 "split_seed": cfg.seed,
                 "n_train_cases": len(cases["train"]),
