@@ -311,3 +311,14 @@ def test_running_out_of_memory_while_building_is_not_called_a_bad_argument(monke
     monkeypatch.setitem(registry._REGISTRY, "denseformer_tiny", registry._Entry(oom, entry.family))
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         create_model("denseformer_tiny")
+
+
+def test_require_meta_names_the_missing_family_key(tmp_path) -> None:
+    from neuromoe.models.registry import require_meta
+
+    meta = {"preprocessing": None, "extra": {"fc": {"kind": "tangent"}, "age": 0}}
+    require_meta(meta, ("extra.fc", "extra.fc.kind", "extra.age"), tmp_path)  # 0 is a value, not missing
+    for key in ("preprocessing", "extra.age_stats", "label_maps", "extra.fc.kind.x"):
+        with pytest.raises(ModelFormatError, match=f"config key '{key}' is missing") as info:
+            require_meta(meta, (key,), tmp_path)
+        assert str(tmp_path / "config.json") in str(info.value)

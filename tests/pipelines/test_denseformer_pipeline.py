@@ -438,7 +438,7 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
 
 def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):
     """``model.backbone.stem: volume`` reaches MAE and fine-tuning, is saved with the model, and a patch-stem
-    fine-tune refuses the volume-stem encoder."""
+    fine-tune refuses the volume-stem encoder; an edited model config is refused when loaded."""
     cfg = _cfg(tmp_path, **{"model.backbone.stem": "volume", "model.backbone.block_layers": "[2,2]",
                             "finetune.refit_heads": "true"})
     mae_run = pipe.pretrain(cohort, tmp_path / "mae", cfg)
@@ -453,6 +453,19 @@ def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):
     patch_cfg.finetune.pretrained = str(mae_run / "model")
     with pytest.raises(ModelFormatError, match="does not match"):
         pipe.train(cohort, tmp_path / "ft_patch", patch_cfg)
+    # an edited config: a missing key is one error naming it (it was a KeyError blamed on every scan), and
+    # class names that no longer match the head are refused (every scan was labelled with the wrong class)
+    import shutil
+
+    for key, edit in (("calibration", lambda m: m["extra"].pop("calibration")),
+                      ("do not match the model's output heads",
+                       lambda m: m["tasks"][[t["name"] for t in m["tasks"]].index("dx_ad")]["classes"].pop())):
+        edited = shutil.copytree(run / "model", tmp_path / f"edited_{len(key)}")
+        m = json.loads((edited / "config.json").read_text())
+        edit(m)
+        (edited / "config.json").write_text(json.dumps(m))
+        with pytest.raises(ModelFormatError, match=key):
+            pipe._load_multitask(edited)
 
 
 def test_finetune_refuses_test_scans_that_mae_pretraining_saw(cohort, tmp_path):

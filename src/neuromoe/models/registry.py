@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +36,7 @@ __all__ = [
     "load_model",
     "model_family",
     "register_model",
+    "require_meta",
     "save_model",
 ]
 
@@ -377,6 +378,21 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     model.to(map_location).eval()
     model.neuromoe_meta = config
     return model, config
+
+
+def require_meta(meta: dict[str, Any], keys: Sequence[str], directory: str | Path) -> None:
+    """Refuse a model config without what a family's inference reads (dotted keys, e.g. ``"extra.fc"``).
+
+    Why: :func:`load_model` checks the schema every family shares; a family key missing from an edited or
+    foreign ``config.json`` was a KeyError deep inside a prediction, reported against the scans."""
+    for key in keys:
+        node: Any = meta
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            raise ModelFormatError(f"config key '{key}' is missing (an edited config, or one another NeuroMoE "
+                                   "version wrote)", path=Path(directory) / CONFIG_NAME,
+                                   fix="use the model folder as training wrote it, or train it again")
 
 
 class PretrainedMixin:

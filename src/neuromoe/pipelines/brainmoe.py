@@ -1315,7 +1315,7 @@ def _add_evaluation(
 
 
 def _load_moe(model_dir: str | Path, device: str = "cpu") -> tuple[BrainMoE | Expert, dict[str, Any]]:
-    from neuromoe.models.registry import load_model
+    from neuromoe.models.registry import load_model, require_meta
 
     dev = resolve_device(device)  # before loading: --device cuda without a GPU is one clear error
     model, meta = load_model(model_dir)
@@ -1325,6 +1325,9 @@ def _load_moe(model_dir: str | Path, device: str = "cpu") -> tuple[BrainMoE | Ex
             path=model_dir,
             fix="pass RUN/model from 'neuromoe train --family brainmoe' (or an expert folder)",
         )
+    needs = ("extra.fc", "extra.age_stats", "extra.experts", "label_maps") if meta["extra"]["kind"] == "brainmoe" else (
+        "extra.fc",)
+    require_meta(meta, needs, model_dir)
     return model.to(dev), meta
 
 

@@ -1144,12 +1144,23 @@ def _positive_vs_reference(t: TaskSpec) -> tuple[int, int] | None:
 
 
 def _load_multitask(model_dir: str | Path) -> tuple[DenseFormerMoE, dict[str, Any]]:
-    from neuromoe.models.registry import load_model
+    from neuromoe.models.registry import load_model, require_meta
 
     model, meta = load_model(model_dir)
     if not isinstance(model, DenseFormerMoE) or meta.get("extra", {}).get("kind") != "multitask":
         raise ModelFormatError("not a fine-tuned DenseFormer-MoE model directory", path=model_dir,
                                fix="pass the 'model' folder written by 'neuromoe train --family denseformer'")
+    require_meta(meta, ("preprocessing", "tasks", "extra.calibration", "extra.img_size", "extra.target_stats"),
+                 model_dir)
+    try:  # the class names label the head's outputs: another count would name them wrongly
+        heads = [{k: h[k] for k in ("name", "type", "num_outputs")} for h in model.tasks]
+        same = [TaskSpec(**t).model_dict() for t in meta["tasks"]] == heads
+    except (TypeError, KeyError):
+        same = False
+    if not same:
+        raise ModelFormatError("the config's tasks (names, types, class counts) do not match the model's output "
+                               "heads", path=Path(model_dir) / "config.json",
+                               fix="use the model folder as training wrote it, or train it again")
     return model.eval(), meta
 
 

@@ -618,7 +618,7 @@ def _load_experts(model: MoME, experts: str | Path, modalities: Sequence[str]) -
 
 
 def _load(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    from neuromoe.models.registry import load_model
+    from neuromoe.models.registry import load_model, require_meta
 
     model, meta = load_model(model_dir)
     if meta.get("family") != FAMILY or meta.get("extra", {}).get("kind") not in ("mome", "unet", "expert"):
@@ -627,6 +627,7 @@ def _load(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             path=model_dir,
             fix="pass the 'model' folder written by 'neuromoe train --family mome'",
         )
+    require_meta(meta, ("preprocessing", "extra.modalities", "extra.patch_size", "extra.multimodal"), model_dir)
     return model.eval(), meta
 
 
