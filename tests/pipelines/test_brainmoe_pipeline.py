@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from neuromoe.data.synth import synth_cohort
 from neuromoe.errors import InputError
 from neuromoe.eval.report import load_section
 from neuromoe.models import load_model
+from neuromoe.models.registry import weights_digest
 from neuromoe.pipelines import brainmoe as bm
 
 N_ROIS = 20
@@ -74,6 +76,9 @@ def test_train_predict_embed_round_trip(cohort, pretrained, tmp_path):
     run = bm.train(cohort, tmp_path / "ft", _cfg(), experts=pretrained)
     model, meta = load_model(run / "model")  # rebuilt from config.json + safetensors only
     assert meta["extra"]["experts"] == ["emotion", "language", "motor", "rest", "wm"]
+    # which experts it was built from, by weights, not by the training machine's folder
+    assert meta["extra"]["experts_weights"]["wm"] == weights_digest(Path(pretrained) / "experts" / "wm")
+    assert str(Path(pretrained).resolve()) not in (run / "model" / "config.json").read_text()
     assert meta["label_maps"]["phenotype"] == ["control", "patient"]
     assert model.freeze_experts and len(model.experts) == 5
     section = load_section(run)  # 'neuromoe report' of a fine-tuning run: setup and router preference

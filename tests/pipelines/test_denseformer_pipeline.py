@@ -22,6 +22,7 @@ from neuromoe.data.structural import TaskSpec, encode_labels
 from neuromoe.data.synth import synth_cohort
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.report import load_section
+from neuromoe.models.registry import weights_digest
 from neuromoe.pipelines import denseformer as pipe
 
 
@@ -447,6 +448,9 @@ def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):
     meta = json.loads((run / "model" / "config.json").read_text())
     assert meta["kwargs"]["stem"] == "volume"
     assert set(meta["extra"]["head_refit"]) == {"age", "sex", "dx_ad", "dx_pd"}
+    # the encoder it started from, by weights: a shipped model folder carries no paths of the training machine
+    assert meta["extra"]["pretrained"] == weights_digest(mae_run / "model")
+    assert str(tmp_path) not in (run / "model" / "config.json").read_text()
     model, _ = pipe._load_multitask(run / "model")
     assert model.backbone.stem_type == "volume"
     patch_cfg = _cfg(tmp_path)
@@ -455,8 +459,6 @@ def test_volume_stem_pretrain_then_finetune(cohort, tmp_path):
         pipe.train(cohort, tmp_path / "ft_patch", patch_cfg)
     # an edited config: a missing key is one error naming it (it was a KeyError blamed on every scan), and
     # class names that no longer match the head are refused (every scan was labelled with the wrong class)
-    import shutil
-
     for key, edit in (("calibration", lambda m: m["extra"].pop("calibration")),
                       ("do not match the model's output heads",
                        lambda m: m["tasks"][[t["name"] for t in m["tasks"]].index("dx_ad")]["classes"].pop())):

@@ -9,6 +9,7 @@ newer format) is refused with one line that names the file and the fix.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "register_model",
     "require_meta",
     "save_model",
+    "weights_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -378,6 +380,16 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     model.to(map_location).eval()
     model.neuromoe_meta = config
     return model, config
+
+
+def weights_digest(directory: str | Path) -> str:
+    """``sha256:`` + 16 hex digits of a model folder's weights: which model another was built from, recorded
+    without the training machine's paths (a shipped model folder carries no user or cohort folder names)."""
+    h = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def require_meta(meta: dict[str, Any], keys: Sequence[str], directory: str | Path) -> None:

@@ -897,7 +897,7 @@ def train(
 ) -> Path:
     """Fine-tune router + adapter (experts frozen unless ``model.unfreeze_experts``) → ``out/model``;
     ``resume`` continues from ``out``'s last checkpoint."""
-    from neuromoe.models.registry import save_model
+    from neuromoe.models.registry import save_model, weights_digest
 
     cfg = cfg or load_brainmoe_config()
     out, experts = Path(out), Path(experts)
@@ -922,7 +922,7 @@ def train(
             cfg,
             n_train=int(rows.sum()),
             best_val_loss=result.best_metric,
-            experts_dir=str(experts),
+            experts_weights={n: weights_digest(experts / "experts" / n) for n in names},
         ),
     )
     _add_train(out, cfg, model, down, rows, names, age_stats, result.best_metric)

@@ -592,7 +592,7 @@ def _learnable_tasks(table: pd.DataFrame, tasks: Sequence[TaskSpec], train_mask:
 def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = None, *,
           resume: bool = False) -> Path:
     """Multi-task fine-tuning → ``out/model`` (with calibration fitted on validation) and a report section."""
-    from neuromoe.models.registry import create_model, save_model
+    from neuromoe.models.registry import create_model, save_model, weights_digest
 
     cfg = cfg or load_denseformer_config()
     out = Path(out)
@@ -664,7 +664,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
     meta = {
         "family": FAMILY, "preprocessing": spec.to_dict(), "tasks": [to_dict(t) for t in ft.tasks],
         "extra": {"kind": "multitask", "img_size": list(_img_size(cfg)), "target_stats": target_stats,
-                  "calibration": calibration, "head": m.head, "pretrained": ft.pretrained,
+                  "calibration": calibration, "head": m.head,
+                  "pretrained": ft.pretrained and weights_digest(ft.pretrained),  # not its path: no machine paths
                   "label_fraction": ft.label_fraction, "n_train": int(train_mask.sum()),
                   "best_val_loss": result.best_metric, "head_refit": refit, "split_seed": cfg.seed,
                   # train + val scans (fitting, checkpoint choice, calibration) and the MAE's inputs: evaluate
