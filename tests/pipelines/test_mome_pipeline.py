@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -440,6 +441,26 @@ def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(t
     scored = set(per_case["subject"])
     assert scored == set(table["subject"][split[1] == "test"]) and not scored & trained_on
     assert (per_case["session"] == "ses-2").all()
+    # an external cohort is scored whole with split="all" (here: the unseen test case and a copy of it under
+    # another name); fitted cases among the rows are still refused
+    import shutil
+
+    external = table[split[1] == "test"].copy()
+    copy = external.assign(subject="ext-2")
+    (root / "ext-2").mkdir()
+    for col in ("t1", "flair", "mask"):
+        if isinstance(name := copy[col].iloc[0], str):
+            shutil.copy(root / "manifests" / name, root / "ext-2" / Path(name).name)
+            copy[col] = f"../ext-2/{Path(name).name}"
+    pd.concat([external, copy]).to_csv(root / "manifests" / "external.csv", index=False)
+    ev = mome.evaluate(run / "model", root / "manifests" / "external.csv", tmp_path / "ev_all", split="all", device="cpu",
+                       n_overlays=0, cache_dir=cfg.cache_dir)
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["split"] == "all" and metrics["n_cases"] == 2
+    assert "Every case of an external cohort" in (ev / "report" / "section.json").read_text()
+    with pytest.raises(InputError, match="were used to train or tune"):
+        mome.evaluate(run / "model", manifest, tmp_path / "ev_all2", split="all", device="cpu", n_overlays=0,
+                      cache_dir=cfg.cache_dir)
 
 
 def test_stage2_refuses_test_cases_its_stage1_experts_were_trained_on(tmp_path) -> None:

@@ -57,7 +57,9 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--model", required=True, help="model folder written by 'train'")
         parser.add_argument("--data", required=True, help="labelled cohort folder, manifest or BIDS folder")
         parser.add_argument("--out", required=True, help="output folder (metrics.json, per_case.csv, report)")
-        parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+        parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                            help="which rows to score (default test); 'all' scores every row of an external "
+                                 "cohort (scans the model was fitted on are refused)")
         parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
         _precision_argument(parser)
     if verb == "segment":

@@ -1005,6 +1005,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
 
     Writes ``out/metrics.json``, ``out/predictions.csv`` and ``out/report/section.json`` (+ PNGs); with
     ``section`` given, the results are added to that report section instead (the caller saves it).
+    ``split="all"`` scores every row (an external cohort: without a split column only the seeded 'test'
+    share would be scored), refusing any scan the model was fitted on, as for 'test'.
     """
     out = Path(out)
     model, meta = _load_multitask(model_dir)
@@ -1013,10 +1015,10 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     table, source = _resolve_table(data)
     _require_labels(table, source)
     splits = assign_splits(table, seed=extra.get("split_seed", seed)).to_numpy()  # the split train() used
-    rows = splits == split
+    rows = np.ones(len(table), bool) if split == "all" else splits == split  # all: an external cohort
     if not rows.any():
         raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
-    if split == "test":  # e.g. the same manifest without its split column: a new random split
+    if split in ("test", "all"):  # e.g. the same manifest without its split column: a new random split
         refuse_fitted(extra.get("fit_fingerprints", []), case_fingerprints(table[rows], ["t1"]), source, "scans",
                       "train, pretrain or calibrate")
     from neuromoe.data.preprocess import PreprocSpec
@@ -1028,6 +1030,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     # the baseline learns from the labels the model learnt from (label_fraction < 1: a subset of train)
     train_rows = _label_subsample(table, splits == "train", extra.get("label_fraction", 1.0),
                                   extra.get("split_seed", seed))
+    if split == "all":  # every row is scored: none may fit the baseline
+        train_rows = np.zeros(len(table), bool)
     tbv = _tbv(dataset.images)
     cal = extra["calibration"]
     metrics: dict[str, Any] = {"split": split, "n": int(rows.sum()), "tasks": {}}
@@ -1042,7 +1046,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
         p = pred[t.name]
         base = _tbv_baseline(t, tbv, y_all, train_rows, rows)
         if base is None:  # e.g. a test-only table: no training rows to fit the baseline on
-            no_baseline[t.name] = "fewer than 3 labelled training subjects (of both classes) in this table"
+            no_baseline[t.name] = ("every subject is scored (--split all): none left to fit it on" if split == "all"
+                                   else "fewer than 3 labelled training subjects (of both classes) in this table")
         entry: dict[str, Any] = {}
         if t.type == "regression":
             have = np.isfinite(y)
@@ -1174,7 +1179,8 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
     from sklearn.metrics import confusion_matrix, roc_curve
 
     split = metrics["split"]
-    scored = (f"Held-out '{split}' subjects" if split == "test" else
+    scored = ("Every subject of an external cohort" if split == "all" else
+              f"Held-out '{split}' subjects" if split == "test" else
               f"'{split}' subjects — in-sample: they fitted the model"
               + (", the age correction and the conformal calibration, so coverage here is no test of it"
                  if split == "val" else ""))

@@ -221,12 +221,12 @@ def _unscored(data: str | Path, cfg: MoMEConfig, split: str, mods: Sequence[str]
 
     out: dict[str, str] = {}
     full = load_table(cohort_source(data, "lesion"))
-    if "split" in full.columns:
+    if "split" in full.columns or split == "all":
         no_mask = full["mask"].isna() if "mask" in full.columns else pd.Series(True, index=full.index)
-        for _, r in full[(full["split"] == split) & no_mask].iterrows():
+        for _, r in full[no_mask & (True if split == "all" else full["split"] == split)].iterrows():
             out[str(r.get("subject", "?"))] = "no lesion mask"
     table, _, splits = _table_and_split(data, cfg)
-    rows = splits == split
+    rows = _rows_of(splits, split)
     have = [m for m in mods if m in table.columns]
     usable = table[have].notna().any(axis=1).to_numpy() if have else np.zeros(len(table), bool)
     for _, r in table[rows & ~usable].iterrows():
@@ -248,6 +248,11 @@ def _table_and_split(data: str | Path, cfg: MoMEConfig) -> tuple[pd.DataFrame, s
 
     table, source = _resolve_table(data)
     return table, source, assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
+
+
+def _rows_of(splits: np.ndarray, split: str) -> np.ndarray:
+    """Rows of ``split``; ``"all"``: every row (an external cohort, scored whole)."""
+    return np.ones(len(splits), bool) if split == "all" else splits == split
 
 
 def _case_prints(rows: pd.DataFrame, modalities: Sequence[str]) -> list[set[str]]:
@@ -272,8 +277,8 @@ def _split_cases(
     usable = table[mods].notna().any(axis=1).to_numpy() if mods else np.zeros(len(table), bool)
     cache = _cache(cfg.cache_dir)
     return {
-        s: load_lesion_cases(table[(split == s) & usable], spec, cfg.model.modalities, cache, source)
-        if ((split == s) & usable).any()
+        s: load_lesion_cases(table[_rows_of(split, s) & usable], spec, cfg.model.modalities, cache, source)
+        if (_rows_of(split, s) & usable).any()
         else []
         for s in splits
     }
@@ -908,7 +913,8 @@ def evaluate(
     """Per case × modality Dice, HD95, lesion-wise F1 and absolute volume difference → ``out/per_case.csv``,
     ``out/metrics.json`` (means per dataset / modality / lesion type, expert specialisation matrix) and a
     report section with the tables, contour overlays and gate maps (added to ``section`` when given).
-    ``precision`` defaults to the one the model's threshold was tuned with."""
+    ``precision`` defaults to the one the model's threshold was tuned with. ``split="all"`` scores every case
+    (an external cohort), refusing cases the model was fitted on, as for 'test'."""
     from neuromoe.data.preprocess import PreprocSpec
 
     out = Path(out)
@@ -923,9 +929,9 @@ def evaluate(
     # the whole field of view, as segment sees it: the training shape cut lesion voxels out of the ground
     # truth (a case's lesion 7.0 → 6.3 mL), and its Dice, HD95 and volume then described part of the lesion
     spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
-    if split == "test":  # a split drawn anew (no split column, other row order) may hold fitted cases
+    if split in ("test", "all"):  # a split drawn anew (no split column, other row order) may hold fitted cases
         table, source, splits = _table_and_split(data, cfg)
-        refuse_fitted(extra.get("fit_fingerprints", []), _case_prints(table[splits == "test"], mods), source,
+        refuse_fitted(extra.get("fit_fingerprints", []), _case_prints(table[_rows_of(splits, split)], mods), source,
                       "cases", "train or tune")
     cases = _split_cases(data, cfg, spec, (split,))[split]
     if not cases:
@@ -993,7 +999,7 @@ def evaluate(
         frame.to_csv(tmp, index=False)
     atomic_write_json(out / "metrics.json", metrics, strict=True)
     own = section is None
-    section = _new_section("MoME: lesion segmentation on held-out cases") if own else section
+    section = _new_section(f"MoME: lesion segmentation ('{split}' cases)") if own else section
     _add_evaluation(section, metrics, frame, cases, maps, mods)
     if own:
         section.save(out)
@@ -1008,9 +1014,12 @@ def _add_evaluation(
     maps: list[tuple[int, str, VolumePrediction]],
     mods: Sequence[str],
 ) -> None:
-    mean = metrics["mean"]
+    mean, split = metrics["mean"], metrics["split"]
+    scored = {"all": "Every case of an external cohort", "test": "Held-out 'test' cases",
+              "val": "'val' cases — in-sample: they chose the checkpoint and the threshold",
+              "train": "'train' cases — in-sample: they fitted the model"}[split]
     section.add_text(
-        f"Held-out '{metrics['split']}' cases (n={metrics['n_cases']}, {metrics['n_predictions']} predictions; "
+        f"{scored} (n={metrics['n_cases']}, {metrics['n_predictions']} predictions; "
         f"{'MoME+: all available modalities at once' if metrics['multimodal'] else 'one prediction per input modality; the modality is not given to the model, the gate sees only the image'}"
         f"{', mirror TTA' if metrics['tta'] else ''}). Mean Dice {mean['dice']:.3f}, HD95 {mean['hd95']:.1f} mm "
         f"(over the {mean['n_hd95']} predictions where it is defined: both masks non-empty or both empty), "
