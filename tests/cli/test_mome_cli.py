@@ -472,3 +472,8 @@ def test_a_batch_where_every_case_fails_is_refused_with_its_failures_and_no_tabl
     err = capsys.readouterr().err
     assert "no case could be segmented (2 failed" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["failures.csv"]
+    # no case at all (an fMRI-only table): the same refusal, not an empty table and exit 0
+    (tmp_path / "func.csv").write_text(f"subject,bold,t1\ns1,{tmp_path / 'bold.nii.gz'},\n")
+    assert main(["segment", "--model", model_dir, "--input", str(tmp_path / "func.csv"), "--output",
+                 str(tmp_path / "masks2"), "--device", "cpu"]) == 2
+    assert "no lesion case in it" in capsys.readouterr().err and not (tmp_path / "masks2" / "segment.csv").exists()

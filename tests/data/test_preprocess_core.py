@@ -398,11 +398,28 @@ def test_an_unwritable_cache_is_said_once_and_inference_goes_on(tmp_path, capsys
     b = preprocess_case({"t1": str(_brain(tmp_path / "b.nii.gz", np.eye(4), seed=1))}, spec, cache)
     ref = preprocess_case({"t1": str(tmp_path / "a.nii.gz")}, spec)
     np.testing.assert_array_equal(a["t1"], ref["t1"])
-    assert b["t1"].shape == (12, 12, 12) and not cache.writable
+    assert b["t1"].shape == (12, 12, 12) and not cache.usable
+    again = PreprocCache(blocker / "cache")  # a command opens its cache more than once: still said once
+    preprocess_case({"t1": str(tmp_path / "a.nii.gz")}, spec, again)
     err = capsys.readouterr().err
     assert err.count("cannot write the preprocessing cache") == 1 and "--cache" in err
-    with pytest.raises(InputError, match="cannot write the preprocessing cache"):
+    with pytest.raises(InputError, match=r"cannot write the preprocessing cache.*--out"):
         preprocess_case({"t1": str(tmp_path / "a.nii.gz")}, spec, PreprocCache(blocker / "c", required=True))
+
+
+def test_a_cache_folder_that_cannot_be_searched_is_skipped(tmp_path, monkeypatch, capsys):
+    """Path.exists() raises PermissionError on a folder the user may not search (HOME=/root, mode 700, in a
+    container run as another user): every scan was skipped as 'Permission denied'."""
+    from pathlib import Path
+
+    spec = PreprocSpec(spacing=(2.0, 2.0, 2.0), shape=(12, 12, 12))
+    root = tmp_path / "locked"
+    real = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self, **kw: (_ for _ in ()).throw(PermissionError(13, "Permission "
+                        "denied")) if root in self.parents else real(self, **kw))
+    out = preprocess_case({"t1": str(_brain(tmp_path / "a.nii.gz", np.eye(4)))}, spec, PreprocCache(root))
+    assert out["t1"].shape == (12, 12, 12)
+    assert "cannot read the preprocessing cache (Permission denied)" in capsys.readouterr().err
 
 
 def test_preprocess_into_an_unwritable_folder_is_one_error_before_any_row(tmp_path):

@@ -349,7 +349,7 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     assert not (tmp_path / "eval5").exists()
     # an external cohort (here: the unseen test scans, without a split column) is scored whole with --split all;
     # without it only a seeded 'test' share was scored. Fitted scans among them are still refused.
-    external = table[test].drop(columns="split")
+    external = table[test].assign(split="")  # its own (blank) split column means nothing to --split all
     external.to_csv(tmp_path / "external.csv", index=False)
     ev = pipe.evaluate(run / "model", tmp_path / "external.csv", tmp_path / "eval6", split="all", n_bootstrap=5,
                        cache_dir=cfg.cache_dir)
@@ -357,7 +357,7 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     assert metrics["n"] == len(external) and metrics["split"] == "all"
     assert "none left to fit it on" in metrics["tbv_baseline_skipped"]["age"]
     assert "Every subject of an external cohort" in (ev / "report" / "section.json").read_text()
-    with pytest.raises(InputError, match="used to train, pretrain or calibrate"):
+    with pytest.raises(InputError, match="of this external table were used to train, pretrain or calibrate"):
         pipe.evaluate(run / "model", tmp_path / "nosplit.csv", tmp_path / "eval7", split="all", n_bootstrap=5,
                       cache_dir=cfg.cache_dir)
 

@@ -452,13 +452,14 @@ def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(t
         if isinstance(name := copy[col].iloc[0], str):
             shutil.copy(root / "manifests" / name, root / "ext-2" / Path(name).name)
             copy[col] = f"../ext-2/{Path(name).name}"
-    pd.concat([external, copy]).to_csv(root / "manifests" / "external.csv", index=False)
+    # the external table's own split column (one blank cell) means nothing to --split all
+    pd.concat([external, copy]).assign(split=["test", ""]).to_csv(root / "manifests" / "external.csv", index=False)
     ev = mome.evaluate(run / "model", root / "manifests" / "external.csv", tmp_path / "ev_all", split="all", device="cpu",
                        n_overlays=0, cache_dir=cfg.cache_dir)
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["split"] == "all" and metrics["n_cases"] == 2
     assert "Every case of an external cohort" in (ev / "report" / "section.json").read_text()
-    with pytest.raises(InputError, match="were used to train or tune"):
+    with pytest.raises(InputError, match=r"of this external table were used to train or tune this model \(sub-0"):
         mome.evaluate(run / "model", manifest, tmp_path / "ev_all2", split="all", device="cpu", n_overlays=0,
                       cache_dir=cfg.cache_dir)
 

@@ -344,15 +344,15 @@ def default_cache_root(cache_dir: str | Path | None = None) -> Path:
 class PreprocCache:
     """On-disk cache of preprocessed cases keyed by (path, size, mtime_ns, content sample, role order, spec hash).
 
-    A cache that cannot be written (read-only home in an inference container, a full disk) is said once and
-    then skipped: inference must not fail, nor blame the scans, for want of a cache. ``required`` (the
+    A cache that cannot be written or read (read-only home in an inference container, a full disk, a folder of
+    another user) is said once and then skipped: inference must not fail, nor blame the scans, for want of a cache. ``required`` (the
     ``preprocess`` command, whose output the cache is) makes that an error instead.
     """
 
     def __init__(self, root: str | Path, *, required: bool = False):
         self.root = Path(root)
         self.required = required
-        self.writable = True
+        self.usable = True
         self.hits = 0
         self.misses = 0
 
@@ -372,16 +372,21 @@ class PreprocCache:
         return h.hexdigest()[:32]
 
     def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        if not self.usable:
+            return None
         npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
-        if not (npy.exists() and meta.exists()):
-            return None
         try:
+            if not (npy.exists() and meta.exists()):  # exists() raises on a folder it may not search
+                return None
             return np.load(npy), json.loads(meta.read_text())
+        except PermissionError as err:
+            self._unusable("read", err)
         except (OSError, ValueError):
-            return None
+            pass  # a damaged entry: computed again and replaced
+        return None
 
     def put(self, key: str, data: np.ndarray, meta: dict[str, Any]) -> None:
-        if not self.writable:
+        if not self.usable:
             return
         try:
             with atomic_path(self.root / f"{key}.npy") as tmp:
@@ -389,13 +394,22 @@ class PreprocCache:
             with atomic_path(self.root / f"{key}.json") as tmp:
                 tmp.write_text(json.dumps(meta))
         except OSError as err:
-            fix = "give a writable folder with --cache or NEUROMOE_CACHE"
-            if self.required:
-                raise InputError(f"cannot write the preprocessing cache: {err.strerror or err}", path=self.root,
-                                 fix=fix) from None
-            self.writable = False
-            print(f"neuromoe: warning: {self.root}: cannot write the preprocessing cache ({err.strerror or err}); "
+            self._unusable("write", err)
+
+    def _unusable(self, what: str, err: OSError) -> None:
+        fix = "give a writable folder as --out" if self.required else \
+            "give a writable folder with --cache or NEUROMOE_CACHE"
+        if self.required:
+            raise InputError(f"cannot {what} the preprocessing cache: {err.strerror or err}", path=self.root,
+                             fix=fix) from None
+        self.usable = False
+        if str(self.root) not in _WARNED:  # once per folder and process (a command opens the cache several times)
+            _WARNED.add(str(self.root))
+            print(f"neuromoe: warning: {self.root}: cannot {what} the preprocessing cache ({err.strerror or err}); "
                   f"going on without it — {fix}", file=sys.stderr)
+
+
+_WARNED: set[str] = set()
 
 
 class CaseResult(dict):

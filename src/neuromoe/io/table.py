@@ -440,12 +440,19 @@ def case_fingerprints(rows: pd.DataFrame, columns: Sequence[str], *, path_only: 
 
 
 def refuse_fitted(fit_fingerprints: Sequence[str], cases: Sequence[set[str]], source: str, what: str,
-                  how: str) -> None:
-    """Refuse a 'test' evaluation whose cases (each given by its :func:`scan_fingerprints`) the model was
-    fitted on (``fit_fingerprints``, stored at training)."""
+                  how: str, *, split: str = "test", names: Sequence[str] = ()) -> None:
+    """Refuse a 'test' (or ``split="all"``: a whole external cohort) evaluation whose cases (each given by its
+    :func:`scan_fingerprints`, named by ``names``) the model was fitted on (``fit_fingerprints``, stored at
+    training)."""
     fit = set(fit_fingerprints)
-    fitted = sum(bool(fit & prints) for prints in cases)
-    if fitted:
-        raise InputError(f"{fitted} of the {len(cases)} 'test' {what} were used to {how} this model", path=source,
-                         fix="evaluate on the table the model was trained with (same 'split' column) or on new "
-                         f"{what}; --split train/val scores the fitted {what} on purpose")
+    hits = [i for i, prints in enumerate(cases) if fit & prints]
+    if not hits:
+        return
+    if split == "all":
+        shown = ", ".join(str(names[i]) for i in hits[:5]) + (" …" if len(hits) > 5 else "") if names else ""
+        raise InputError(f"{len(hits)} of the {len(cases)} {what} of this external table were used to {how} this "
+                         f"model" + (f" ({shown})" if shown else ""), path=source,
+                         fix=f"remove those rows: an external evaluation must hold only {what} the model never saw")
+    raise InputError(f"{len(hits)} of the {len(cases)} 'test' {what} were used to {how} this model", path=source,
+                     fix="evaluate on the table the model was trained with (same 'split' column) or on new "
+                     f"{what}; --split train/val scores the fitted {what} on purpose")

@@ -1014,13 +1014,16 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     extra = meta["extra"]
     table, source = _resolve_table(data)
     _require_labels(table, source)
-    splits = assign_splits(table, seed=extra.get("split_seed", seed)).to_numpy()  # the split train() used
-    rows = np.ones(len(table), bool) if split == "all" else splits == split  # all: an external cohort
+    if split == "all":  # an external cohort, scored whole: its own split column (if any) means nothing here
+        splits = np.full(len(table), "all")
+    else:
+        splits = assign_splits(table, seed=extra.get("split_seed", seed)).to_numpy()  # the split train() used
+    rows = splits == split
     if not rows.any():
         raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
     if split in ("test", "all"):  # e.g. the same manifest without its split column: a new random split
         refuse_fitted(extra.get("fit_fingerprints", []), case_fingerprints(table[rows], ["t1"]), source, "scans",
-                      "train, pretrain or calibrate")
+                      "train, pretrain or calibrate", split=split, names=scan_ids(table[rows])["subject"].tolist())
     from neuromoe.data.preprocess import PreprocSpec
 
     cfg = DenseFormerConfig(cache_dir=cache_dir)
@@ -1030,8 +1033,6 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     # the baseline learns from the labels the model learnt from (label_fraction < 1: a subset of train)
     train_rows = _label_subsample(table, splits == "train", extra.get("label_fraction", 1.0),
                                   extra.get("split_seed", seed))
-    if split == "all":  # every row is scored: none may fit the baseline
-        train_rows = np.zeros(len(table), bool)
     tbv = _tbv(dataset.images)
     cal = extra["calibration"]
     metrics: dict[str, Any] = {"split": split, "n": int(rows.sum()), "tasks": {}}

@@ -225,8 +225,8 @@ def _unscored(data: str | Path, cfg: MoMEConfig, split: str, mods: Sequence[str]
         no_mask = full["mask"].isna() if "mask" in full.columns else pd.Series(True, index=full.index)
         for _, r in full[no_mask & (True if split == "all" else full["split"] == split)].iterrows():
             out[str(r.get("subject", "?"))] = "no lesion mask"
-    table, _, splits = _table_and_split(data, cfg)
-    rows = _rows_of(splits, split)
+    table, _, splits = _table_and_split(data, cfg, every=split == "all")
+    rows = splits == split
     have = [m for m in mods if m in table.columns]
     usable = table[have].notna().any(axis=1).to_numpy() if have else np.zeros(len(table), bool)
     for _, r in table[rows & ~usable].iterrows():
@@ -242,17 +242,15 @@ def _whole_val(data: str | Path, cfg: MoMEConfig, spec: Any) -> list[LesionCase]
     return _split_cases(data, cfg, replace(spec, shape=None), ("val",))["val"]
 
 
-def _table_and_split(data: str | Path, cfg: MoMEConfig) -> tuple[pd.DataFrame, str, np.ndarray]:
-    """The cases with a lesion mask and their split (``split`` column, else stratified by lesion type)."""
+def _table_and_split(data: str | Path, cfg: MoMEConfig, *, every: bool = False) -> tuple[pd.DataFrame, str, np.ndarray]:
+    """The cases with a lesion mask and their split (``split`` column, else stratified by lesion type);
+    ``every``: all in split ``"all"`` (an external cohort, scored whole whatever its own split column says)."""
     from neuromoe.data.splits import assign_splits
 
     table, source = _resolve_table(data)
+    if every:
+        return table, source, np.full(len(table), "all")
     return table, source, assign_splits(table, seed=cfg.seed, stratify=("lesion_type",)).to_numpy()
-
-
-def _rows_of(splits: np.ndarray, split: str) -> np.ndarray:
-    """Rows of ``split``; ``"all"``: every row (an external cohort, scored whole)."""
-    return np.ones(len(splits), bool) if split == "all" else splits == split
 
 
 def _case_prints(rows: pd.DataFrame, modalities: Sequence[str]) -> list[set[str]]:
@@ -272,13 +270,13 @@ def _split_cases(
 ) -> dict[str, list[LesionCase]]:
     """Preprocessed cases per split (``split`` column, else stratified by lesion type); cases with none of
     the model's modalities (e.g. DWI-only cases for a T1 expert) are left out."""
-    table, source, split = _table_and_split(data, cfg)
+    table, source, split = _table_and_split(data, cfg, every="all" in splits)
     mods = [m for m in cfg.model.modalities if m in table.columns]
     usable = table[mods].notna().any(axis=1).to_numpy() if mods else np.zeros(len(table), bool)
     cache = _cache(cfg.cache_dir)
     return {
-        s: load_lesion_cases(table[_rows_of(split, s) & usable], spec, cfg.model.modalities, cache, source)
-        if (_rows_of(split, s) & usable).any()
+        s: load_lesion_cases(table[(split == s) & usable], spec, cfg.model.modalities, cache, source)
+        if ((split == s) & usable).any()
         else []
         for s in splits
     }
@@ -930,13 +928,14 @@ def evaluate(
     # truth (a case's lesion 7.0 → 6.3 mL), and its Dice, HD95 and volume then described part of the lesion
     spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
     if split in ("test", "all"):  # a split drawn anew (no split column, other row order) may hold fitted cases
-        table, source, splits = _table_and_split(data, cfg)
-        refuse_fitted(extra.get("fit_fingerprints", []), _case_prints(table[_rows_of(splits, split)], mods), source,
-                      "cases", "train or tune")
+        table, source, splits = _table_and_split(data, cfg, every=split == "all")
+        rows = table[splits == split]
+        refuse_fitted(extra.get("fit_fingerprints", []), _case_prints(rows, mods), source, "cases", "train or tune",
+                      split=split, names=rows["subject"].astype(str).tolist())
     cases = _split_cases(data, cfg, spec, (split,))[split]
     if not cases:
-        _, source, splits = _table_and_split(data, cfg)
-        if not _unscored(data, cfg, split, mods):  # not "no case has a mask": every case may have one
+        _, source, splits = _table_and_split(data, cfg, every=split == "all")
+        if split != "all" and not _unscored(data, cfg, split, mods):  # not "no case has a mask": every case may have one
             raise InputError(f"the split has no '{split}' case (train {int((splits == 'train').sum())}, val "
                              f"{int((splits == 'val').sum())}, test {int((splits == 'test').sum())})", path=source,
                              fix="choose another --split, or give the table a split column")
@@ -1294,6 +1293,7 @@ def segment(
                          path=out_dir, fix="give a folder as --output (or --t1/--flair/... for one case)")
     check_outputs([out_dir / "segment.csv", out_dir / "failures.csv"], [source])
     sidecars, failures = [], []
+    unforeseen: Exception | None = None
     for _, row in table.iterrows():
         subject = str(row.get("subject", len(sidecars) + len(failures)))
         # one output per table row: the sessions / runs of a subject must not overwrite each other, and the
@@ -1329,12 +1329,18 @@ def segment(
         except Exception as exc:  # one bad case (also an unforeseen one) must not stop the batch
             msg = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
             failures.append({**ids, "error": msg})
+            if not isinstance(exc, InputError):
+                unforeseen = unforeseen or exc
             print(f"neuromoe: skipped {name}: {msg}", file=sys.stderr)
-    if failures and not sidecars:  # nothing segmented: refuse like a single bad case; the failures say what to fix
+    if not sidecars:  # nothing segmented: refuse like a single bad case; the failures say what to fix
         remove_stale(out_dir / "segment.csv")
         write_failures(out_dir / "failures.csv", failures)
-        raise InputError(f"no case could be segmented ({len(failures)} failed, listed above)", path=source,
-                         fix="fix the listed files")
+        if unforeseen is not None:  # e.g. out of memory: not the files' fault, and the CLI says it as such
+            raise unforeseen
+        raise InputError(f"no case could be segmented ({len(failures)} failed, listed above)" if failures else
+                         "no lesion case in it (rows without any of the model's modalities are not cases)",
+                         path=source, fix="fix the listed files" if failures else
+                         f"give cases with one of the model's modalities {list(mods)}")
     summary = pd.DataFrame([{k: v for k, v in s.items() if not isinstance(v, dict)} for s in sidecars])
     with atomic_path(out_dir / "segment.csv") as tmp:
         summary.to_csv(tmp, index=False)
