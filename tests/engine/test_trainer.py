@@ -8,6 +8,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -139,6 +140,12 @@ def test_bf16_max_steps_and_config(tmp_path: Path, cpu_bf16, native: str) -> Non
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError):
             resolve_device("cuda")
+    with pytest.MonkeyPatch.context() as mp:  # a GPU index beyond those visible: a config error, not a traceback
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        mp.setattr(torch.cuda, "device_count", lambda: 2)
+        assert resolve_device("cuda:1") == torch.device("cuda", 1)
+        with pytest.raises(ConfigError, match="only 2 GPU"):
+            resolve_device("cuda:2")
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(ModelFormatError):
         load_checkpoint(tmp_path / "bad.safetensors")
@@ -511,3 +518,46 @@ def test_a_resumed_runs_log_equals_the_uninterrupted_one_when_checkpoints_fall_i
         return [r for r in csv.DictReader((tmp_path / run / "metrics.csv").open()) if r.get("train_loss")]
 
     assert rows("a") == rows("b")
+
+
+def test_checkpoints_keep_the_current_gpus_random_stream_only(monkeypatch) -> None:
+    """All visible GPUs' streams were saved and restored: a run resumed with fewer GPUs (one per process under
+    SLURM) failed with IndexError, and a rank got its streams by position. CUDA is faked: none here."""
+    from neuromoe.engine import checkpoint
+
+    restored: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    state = checkpoint.rng_state()
+    assert [int(s[0]) for s in state["cuda"]] == [7]
+    checkpoint.set_rng_state(state)
+    older = {**state, "cuda": [torch.tensor([0], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8)]}
+    checkpoint.set_rng_state(older)  # one state per visible GPU: this process's GPU's (1)
+    checkpoint.set_rng_state({**state, "cuda": [torch.tensor([5], dtype=torch.uint8)] * 3})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 4)
+    checkpoint.set_rng_state(older)  # more GPUs than it was saved with: nothing to restore, no IndexError
+    assert restored == [7, 1, 5]
+
+
+@pytest.mark.parametrize(("device", "backend", "bound"), [("cpu", "gloo", None), ("cuda", "nccl", 1)])
+def test_the_process_group_backend_follows_the_runs_device(monkeypatch, device, backend, bound) -> None:
+    """A --device cpu run under torchrun on a GPU machine opened an nccl group and failed at its first collective;
+    a CUDA rank is bound to LOCAL_RANK modulo the GPUs it sees, before the group opens. CUDA is faked."""
+    from neuromoe.engine import distributed
+
+    opened: list[tuple[str, Any]] = []
+    bound_to: list[int] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", bound_to.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: bound_to[-1])
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, init_method, **kw: opened.append((backend, kw.get("device_id"))))
+    distributed.init_distributed(torch.device(device))
+    assert opened[0][0] == backend and bound_to == ([bound] if bound is not None else [])
+    assert opened[0][1] == (torch.device("cuda", 1) if bound is not None else None)

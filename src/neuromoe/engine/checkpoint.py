@@ -1,7 +1,7 @@
 """Training checkpoints as ONE safetensors file: tensors in the payload, everything else as JSON metadata.
 
 Holds model, optimiser and scheduler state, RNG states (torch CPU/CUDA, numpy, python) and the data
-position, so ``fit(resume=True)`` continues bit-exactly. No pickle anywhere: loading a checkpoint
+position, so ``fit(resume=True)`` continues bit-exactly (on CUDA only as far as its kernels are deterministic). No pickle anywhere: loading a checkpoint
 cannot execute code. Written through :func:`neuromoe.io.atomic.atomic_path`, so a kill mid-write
 leaves the previous checkpoint intact.
 """
@@ -50,7 +50,9 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # the current GPU's stream only (a rank's own under torchrun): all visible GPUs' made a resume with fewer
+        # of them fail, and reading them initialised CUDA for a CPU run on a GPU machine
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
         "python": json.loads(json.dumps(random.getstate())),
     }
@@ -58,8 +60,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and torch.cuda.is_available():  # checkpoints before 2026-12-07 hold one state per visible GPU
+        i = torch.cuda.current_device() if len(cuda) > 1 else 0
+        if i < len(cuda):
+            torch.cuda.set_rng_state(cuda[i])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     version, internal, gauss = state["python"]

@@ -26,17 +26,28 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes (``WORLD_SIZE>1``); returns ``(rank, world_size)``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # closed at exit, not after a command: a group opened again in the same process (demo's pretrain →
-        # train) found the first one's addresses in torchrun's store and failed to connect; a process leaving
-        # with its group open can make gloo abort at exit
-        atexit.register(_close_at_exit)
+def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes (``WORLD_SIZE>1``); returns ``(rank, world_size)``.
+
+    The backend follows the run's ``device`` (nccl for CUDA, gloo for CPU: a ``--device cpu`` run on a GPU
+    machine in an nccl group failed at its first collective). A CUDA rank is bound to GPU ``LOCAL_RANK`` modulo
+    the GPUs it sees (a launcher that shows each process one GPU makes that cuda:0) before the group opens,
+    and also when the caller opened the group: otherwise every rank worked on cuda:0.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        if not dist.is_initialized():
+            if use_cuda:
+                dist.init_process_group(backend="nccl", init_method="env://",
+                                        device_id=torch.device("cuda", torch.cuda.current_device()))
+            else:
+                dist.init_process_group(backend="gloo", init_method="env://")
+            # closed at exit, not after a command: a group opened again in the same process (demo's pretrain →
+            # train) found the first one's addresses in torchrun's store and failed to connect; a process
+            # leaving with its group open can make gloo abort at exit
+            atexit.register(_close_at_exit)
     if world_size() > 1 and _STATE["wait"] is None:  # every rank builds its Trainer here, so all reach new_group
         _STATE["wait"] = dist.new_group(backend="gloo", timeout=timedelta(days=1))
     return rank(), world_size()
@@ -55,7 +66,7 @@ def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     tensor /= world_size()
-    return tensor if isinstance(value, torch.Tensor) else float(tensor)
+    return tensor.to(value.device) if isinstance(value, torch.Tensor) else float(tensor)  # back where it came from
 
 
 T = TypeVar("T")

@@ -5,7 +5,8 @@ A family overrides :meth:`Trainer.training_step`, :meth:`Trainer.validation_step
 precision, accumulation, clipping, logging (``metrics.csv`` + TensorBoard), early stopping and
 checkpoints. Data order is a deterministic function of ``(seed, epoch)`` and the checkpoint stores the
 position inside the epoch, so an interrupted run resumed with ``fit(resume=True)`` ends with the same
-weights, bit for bit, as an uninterrupted one (same device and thread count).
+weights, bit for bit, as an uninterrupted one (same device and thread count; on CUDA only where its kernels
+are deterministic, which nothing here enforces: cuDNN convolution and pooling backward are not).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from neuromoe.config import save_config
@@ -156,8 +158,10 @@ class Trainer:
         _check(cfg)
         self.cfg, self.train_set, self.val_set, self.collate_fn = cfg, train_set, val_set, collate_fn
         self.run_dir = Path(run_dir)
-        self.rank, self.world_size = dist_utils.init_distributed()
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device)  # first: it chooses the process group's backend
+        self.rank, self.world_size = dist_utils.init_distributed(device)
+        if device.type == "cuda":  # fixed patch / volume shapes: cuDNN times its kernels once and keeps the fastest
+            torch.backends.cudnn.benchmark = True
         if device.type == "cuda" and self.world_size > 1:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
@@ -336,11 +340,18 @@ class Trainer:
         return {f"train_{k}": s / c for k, (s, c) in zip(order, t.tolist(), strict=True) if c > 0}
 
     def _broadcast(self, tensors: list[Tensor]) -> None:
-        """Copy rank 0's values: parameters at the start, buffers (BatchNorm stats) after every step, like DDP."""
+        """Copy rank 0's values: parameters at the start, buffers (BatchNorm stats) after every step, like DDP.
+        One collective per dtype and device, not per tensor (a DenseFormer has 100+ buffers)."""
         if self.world_size == 1:
             return
+        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         for t in tensors:
-            torch.distributed.broadcast(t.data, src=0)
+            groups.setdefault((t.dtype, t.device), []).append(t.data)
+        for group in groups.values():
+            flat = _flatten_dense_tensors(group)
+            torch.distributed.broadcast(flat, src=0)
+            for t, value in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+                t.copy_(value)
 
     def runtime_info(self) -> dict[str, Any]:
         """What actually ran, next to the config that was asked for: ``precision: bf16`` runs as fp32 on a
@@ -483,7 +494,7 @@ class Trainer:
                     seen["grad_norm"] = seen.get("grad_norm", 0) + group_size
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                self._broadcast(list(self.model.buffers()))
+                self._broadcast([b for b in self.model.buffers() if b.is_floating_point()])  # BatchNorm stats
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 self.global_step += 1

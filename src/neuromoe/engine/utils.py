@@ -65,7 +65,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError("device 'cuda' requested but no CUDA GPU is available", fix="use --device cpu or auto")
-        return torch.device(name)
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) are visible",
+                              fix=f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}, or check CUDA_VISIBLE_DEVICES")
+        return device
     if name == "cpu":
         return torch.device("cpu")
     raise ConfigError(f"unknown device '{name}'", fix="use auto, cpu or cuda")

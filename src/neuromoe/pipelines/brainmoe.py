@@ -1233,13 +1233,14 @@ def evaluate(
 def _embeddings_single(expert: Expert, scans: ScanSet, batch_size: int = 32) -> np.ndarray:
     expert.eval()
     dev = next(expert.parameters()).device
-    t = {k: v.to(dev) for k, v in scans.tensors.items()}
+    t = scans.tensors  # moved a batch at a time: the whole cohort's FC matrices can exceed a GPU's memory
     return torch.cat(
         [
-            expert.embed(t["fc"][s : s + batch_size], None if "ts" not in t else t["ts"][s : s + batch_size])
+            expert.embed(t["fc"][s : s + batch_size].to(dev),
+                         None if "ts" not in t else t["ts"][s : s + batch_size].to(dev)).float().cpu()
             for s in range(0, len(scans), batch_size)
         ]
-    ).float().cpu().numpy()
+    ).numpy()
 
 
 def _embedding_correlation(emb: np.ndarray) -> np.ndarray:
