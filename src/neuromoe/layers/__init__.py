@@ -1,4 +1,4 @@
-"""Shared neural-network layers: the sparse Mixture-of-Experts layer and its router/losses."""
+"""Shared neural-network layers: the sparse Mixture-of-Experts layer and its router/losses; instance norm."""
 
 from neuromoe.layers.moe import (
     ExpertMLP,
@@ -13,10 +13,13 @@ from neuromoe.layers.moe import (
     load_balancing_loss,
     router_z_loss,
 )
+from neuromoe.layers.norm import INSTANCE_NORM, InstanceNormGN
 
 __all__ = [
+    "INSTANCE_NORM",
     "ExpertMLP",
     "ExpertUsage",
+    "InstanceNormGN",
     "MoELayer",
     "MoEOutput",
     "RouterOutput",

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from neuromoe.errors import ConfigError
 from neuromoe.layers.moe import TopKRouter, load_balancing_loss
+from neuromoe.layers.norm import INSTANCE_NORM
 from neuromoe.models.registry import PretrainedMixin, register_model
 
 __all__ = [
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 DEFAULT_MODALITIES = ("t1", "t1c", "t2", "flair", "dwi")
-NORM = ("INSTANCE", {"affine": True})
+NORM = INSTANCE_NORM  # instance norm computed as a per-channel group norm: the same function, faster on CPU
 ACT = ("LEAKYRELU", {"negative_slope": 0.01, "inplace": True})
 
 
