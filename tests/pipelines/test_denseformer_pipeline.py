@@ -266,7 +266,7 @@ def test_regression_only_epochs_hide_classification_losses():
         pipe.train("unused", "unused", cfg)  # train.epochs = 1: no epoch left for the classification tasks
 
 
-def test_pretrain_train_evaluate_predict(cohort, tmp_path):
+def test_pretrain_train_evaluate_predict(cohort, tmp_path, capsys):
     cfg = _cfg(tmp_path)
     mae_run = pipe.pretrain(cohort, tmp_path / "mae", cfg)
     assert (mae_run / "model" / "config.json").is_file() and (mae_run / "reconstruction.png").stat().st_size > 0
@@ -287,8 +287,10 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     ev = pipe.evaluate(run / "model", cohort, tmp_path / "eval", n_bootstrap=20, cache_dir=cfg.cache_dir)
     metrics = json.loads((ev / "metrics.json").read_text())
     age = metrics["tasks"]["age"]
-    assert {"model", "model_bias_corrected", "predict_train_mean_mae", "conformal", "brain_age_gap",
+    assert {"model", "bias_corrected", "predict_train_mean_mae", "conformal", "brain_age_gap",
             "tbv_baseline", "expert_usage"} <= set(age)
+    # corrected metrics only where validation fitted a correction; the report says which (it claimed one always)
+    assert ("model_bias_corrected" in age) is age["bias_corrected"] is ("bias" in cal["age"])
     assert len(age["model"]["mae"]) == 3 and sum(age["expert_usage"]) == metrics["n"] * 2
     assert (ev / "predictions.csv").is_file() and (ev / "report" / "section.json").is_file()
     # each coverage says how many subjects calibrated it and whether they were too few (coverage 1 by default)
@@ -298,7 +300,8 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
         assert c["n_calib"] == cal[name]["conformal"]["n_calib"]
         assert c["unbounded"] is math.isinf(cal[name]["conformal"]["q"])
     text = (ev / "report" / "section.json").read_text()
-    assert "mae (bias-corrected)" in text and "brain-age gap" in text and "Held-out 'test'" in text
+    assert ("mae (bias-corrected)" in text) is age["bias_corrected"] and "brain-age gap" in text
+    assert ("age: not bias-corrected" in text) is not age["bias_corrected"] and "Held-out 'test'" in text
     # each row says how many labelled scans it rests on, and age sits beside the predict-the-mean floor
     test_ages = pd.read_csv(cohort).query("split == 'test'")["age"]
     assert age["n"] == test_ages.notna().sum() and "mae of predicting the training mean" in text
@@ -334,9 +337,11 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path):
     assert not (tmp_path / "eval3").exists()
     # the same scans without the split column: a new random split would score training scans as "test"
     table.drop(columns="split").to_csv(tmp_path / "nosplit.csv", index=False)
+    capsys.readouterr()
     with pytest.raises(InputError, match="used to train, pretrain or calibrate"):
         pipe.evaluate(run / "model", tmp_path / "nosplit.csv", tmp_path / "eval4", n_bootstrap=5,
                       cache_dir=cfg.cache_dir)
+    assert "has no split column: scoring the" in capsys.readouterr().err  # a cut external table is said
     # ... and the same scans reached through a symlinked folder (the guard compared absolute paths)
     root = cohort.parent.parent
     (tmp_path / "linked").symlink_to(root, target_is_directory=True)

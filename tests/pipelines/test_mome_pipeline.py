@@ -116,6 +116,11 @@ def test_trainer_learns_and_evaluation_table_has_metrics_and_gate_shares(tmp_pat
     assert pred.gate.shape == (3, 16, 16, 16) and pred.expert_prob.shape == (3, 16, 16, 16)
     # every expert is its own U-Net: alone each segments the cube too (expert_dice_* columns)
     assert table[["expert_dice_t1", "expert_dice_flair", "expert_dice_dwi"]].notna().all().all()
+    # a lesion-free case says nothing of an expert's specialisation (empty vs empty scored 1 for any expert
+    # that found nothing): left out of the expert columns, still scored for the fused output
+    free = {**cases[0], "mask": np.zeros_like(cases[0]["mask"])}
+    row = evaluate_cases(model, [free], mods, (16, 16, 16)).iloc[0]
+    assert np.isfinite(row["dice"]) and row[["expert_dice_t1", "expert_dice_flair"]].isna().all()
     # the gate-supervision term reaches the trainer's loss and log
     cfg.epochs = 1
     MoMETrainer(model, cfg, ds, run_dir=tmp_path / "gate", gate_weight=0.5).fit()
@@ -405,7 +410,7 @@ def test_segment_with_registration_maps_the_mask_back_through_the_registered_aff
     np.testing.assert_array_equal(probs[True], probs[False])
 
 
-def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(tmp_path) -> None:
+def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(tmp_path, capsys) -> None:
     """Without a ``split`` column the split is drawn from the seed: ``train --seed 1`` must store it and
     ``evaluate`` (no seed given) must re-draw the same split, not seed 0's, whose test cases include
     training cases of this model."""
@@ -440,6 +445,7 @@ def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(t
     per_case = pd.read_csv(ev / "per_case.csv")
     scored = set(per_case["subject"])
     assert scored == set(table["subject"][split[1] == "test"]) and not scored & trained_on
+    assert "has no split column: scoring the 1 of 6 cases" in capsys.readouterr().err  # not a silent cut
     assert (per_case["session"] == "ses-2").all()
     # an external cohort is scored whole with split="all" (here: the unseen test case and a copy of it under
     # another name); fitted cases among the rows are still refused
@@ -457,7 +463,7 @@ def test_evaluate_scores_the_test_split_of_the_seed_the_model_was_trained_with(t
     ev = mome.evaluate(run / "model", root / "manifests" / "external.csv", tmp_path / "ev_all", split="all", device="cpu",
                        n_overlays=0, cache_dir=cfg.cache_dir)
     metrics = json.loads((ev / "metrics.json").read_text())
-    assert metrics["split"] == "all" and metrics["n_cases"] == 2
+    assert metrics["split"] == "all" and metrics["n_cases"] == 2 and metrics["n_subjects"] == 2
     assert "Every case of an external cohort" in (ev / "report" / "section.json").read_text()
     with pytest.raises(InputError, match=r"of this external table were used to train or tune this model \(sub-0"):
         mome.evaluate(run / "model", manifest, tmp_path / "ev_all2", split="all", device="cpu", n_overlays=0,

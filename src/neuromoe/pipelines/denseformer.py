@@ -687,11 +687,13 @@ def _add_train(section: Any, cfg: DenseFormerConfig, extra: dict[str, Any], labe
             else f"'{m.head}' head")
     start = "from the MAE-pretrained backbone" if ft.pretrained else "from scratch"
     loss = extra["best_val_loss"]
+    biased = [n for n, c in extra["calibration"].items() if isinstance(c, dict) and c.get("bias")]
     section.add_text(
         f"'{m.preset}' DenseNet+ViT backbone {start}{' (frozen: linear probe)' if ft.freeze else ''} with a {head}; "
         f"{cfg.train.epochs} epochs, layer-wise lr decay {ft.layer_decay}, {100 * ft.label_fraction:g} % of the "
-        f"training labels. Best validation loss {'n/a' if loss is None else f'{loss:.4f}'}; brain-age bias "
-        "correction and conformal calibration fitted on the validation subjects."
+        f"training labels. Best validation loss {'n/a' if loss is None else f'{loss:.4f}'}; conformal calibration "
+        "fitted on the validation subjects, and a brain-age bias correction where they show a significant bias ("
+        + (", ".join(biased) or "none here") + ")."
     )
     rows = []
     for t in ft.tasks:
@@ -1021,6 +1023,9 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     rows = splits == split
     if not rows.any():
         raise InputError(f"no '{split}' subjects", path=source, fix="choose another --split")
+    if split == "test" and "split" not in table.columns:  # said: an external cohort scored whole needs --split all
+        print(f"neuromoe: {source} has no split column: scoring the {int(rows.sum())} of {len(table)} rows that the "
+              "model's seed puts in 'test' (--split all scores every row of an external cohort)", file=sys.stderr)
     if split in ("test", "all"):  # e.g. the same manifest without its split column: a new random split
         refuse_fitted(extra.get("fit_fingerprints", []), case_fingerprints(table[rows], ["t1"]), source, "scans",
                       "train, pretrain or calibrate", split=split, names=scan_ids(table[rows])["subject"].tolist())
@@ -1059,8 +1064,10 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
             entry["n"] = int(have.sum())
             corrected = _corrected_age(p, tcal)
             entry["model"] = _regression_metrics(y[have], p[have], n_bootstrap, seed, subjects[have])
-            entry["model_bias_corrected"] = _regression_metrics(y[have], corrected[have], n_bootstrap, seed,
-                                                                subjects[have])
+            entry["bias_corrected"] = tcal.get("bias") is not None  # None: validation showed no bias to correct
+            if entry["bias_corrected"]:
+                entry["model_bias_corrected"] = _regression_metrics(y[have], corrected[have], n_bootstrap, seed,
+                                                                    subjects[have])
             mean = float(extra["target_stats"][t.name][0])  # the labels it learnt from, whatever this table holds
             entry["predict_train_mean_mae"] = float(np.mean(np.abs(y[have] - mean)))
             entry["mae_ratio_to_mean"] = entry["model"]["mae"][0] / max(entry["predict_train_mean_mae"], 1e-9)
@@ -1185,10 +1192,18 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
               f"'{split}' subjects — in-sample: they fitted the model"
               + (", the age correction and the conformal calibration, so coverage here is no test of it"
                  if split == "val" else ""))
+    n_subj = metrics.get("n_subjects", metrics["n"])
+    count = f"n={metrics['n']}" + (f" scans of {n_subj} subjects" if n_subj != metrics["n"] else "")
+    tasks_scored = metrics["tasks"].values()
+    corrected = [n for n, e in metrics["tasks"].items() if e.get("bias_corrected")]
+    uncorrected = [n for n, e in metrics["tasks"].items() if e.get("bias_corrected") is False]
     section.add_text(
-        f"{scored} (n={metrics['n']}). Brain age is bias-corrected with a linear "
-        "fit on validation subjects; conformal intervals/sets are calibrated on validation only. The "
-        "baseline is a linear/logistic model on total brain volume (TBV) fitted on training subjects."
+        f"{scored} ({count})."
+        + (f" {', '.join(corrected)}: bias-corrected with a linear fit on validation subjects." if corrected else "")
+        + "".join(f" {n}: not bias-corrected (validation showed no significant bias to correct)." for n in uncorrected)
+        + " Conformal intervals/sets are calibrated on validation only."
+        + (" The baseline is a linear/logistic model on total brain volume (TBV) fitted on training subjects."
+           if any("tbv_baseline" in e for e in tasks_scored) else "")
         + "".join(f" Task '{n}' is not scored: {why}." for n, why in metrics.get("skipped", {}).items())
         + "".join(f" Task '{n}' has no TBV baseline: {why}." for n, why in metrics.get("tbv_baseline_skipped",
                                                                                          {}).items())
@@ -1217,8 +1232,9 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
         for key, v in e.items():
             if key.startswith("auc_"):
                 pos, neg = e.get("n_" + key.removeprefix("auc_"), ["?", "?"])
+                base = e.get("tbv_" + key)
                 table_rows.append({"task": name, "n": f"{pos} vs {neg}", "metric": key, "model": _fmt_ci(v),
-                                   "TBV baseline": f"{e.get('tbv_' + key, float('nan')):.3f}"})
+                                   "TBV baseline": "" if base is None else f"{base:.3f}"})
         if "conformal" in e:
             c = e["conformal"]
             size = c.get("mean_width", c.get("mean_set_size"))

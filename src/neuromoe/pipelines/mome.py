@@ -546,8 +546,10 @@ def evaluate_cases(
                 row.update({f"gate_{m}": float(s) for m, s in zip(modalities, pred.gate_share, strict=True)})
             if pred.expert_prob is not None and not multimodal:
                 for m, ep in zip(modalities, pred.expert_prob, strict=True):
-                    # scored only if the expert ran on the whole volume (sparse routing is per window)
-                    row[f"expert_dice_{m}"] = _dice(ep > threshold, gt) if np.isfinite(ep).all() else float("nan")
+                    # scored only if the expert ran on the whole volume (sparse routing is per window), and only
+                    # on a case with a lesion: an empty mask scores 1 for an expert that finds nothing anywhere
+                    ran = np.isfinite(ep).all() and gt.any()
+                    row[f"expert_dice_{m}"] = _dice(ep > threshold, gt) if ran else float("nan")
             rows.append(row)
             if on_prediction is not None:
                 on_prediction(ci, name, pred)
@@ -933,8 +935,11 @@ def evaluate(
         refuse_fitted(extra.get("fit_fingerprints", []), _case_prints(rows, mods), source, "cases", "train or tune",
                       split=split, names=rows["subject"].astype(str).tolist())
     cases = _split_cases(data, cfg, spec, (split,))[split]
+    table, source, splits = _table_and_split(data, cfg, every=split == "all")
+    if split == "test" and "split" not in table.columns and cases:  # said: --split all scores an external cohort
+        print(f"neuromoe: {source} has no split column: scoring the {len(cases)} of {len(table)} cases that the "
+              "model's seed puts in 'test' (--split all scores every case of an external cohort)", file=sys.stderr)
     if not cases:
-        _, source, splits = _table_and_split(data, cfg, every=split == "all")
         if split != "all" and not _unscored(data, cfg, split, mods):  # not "no case has a mask": every case may have one
             raise InputError(f"the split has no '{split}' case (train {int((splits == 'train').sum())}, val "
                              f"{int((splits == 'val').sum())}, test {int((splits == 'test').sum())})", path=source,
@@ -972,6 +977,7 @@ def evaluate(
     metrics: dict[str, Any] = {
         "split": split,
         "n_cases": len(cases),
+        "n_subjects": len({str(c["meta"].get("subject", i)) for i, c in enumerate(cases)}),
         "skipped": skipped,
         "n_predictions": len(frame),
         "tta": tta,
@@ -1018,7 +1024,10 @@ def _add_evaluation(
               "val": "'val' cases — in-sample: they chose the checkpoint and the threshold",
               "train": "'train' cases — in-sample: they fitted the model"}[split]
     section.add_text(
-        f"{scored} (n={metrics['n_cases']}, {metrics['n_predictions']} predictions; "
+        f"{scored} (n={metrics['n_cases']}"
+        + (f" cases of {metrics['n_subjects']} subjects" if metrics.get("n_subjects", metrics["n_cases"])
+           != metrics["n_cases"] else "")
+        + f", {metrics['n_predictions']} predictions; "
         f"{'MoME+: all available modalities at once' if metrics['multimodal'] else 'one prediction per input modality; the modality is not given to the model, the gate sees only the image'}"
         f"{', mirror TTA' if metrics['tta'] else ''}). Mean Dice {mean['dice']:.3f}, HD95 {mean['hd95']:.1f} mm "
         f"(over the {mean['n_hd95']} predictions where it is defined: both masks non-empty or both empty), "
