@@ -235,6 +235,16 @@ def test_gigantic_header_refused_before_allocation() -> None:
         _load_checked(data, gz)
 
 
+def test_extension_sizes_are_read_in_the_byte_order_nibabel_uses() -> None:
+    """Found by the slow fuzz: sizeof_hdr flipped to another value, nibabel still reads the file (byte order
+    from dim[0]) and allocated a 1 GB extension the guard had skipped for want of sizeof_hdr 348."""
+    data = bytearray(BASE["float32"])
+    for offset, value in [(0, 0), (110, 184), (348, 1)]:
+        data[offset] = value
+    for gz in (False, True):
+        _load_checked(bytes(data), gz)
+
+
 def _write(data: bytes, gz: bool) -> Path:
     path = WORK / ("g.nii.gz" if gz else "g.nii")
     path.write_bytes(gzip.compress(data) if gz else data)

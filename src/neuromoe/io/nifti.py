@@ -80,9 +80,12 @@ def _walk_extensions(path: Path) -> None:
         head = fh.read(552)
     if len(head) < 352:
         return  # too short for a header: nibabel's own error says so
-    for order in ("<", ">"):
-        hdr_size = int(np.frombuffer(head[:4], f"{order}i4")[0])
-        if hdr_size in (348, 540):
+    # the header class and byte order nibabel will use: the NIfTI-1 magic first, then sizeof_hdr 540; the order
+    # from dim[0] before sizeof_hdr (a file with a flipped sizeof_hdr is still read, by its dim[0])
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        if cls.may_contain_header(head):
+            hdr_size = cls.sizeof_hdr
+            order = cls.guessed_endian(np.ndarray(shape=(), dtype=cls.template_dtype, buffer=head[:hdr_size]))
             break
     else:
         return  # not a NIfTI header: nibabel refuses it
