@@ -929,13 +929,12 @@ def evaluate(
     # the whole field of view, as segment sees it: the training shape cut lesion voxels out of the ground
     # truth (a case's lesion 7.0 → 6.3 mL), and its Dice, HD95 and volume then described part of the lesion
     spec = replace(PreprocSpec.from_dict(meta["preprocessing"]), shape=None)
+    table, source, splits = _table_and_split(data, cfg, every=split == "all")
     if split in ("test", "all"):  # a split drawn anew (no split column, other row order) may hold fitted cases
-        table, source, splits = _table_and_split(data, cfg, every=split == "all")
         rows = table[splits == split]
         refuse_fitted(extra.get("fit_fingerprints", []), _case_prints(rows, mods), source, "cases", "train or tune",
                       split=split, names=rows["subject"].astype(str).tolist())
     cases = _split_cases(data, cfg, spec, (split,))[split]
-    table, source, splits = _table_and_split(data, cfg, every=split == "all")
     if split == "test" and "split" not in table.columns and cases:  # said: --split all scores an external cohort
         print(f"neuromoe: {source} has no split column: scoring the {len(cases)} of {len(table)} cases that the "
               "model's seed puts in 'test' (--split all scores every case of an external cohort)", file=sys.stderr)
