@@ -86,6 +86,38 @@ def test_brainmoe_inference_honours_device(argv, capsys, monkeypatch):
     assert main([*argv, "--device", "cuda"]) == 0 and seen == {"device": "cuda"}
 
 
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_verbs_that_do_not_train_run_on_rank_0_alone_under_torchrun(verb, tmp_path, capsys, monkeypatch):
+    """No process group opens for a command that does not train, so under torchrun every rank ran the whole
+    DenseFormer evaluate/predict on the same GPU and wrote the same files; now rank 0 alone runs it, and says so."""
+    from neuromoe.pipelines import denseformer
+
+    calls = []
+    monkeypatch.setattr(denseformer, verb, lambda *a, **k: calls.append(verb) or (
+        (tmp_path / "metrics.json") if verb == "evaluate" else ([], [])))
+    io = ["--data", "d", "--out", str(tmp_path)] if verb == "evaluate" else ["--input", "i", "--output", "o.csv"]
+    argv = [verb, "--family", "denseformer", "--model", "m", *io, "--device", "cpu"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 0 and calls == []
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(UserWarning, match="rank 0 does it alone"):
+        assert main(argv) == 0
+    assert calls == [verb]
+
+
+def test_brainmoe_evaluate_trains_so_every_rank_runs_it(tmp_path, monkeypatch):
+    """BrainMoE's evaluate fits the router and adapter per fold: its ranks share the work, none leaves early."""
+    from neuromoe.pipelines import brainmoe
+
+    calls = []
+    monkeypatch.setattr(brainmoe, "evaluate", lambda *a, **k: calls.append(1) or tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    argv = ["evaluate", "--family", "brainmoe", "--experts", "e", "--data", "d", "--out", str(tmp_path)]
+    assert main([*argv, "--device", "cpu"]) == 0 and calls == [1]
+
+
 def test_cuda_without_a_gpu_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
     """``train --device cuda`` on a CPU machine used to write OUT/config.yaml before the device error."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)

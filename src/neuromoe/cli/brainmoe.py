@@ -9,6 +9,10 @@ from pathlib import Path
 from neuromoe.errors import InputError
 from neuromoe.io.table import failures_path
 
+# verbs that train (evaluate fits the router and adapter per fold), so torchrun shares their work out over
+# its ranks; the others run on rank 0 alone
+DISTRIBUTED_VERBS = ("pretrain", "train", "evaluate")
+
 VERBS = {
     "pretrain": "Pretrain one expert per cognitive state (fc_mae | jepa | state_clf, set with "
     "--expert-kind) plus the expert pretrained on all states pooled (the baselines' backbone). Writes "

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# verbs that train, so torchrun shares their work out over its ranks; the others run on rank 0 alone
+DISTRIBUTED_VERBS = ("pretrain", "train")
+
 VERBS = {
     "pretrain": "MAE pretraining of the DenseNet+ViT backbone on (unlabelled) T1 scans; writes RUN/model and "
                 "RUN/reconstruction.png.\n\nexample:\n  neuromoe pretrain --family denseformer --config demo "

@@ -131,6 +131,13 @@ def _run_family_verb(verb: str, argv: list[str]) -> int:
     from neuromoe.engine.utils import resolve_device
 
     resolve_device(getattr(args, "device", "auto"))  # --device cuda without a GPU: refused before any output
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and verb not in getattr(module, "DISTRIBUTED_VERBS", ()):
+        # nothing here trains, so no process group opens: every rank would run the whole command on the same
+        # GPU and write the same files. Rank 0 does it alone; the others leave at once.
+        if int(os.environ.get("RANK", "0")) > 0:
+            return 0
+        warnings.warn(f"'neuromoe {verb} --family {family}' runs in one process: under torchrun rank 0 does it "
+                      "alone and the other ranks leave at once (run it without torchrun)", stacklevel=1)
     return int(module.run(verb, args) or 0)
 
 

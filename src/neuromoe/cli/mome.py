@@ -8,6 +8,9 @@ import sys
 
 from neuromoe.models.mome import DEFAULT_MODALITIES
 
+# verbs that train, so torchrun shares their work out over its ranks; the others run on rank 0 alone
+DISTRIBUTED_VERBS = ("pretrain", "train")
+
 VERBS = {
     "pretrain": "Stage 1: train one expert U-Net per modality, each alone on its modality's images; writes "
     "RUN/experts/<modality>.\n\nexample:\n  neuromoe pretrain --family mome --config demo "
