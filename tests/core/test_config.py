@@ -254,6 +254,12 @@ def test_strings_that_look_like_numbers_survive_a_save(tmp_path):
     ("denseformer", "model.head_drop=1", "model.head_drop"),
     ("denseformer", "model.mask_ratio=1", "model.mask_ratio"),
     ("denseformer", "model.balance_coef=-0.01", "model.balance_coef"),
+    # a monitor typo surfaced after the first epoch; a Dice monitored with mode 'min' kept the worst checkpoint
+    ("mome", "train.monitor=val_dce", "train.monitor"),
+    ("mome", "pretrain.monitor=val_dice", "pretrain.monitor_mode"),
+    ("brainmoe", "train.monitor=val_acc", "train.monitor"),
+    ("denseformer", "pretrain.monitor=val_loss_age", "pretrain.monitor"),
+    ("denseformer", "train.monitor=val_loss_agee", "train.monitor"),
 ])
 def test_section_values_of_the_right_type_but_unusable_are_refused_at_load(family, override, key) -> None:
     """Only the train sections and DenseFormer's finetune refused unusable values: a NaN or 1.5 MoME threshold,
@@ -281,3 +287,5 @@ def test_section_checks_follow_what_the_setting_is_used_for() -> None:
     with pytest.raises(ConfigError, match=r"expert\.n_windows"):
         load_brainmoe_config("tiny", ["expert.kind=jepa", "expert.n_windows=1"])
     assert load_denseformer_config("tiny", ["model.head=shared", "model.top_k=0"]).model.top_k == 0
+    assert load_mome_config("tiny", ["train.monitor=val_dice", "train.monitor_mode=max"]).train.monitor == "val_dice"
+    assert load_denseformer_config("tiny", ["train.monitor=val_loss_age"]).train.monitor == "val_loss_age"

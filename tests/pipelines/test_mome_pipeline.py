@@ -312,7 +312,7 @@ def test_threshold_is_tuned_on_whole_validation_volumes(tmp_path) -> None:
     validation volumes lies in [0.1, 0.4) and finds the lesion exactly; it is used only when asked for.
     The validation patches still log their Dice (best candidate and at 0.5)."""
     from neuromoe.engine import TrainConfig
-    from neuromoe.pipelines.mome import EvalSection, MoMETrainer
+    from neuromoe.pipelines.mome import VAL_METRICS, EvalSection, MoMETrainer
 
     mask = torch.zeros(2, 1, 8, 8, 8)
     mask[:, :, 2:5, 2:5, 2:5] = 1
@@ -322,6 +322,7 @@ def test_threshold_is_tuned_on_whole_validation_volumes(tmp_path) -> None:
     )
     metrics = trainer.validation_end([trainer.validation_step(batch)])
     assert metrics["val_dice"] == 1.0 and metrics["val_dice_p50"] == 0.0
+    assert set(metrics) == set(VAL_METRICS)  # the names train.monitor is checked against at config load
     vol = np.zeros((12, 12, 12), np.float32)
     vol[3:7, 3:7, 3:7] = 1
     case = {"images": {"t1": 0.1 + 0.3 * vol}, "mask": vol, "meta": {}}

@@ -11,7 +11,7 @@ from neuromoe.engine.distributed import (
     map_over_ranks,
 )
 from neuromoe.engine.schedule import WarmupCosine, warmup_cosine
-from neuromoe.engine.trainer import TrainConfig, Trainer, TrainResult
+from neuromoe.engine.trainer import TrainConfig, Trainer, TrainResult, monitor_problems
 from neuromoe.engine.utils import resolve_device, seed_everything
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "join_ranks",
     "load_checkpoint",
     "map_over_ranks",
+    "monitor_problems",
     "resolve_device",
     "save_checkpoint",
     "seed_everything",

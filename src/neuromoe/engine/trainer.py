@@ -99,6 +99,22 @@ class TrainConfig:
         return out
 
 
+def monitor_problems(cfg: Any, metrics: dict[str, dict[str, str]]) -> list[tuple[str, str, str]]:
+    """``problems()`` entries for a family config: each stage's ``monitor`` must name a metric that stage's
+    validation reports (``metrics[stage]``: name → "min" | "max"), in that metric's direction. A typo surfaced
+    only after the first epoch, and a Dice monitored with the default mode 'min' kept the worst checkpoint."""
+    out = []
+    for stage, names in metrics.items():
+        tc = getattr(cfg, stage)
+        if tc.monitor not in names:
+            out.append((f"{stage}.monitor", f"'{tc.monitor}' is not a validation metric of {stage} (one of "
+                        f"{', '.join(sorted(names))})", "val_loss"))
+        elif names[tc.monitor] != tc.monitor_mode:
+            out.append((f"{stage}.monitor_mode", f"'{tc.monitor_mode}' would keep the worst checkpoint by "
+                        f"{tc.monitor}", names[tc.monitor]))
+    return out
+
+
 @dataclass
 class TrainResult:
     best_metric: float

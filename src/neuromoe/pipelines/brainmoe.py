@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from neuromoe.config import load_family_config, save_config
-from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process
+from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process, monitor_problems
 from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
@@ -175,6 +175,10 @@ class BrainMoEConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     seed: int = 0
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        """The monitored metric: the experts' and the fine-tuning validation report the loss alone."""
+        return monitor_problems(self, {"pretrain": {"val_loss": "min"}, "train": {"val_loss": "min"}})
 
 
 def load_brainmoe_config(

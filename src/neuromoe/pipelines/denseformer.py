@@ -42,7 +42,7 @@ from neuromoe.data.structural import (
     encode_labels,
     load_t1,
 )
-from neuromoe.engine import TrainConfig, Trainer, finish_training
+from neuromoe.engine import TrainConfig, Trainer, finish_training, monitor_problems
 from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
@@ -200,6 +200,11 @@ class DenseFormerConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     cache_dir: str | None = None
     seed: int = 0
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        """The monitored metrics: MAE validation reports its loss, fine-tuning the summed and per-task losses."""
+        losses = {"val_loss": "min", **{f"val_loss_{t.name}": "min" for t in self.finetune.tasks}}
+        return monitor_problems(self, {"pretrain": {"val_loss": "min"}, "train": losses})
 
 
 def load_denseformer_config(preset: str | Path | None = "demo", overrides: list[str] | None = None,

@@ -34,7 +34,14 @@ from torch import Tensor, nn
 
 from neuromoe.config import load_family_config, save_config
 from neuromoe.data.lesion import LesionCase, LesionPatchDataset, load_lesion_cases
-from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process, map_over_ranks
+from neuromoe.engine import (
+    TrainConfig,
+    Trainer,
+    finish_training,
+    is_main_process,
+    map_over_ranks,
+    monitor_problems,
+)
 from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
@@ -55,6 +62,8 @@ from neuromoe.models.mome import (
 FAMILY = "mome"
 SUMMARY_METRICS = ("dice", "hd95", "lesion_f1", "abs_volume_diff_ml")
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # candidates for eval.tune_threshold
+# what MoMETrainer.validation_end reports, and which way is better (train.monitor / monitor_mode)
+VAL_METRICS = {"val_loss": "min", "val_dice": "max", "val_dice_p50": "max"}
 
 __all__ = [
     "DataSection",
@@ -173,10 +182,12 @@ class MoMEConfig:
     seed: int = 0
 
     def problems(self) -> list[tuple[str, str, str]]:
-        """The gate-supervision loss weight: a negative one would reward misrouting, NaN or inf spoil the loss."""
+        """The gate-supervision loss weight (a negative one would reward misrouting, NaN or inf spoil the loss),
+        and the monitored validation metrics (both stages validate with :meth:`MoMETrainer.validation_end`)."""
+        out = monitor_problems(self, {stage: VAL_METRICS for stage in ("pretrain", "train")})
         if not 0 <= self.gate_supervision < math.inf:
-            return [("gate_supervision", f"{self.gate_supervision} is not a number >= 0", "0")]
-        return []
+            out.append(("gate_supervision", f"{self.gate_supervision} is not a number >= 0", "0"))
+        return out
 
 
 def load_mome_config(
