@@ -556,7 +556,8 @@ def test_sparse_expert_probability_is_nan_where_the_expert_never_ran(monkeypatch
     # windows start at x = 0, 8, 16 and run two per batch: expert 0 runs on the first batch (x < 24) only
     img = np.random.default_rng(0).normal(size=(32, 16, 16)).astype(np.float32)
     img[:8] += 3.0
-    pred = predict_volume(m, img[None], (16, 16, 16))
+    pred = predict_volume(m, img[None], (16, 16, 16), sw_batch_size=2)
+    assert all(p.is_contiguous() for p in m.parameters())  # the CPU's channels_last windows leave no trace
     ep = pred.expert_prob
     assert np.isnan(ep[2]).all()  # never selected: no map (was all zeros)
     assert np.isfinite(ep[0][:24]).all() and np.isnan(ep[0][24:]).all()
@@ -564,6 +565,8 @@ def test_sparse_expert_probability_is_nan_where_the_expert_never_ran(monkeypatch
     with torch.no_grad():  # expert 0 ran only on the first window: its map is that window's own output
         own = m.experts[0](torch.as_tensor(img[None, None, :16]))[0].softmax(1)[0, 1].numpy()
     np.testing.assert_allclose(ep[0][:8], own[:8], atol=1e-5)
+    # 5 windows (x = 0 … 32) at the default 4 per batch: expert 0 runs on the first batch, not on x >= 40
+    img = np.concatenate([img, np.random.default_rng(1).normal(size=(16, 16, 16)).astype(np.float32)])
     case = {"images": {"t1": img}, "mask": (img > 2.5).astype(np.uint8), "meta": {"subject": "s0"}}
     row = evaluate_cases(m, [case], mods, (16, 16, 16)).iloc[0]
     assert np.isnan(row["expert_dice_t1"]) and np.isnan(row["expert_dice_dwi"])

@@ -460,12 +460,15 @@ def predict_volume(
     tta: bool = False,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    sw_batch_size: int = 4,
 ) -> VolumePrediction:
     """Predict one volume ``image (C, *S)``.
 
-    MONAI sliding window (overlap 0.5, Gaussian weighting) over full-resolution fused logits; with
-    ``tta`` the outputs are averaged over all mirror flips. The gate share is the lesion-weighted mean
-    of the full-resolution gate.
+    MONAI sliding window (overlap 0.5, Gaussian weighting, ``sw_batch_size`` windows per forward) over
+    full-resolution fused logits; with ``tta`` the outputs are averaged over all mirror flips. The gate share
+    is the lesion-weighted mean of the full-resolution gate. On the CPU the 3D windows run in channels_last_3d
+    (oneDNN's 3D convolutions: a whole volume ~25 % faster, docs/benchmarks.md); the model leaves in the
+    default layout.
     """
     if precision not in ("fp32", "bf16"):
         raise ConfigError(
@@ -481,8 +484,11 @@ def predict_volume(
         else None
     )
     is_mome = isinstance(model, MoME)
+    channels_last = device.type == "cpu" and x.ndim == 5
 
     def predictor(patch: Tensor) -> tuple[Tensor, ...]:
+        if channels_last:
+            patch = patch.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             if not is_mome:
                 return (model(patch)[0].float().softmax(1)[:, 1:],)
@@ -496,12 +502,19 @@ def predict_volume(
 
     flips = _flips(x.ndim - 2, tta)
     sums: list[Tensor] = []
-    for axes in flips:
-        xi = x.flip(axes) if axes else x
-        outs = sliding_window_inference(xi, tuple(patch_size), 2, predictor, overlap=0.5, mode="gaussian")
-        outs = (outs,) if isinstance(outs, Tensor) else outs
-        outs = [o.flip(axes) if axes else o for o in outs]
-        sums = outs if not sums else [a + b for a, b in zip(sums, outs, strict=True)]
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    try:
+        for axes in flips:
+            xi = x.flip(axes) if axes else x
+            outs = sliding_window_inference(xi, tuple(patch_size), sw_batch_size, predictor, overlap=0.5,
+                                            mode="gaussian")
+            outs = (outs,) if isinstance(outs, Tensor) else outs
+            outs = [o.flip(axes) if axes else o for o in outs]
+            sums = outs if not sums else [a + b for a, b in zip(sums, outs, strict=True)]
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
     maps = [(s / len(flips))[0].cpu().numpy() for s in sums]
     pred = VolumePrediction(maps[0][0])
     if is_mome:
