@@ -286,7 +286,8 @@ class Trainer:
     def _loader(self, dataset: Dataset, batches: list[list[int]], epoch: int) -> DataLoader:
         # An explicit generator keeps the DataLoader from drawing on the global RNG (exact resume).
         gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
-        dataset = _SeededSamples(dataset, self.cfg.seed * 100003 + epoch)
+        if getattr(dataset, "random_items", True):  # a dataset whose items draw no random numbers says so
+            dataset = _SeededSamples(dataset, self.cfg.seed * 100003 + epoch)
         return DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate_fn,
                           num_workers=self.cfg.num_workers, generator=gen,
                           pin_memory=self.device.type == "cuda")
