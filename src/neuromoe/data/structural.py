@@ -32,6 +32,7 @@ from monai.transforms import (
     RandShiftIntensity,
     ResizeWithPadOrCrop,
 )
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from neuromoe.data.splits import assign_splits  # moved there; importable from here as before
@@ -213,6 +214,8 @@ class StructuralDataset(Dataset):
             # MONAI transforms keep their own RNG, which would carry state from item to item (fetch order,
             # workers, ranks, resume): reseed it from the global RNG, which the Trainer seeds per (epoch, item)
             self.transform.set_random_state(int(np.random.randint(2**31)))
-            img = torch.as_tensor(self.transform(img)).float()
+            # a plain tensor: a MONAI MetaTensor batch sent every op of the forward and backward pass through
+            # MetaTensor.__torch_function__ (8 % of a demo fine-tuning step)
+            img = convert_to_tensor(self.transform(img), dtype=torch.float32, track_meta=False)
         labels = {t.name: torch.tensor(self.labels[t.name][i]) for t in self.tasks}
         return {"image": img, "labels": labels, "index": i}
