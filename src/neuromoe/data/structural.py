@@ -13,7 +13,10 @@ input grid, so training, evaluation and prediction see identical inputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -130,6 +133,27 @@ def load_t1(path: str | Path, spec: Any, img_size: Sequence[int], cache: Any = N
     return np.asarray(ResizeWithPadOrCrop(tuple(img_size))(arr), dtype=np.float32)
 
 
+def _load_volumes(paths: list[str], spec: Any, img_size: tuple[int, ...], cache: Any, in_memory: bool | None,
+                  source: str) -> np.ndarray | DiskVolumes:
+    """Preprocess every scan now (errors name the file before training; the cache fills) and keep the volumes in
+    one preallocated float16 array, or, past the memory budget, only in the cache (:class:`DiskVolumes`)."""
+    need = 2.0 * len(paths) * math.prod(img_size)
+    if in_memory is None:
+        in_memory = need <= memory_budget()
+    if in_memory:
+        images = np.empty((len(paths), 1, *img_size), np.float16)  # not a float32 list then a stack: 5x the peak
+        for i, p in enumerate(paths):
+            images[i] = load_t1(p, spec, img_size, cache)
+        return images
+    for p in paths:
+        load_t1(p, spec, img_size, cache)
+    again = "" if cache is not None and cache.usable else (
+        "; without a usable preprocessing cache every scan is preprocessed again each epoch (give --cache DIR)")
+    print(f"neuromoe: {len(paths)} volumes of {source} ({need / 2**30:.1f} GiB as float16) are read back from the "
+          f"preprocessing cache per item, not held in memory{again}", file=sys.stderr)
+    return DiskVolumes(paths, spec, img_size, cache)
+
+
 class _SameMoments(Compose):
     """Scanner effects act before intensity normalisation: give the result the input's mean and sd back."""
 
@@ -166,11 +190,43 @@ def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False)
     return t
 
 
+def memory_budget() -> float:
+    """Bytes of preprocessed volumes one process may hold: a quarter of the memory available now, shared by the
+    processes torchrun started on this machine (POSIX; unbounded where the OS does not say)."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return math.inf
+    return 0.25 * available / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
+class DiskVolumes:
+    """Preprocessed volumes read back one at a time (from the preprocessing cache), for a cohort whose float16
+    stack does not fit in memory: a UK Biobank table at 1 mm is ~10 MB per scan. Indexes like the in-memory
+    ``(N, 1, *img_size)`` float16 array it replaces: an int gives one volume, an index array a subset."""
+
+    def __init__(self, paths: Sequence[str], spec: Any, img_size: Sequence[int], cache: Any):
+        self.paths, self.spec, self.img_size, self.cache = [str(p) for p in paths], spec, tuple(img_size), cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, (int, np.integer)):
+            return load_t1(self.paths[i], self.spec, self.img_size, self.cache).astype(np.float16)
+        return DiskVolumes([self.paths[j] for j in np.asarray(i)], self.spec, self.img_size, self.cache)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+
 class StructuralDataset(Dataset):
     """Subjects of a structural table: ``{"image": (1, *img_size), "labels": {task: value}, "index": i}``.
 
-    Volumes are preprocessed once at construction (and kept in memory as float16; 64³ ≈ 0.5 MB each) so
-    epochs do not re-read NIfTI files; a file that cannot be read raises :class:`InputError` naming it.
+    Volumes are preprocessed once at construction, so a file that cannot be read raises :class:`InputError`
+    naming it before any training, and kept in memory as float16 (64³ ≈ 0.5 MB each) so epochs do not re-read
+    NIfTI files. ``in_memory=False``, or ``None`` when the stack would exceed :func:`memory_budget`, reads each
+    volume back from the preprocessing cache when an item is fetched instead (:class:`DiskVolumes`).
     """
 
     def __init__(
@@ -185,7 +241,8 @@ class StructuralDataset(Dataset):
         contrast: bool = False,
         seed: int = 0,
         source: str = "table",
-        images: np.ndarray | None = None,
+        images: np.ndarray | DiskVolumes | None = None,
+        in_memory: bool | None = None,
     ):
         if "t1" not in table.columns:
             raise InputError("no 't1' column", path=source, fix="add a t1 column with image paths")
@@ -194,7 +251,7 @@ class StructuralDataset(Dataset):
         self.labels = encode_labels(self.table, self.tasks, source)
         self.img_size = tuple(img_size)
         if images is None:
-            images = np.stack([load_t1(p, spec, self.img_size, cache) for p in self.table["t1"]]).astype(np.float16)
+            images = _load_volumes(self.table["t1"].tolist(), spec, self.img_size, cache, in_memory, source)
         self.images = images
         self.transform = augmentation(seed, spatial=augment, contrast=contrast) if augment or contrast else None
 

@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -199,6 +199,10 @@ class DenseFormerConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     eval: EvalSection = field(default_factory=EvalSection)
     cache_dir: str | None = None
+    # Hold the preprocessed volumes in memory (float16), or read each back from the cache when it is fetched
+    # (a cohort that does not fit: UK Biobank at 1 mm); null = in memory when they fit in a quarter of the
+    # memory available (data.structural.memory_budget).
+    in_memory: bool | None = None
     seed: int = 0
 
     def problems(self) -> list[tuple[str, str, str]]:
@@ -447,7 +451,8 @@ def pretrain(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = 
     table, source = _resolve_table(data)
     split = assign_splits(table, seed=cfg.seed).to_numpy()
     spec = _spec(cfg)
-    full = StructuralDataset(table[split != "test"], [], spec, _img_size(cfg), cache=_cache(cfg), source=source)
+    full = StructuralDataset(table[split != "test"], [], spec, _img_size(cfg), cache=_cache(cfg), source=source,
+                             in_memory=cfg.in_memory)
     pool = split[split != "test"]
     train_set = full.subset(pool == "train", augment=True, seed=cfg.seed)
     val_set = full.subset(pool == "val") if (pool == "val").any() else None
@@ -616,7 +621,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         raise InputError("no validation subjects", path=source, fix="add 'val' rows to the split column")
     ft = replace(ft, tasks=_learnable_tasks(table, ft.tasks, train_mask, source))
     cfg = replace(cfg, finetune=ft)  # the saved config and model list the tasks actually trained
-    dataset = StructuralDataset(table, ft.tasks, spec, _img_size(cfg), cache=_cache(cfg), source=source)
+    dataset = StructuralDataset(table, ft.tasks, spec, _img_size(cfg), cache=_cache(cfg), source=source,
+                                in_memory=cfg.in_memory)
     target_stats = {}
     for t in ft.tasks:
         if t.type == "regression":
@@ -968,7 +974,7 @@ def _regression_metrics(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int,
             "r2": bootstrap_ci(r_squared, y, p, **kw)}
 
 
-def _tbv(images: np.ndarray) -> np.ndarray:
+def _tbv(images: Iterable[np.ndarray]) -> np.ndarray:
     """Total brain volume proxy (voxel count above half the median foreground intensity) per image."""
     out = []
     for img in images:
