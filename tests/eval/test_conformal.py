@@ -9,6 +9,7 @@ from neuromoe.eval.conformal import (
     ConformalClassifier,
     ConformalRegressor,
     conformal_quantile,
+    coverage_shortfall_p,
     interval_coverage,
     mean_set_size,
     one_per_group,
@@ -140,3 +141,26 @@ def test_groups_pick_one_kept_row_each_and_unique_groups_change_nothing():
     assert ConformalClassifier(0.2).fit(probs, y, groups=ids).q == ConformalClassifier(0.2).fit(probs, y).q
     assert ConformalRegressor(0.2).fit(res, pred, groups=ids).q == ConformalRegressor(0.2).fit(res, pred).q
     assert ConformalRegressor(0.2).fit(res, pred, groups=np.zeros(30)).n_calib == 1
+
+
+def test_coverage_shortfall_flags_shifted_scans_and_few_exchangeable_ones() -> None:
+    """The beta-binomial p-value of a low coverage: at most 5 % of exchangeable cohorts are flagged at p < 0.05 (a
+    binomial test against the nominal level flags more, as it ignores the calibration draw), while test scans with
+    twice the calibration residuals are flagged almost always; unbounded intervals are never flagged."""
+    rng = np.random.default_rng(0)
+    n_cal, n_test, alpha = 20, 30, 0.1
+
+    def p_value(shift: float) -> float:
+        reg = ConformalRegressor(alpha).fit(rng.normal(size=n_cal), np.zeros(n_cal))
+        y = shift * rng.normal(size=n_test)
+        lo, hi = reg.predict(np.zeros(n_test))
+        return coverage_shortfall_p((y >= lo) & (y <= hi), reg.n_calib, alpha)
+
+    same = np.array([p_value(1.0) for _ in range(2000)])
+    shifted = np.array([p_value(2.0) for _ in range(300)])
+    assert (same < 0.05).mean() <= 0.055 and (shifted < 0.05).mean() > 0.7  # measured 0.032 and 0.81
+    from scipy.stats import binom
+
+    covered = np.arange(n_test) < 22  # 22 of 30 at nominal 0.90: less surprising once the calibration draw counts
+    assert coverage_shortfall_p(covered, n_cal, alpha) > binom.cdf(22, n_test, 1 - alpha)
+    assert coverage_shortfall_p(np.zeros(10, bool), 5, alpha) == 1.0  # 5 subjects: k > n, unbounded

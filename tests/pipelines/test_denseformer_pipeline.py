@@ -299,6 +299,7 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path, capsys):
     for name, c in scored.items():
         assert c["n_calib"] == cal[name]["conformal"]["n_calib"]
         assert c["unbounded"] is math.isinf(cal[name]["conformal"]["q"])
+        assert 0 <= c["shortfall_p"] <= 1 and (c["shortfall_p"] == 1) >= c["unbounded"]
     text = (ev / "report" / "section.json").read_text()
     assert ("mae (bias-corrected)" in text) is age["bias_corrected"] and "brain-age gap" in text
     assert ("age: not bias-corrected" in text) is not age["bias_corrected"] and "Held-out 'test'" in text

@@ -28,6 +28,7 @@ __all__ = [
     "ConformalClassifier",
     "ConformalRegressor",
     "conformal_quantile",
+    "coverage_shortfall_p",
     "interval_coverage",
     "mean_set_size",
     "one_per_group",
@@ -51,6 +52,24 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     # ceil would then take the next score
     rank = math.ceil((n + 1) * (1 - alpha) - 1e-9)
     return float("inf") if rank > n else float(scores[rank - 1])
+
+
+def coverage_shortfall_p(covered: np.ndarray, n_calib: int, alpha: float) -> float:
+    """One-sided p-value of a coverage as low as ``covered`` (one bool per test subject) if the test subjects were
+    exchangeable with the ``n_calib`` calibration subjects.
+
+    Given the calibration draw, split-conformal coverage is Beta(k, n + 1 − k) with k = ⌈(n + 1)(1 − alpha)⌉
+    (Angelopoulos & Bates 2021, §3.2), so the number covered is beta-binomial. A small value says these scans
+    differ from the ones calibrated on (another site, scanner or population): the binomial test alone would
+    ignore how few subjects calibrated the quantile and flag ordinary draws."""
+    from scipy.stats import betabinom
+
+    _check_alpha(alpha)
+    covered = np.asarray(covered, dtype=bool).ravel()
+    k = math.ceil((n_calib + 1) * (1 - alpha) - 1e-9)
+    if covered.size == 0 or k > n_calib:  # nothing to test, or unbounded intervals / sets of every class
+        return 1.0
+    return float(betabinom.cdf(int(covered.sum()), covered.size, k, n_calib + 1 - k))
 
 
 def one_per_group(groups: np.ndarray | None, keep: np.ndarray, seed: int = 0) -> np.ndarray:

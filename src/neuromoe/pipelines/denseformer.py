@@ -49,8 +49,10 @@ from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.conformal import (
     ConformalClassifier,
     ConformalRegressor,
+    coverage_shortfall_p,
     interval_coverage,
     mean_set_size,
+    one_per_group,
     set_coverage,
 )
 from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
@@ -1010,6 +1012,14 @@ def _calibration_size(task_cal: dict[str, Any]) -> dict[str, Any]:
     return {"n_calib": int(conf["n_calib"]), "unbounded": math.isinf(conf["q"])}
 
 
+def _shortfall(covered: np.ndarray, have: np.ndarray, subjects: np.ndarray, conf: dict[str, Any],
+               seed: int) -> float:
+    """How surprising the measured coverage is for scans exchangeable with the calibration subjects (one seeded
+    scan per subject: a subject's sessions share their errors), :func:`coverage_shortfall_p`."""
+    keep = one_per_group(subjects, have, seed)
+    return coverage_shortfall_p(np.asarray(covered, bool)[keep], int(conf["n_calib"]), float(conf["alpha"]))
+
+
 @pipeline_entry()
 def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
              device: str = "auto", n_bootstrap: int = 1000, seed: int = 0,
@@ -1088,7 +1098,9 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 lo, hi = ConformalRegressor.from_dict(tcal["conformal"]).predict(corrected)
                 entry["conformal"] = {"nominal": 1 - tcal["conformal"]["alpha"],
                                       "coverage": interval_coverage(lo[have], hi[have], y[have]),
-                                      "mean_width": float(np.mean(hi - lo)), **_calibration_size(tcal)}
+                                      "mean_width": float(np.mean(hi - lo)), **_calibration_size(tcal),
+                                      "shortfall_p": _shortfall((y >= lo) & (y <= hi), have, subjects,
+                                                                tcal["conformal"], seed)}
                 frame[f"{t.name}_lo"], frame[f"{t.name}_hi"] = lo, hi
             if t.name == AGE_TASK:
                 gap = corrected[have] - y[have]
@@ -1126,7 +1138,9 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
                 sets = ConformalClassifier.from_dict(cal[t.name]["conformal"]).predict(p)
                 entry["conformal"] = {"nominal": 1 - cal[t.name]["conformal"]["alpha"],
                                       "coverage": set_coverage(sets[have], y[have]),
-                                      "mean_set_size": mean_set_size(sets[have]), **_calibration_size(cal[t.name])}
+                                      "mean_set_size": mean_set_size(sets[have]), **_calibration_size(cal[t.name]),
+                                      "shortfall_p": _shortfall(sets[np.arange(len(y)), np.maximum(y, 0)], have,
+                                                                subjects, cal[t.name]["conformal"], seed)}
             frame[t.name] = [t.classes[i] if i >= 0 else "" for i in y]
             for ci, c in enumerate(t.classes):
                 frame[f"{t.name}_p_{c}"] = p[:, ci]
@@ -1208,11 +1222,15 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
     tasks_scored = metrics["tasks"].values()
     corrected = [n for n, e in metrics["tasks"].items() if e.get("bias_corrected")]
     uncorrected = [n for n, e in metrics["tasks"].items() if e.get("bias_corrected") is False]
+    short = [n for n, e in metrics["tasks"].items() if e.get("conformal", {}).get("shortfall_p", 1.0) < 0.05]
     section.add_text(
         f"{scored} ({count})."
         + (f" {', '.join(corrected)}: bias-corrected with a linear fit on validation subjects." if corrected else "")
         + "".join(f" {n}: not bias-corrected (validation showed no significant bias to correct)." for n in uncorrected)
         + " Conformal intervals/sets are calibrated on validation only."
+        + (f" Coverage of {', '.join(short)} is below what scans exchangeable with those validation subjects give "
+           "(p < 0.05, beta-binomial): the intervals/sets do not carry over to these scans (another site, scanner "
+           "or population?); recalibrate on labelled scans like them before relying on them." if short else "")
         + (" The baseline is a linear/logistic model on total brain volume (TBV) fitted on training subjects."
            if any("tbv_baseline" in e for e in tasks_scored) else "")
         + "".join(f" Task '{n}' is not scored: {why}." for n, why in metrics.get("skipped", {}).items())
@@ -1250,6 +1268,8 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
             c = e["conformal"]
             size = c.get("mean_width", c.get("mean_set_size"))
             trivial = "; too few calibration subjects: trivial" if c.get("unbounded") else ""
+            if c.get("shortfall_p", 1.0) < 0.05:
+                trivial += f"; below what scans like the calibration subjects give, p = {c['shortfall_p']:.2g}"
             table_rows.append({"task": name, "n": n, "metric": f"conformal coverage (nominal {c['nominal']:.2f})",
                                "model": f"{c['coverage']:.3f} (mean size {size:.2f}{trivial})", "TBV baseline": ""})
     section.add_table(table_rows, "Per-task metrics with 95 % bootstrap CIs; n = labelled scans of the task (for "
