@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,21 @@ def test_an_output_naming_an_input_by_any_path_is_refused(tmp_path) -> None:
         assert alias.split("/")[-1] in str(err.value) and "fix:" in str(err.value)
     # new files, other files and missing inputs are fine
     check_outputs([tmp_path / "mask.nii.gz", tmp_path / "other.csv"], [scan, tmp_path / "gone.nii"])
+
+
+@pytest.mark.parametrize("family", ["denseformer", "mome", "brainmoe"])
+def test_a_failed_evaluate_leaves_no_earlier_results_under_its_names(family: str, tmp_path: Path) -> None:
+    """A refused evaluate left the previous run's metrics.json in its --out folder, read as this run's results."""
+    import importlib
+
+    from neuromoe.errors import NeuroMoEError
+
+    out = tmp_path / "ev"
+    (out / "report").mkdir(parents=True)
+    names = ("metrics.json", "predictions.csv", "per_case.csv", "report/section.json")
+    for name in names:
+        (out / name).write_text("an earlier run's")
+    evaluate = importlib.import_module(f"neuromoe.pipelines.{family}").evaluate
+    with pytest.raises(NeuroMoEError):
+        evaluate(tmp_path / "no_model", tmp_path / "no_data", out)
+    assert [n for n in names if (out / n).exists()] == (["per_case.csv"] if family != "mome" else ["predictions.csv"])

@@ -363,9 +363,11 @@ def test_pretrain_train_evaluate_predict(cohort, tmp_path, capsys):
     assert metrics["n"] == len(external) and metrics["split"] == "all"
     assert "none left to fit it on" in metrics["tbv_baseline_skipped"]["age"]
     assert "Every subject of an external cohort" in (ev / "report" / "section.json").read_text()
+    # refused into the folder of that run: its results go, a script checking metrics.json read them as this run's
     with pytest.raises(InputError, match="of this external table were used to train, pretrain or calibrate"):
-        pipe.evaluate(run / "model", tmp_path / "nosplit.csv", tmp_path / "eval7", split="all", n_bootstrap=5,
+        pipe.evaluate(run / "model", tmp_path / "nosplit.csv", ev, split="all", n_bootstrap=5,
                       cache_dir=cfg.cache_dir)
+    assert not any((ev / name).exists() for name in ("metrics.json", "predictions.csv", "report/section.json"))
 
     # a model fine-tuned on 30 % of the labels: its TBV baseline learns from the same 30 %, not all of train
     frac = tmp_path / "frac_model"

@@ -7,14 +7,18 @@ Everything the toolkit writes (NIfTI, CSV, JSON, checkpoints, weights) goes thro
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from neuromoe.errors import InputError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _umask() -> int:
@@ -64,6 +68,28 @@ def remove_stale(*paths: str | Path) -> None:
     exists would otherwise read another run's results for other inputs."""
     for path in paths:
         Path(path).unlink(missing_ok=True)
+
+
+def removes_on_error(*names: str) -> Callable[[F], F]:
+    """Decorator for an entry point that writes ``names`` under its ``out`` folder: an error (a refused table, an
+    interrupt) removes what an earlier run left there under those names, so a script that checks
+    ``out/metrics.json`` never reads another run's results as this one's."""
+
+    def wrap(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except BaseException:
+                out = Path(signature.bind(*args, **kwargs).arguments["out"])
+                remove_stale(*(out / name for name in names))
+                raise
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
 
 
 def _check_writable(out: Path) -> None:

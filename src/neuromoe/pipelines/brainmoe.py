@@ -38,7 +38,7 @@ from neuromoe.config import load_family_config, save_config
 from neuromoe.engine import TrainConfig, Trainer, finish_training, is_main_process, monitor_problems
 from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
-from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
+from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale, removes_on_error
 from neuromoe.io.table import failures_path, file_ids, scan_ids, write_failures
 from neuromoe.layers.moe import load_balancing_loss, router_z_loss
 from neuromoe.models.brainmoe import (
@@ -1112,6 +1112,7 @@ def _fold_metrics(pred: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict
     return res
 
 
+@removes_on_error("metrics.json", "predictions.csv", "report/section.json")
 @pipeline_entry()
 def evaluate(
     experts: str | Path,

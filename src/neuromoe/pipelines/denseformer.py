@@ -56,7 +56,7 @@ from neuromoe.eval.conformal import (
     set_coverage,
 )
 from neuromoe.eval.metrics import balanced_accuracy, binary_auc, bootstrap_ci, macro_f1, r_squared
-from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale
+from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, remove_stale, removes_on_error
 from neuromoe.io.table import (
     case_fingerprints,
     failures_path,
@@ -1020,6 +1020,7 @@ def _shortfall(covered: np.ndarray, have: np.ndarray, subjects: np.ndarray, conf
     return coverage_shortfall_p(np.asarray(covered, bool)[keep], int(conf["n_calib"]), float(conf["alpha"]))
 
 
+@removes_on_error("metrics.json", "predictions.csv", "report/section.json")
 @pipeline_entry()
 def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split: str = "test",
              device: str = "auto", n_bootstrap: int = 1000, seed: int = 0,

@@ -46,7 +46,14 @@ from neuromoe.engine.precision import resolve_precision
 from neuromoe.engine.utils import pipeline_entry, resolve_device
 from neuromoe.errors import ConfigError, InputError, ModelFormatError
 from neuromoe.eval.metrics import segmentation_metrics
-from neuromoe.io.atomic import atomic_path, atomic_write_json, check_outputs, json_text, remove_stale
+from neuromoe.io.atomic import (
+    atomic_path,
+    atomic_write_json,
+    check_outputs,
+    json_text,
+    remove_stale,
+    removes_on_error,
+)
 from neuromoe.io.table import case_fingerprints, file_stem, refuse_fitted, write_failures
 from neuromoe.models.mome import (
     DEFAULT_MODALITIES,
@@ -919,6 +926,7 @@ def _summary(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     return g[cols].mean().round(4).assign(n=g.size(), n_hd95=g["hd95"].count()).reset_index()
 
 
+@removes_on_error("metrics.json", "per_case.csv", "report/section.json")
 @pipeline_entry()
 def evaluate(
     model_dir: str | Path,
