@@ -788,3 +788,32 @@ def test_report_overlays_show_the_input_modalities_in_turn() -> None:
         {0: "t1", 1: "flair", 2: "flair"}
     assert mome._overlay_plan([["t1"], ["flair"]], mods, 3, True) == {0: None, 1: None}  # MoME+: one per case
     assert mome._overlay_plan([["t1"]], mods, 0, False) == {}
+
+
+def test_cases_past_the_memory_budget_are_read_as_memory_maps(tmp_path, capsys, monkeypatch) -> None:
+    """Every case's images were held in memory, in every torchrun process (BraTS at the paper grid: ~100 MB a
+    case, 1,251 cases): past the budget they are read-only maps of the cache entries, and the trained experts
+    and MoME are the same as from memory."""
+    from safetensors.torch import load_file
+
+    from neuromoe.data import lesion
+    from neuromoe.pipelines import mome
+
+    _mini_cohort(tmp_path / "cohort")
+    cfg = mome.load_mome_config("tiny", seed=0, device="cpu")
+    cfg.cache_dir = str(tmp_path / "cache")
+    monkeypatch.setattr(lesion, "memory_budget", lambda: 0.0)
+    cases = mome._split_cases(tmp_path / "cohort", cfg, mome._spec(cfg), ("train", "val"))
+    assert "read from the preprocessing cache as memory maps" in capsys.readouterr().err
+    images = [a for split in cases.values() for c in split for a in c["images"].values()]
+    assert len(images) == 8 and all(isinstance(a.base, np.memmap) for a in images)  # maps of the cache, not copies
+    monkeypatch.setattr(lesion, "memory_budget", lambda: float("inf"))
+    held = mome._split_cases(tmp_path / "cohort", cfg, mome._spec(cfg), ("train", "val"))
+    assert not any(isinstance(a.base, np.memmap) for split in held.values() for c in split for a in c["images"].values())
+    weights = {}
+    for in_memory in (False, True):
+        cfg.in_memory = in_memory
+        mome.pretrain(tmp_path / "cohort", tmp_path / f"pre_{in_memory}", cfg)
+        run = mome.train(tmp_path / "cohort", tmp_path / f"ft_{in_memory}", cfg, experts=tmp_path / f"pre_{in_memory}")
+        weights[in_memory] = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[True])

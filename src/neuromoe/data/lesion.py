@@ -8,6 +8,7 @@ noise, bias field) applied jointly to image and mask. MoME+ items randomly drop 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
+from neuromoe.data.preprocess import memory_budget
 from neuromoe.errors import InputError
 from neuromoe.models.mome import DEFAULT_MODALITIES
 
@@ -44,12 +46,23 @@ def load_lesion_cases(
     modalities: Sequence[str] = DEFAULT_MODALITIES,
     cache: Any = None,
     source: str = "table",
+    *,
+    in_memory: bool | None = True,
+    n_cases: int | None = None,
 ) -> list[LesionCase]:
-    """Preprocess every row's available modalities and mask onto one grid (A's ``preprocess_case``)."""
+    """Preprocess every row's available modalities and mask onto one grid (A's ``preprocess_case``).
+
+    The images are held in memory (``in_memory=True``), or are (copy-on-write) memory maps of the preprocessing cache
+    entries (``False``; ``None``: when the ``n_cases`` cases of the caller, estimated from the first, would
+    exceed :func:`~neuromoe.data.preprocess.memory_budget`): BraTS at the ``paper`` grid is ~100 MB a case, and
+    torchrun's processes each held their own copy. Patches and whole-volume predictions read what they touch;
+    the masks (one byte a voxel) stay in memory."""
     from neuromoe.data.preprocess import preprocess_case
 
     if "mask" not in table.columns:
         raise InputError("no 'mask' column", path=source, fix="add a mask column with lesion-mask paths")
+    usable = cache is not None and cache.usable
+    mapped = in_memory is False and usable
     cases = []
     for _, row in table.iterrows():
         paths = {
@@ -61,15 +74,26 @@ def load_lesion_cases(
                 path=source,
                 fix="fill at least one modality column",
             )
-        out = preprocess_case({**paths, "mask": str(row["mask"])}, spec, cache=cache)
+        roles = {**paths, "mask": str(row["mask"])}
+        out = preprocess_case(roles, spec, cache=cache, mmap=mapped)
+        if in_memory is None and not cases and usable:  # decide on the first case's size
+            need = sum(np.asarray(out[m]).nbytes for m in paths) * (n_cases or len(table))
+            mapped = need > memory_budget()
+            if mapped:
+                print(f"neuromoe: the lesion images of {source} (~{need / 2**30:.1f} GiB) are read from the "
+                      "preprocessing cache as memory maps, not held in memory", file=sys.stderr)
+                out = preprocess_case(roles, spec, cache=cache, mmap=True)
         cases.append(
             {
-                "images": {m: np.asarray(out[m], dtype=np.float32) for m in paths},
+                "images": {m: np.asarray(out[m], dtype=np.float32) for m in paths},  # a float32 map stays a map
                 "mask": (np.asarray(out["mask"]) > 0.5).astype(np.uint8),
                 "meta": {k: row[k] for k in ("subject", "session", "run", "lesion_type", "dataset", "site") if k in row},
                 "affine": np.asarray(out.affine, dtype=np.float64),
             }
         )
+    if in_memory is False and not usable and cases:
+        print(f"neuromoe: the lesion images of {source} are held in memory: there is no usable preprocessing cache "
+              "to read them back from (give --cache DIR)", file=sys.stderr)
     return cases
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import zlib
@@ -341,6 +342,17 @@ def default_cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("NEUROMOE_CACHE") or Path.home() / ".cache" / "neuromoe" / "preprocess")
 
 
+def memory_budget() -> float:
+    """Bytes of preprocessed volumes one process may hold: a quarter of the memory available now, shared by the
+    processes torchrun started on this machine (POSIX; unbounded where the OS does not say). Past it, training
+    reads volumes back from the cache (DenseFormer per item, MoME as memory maps)."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return math.inf
+    return 0.25 * available / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
 class PreprocCache:
     """On-disk cache of preprocessed cases keyed by (path, size, mtime_ns, content sample, role order, spec hash).
 
@@ -371,14 +383,17 @@ class PreprocCache:
                 raise InputError("file not found or unreadable", path=p, fix="check the path") from None
         return h.hexdigest()[:32]
 
-    def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+    def get(self, key: str, *, mmap: bool = False) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The entry, or None; ``mmap``: a copy-on-write memory map of it (pages read when touched and shared by
+        the processes that map it; a write stays in this process, never reaches the file; an entry replaced
+        meanwhile stays readable)."""
         if not self.usable:
             return None
         npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
         try:
             if not (npy.exists() and meta.exists()):  # exists() raises on a folder it may not search
                 return None
-            return np.load(npy), json.loads(meta.read_text())
+            return np.load(npy, mmap_mode="c" if mmap else None), json.loads(meta.read_text())
         except PermissionError as err:
             self._unusable("read", err)
         except (OSError, ValueError):
@@ -421,15 +436,16 @@ class CaseResult(dict):
 
 
 def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCache | None = None, *,
-                    loaded: dict[str, Image] | None = None) -> CaseResult:
+                    loaded: dict[str, Image] | None = None, mmap: bool = False) -> CaseResult:
     """Load and preprocess every role of one case onto one grid (reference = first role), cached.
 
     ``loaded``: images the caller has already read (used on a cache miss instead of reading them again).
+    ``mmap``: the arrays are memory maps of the cache entry (when the cache is usable), not copies.
     """
     paths = {r: str(p) for r, p in paths.items()}
     loaded = loaded or {}
     key = cache.key(paths, spec) if cache is not None else None
-    hit = cache.get(key) if cache is not None else None
+    hit = cache.get(key, mmap=mmap) if cache is not None else None
     if hit is not None and spec.register and "ref_affine" not in hit[1]:
         hit = None  # written before entries kept the registered world of the input grid
     if hit is not None:
@@ -442,6 +458,8 @@ def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCach
         if cache is not None:
             cache.misses += 1
             cache.put(key, data, meta)
+            if mmap:  # keep the map, not the array just computed
+                data = (cache.get(key, mmap=True) or (data,))[0]
     res = CaseResult({r: data[i] for i, r in enumerate(meta["roles"])})
     res.affine = np.asarray(meta["affine"])
     res.ref_affine = None if meta.get("ref_affine") is None else np.asarray(meta["ref_affine"])

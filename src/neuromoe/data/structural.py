@@ -14,7 +14,6 @@ input grid, so training, evaluation and prediction see identical inputs.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from neuromoe.data.preprocess import memory_budget
 from neuromoe.data.splits import assign_splits  # moved there; importable from here as before
 from neuromoe.errors import InputError
 
@@ -188,16 +188,6 @@ def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False)
     t = Compose(steps)
     t.set_random_state(seed=seed)
     return t
-
-
-def memory_budget() -> float:
-    """Bytes of preprocessed volumes one process may hold: a quarter of the memory available now, shared by the
-    processes torchrun started on this machine (POSIX; unbounded where the OS does not say)."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return math.inf
-    return 0.25 * available / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
 class DiskVolumes:

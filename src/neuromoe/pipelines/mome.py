@@ -186,6 +186,10 @@ class MoMEConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     cache_dir: str | None = None
+    # Hold the preprocessed images in memory, or read them as memory maps of the cache entries (a cohort that
+    # does not fit: BraTS at the paper grid); null = in memory when they fit in a quarter of the memory
+    # available (data.preprocess.memory_budget).
+    in_memory: bool | None = None
     seed: int = 0
 
     def problems(self) -> list[tuple[str, str, str]]:
@@ -292,8 +296,10 @@ def _split_cases(
     mods = [m for m in cfg.model.modalities if m in table.columns]
     usable = table[mods].notna().any(axis=1).to_numpy() if mods else np.zeros(len(table), bool)
     cache = _cache(cfg.cache_dir)
+    n_cases = int((np.isin(split, list(splits)) & usable).sum())  # held at once: the memory budget counts them all
     return {
-        s: load_lesion_cases(table[(split == s) & usable], spec, cfg.model.modalities, cache, source)
+        s: load_lesion_cases(table[(split == s) & usable], spec, cfg.model.modalities, cache, source,
+                             in_memory=cfg.in_memory, n_cases=n_cases)
         if ((split == s) & usable).any()
         else []
         for s in splits
