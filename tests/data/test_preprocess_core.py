@@ -428,3 +428,17 @@ def test_preprocess_into_an_unwritable_folder_is_one_error_before_any_row(tmp_pa
     table = pd.DataFrame({"subject": ["a"], "t1": [str(t1)]})
     with pytest.raises(InputError, match="cannot write the output folder"):
         preprocess_cohort(table, PreprocSpec(), tmp_path / "f" / "cache")
+
+
+def test_the_memory_budget_follows_the_jobs_cgroup_limit_and_torchruns_processes(monkeypatch) -> None:
+    """A SLURM job's --mem (its cgroup's limit) caps what the node's free memory says, and torchrun's processes on
+    the machine share the budget: a job with 8 GiB, 6 used, on a node with far more, holds at most 2 GiB / 4 / 4."""
+    from neuromoe.data import preprocess
+
+    limits = {"/sys/fs/cgroup/memory.max": 8.0 * 2**30, "/sys/fs/cgroup/memory.current": 6.0 * 2**30}
+    monkeypatch.setattr(preprocess, "_read_number", limits.get)
+    assert preprocess.available_memory() <= 2 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert preprocess.memory_budget() <= 2 * 2**30 / 16
+    limits["/sys/fs/cgroup/memory.current"] = 9.0 * 2**30  # past the limit: nothing left, not negative
+    assert preprocess.available_memory() == 0.0

@@ -6,6 +6,7 @@ grid can be put back on the input grid with :func:`neuromoe.io.nifti.resample_to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -342,15 +343,40 @@ def default_cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("NEUROMOE_CACHE") or Path.home() / ".cache" / "neuromoe" / "preprocess")
 
 
-def memory_budget() -> float:
-    """Bytes of preprocessed volumes one process may hold: a quarter of the memory available now, shared by the
-    processes torchrun started on this machine (POSIX; unbounded where the OS does not say). Past it, training
-    reads volumes back from the cache (DenseFormer per item, MoME as memory maps)."""
+def _read_number(path: str) -> float | None:
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return math.inf
-    return 0.25 * available / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        return float(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # absent, or "max" (no limit)
+        return None
+
+
+def available_memory() -> float:
+    """Bytes this process can still allocate: Linux's MemAvailable (free memory plus reclaimable page cache),
+    capped by the memory limit of its cgroup (a SLURM job's --mem, a container's limit: the node's free memory
+    says nothing about those); elsewhere the free pages, or unbounded where the OS does not say."""
+    meminfo = {}
+    with contextlib.suppress(OSError):
+        meminfo = {k: v for k, v in (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())}
+    if "MemAvailable" in meminfo:
+        free = float(meminfo["MemAvailable"].split()[0]) * 1024
+    else:
+        try:
+            free = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            return math.inf
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        cap, now = _read_number(limit), _read_number(used)
+        if cap is not None and now is not None and cap < 2**60:  # v1 writes ~2**63 for "no limit"
+            free = min(free, max(cap - now, 0.0))
+    return free
+
+
+def memory_budget() -> float:
+    """Bytes of preprocessed volumes one process may hold: a quarter of :func:`available_memory`, shared by the
+    processes torchrun started on this machine. Past it, training reads volumes back from the cache (DenseFormer
+    per item, MoME as memory maps)."""
+    return 0.25 * available_memory() / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
 class PreprocCache:
