@@ -40,6 +40,9 @@ LesionCase = dict[
 ]  # {"images": {modality: (*S) float32}, "mask": (*S) uint8, "meta": {...}, "affine"}
 
 
+_MAPPED: set[str] = set()  # tables whose images were said to be memory-mapped
+
+
 def load_lesion_cases(
     table: pd.DataFrame,
     spec: Any,
@@ -80,8 +83,10 @@ def load_lesion_cases(
             need = sum(np.asarray(out[m]).nbytes for m in paths) * (n_cases or len(table))
             mapped = need > memory_budget()
             if mapped:
-                print(f"neuromoe: the lesion images of {source} (~{need / 2**30:.1f} GiB) are read from the "
-                      "preprocessing cache as memory maps, not held in memory", file=sys.stderr)
+                if source not in _MAPPED:  # once per table, not per split
+                    _MAPPED.add(source)
+                    print(f"neuromoe: the lesion images of {source} (~{need / 2**30:.1f} GiB) are read from the "
+                          "preprocessing cache as memory maps, not held in memory", file=sys.stderr)
                 out = preprocess_case(roles, spec, cache=cache, mmap=True)
         cases.append(
             {
