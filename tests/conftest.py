@@ -8,6 +8,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_default_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Default caches (``$NEUROMOE_CACHE``, else ``~/.cache/neuromoe``) go to a folder of the test session: the
+    suite filled the user's home cache (7,000 entries here), and a stale entry there could hide a bug."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("NEUROMOE_CACHE", str(tmp_path_factory.mktemp("default_cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Run a module's torch work on one thread: on a loaded 2-core machine, two OpenMP threads spin

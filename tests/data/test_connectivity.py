@@ -161,3 +161,16 @@ def test_cache_key_follows_content_mtime_and_options(tmp_path) -> None:
     c = fresh.fetch(f, compute, kind="pearson")
     assert len(calls) == 3 and not np.array_equal(a, c)
     assert not list((tmp_path / "cache").glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_an_unwritable_cache_is_said_once_and_skipped(tmp_path, capsys) -> None:
+    """A cache folder that cannot be created (here: a file is in the way; a read-only home in a container) made
+    the command fail; the arrays are now computed as without a cache, and that is said once."""
+    f = tmp_path / "s.npy"
+    np.save(f, _series(1)[0])
+    (tmp_path / "blocked").write_text("a file where the cache folder would go")
+    cache = FCCache(tmp_path / "blocked" / "cache")
+    for _ in range(2):
+        fc = cache.fetch(f, lambda: connectivity([np.load(f)])[0], kind="pearson")
+        assert fc.shape == (np.load(f).shape[1],) * 2
+    assert capsys.readouterr().err.count("cannot write the connectivity cache") == 1 and not cache.usable

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -402,13 +403,16 @@ class FCCache:
 
     A key covers (file size, mtime_ns, content hash, what was computed and with which options): editing,
     replacing or touching the file, or changing an option, computes again. Entries are ``<key>.npy``
-    written atomically, so a killed job never leaves a half-written entry that would be read back.
+    written atomically, so a killed job never leaves a half-written entry that would be read back. A folder
+    that cannot be written or searched is said once and then skipped (as the preprocessing cache): inference
+    must not fail for want of a cache.
     """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+        self.usable = True
         self._digests: dict[tuple[str, int, int], str] = {}
 
     def key(self, path: str | Path, **options: Any) -> str:
@@ -433,17 +437,34 @@ class FCCache:
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def get(self, key: str) -> np.ndarray | None:
+        if not self.usable:
+            return None
         f = self.root / f"{key}.npy"
-        if not f.exists():
-            return None
         try:
+            if not f.exists():  # exists() raises on a folder it may not search
+                return None
             return np.load(f, allow_pickle=False)
+        except PermissionError as err:
+            self._unusable("read", err)
         except (OSError, ValueError):
-            return None
+            pass  # a damaged entry: computed again and replaced
+        return None
 
     def put(self, key: str, arr: np.ndarray) -> None:
-        with atomic_path(self.root / f"{key}.npy") as tmp:
-            np.save(tmp, np.asarray(arr), allow_pickle=False)
+        if not self.usable:
+            return
+        try:
+            with atomic_path(self.root / f"{key}.npy") as tmp:
+                np.save(tmp, np.asarray(arr), allow_pickle=False)
+        except OSError as err:
+            self._unusable("write", err)
+
+    def _unusable(self, what: str, err: OSError) -> None:
+        self.usable = False
+        if str(self.root) not in _WARNED:  # once per folder and process
+            _WARNED.add(str(self.root))
+            print(f"neuromoe: warning: {self.root}: cannot {what} the connectivity cache ({err.strerror or err}); "
+                  "going on without it — give a writable folder with NEUROMOE_CACHE", file=sys.stderr)
 
     def fetch(self, path: str | Path, compute: Callable[[], np.ndarray], **options: Any) -> np.ndarray:
         """The cached array for (``path``, ``options``), or ``compute()`` stored under that key."""
@@ -456,3 +477,6 @@ class FCCache:
         arr = compute()
         self.put(key, arr)
         return arr
+
+
+_WARNED: set[str] = set()

@@ -234,10 +234,20 @@ class FCSpec:
         return dict(self.__dict__)
 
 
+def _series_cache() -> Any:
+    """ROI series extracted from BOLD, cached per file under ``$NEUROMOE_CACHE/timeseries`` (default
+    ``~/.cache/neuromoe/preprocess/timeseries``): every command re-extracted every run, ~3 min a run at HCP size."""
+    from neuromoe.data.connectivity import FCCache
+    from neuromoe.data.preprocess import default_cache_root
+
+    return FCCache(default_cache_root(None) / "timeseries")
+
+
 def _timeseries(table: pd.DataFrame) -> list[np.ndarray]:
     from neuromoe.data.fmri import scan_timeseries
 
-    return [scan_timeseries(row) for _, row in table.iterrows()]
+    cache = _series_cache()
+    return [scan_timeseries(row, cache=cache) for _, row in table.iterrows()]
 
 
 def _fc(ts: list[np.ndarray], spec: FCSpec, sources: list[str] | None = None) -> np.ndarray:
@@ -1408,10 +1418,11 @@ def _batch_scans(
 
     spec = FCSpec(**meta["extra"]["fc"])
     series, crops, kept, failures = [], [], [], []
+    cache = _series_cache()
     for i, row in table.iterrows():
         file = _scan_file(row)
         try:
-            x = scan_timeseries(row)
+            x = scan_timeseries(row, cache=cache)
             _check_rois([x], spec, file or where)
             check_timeseries(x, source=file or where)  # what _fc refuses (constant ROI) fails this scan only
             if spec.n_timepoints:  # the JEPA window, checked and cut once per scan
