@@ -860,6 +860,7 @@ def test_volumes_past_the_memory_budget_are_read_back_from_the_cache(cohort, tmp
     assert isinstance(held.images, np.ndarray) and isinstance(read.images, structural.DiskVolumes)
     assert "read back from the preprocessing cache per item" in capsys.readouterr().err
     rows = np.arange(len(table)) % 3 == 0
+    assert held.subset(rows).images is held.images  # a subset indexes its parent's stack (copies tripled the memory)
     for a, b in zip(held.subset(rows), read.subset(rows), strict=True):
         assert torch.equal(a["image"], b["image"]) and a["index"] == b["index"]
     on_disk = pipe.train(cohort, tmp_path / "disk", _cfg(tmp_path, in_memory="false"))

@@ -192,8 +192,8 @@ def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False)
 
 class DiskVolumes:
     """Preprocessed volumes read back one at a time (from the preprocessing cache), for a cohort whose float16
-    stack does not fit in memory: a UK Biobank table at 1 mm is ~10 MB per scan. Indexes like the in-memory
-    ``(N, 1, *img_size)`` float16 array it replaces: an int gives one volume, an index array a subset."""
+    stack does not fit in memory: a UK Biobank table at 1 mm is ~10 MB per scan. ``volumes[i]`` is what row
+    ``i`` of the in-memory ``(N, 1, *img_size)`` float16 array it replaces would be."""
 
     def __init__(self, paths: Sequence[str], spec: Any, img_size: Sequence[int], cache: Any):
         self.paths, self.spec, self.img_size, self.cache = [str(p) for p in paths], spec, tuple(img_size), cache
@@ -201,13 +201,8 @@ class DiskVolumes:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, (int, np.integer)):
-            return load_t1(self.paths[i], self.spec, self.img_size, self.cache).astype(np.float16)
-        return DiskVolumes([self.paths[j] for j in np.asarray(i)], self.spec, self.img_size, self.cache)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self[i] for i in range(len(self)))
+    def __getitem__(self, i: int) -> np.ndarray:
+        return load_t1(self.paths[i], self.spec, self.img_size, self.cache).astype(np.float16)
 
 
 class StructuralDataset(Dataset):
@@ -233,6 +228,7 @@ class StructuralDataset(Dataset):
         source: str = "table",
         images: np.ndarray | DiskVolumes | None = None,
         in_memory: bool | None = None,
+        rows: np.ndarray | None = None,
     ):
         if "t1" not in table.columns:
             raise InputError("no 't1' column", path=source, fix="add a t1 column with image paths")
@@ -242,7 +238,10 @@ class StructuralDataset(Dataset):
         self.img_size = tuple(img_size)
         if images is None:
             images = _load_volumes(self.table["t1"].tolist(), spec, self.img_size, cache, in_memory, source)
+        # a subset shares its parent's volumes and indexes them by ``rows``: copying them tripled the memory the
+        # budget had approved (train and validation copies beside the stack, then another for the head refit)
         self.images = images
+        self.rows = np.arange(len(self.table)) if rows is None else np.asarray(rows)
         self.transform = augmentation(seed, spatial=augment, contrast=contrast) if augment or contrast else None
 
     def __len__(self) -> int:
@@ -253,10 +252,14 @@ class StructuralDataset(Dataset):
         """A view on some rows that reuses the already preprocessed volumes."""
         idx = np.flatnonzero(mask)
         return StructuralDataset(self.table.iloc[idx], self.tasks, None, self.img_size, augment=augment,
-                                 contrast=contrast, seed=seed, images=self.images[idx])
+                                 contrast=contrast, seed=seed, images=self.images, rows=self.rows[idx])
+
+    def volumes(self) -> Iterator[np.ndarray]:
+        """This dataset's preprocessed volumes in order, ``(1, *img_size)`` float16 each."""
+        return (self.images[r] for r in self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        img = torch.from_numpy(self.images[i].astype(np.float32))
+        img = torch.from_numpy(self.images[self.rows[i]].astype(np.float32))
         if self.transform is not None:
             # MONAI transforms keep their own RNG, which would carry state from item to item (fetch order,
             # workers, ranks, resume): reseed it from the global RNG, which the Trainer seeds per (epoch, item)

@@ -1054,13 +1054,15 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, *, split:
     from neuromoe.data.preprocess import PreprocSpec
 
     cfg = DenseFormerConfig(cache_dir=cache_dir)
-    dataset = StructuralDataset(table, tasks, PreprocSpec.from_dict(meta["preprocessing"]), extra["img_size"],
-                                cache=_cache(cfg), source=source)
-    pred = _predict_dataset(model, dataset.subset(rows), tasks, extra["target_stats"], _device(device), "fp32")
     # the baseline learns from the labels the model learnt from (label_fraction < 1: a subset of train)
     train_rows = _label_subsample(table, splits == "train", extra.get("label_fraction", 1.0),
                                   extra.get("split_seed", seed))
-    tbv = _tbv(dataset.images)
+    keep = rows | train_rows  # what is scored and what the TBV baseline learns from; never validation's scans
+    table, rows, train_rows = table[keep].reset_index(drop=True), rows[keep], train_rows[keep]
+    dataset = StructuralDataset(table, tasks, PreprocSpec.from_dict(meta["preprocessing"]), extra["img_size"],
+                                cache=_cache(cfg), source=source)
+    pred = _predict_dataset(model, dataset.subset(rows), tasks, extra["target_stats"], _device(device), "fp32")
+    tbv = _tbv(dataset.volumes())
     cal = extra["calibration"]
     metrics: dict[str, Any] = {"split": split, "n": int(rows.sum()), "tasks": {}}
     frame = scan_ids(table.loc[rows]).assign(t1=table.loc[rows, "t1"].to_numpy())
