@@ -817,3 +817,43 @@ def test_cases_past_the_memory_budget_are_read_as_memory_maps(tmp_path, capsys, 
         run = mome.train(tmp_path / "cohort", tmp_path / f"ft_{in_memory}", cfg, experts=tmp_path / f"pre_{in_memory}")
         weights[in_memory] = load_file(run / "model" / "model.safetensors")
     assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[True])
+
+
+def _monai_patch(image, mask, patch, rng, fg_fraction):
+    """The former sampler, on MONAI's transforms: pad the whole volume, then crop it (the reference)."""
+    from monai.transforms import RandSpatialCropd, SpatialPadd
+
+    padded = SpatialPadd(["image", "mask"], spatial_size=tuple(patch))({"image": image, "mask": mask[None]})
+    img, msk = np.asarray(padded["image"]), np.asarray(padded["mask"])[0]
+    fg = np.argwhere(msk > 0)
+    if len(fg) and rng.random() < fg_fraction:
+        centre = fg[rng.integers(len(fg))]
+        start = [int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
+                 for c, p, s in zip(centre, patch, msk.shape, strict=True)]
+        sl = tuple(slice(a, a + p) for a, p in zip(start, patch, strict=True))
+        return img[(slice(None), *sl)], msk[sl]
+    crop = RandSpatialCropd(["image", "mask"], roi_size=tuple(patch), random_size=False)
+    crop.set_random_state(int(rng.integers(2**31)))
+    out = crop({"image": img, "mask": msk[None]})
+    return np.asarray(out["image"]), np.asarray(out["mask"])[0]
+
+
+@pytest.mark.parametrize("shape", [(20, 24, 18), (6, 30, 9), (16, 16, 16)])
+def test_patches_are_cut_from_the_window_without_padding_the_volume(shape) -> None:
+    """Patches were cut from a padded copy of every modality's whole volume (4 volumes per MoME+ item, read whole
+    from a memory map); the window is now found first and each volume read only there, with the same draws and
+    the same patches as MONAI's pad-then-crop, also on axes shorter than the patch and without a lesion."""
+    from neuromoe.data.lesion import sample_patch
+
+    data = np.random.default_rng(1)
+    image = data.normal(size=(2, *shape)).astype(np.float32)
+    for lesion in (True, False):
+        mask = np.zeros(shape, np.uint8)
+        if lesion:
+            mask[2:5, 3:6, 1:4] = 1
+        for seed in range(40):
+            a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+            new, old = sample_patch(image, mask, (16, 16, 16), a, 0.5), _monai_patch(image, mask, (16, 16, 16), b, 0.5)
+            np.testing.assert_array_equal(new[0], old[0])
+            np.testing.assert_array_equal(new[1], old[1])
+            assert a.random() == b.random()  # the same draws consumed
