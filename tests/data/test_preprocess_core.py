@@ -430,15 +430,30 @@ def test_preprocess_into_an_unwritable_folder_is_one_error_before_any_row(tmp_pa
         preprocess_cohort(table, PreprocSpec(), tmp_path / "f" / "cache")
 
 
-def test_the_memory_budget_follows_the_jobs_cgroup_limit_and_torchruns_processes(monkeypatch) -> None:
-    """A SLURM job's --mem (its cgroup's limit) caps what the node's free memory says, and torchrun's processes on
-    the machine share the budget: a job with 8 GiB, 6 used, on a node with far more, holds at most 2 GiB / 4 / 4."""
+def test_the_memory_budget_follows_the_jobs_cgroup_limit_and_torchruns_processes(tmp_path, monkeypatch) -> None:
+    """A SLURM job's --mem is the limit of its own nested cgroup (named in /proc/self/cgroup), which the node's free
+    memory and the root cgroup know nothing of; page cache the job can reclaim counts as free; torchrun's
+    processes on the machine share the budget."""
     from neuromoe.data import preprocess
 
-    limits = {"/sys/fs/cgroup/memory.max": 8.0 * 2**30, "/sys/fs/cgroup/memory.current": 6.0 * 2**30}
-    monkeypatch.setattr(preprocess, "_read_number", limits.get)
-    assert preprocess.available_memory() <= 2 * 2**30
+    gib = 2.0**30
+    job = tmp_path / "cg" / "system.slice" / "slurm" / "job_7"
+    (job / "step_0").mkdir(parents=True)
+    (job / "memory.max").write_text(f"{int(8 * gib)}\n")
+    (job / "memory.current").write_text(f"{int(6 * gib)}\n")
+    (job / "memory.stat").write_text(f"anon 100\ninactive_file {int(1 * gib)}\n")
+    (job / "step_0" / "memory.max").write_text("max\n")  # the step itself unlimited: the job's limit binds
+    (job / "step_0" / "memory.current").write_text(f"{int(5 * gib)}\n")
+    (tmp_path / "cgroup").write_text("0::/system.slice/slurm/job_7/step_0\n")
+    left = preprocess.cgroup_memory_left(str(tmp_path / "cgroup"), str(tmp_path / "cg"))
+    assert left == 3 * gib  # 8 − (6 − 1 reclaimable)
+    v1 = tmp_path / "v1" / "memory" / "slurm" / "uid_0" / "job_9"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{int(4 * gib)}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{int(1 * gib)}\n")
+    (tmp_path / "cgroup_v1").write_text("9:cpu,cpuacct:/slurm/uid_0/job_9\n5:memory:/slurm/uid_0/job_9\n")
+    assert preprocess.cgroup_memory_left(str(tmp_path / "cgroup_v1"), str(tmp_path / "v1")) == 3 * gib
+    assert preprocess.cgroup_memory_left(str(tmp_path / "absent"), str(tmp_path / "cg")) == float("inf")
+    monkeypatch.setattr(preprocess, "cgroup_memory_left", lambda: 2 * gib)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert preprocess.memory_budget() <= 2 * 2**30 / 16
-    limits["/sys/fs/cgroup/memory.current"] = 9.0 * 2**30  # past the limit: nothing left, not negative
-    assert preprocess.available_memory() == 0.0
+    assert preprocess.available_memory() <= 2 * gib and preprocess.memory_budget() <= 2 * gib / 16

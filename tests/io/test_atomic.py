@@ -41,3 +41,14 @@ def test_a_failed_evaluate_leaves_no_earlier_results_under_its_names(family: str
     with pytest.raises(NeuroMoEError):
         evaluate(tmp_path / "no_model", tmp_path / "no_data", out)
     assert [n for n in names if (out / n).exists()] == (["per_case.csv"] if family != "mome" else ["predictions.csv"])
+
+
+def test_the_cleanup_of_a_failed_evaluate_never_replaces_its_error(tmp_path: Path) -> None:
+    """--out naming a file: removing out/metrics.json raised NotADirectoryError over the real error (exit 1, not
+    the refusal's exit 2 and message)."""
+    from neuromoe.errors import NeuroMoEError
+    from neuromoe.pipelines.denseformer import evaluate
+
+    (tmp_path / "out").write_text("a file, not a folder")
+    with pytest.raises(NeuroMoEError):
+        evaluate(tmp_path / "no_model", tmp_path / "no_data", tmp_path / "out")

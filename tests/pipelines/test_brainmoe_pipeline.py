@@ -609,9 +609,13 @@ def test_roi_series_extracted_from_bold_are_cached_across_commands(tmp_path, mon
     calls = []
     rng = np.random.default_rng(0)
 
+    zero_rois: list[int] = []
+
     def extract(path, atlas=None, **kw):
         calls.append(path)
-        return rng.normal(size=(60, 12)).astype(np.float32)
+        x = rng.normal(size=(60, 12)).astype(np.float32)
+        x[:, zero_rois] = 0  # ROIs without voxels: extraction warns (not this fake), a cache hit says it again
+        return x
 
     monkeypatch.setattr(fmri, "extract_timeseries", extract)
     monkeypatch.setenv("NEUROMOE_CACHE", str(tmp_path / "cache"))
@@ -624,3 +628,11 @@ def test_roi_series_extracted_from_bold_are_cached_across_commands(tmp_path, mon
     assert len(calls) == 2 and not failures and len(kept) == 2
     np.testing.assert_array_equal(bm._timeseries(table)[1], first[1])
     assert len(calls) == 2 and len(list((tmp_path / "cache" / "timeseries").glob("*.npy"))) == 2
+    # an extraction default that changes (another sphere radius) is another entry, not the old series
+    monkeypatch.setitem(fmri._EXTRACT_DEFAULTS, "radius_mm", 6.0)
+    zero_rois.append(3)
+    bm._timeseries(table)
+    assert len(calls) == 4
+    with pytest.warns(UserWarning, match="1 of 12 ROI columns are zero"):
+        bm._timeseries(table)  # read from the cache: extraction's warning said again
+    assert len(calls) == 4

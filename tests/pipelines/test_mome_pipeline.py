@@ -790,26 +790,33 @@ def test_report_overlays_show_the_input_modalities_in_turn() -> None:
     assert mome._overlay_plan([["t1"]], mods, 0, False) == {}
 
 
-def test_cases_past_the_memory_budget_are_read_as_memory_maps(tmp_path, capsys, monkeypatch) -> None:
+def test_cases_past_the_memory_budget_are_read_from_the_cache_where_cut(tmp_path, capsys, monkeypatch) -> None:
     """Every case's images were held in memory, in every torchrun process (BraTS at the paper grid: ~100 MB a
     case, 1,251 cases): past the budget they are read-only maps of the cache entries, and the trained experts
     and MoME are the same as from memory."""
+    import os
+
     from safetensors.torch import load_file
 
     from neuromoe.data import lesion
+    from neuromoe.data.preprocess import CachedChannel
     from neuromoe.pipelines import mome
 
     _mini_cohort(tmp_path / "cohort")
     cfg = mome.load_mome_config("tiny", seed=0, device="cpu")
     cfg.cache_dir = str(tmp_path / "cache")
+    mome._split_cases(tmp_path / "cohort", cfg, mome._spec(cfg), ("train", "val"))  # fill the cache
+    fds = len(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(lesion, "memory_budget", lambda: 0.0)
     cases = mome._split_cases(tmp_path / "cohort", cfg, mome._spec(cfg), ("train", "val"))
-    assert capsys.readouterr().err.count("read from the preprocessing cache as memory maps") == 1  # not per split
+    assert capsys.readouterr().err.count("read from the preprocessing cache where patches") == 1  # not per split
     images = [a for split in cases.values() for c in split for a in c["images"].values()]
-    assert len(images) == 8 and all(isinstance(a.base, np.memmap) for a in images)  # maps of the cache, not copies
+    assert len(images) == 8 and all(isinstance(a, CachedChannel) for a in images)  # references, not copies
+    assert len(os.listdir("/proc/self/fd")) < fds + 4  # no map (and its file descriptor) stays open per case
     monkeypatch.setattr(lesion, "memory_budget", lambda: float("inf"))
     held = mome._split_cases(tmp_path / "cohort", cfg, mome._spec(cfg), ("train", "val"))
-    assert not any(isinstance(a.base, np.memmap) for split in held.values() for c in split for a in c["images"].values())
+    assert all(type(a) is np.ndarray and a.base is None for split in held.values() for c in split
+               for a in c["images"].values())  # channels copied out: the entry's float32 mask channel is not kept
     weights = {}
     for in_memory in (False, True):
         cfg.in_memory = in_memory

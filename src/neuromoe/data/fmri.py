@@ -11,12 +11,14 @@ the scan unless it is told ``on_constant="zero"``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import nilearn
 import numpy as np
 import pandas as pd
 
@@ -268,6 +270,13 @@ def extract_timeseries(
     return (out, valid) if return_mask else out
 
 
+# Bumped when extraction changes what a BOLD file gives (cached series are keyed by it, with nilearn's version and
+# every extraction option, defaults included).
+SERIES_CACHE_VERSION = 1
+_EXTRACT_DEFAULTS = {k: v.default for k, v in inspect.signature(extract_timeseries).parameters.items()
+                     if v.default is not inspect.Parameter.empty and k not in ("atlas", "return_mask")}
+
+
 def fmri_table(source: str | Path, *, check_files: bool = True) -> pd.DataFrame:
     """One row per scan (subject, session?, state, timeseries and/or bold as absolute paths, labels…).
 
@@ -362,13 +371,21 @@ def scan_timeseries(
         return load_timeseries(path)
     if cache is None:
         return extract_timeseries(path, atlas, **extract_kw)
-    return cache.fetch(
+    hits = cache.hits
+    series = cache.fetch(
         path,
         lambda: extract_timeseries(path, atlas, **extract_kw),
         what="timeseries",
+        version=SERIES_CACHE_VERSION,
+        nilearn=nilearn.__version__,
         atlas=atlas_digest(atlas),
-        **extract_kw,
+        **{**_EXTRACT_DEFAULTS, **extract_kw},  # a changed default is another entry
     )
+    zero = np.flatnonzero(~series.any(0)) if cache.hits > hits else np.empty(0, int)
+    if zero.size:  # what extraction said, said again for a series read from the cache
+        warnings.warn(f"{path}: {zero.size} of {series.shape[1]} ROI columns are zero (first {zero[:5].tolist()}): "
+                      "ROIs without voxels or signal when the series was extracted", stacklevel=2)
+    return series
 
 
 def table_connectivity(
@@ -397,7 +414,9 @@ def table_connectivity(
         "atlas": atlas_digest(atlas),
         "source": source,
         "on_constant": on_constant,
-        **extract_kw,
+        "version": SERIES_CACHE_VERSION,
+        "nilearn": nilearn.__version__,
+        **{**_EXTRACT_DEFAULTS, **extract_kw},
     }
     series = lambda r: scan_timeseries(r, atlas=atlas, cache=cache, source=source, **extract_kw)  # noqa: E731
     if cache is None or kind == "tangent":

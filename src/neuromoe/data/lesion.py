@@ -40,7 +40,7 @@ LesionCase = dict[
 ]  # {"images": {modality: (*S) float32}, "mask": (*S) uint8, "meta": {...}, "affine"}
 
 
-_MAPPED: set[str] = set()  # tables whose images were said to be memory-mapped
+_MAPPED: set[str] = set()  # tables whose images were said to be read from the cache
 
 
 def load_lesion_cases(
@@ -55,11 +55,11 @@ def load_lesion_cases(
 ) -> list[LesionCase]:
     """Preprocess every row's available modalities and mask onto one grid (A's ``preprocess_case``).
 
-    The images are held in memory (``in_memory=True``), or are (copy-on-write) memory maps of the preprocessing cache
-    entries (``False``; ``None``: when the ``n_cases`` cases of the caller, estimated from the first, would
-    exceed :func:`~neuromoe.data.preprocess.memory_budget`): BraTS at the ``paper`` grid is ~100 MB a case, and
-    torchrun's processes each held their own copy. Patches and whole-volume predictions read what they touch;
-    the masks (one byte a voxel) stay in memory."""
+    The images are held in memory (``in_memory=True``), or are read from the preprocessing cache entries when a
+    patch or a volume is cut from them (``False``; ``None``: when the ``n_cases`` cases of the caller, estimated
+    from the first, would exceed :func:`~neuromoe.data.preprocess.memory_budget`; a
+    :class:`~neuromoe.data.preprocess.CachedChannel` each): BraTS at the ``paper`` grid is ~100 MB a case, and
+    torchrun's processes each held their own copy. The masks (one byte a voxel) stay in memory."""
     from neuromoe.data.preprocess import preprocess_case
 
     if "mask" not in table.columns:
@@ -78,7 +78,7 @@ def load_lesion_cases(
                 fix="fill at least one modality column",
             )
         roles = {**paths, "mask": str(row["mask"])}
-        out = preprocess_case(roles, spec, cache=cache, mmap=mapped)
+        out = preprocess_case(roles, spec, cache=cache, lazy=mapped)
         if in_memory is None and not cases and usable:  # decide on the first case's size
             need = sum(np.asarray(out[m]).nbytes for m in paths) * (n_cases or len(table))
             mapped = need > memory_budget()
@@ -86,13 +86,13 @@ def load_lesion_cases(
                 if source not in _MAPPED:  # once per table, not per split
                     _MAPPED.add(source)
                     print(f"neuromoe: the lesion images of {source} (~{need / 2**30:.1f} GiB) are read from the "
-                          "preprocessing cache as memory maps, not held in memory", file=sys.stderr)
-                out = preprocess_case(roles, spec, cache=cache, mmap=True)
+                          "preprocessing cache where patches and volumes are cut, not held in memory", file=sys.stderr)
+                out = preprocess_case(roles, spec, cache=cache, lazy=True)
         cases.append(
             {
-                # a map stays a map; in memory each channel is copied out, so the cached array's float32 mask
-                # channel is not kept beside the uint8 mask (1.3x what the budget counted for BraTS, 2.25x for T1 only)
-                "images": {m: (np.asarray if mapped else np.array)(out[m], dtype=np.float32) for m in paths},
+                # read from the cache when indexed, or in memory each channel copied out, so the cached array's
+                # float32 mask channel is not kept beside the uint8 mask (1.3x what the budget counted for BraTS)
+                "images": {m: out[m] if mapped else np.array(out[m], dtype=np.float32) for m in paths},
                 "mask": (np.asarray(out["mask"]) > 0.5).astype(np.uint8),
                 "meta": {k: row[k] for k in ("subject", "session", "run", "lesion_type", "dataset", "site") if k in row},
                 "affine": np.asarray(out.affine, dtype=np.float64),
@@ -142,13 +142,14 @@ def patch_corner(
     fg: np.ndarray | None = None,
 ) -> tuple[int, ...]:
     """Lowest corner, in the volume's voxels, of a ``patch`` window in a volume of ``shape`` whose lesion voxels
-    are ``fg`` (``np.argwhere(mask > 0)``); centred near a lesion voxel with probability ``fg_fraction``, else
-    uniform. Axes shorter than the patch are zero-padded symmetrically (the corner is then negative there), as
-    MONAI's SpatialPad + RandSpatialCrop do: the draws are theirs, without padding or copying the volume."""
+    are ``fg`` (flat indices, ``np.flatnonzero(mask > 0)``); centred near a lesion voxel with probability
+    ``fg_fraction``, else uniform. Axes shorter than the patch are zero-padded symmetrically (the corner is then
+    negative there), as MONAI's SpatialPad + RandSpatialCrop do: the draws are theirs, without padding or
+    copying the volume."""
     before = [max(p - s, 0) // 2 for s, p in zip(shape, patch, strict=True)]
     padded = [max(s, p) for s, p in zip(shape, patch, strict=True)]
     if fg is not None and len(fg) and rng.random() < fg_fraction:
-        centre = fg[rng.integers(len(fg))] + before
+        centre = np.unravel_index(fg[rng.integers(len(fg))], tuple(shape)) + np.asarray(before)
         start = [int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
                  for c, p, s in zip(centre, patch, padded, strict=True)]
     else:
@@ -177,11 +178,10 @@ def sample_patch(
     patch: Sequence[int],
     rng: np.random.Generator,
     fg_fraction: float = 1 / 3,
-    fg: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Crop ``image (C, *S)`` / ``mask (*S)`` to ``patch``; foreground-centred with prob ``fg_fraction``
-    (:func:`patch_corner`; ``fg``: the mask's lesion voxels when the caller keeps them)."""
-    corner = patch_corner(mask.shape, patch, rng, fg_fraction, np.argwhere(mask > 0) if fg is None else fg)
+    (:func:`patch_corner` and :func:`crop`, as the training dataset draws its patches)."""
+    corner = patch_corner(mask.shape, patch, rng, fg_fraction, np.flatnonzero(mask > 0))
     return crop(image, corner, patch), crop(mask, corner, patch)
 
 
@@ -215,12 +215,9 @@ class LesionPatchDataset(Dataset):
         self.length = samples_per_epoch or base
         self.seed, self.epoch = seed, 0
         self.transform = augmentation(len(self.patch), seed) if augment else None
-        self._fg: dict[int, np.ndarray] = {}  # lesion voxels per case, found once (argwhere per item: 10 ms at 1 mm)
-
-    def _lesion_voxels(self, ci: int) -> np.ndarray:
-        if ci not in self._fg:
-            self._fg[ci] = np.argwhere(self.cases[ci]["mask"] > 0)
-        return self._fg[ci]
+        # each case's lesion voxels, flat int32, found once here (per item it cost 10 ms at 1 mm); loader workers
+        # inherit them
+        self.lesion_voxels = [np.flatnonzero(c["mask"] > 0).astype(np.int32) for c in self.cases]
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed per epoch so workers and resumed runs draw the same patches."""
@@ -245,7 +242,7 @@ class LesionPatchDataset(Dataset):
             case, mods, keep = self.cases[ci], [mod], None
             modality = self.modalities.index(mod)
         # the window first, then each modality cut to it: stacking whole volumes per item read every modality whole
-        corner = patch_corner(case["mask"].shape, self.patch, rng, self.fg_fraction, self._lesion_voxels(ci))
+        corner = patch_corner(case["mask"].shape, self.patch, rng, self.fg_fraction, self.lesion_voxels[ci])
         img = np.stack([crop(case["images"][m], corner, self.patch) if m else np.zeros(self.patch, np.float32)
                         for m in mods])
         msk = crop(case["mask"], corner, self.patch)

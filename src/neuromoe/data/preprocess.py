@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -343,17 +344,58 @@ def default_cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("NEUROMOE_CACHE") or Path.home() / ".cache" / "neuromoe" / "preprocess")
 
 
-def _read_number(path: str) -> float | None:
+def _read_number(path: Path) -> float | None:
     try:
-        return float(Path(path).read_text().split()[0])
+        return float(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):  # absent, or "max" (no limit)
         return None
 
 
+def _stat_value(path: Path, key: str) -> float:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return float(value)
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def cgroup_memory_left(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float:
+    """Bytes left under the tightest memory limit of this process's cgroup and its ancestors (a SLURM job's
+    --mem sits in a nested cgroup named in ``/proc/self/cgroup``, not at the root); reclaimable page cache
+    (inactive files) counts as free. v2: ``memory.max − (memory.current − inactive_file)``; v1:
+    ``memory.limit_in_bytes − (memory.usage_in_bytes − total_inactive_file)``. ``inf`` without a limit."""
+    left = math.inf
+    try:
+        lines = Path(proc).read_text().splitlines()
+    except OSError:
+        return left
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, group = parts
+        if controllers == "":
+            base, files = Path(root), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, files = Path(root) / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        rel = Path(group.strip().lstrip("/"))
+        for d in [base / rel, *(base / q for q in rel.parents)]:  # the job's cgroup, then each ancestor
+            cap, used = _read_number(d / files[0]), _read_number(d / files[1])
+            if cap is None or used is None or cap >= 2**60:  # v1 writes ~2**63 for "no limit"
+                continue
+            left = min(left, max(cap - (used - _stat_value(d / "memory.stat", files[2])), 0.0))
+    return left
+
+
 def available_memory() -> float:
     """Bytes this process can still allocate: Linux's MemAvailable (free memory plus reclaimable page cache),
-    capped by the memory limit of its cgroup (a SLURM job's --mem, a container's limit: the node's free memory
-    says nothing about those); elsewhere the free pages, or unbounded where the OS does not say."""
+    capped by :func:`cgroup_memory_left` (a SLURM job's --mem, a container's limit: the node's free memory says
+    nothing about those); elsewhere the free pages, or unbounded where the OS does not say."""
     meminfo = {}
     with contextlib.suppress(OSError):
         meminfo = {k: v for k, v in (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())}
@@ -364,18 +406,13 @@ def available_memory() -> float:
             free = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
         except (AttributeError, ValueError, OSError):
             return math.inf
-    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        cap, now = _read_number(limit), _read_number(used)
-        if cap is not None and now is not None and cap < 2**60:  # v1 writes ~2**63 for "no limit"
-            free = min(free, max(cap - now, 0.0))
-    return free
+    return min(free, cgroup_memory_left())
 
 
 def memory_budget() -> float:
     """Bytes of preprocessed volumes one process may hold: a quarter of :func:`available_memory`, shared by the
     processes torchrun started on this machine. Past it, training reads volumes back from the cache (DenseFormer
-    per item, MoME as memory maps)."""
+    per item, MoME where a patch or a volume is cut)."""
     return 0.25 * available_memory() / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
@@ -410,16 +447,14 @@ class PreprocCache:
         return h.hexdigest()[:32]
 
     def get(self, key: str, *, mmap: bool = False) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """The entry, or None; ``mmap``: a copy-on-write memory map of it (pages read when touched and shared by
-        the processes that map it; a write stays in this process, never reaches the file; an entry replaced
-        meanwhile stays readable)."""
+        """The entry, or None; ``mmap``: a read-only memory map of it (nothing read until touched)."""
         if not self.usable:
             return None
         npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
         try:
             if not (npy.exists() and meta.exists()):  # exists() raises on a folder it may not search
                 return None
-            return np.load(npy, mmap_mode="c" if mmap else None), json.loads(meta.read_text())
+            return np.load(npy, mmap_mode="r" if mmap else None), json.loads(meta.read_text())
         except PermissionError as err:
             self._unusable("read", err)
         except (OSError, ValueError):
@@ -453,6 +488,26 @@ class PreprocCache:
 _WARNED: set[str] = set()
 
 
+class CachedChannel:
+    """One channel of a preprocessing-cache entry, read from its file when indexed (a memory map opened, sliced
+    and closed per access; ``np.asarray`` reads it whole). A map held open keeps a file descriptor: one per case
+    (1,251 BraTS cases, in every torchrun process and loader worker) ran past the open-file limit (often 1,024)."""
+
+    def __init__(self, file: Path, index: int, shape: Sequence[int], dtype: Any):
+        self.file, self.index, self.shape, self.dtype = Path(file), index, tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        entry = np.load(self.file, mmap_mode="r")
+        return np.array(entry[self.index][key], dtype=self.dtype)  # a copy: the map closes with ``entry``
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self[...] if dtype is None else self[...].astype(dtype)
+
+
 class CaseResult(dict):
     """Role → array on the common output grid, with the grid's ``affine`` and the reference input grid's
     ``ref_affine`` (see :class:`Preprocessed`)."""
@@ -462,16 +517,16 @@ class CaseResult(dict):
 
 
 def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCache | None = None, *,
-                    loaded: dict[str, Image] | None = None, mmap: bool = False) -> CaseResult:
+                    loaded: dict[str, Image] | None = None, lazy: bool = False) -> CaseResult:
     """Load and preprocess every role of one case onto one grid (reference = first role), cached.
 
     ``loaded``: images the caller has already read (used on a cache miss instead of reading them again).
-    ``mmap``: the arrays are memory maps of the cache entry (when the cache is usable), not copies.
+    ``lazy``: with a usable cache, each role is a :class:`CachedChannel` of the entry, read when indexed.
     """
     paths = {r: str(p) for r, p in paths.items()}
     loaded = loaded or {}
     key = cache.key(paths, spec) if cache is not None else None
-    hit = cache.get(key, mmap=mmap) if cache is not None else None
+    hit = cache.get(key, mmap=lazy) if cache is not None else None
     if hit is not None and spec.register and "ref_affine" not in hit[1]:
         hit = None  # written before entries kept the registered world of the input grid
     if hit is not None:
@@ -484,9 +539,14 @@ def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCach
         if cache is not None:
             cache.misses += 1
             cache.put(key, data, meta)
-            if mmap:  # keep the map, not the array just computed
+            if lazy:  # keep a reference to the entry, not the array just computed
                 data = (cache.get(key, mmap=True) or (data,))[0]
-    res = CaseResult({r: data[i] for i, r in enumerate(meta["roles"])})
+    if isinstance(data, np.memmap):  # lazy: only the entry's header was read
+        file, shape, dtype = Path(data.filename), data.shape[1:], data.dtype
+        del data  # the map, and its file descriptor, closed
+        res = CaseResult({r: CachedChannel(file, i, shape, dtype) for i, r in enumerate(meta["roles"])})
+    else:
+        res = CaseResult({r: data[i] for i, r in enumerate(meta["roles"])})
     res.affine = np.asarray(meta["affine"])
     res.ref_affine = None if meta.get("ref_affine") is None else np.asarray(meta["ref_affine"])
     return res

@@ -83,8 +83,11 @@ def removes_on_error(*names: str) -> Callable[[F], F]:
             try:
                 return fn(*args, **kwargs)
             except BaseException:
-                out = Path(signature.bind(*args, **kwargs).arguments["out"])
-                remove_stale(*(out / name for name in names))
+                # the cleanup never replaces the error being reported (an --out that is a file, a read-only
+                # folder, a call that did not bind)
+                with contextlib.suppress(OSError, TypeError, KeyError):
+                    out = Path(signature.bind(*args, **kwargs).arguments["out"])
+                    remove_stale(*(out / name for name in names))
                 raise
 
         return inner  # type: ignore[return-value]

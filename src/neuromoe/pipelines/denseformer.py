@@ -1232,8 +1232,9 @@ def _add_evaluation(section: Any, metrics: dict[str, Any], frame: pd.DataFrame, 
         + "".join(f" {n}: not bias-corrected (validation showed no significant bias to correct)." for n in uncorrected)
         + " Conformal intervals/sets are calibrated on validation only."
         + (f" Coverage of {', '.join(short)} is below what scans exchangeable with those validation subjects give "
-           "(p < 0.05, beta-binomial): the intervals/sets do not carry over to these scans (another site, scanner "
-           "or population?); recalibrate on labelled scans like them before relying on them." if short else "")
+           "(p < 0.05 per task, beta-binomial): the intervals/sets may not carry over to these scans (another "
+           "site, scanner or population?); recalibrate on labelled scans like them before relying on them."
+           if short else "")
         + (" The baseline is a linear/logistic model on total brain volume (TBV) fitted on training subjects."
            if any("tbv_baseline" in e for e in tasks_scored) else "")
         + "".join(f" Task '{n}' is not scored: {why}." for n, why in metrics.get("skipped", {}).items())

@@ -186,7 +186,7 @@ class MoMEConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     cache_dir: str | None = None
-    # Hold the preprocessed images in memory, or read them as memory maps of the cache entries (a cohort that
+    # Hold the preprocessed images in memory, or read them from the cache entries where cut (a cohort that
     # does not fit: BraTS at the paper grid); null = in memory when they fit in a quarter of the memory
     # available (data.preprocess.memory_budget).
     in_memory: bool | None = None
@@ -473,15 +473,17 @@ def predict_volume(
     tta: bool = False,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    sw_batch_size: int = 4,
+    sw_batch_size: int | None = None,
 ) -> VolumePrediction:
     """Predict one volume ``image (C, *S)``.
 
     MONAI sliding window (overlap 0.5, Gaussian weighting, ``sw_batch_size`` windows per forward) over
     full-resolution fused logits; with ``tta`` the outputs are averaged over all mirror flips. The gate share
-    is the lesion-weighted mean of the full-resolution gate. On the CPU the 3D windows run in channels_last_3d
-    (oneDNN's 3D convolutions: a whole volume ~25 % faster, docs/benchmarks.md); the model leaves in the
-    default layout.
+    is the lesion-weighted mean of the full-resolution gate. On the CPU the 3D windows run in channels_last_3d,
+    4 per forward (oneDNN's 3D convolutions: a whole volume ~25 % faster, docs/benchmarks.md; the model leaves
+    in the default layout); on a GPU 2 per forward, as before (the paper's 128³ windows hold 5 experts' and the
+    gate's full-resolution maps). A sparse router's choice is per forward, so which windows an expert ran on
+    depends on how windows are grouped.
     """
     if precision not in ("fp32", "bf16"):
         raise ConfigError(
@@ -498,6 +500,7 @@ def predict_volume(
     )
     is_mome = isinstance(model, MoME)
     channels_last = device.type == "cpu" and x.ndim == 5
+    sw_batch_size = sw_batch_size or (4 if device.type == "cpu" else 2)
 
     def predictor(patch: Tensor) -> tuple[Tensor, ...]:
         if channels_last:
