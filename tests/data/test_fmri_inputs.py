@@ -280,3 +280,17 @@ def test_a_header_of_column_numbers_is_a_header_not_a_time_point(tmp_path: Path,
     np.testing.assert_allclose(load_timeseries(path), x.astype(np.float32), rtol=1e-6)
     np.savetxt(path, np.vstack([np.arange(6) + 0.5, x]), delimiter=",")  # numeric, not a ramp of integers: data
     assert load_timeseries(path).shape == (31, 6)
+
+
+def test_a_bold_path_that_is_a_folder_is_refused_as_input_with_a_cache(tmp_path: Path) -> None:
+    """With the series cache, hashing a BOLD 'file' that is a folder raised IsADirectoryError (exit 1, an OS
+    error) before extraction's own refusal (exit 2); found by the slow bad-input matrix."""
+    from neuromoe.data.fmri import scan_timeseries
+    from neuromoe.errors import InputError
+
+    (tmp_path / "folder.nii.gz").mkdir()
+    cache = FCCache(tmp_path / "cache")
+    with pytest.raises(InputError):
+        scan_timeseries({"subject": "s", "bold": str(tmp_path / "folder.nii.gz")}, cache=cache)
+    with pytest.raises(InputError, match="cannot read the file"):
+        cache.key(tmp_path / "folder.nii.gz", what="fc")

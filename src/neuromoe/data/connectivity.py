@@ -424,7 +424,11 @@ class FCCache:
             raise InputError("file not found or unreadable", path=p, fix="check the path") from None
         stamp = (str(p.resolve()), st.st_size, st.st_mtime_ns)
         if stamp not in self._digests:  # once per process; a .gz by its blocks and CRC, not a full read of a 2 GB run
-            self._digests[stamp] = content_sample(p, st.st_size).hex()
+            try:
+                self._digests[stamp] = content_sample(p, st.st_size).hex()
+            except OSError as err:  # a folder, an unreadable file: the input's fault, said as such (exit 2)
+                raise InputError(f"cannot read the file ({err.strerror or err})", path=p,
+                                 fix="give a readable file") from None
         blob = json.dumps(
             {
                 "size": st.st_size,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -369,7 +370,7 @@ def scan_timeseries(
     role, path = _scan_source(row, source)
     if role == "timeseries":
         return load_timeseries(path)
-    if cache is None:
+    if cache is None or not (Path(path).is_file() and os.access(path, os.R_OK)):  # a bad path: extraction's refusal
         return extract_timeseries(path, atlas, **extract_kw)
     hits = cache.hits
     series = cache.fetch(
