@@ -118,6 +118,17 @@ def test_brainmoe_evaluate_trains_so_every_rank_runs_it(tmp_path, monkeypatch):
     assert main([*argv, "--device", "cpu"]) == 0 and calls == [1]
 
 
+@pytest.mark.parametrize("verb", ["evaluate", "train"])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(verb, tmp_path, capsys):
+    """--out naming a file failed only after the whole run, with "File exists" (exit 1)."""
+    (tmp_path / "plain").write_text("a file")
+    io = ["--model", "m"] if verb == "evaluate" else ["--config", "tiny"]
+    for out, says in ((tmp_path / "plain", "is a file, not a folder"), (tmp_path / "plain" / "run", "which is a file")):
+        assert main([verb, "--family", "mome", *io, "--data", str(tmp_path), "--out", str(out), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1
+
+
 def test_cuda_without_a_gpu_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
     """``train --device cuda`` on a CPU machine used to write OUT/config.yaml before the device error."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)

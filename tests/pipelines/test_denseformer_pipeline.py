@@ -859,6 +859,9 @@ def test_volumes_past_the_memory_budget_are_read_back_from_the_cache(cohort, tmp
     read = structural.StructuralDataset(*args, cache=pipe._cache(cfg))  # past the (patched) budget
     assert isinstance(held.images, np.ndarray) and isinstance(read.images, structural.DiskVolumes)
     assert "read back from the preprocessing cache per item" in capsys.readouterr().err
+    # asked for, but with no cache to read them back from: held in memory, and said (not preprocessed every epoch)
+    alone = structural.StructuralDataset(*args, cache=None, in_memory=False)
+    assert isinstance(alone.images, np.ndarray) and "no usable preprocessing cache" in capsys.readouterr().err
     rows = np.arange(len(table)) % 3 == 0
     assert held.subset(rows).images is held.images  # a subset indexes its parent's stack (copies tripled the memory)
     for a, b in zip(held.subset(rows), read.subset(rows), strict=True):

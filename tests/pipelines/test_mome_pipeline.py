@@ -814,6 +814,12 @@ def test_cases_past_the_memory_budget_are_read_from_the_cache_where_cut(tmp_path
     assert len(images) == 8 and all(isinstance(a, CachedChannel) for a in images)  # references, not copies
     assert len(os.listdir("/proc/self/fd")) < fds + 4  # no map (and its file descriptor) stays open per case
     monkeypatch.setattr(lesion, "memory_budget", lambda: float("inf"))
+    cfg.in_memory = False  # asked for, within the budget: done, and said as well
+    monkeypatch.setattr(lesion, "_MAPPED", set())  # said once per table and process
+    forced = mome._split_cases(tmp_path / "cohort", cfg, mome._spec(cfg), ("val",))
+    assert all(isinstance(a, CachedChannel) for c in forced["val"] for a in c["images"].values())
+    assert "read from the preprocessing cache where patches" in capsys.readouterr().err
+    cfg.in_memory = None
     held = mome._split_cases(tmp_path / "cohort", cfg, mome._spec(cfg), ("train", "val"))
     assert all(type(a) is np.ndarray and a.base is None for split in held.values() for c in split
                for a in c["images"].values())  # channels copied out: the entry's float32 mask channel is not kept

@@ -131,6 +131,10 @@ def _run_family_verb(verb: str, argv: list[str]) -> int:
     from neuromoe.engine.utils import resolve_device
 
     resolve_device(getattr(args, "device", "auto"))  # --device cuda without a GPU: refused before any output
+    if getattr(args, "out", None):  # the run / evaluation folder of pretrain, train and evaluate
+        from neuromoe.io.atomic import check_out_folder
+
+        check_out_folder(args.out)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and verb not in getattr(module, "DISTRIBUTED_VERBS", ()):
         # nothing here trains, so no process group opens: every rank would run the whole command on the same
         # GPU and write the same files. Rank 0 does it alone; the others leave at once.

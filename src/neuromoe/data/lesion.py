@@ -64,8 +64,7 @@ def load_lesion_cases(
 
     if "mask" not in table.columns:
         raise InputError("no 'mask' column", path=source, fix="add a mask column with lesion-mask paths")
-    usable = cache is not None and cache.usable
-    mapped = in_memory is False and usable
+    mapped = in_memory is False and cache is not None and cache.usable
     cases = []
     for _, row in table.iterrows():
         paths = {
@@ -79,9 +78,10 @@ def load_lesion_cases(
             )
         roles = {**paths, "mask": str(row["mask"])}
         out = preprocess_case(roles, spec, cache=cache, lazy=mapped)
-        if in_memory is None and not cases and usable:  # decide on the first case's size
+        usable = cache is not None and cache.usable  # a write that failed on the first case makes it unusable
+        if not cases and usable and in_memory is not True:  # decide (or say) on the first case's size
             need = sum(np.asarray(out[m]).nbytes for m in paths) * (n_cases or len(table))
-            mapped = need > memory_budget()
+            mapped = in_memory is False or need > memory_budget()
             if mapped:
                 if source not in _MAPPED:  # once per table, not per split
                     _MAPPED.add(source)
@@ -98,7 +98,7 @@ def load_lesion_cases(
                 "affine": np.asarray(out.affine, dtype=np.float64),
             }
         )
-    if in_memory is False and not usable and cases:
+    if in_memory is False and not (cache is not None and cache.usable) and cases:
         print(f"neuromoe: the lesion images of {source} are held in memory: there is no usable preprocessing cache "
               "to read them back from (give --cache DIR)", file=sys.stderr)
     return cases

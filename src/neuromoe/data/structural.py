@@ -140,18 +140,20 @@ def _load_volumes(paths: list[str], spec: Any, img_size: tuple[int, ...], cache:
     need = 2.0 * len(paths) * math.prod(img_size)
     if in_memory is None:
         in_memory = need <= memory_budget()
-    if in_memory:
-        images = np.empty((len(paths), 1, *img_size), np.float16)  # not a float32 list then a stack: 5x the peak
-        for i, p in enumerate(paths):
-            images[i] = load_t1(p, spec, img_size, cache)
-        return images
-    for p in paths:
-        load_t1(p, spec, img_size, cache)
-    again = "" if cache is not None and cache.usable else (
-        "; without a usable preprocessing cache every scan is preprocessed again each epoch (give --cache DIR)")
-    print(f"neuromoe: {len(paths)} volumes of {source} ({need / 2**30:.1f} GiB as float16) are read back from the "
-          f"preprocessing cache per item, not held in memory{again}", file=sys.stderr)
-    return DiskVolumes(paths, spec, img_size, cache)
+    if not in_memory and cache is not None:
+        for p in paths:
+            load_t1(p, spec, img_size, cache)
+        if cache.usable:  # every entry written, or read from a filled (perhaps read-only) cache
+            print(f"neuromoe: {len(paths)} volumes of {source} ({need / 2**30:.1f} GiB as float16) are read back from "
+                  "the preprocessing cache per item, not held in memory", file=sys.stderr)
+            return DiskVolumes(paths, spec, img_size, cache)
+    if not in_memory:  # preprocessing every scan again each epoch would be far slower than holding them
+        print(f"neuromoe: the volumes of {source} ({need / 2**30:.1f} GiB as float16) are held in memory: there is "
+              "no usable preprocessing cache to read them back from (give --cache DIR)", file=sys.stderr)
+    images = np.empty((len(paths), 1, *img_size), np.float16)  # not a float32 list then a stack: 5x the peak
+    for i, p in enumerate(paths):
+        images[i] = load_t1(p, spec, img_size, cache)
+    return images
 
 
 class _SameMoments(Compose):

@@ -70,6 +70,18 @@ def remove_stale(*paths: str | Path) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def check_out_folder(out: str | Path) -> None:
+    """Refuse, before any work, an output folder (``--out`` of pretrain / train / evaluate) that is a file or lies
+    under one: it failed only after the whole run, with "File exists" (exit 1)."""
+    out = Path(out)
+    for q in (out, *out.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise InputError("is a file, not a folder" if q == out else f"lies under {q}, which is a file",
+                                 path=out, fix="give a folder path for --out")
+            return
+
+
 def removes_on_error(*names: str) -> Callable[[F], F]:
     """Decorator for an entry point that writes ``names`` under its ``out`` folder: an error (a refused table, an
     interrupt) removes what an earlier run left there under those names, so a script that checks
