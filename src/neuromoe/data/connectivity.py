@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -465,11 +464,11 @@ class FCCache:
             self._unusable("write", err)
 
     def _unusable(self, what: str, err: OSError) -> None:
+        from neuromoe.data.preprocess import say_cache_skipped
+
         self.usable = False
-        if str(self.root) not in _WARNED:  # once per folder and process
-            _WARNED.add(str(self.root))
-            print(f"neuromoe: warning: {self.root}: cannot {what} the connectivity cache ({err.strerror or err}); "
-                  "going on without it — give a writable folder with NEUROMOE_CACHE", file=sys.stderr)
+        say_cache_skipped(self.root, f"cannot {what} the connectivity cache", err,
+                          "give a writable folder with NEUROMOE_CACHE")
 
     def fetch(self, path: str | Path, compute: Callable[[], np.ndarray], **options: Any) -> np.ndarray:
         """The cached array for (``path``, ``options``), or ``compute()`` stored under that key."""
@@ -482,6 +481,3 @@ class FCCache:
         arr = compute()
         self.put(key, arr)
         return arr
-
-
-_WARNED: set[str] = set()

@@ -479,13 +479,18 @@ class PreprocCache:
             raise InputError(f"cannot {what} the preprocessing cache: {err.strerror or err}", path=self.root,
                              fix=fix) from None
         self.usable = False
-        if str(self.root) not in _WARNED:  # once per folder and process (a command opens the cache several times)
-            _WARNED.add(str(self.root))
-            print(f"neuromoe: warning: {self.root}: cannot {what} the preprocessing cache ({err.strerror or err}); "
-                  f"going on without it — {fix}", file=sys.stderr)
+        say_cache_skipped(self.root, f"cannot {what} the preprocessing cache", err, fix)
 
 
 _WARNED: set[str] = set()
+
+
+def say_cache_skipped(root: Path, what: str, err: OSError, fix: str) -> None:
+    """One warning per cache folder and process (a command opens a cache several times) that it goes on without it."""
+    if str(root) not in _WARNED:
+        _WARNED.add(str(root))
+        print(f"neuromoe: warning: {root}: {what} ({err.strerror or err}); going on without it — {fix}",
+              file=sys.stderr)
 
 
 class CachedChannel:
