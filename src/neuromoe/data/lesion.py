@@ -8,6 +8,7 @@ noise, bias field) applied jointly to image and mask. MoME+ items randomly drop 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,7 +81,7 @@ def load_lesion_cases(
         out = preprocess_case(roles, spec, cache=cache, lazy=mapped)
         usable = cache is not None and cache.usable  # a write that failed on the first case makes it unusable
         if not cases and usable and in_memory is not True:  # decide (or say) on the first case's size
-            need = sum(np.asarray(out[m]).nbytes for m in paths) * (n_cases or len(table))
+            need = sum(4 * math.prod(out[m].shape) for m in paths) * (n_cases or len(table))  # float32, unread
             mapped = in_memory is False or need > memory_budget()
             if mapped:
                 if source not in _MAPPED:  # once per table, not per split
