@@ -203,7 +203,7 @@ class DenseFormerConfig:
     cache_dir: str | None = None
     # Hold the preprocessed volumes in memory (float16), or read each back from the cache when it is fetched
     # (a cohort that does not fit: UK Biobank at 1 mm); null = in memory when they fit in a quarter of the
-    # memory available (data.structural.memory_budget).
+    # memory available (data.preprocess.memory_budget).
     in_memory: bool | None = None
     seed: int = 0
 
