@@ -81,6 +81,13 @@ def test_round_trip_identical_outputs(saved: Path) -> None:
     assert again.save_pretrained(saved.parent / "again", extra={"k": 1}).joinpath(WEIGHTS_NAME).is_file()
 
 
+def test_identical_models_write_identical_bytes(saved: Path) -> None:
+    """Checksums of weights (content-addressed storage, reproducibility checks) must not depend on the run."""
+    model, _ = load_model(saved)
+    digests = {(save_model(model, saved.parent / f"copy{i}") / WEIGHTS_NAME).read_bytes() for i in range(8)}
+    assert len(digests) == 1
+
+
 def test_loading_runs_no_unpickling(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a, **k):
         raise AssertionError("unpickling attempted")

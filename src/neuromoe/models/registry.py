@@ -224,8 +224,9 @@ def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any] | N
     _check_config(config, directory / CONFIG_NAME, "pass save_model the metadata its docstring describes")
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(_state_for_saving(model), str(tmp),
-                  metadata={"format": "pt", "neuromoe_format_version": str(FORMAT_VERSION)})
+        # one metadata key: safetensors writes them in a random order, so two keys made the files of identical
+        # runs differ byte-wise (the format version is in config.json)
+        save_file(_state_for_saving(model), str(tmp), metadata={"format": "pt"})
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
 
