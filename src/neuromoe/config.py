@@ -9,6 +9,7 @@ resolved config is saved in every run directory with :func:`save_config`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 import types
@@ -318,7 +319,8 @@ def _same(a: Any, b: Any) -> bool:
 def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml", *, resume: bool = False) -> Path:
     """Write the resolved config. With ``resume`` the run's saved config must match it: the checkpoint continues
     the run as it was configured (optimiser, schedule, weights), so another learning rate, epoch count or
-    ``top_k`` was recorded in the run folder without having been used (``RESUME_FREE`` keys may change)."""
+    ``top_k`` was recorded in the run folder without having been used (``RESUME_FREE`` keys may change).
+    Under torchrun only rank 0 writes: the other ranks replaced the same file beside it on a shared filesystem."""
     path = Path(run_dir) / name
     text = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False)
     if resume and path.is_file():
@@ -339,5 +341,6 @@ def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml", *, res
                               "continues the run as it was configured", path=path,
                               fix=f"resume with --config {path} (and the same flags), or start a new run in "
                                   "another --out folder")
-    atomic_write_text(path, text)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: every rank checks a resume, rank 0 alone writes the file
+        atomic_write_text(path, text)
     return path

@@ -188,6 +188,21 @@ def test_a_resume_refuses_another_config_than_the_runs(tmp_path):
     save_config(load_mome_config(tmp_path / "config.yaml"), tmp_path, resume=True)
 
 
+def test_only_rank_zero_writes_the_config(tmp_path, monkeypatch):
+    """Under torchrun every rank replaced the run's config.yaml beside rank 0 on a shared filesystem; a resume is
+    still checked on every rank, so all of them refuse a changed config."""
+    from neuromoe.pipelines.mome import load_mome_config
+
+    monkeypatch.setenv("RANK", "1")
+    save_config(load_mome_config("tiny", device="cpu"), tmp_path)
+    assert not (tmp_path / "config.yaml").exists()
+    monkeypatch.setenv("RANK", "0")
+    save_config(load_mome_config("tiny", device="cpu"), tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        save_config(load_mome_config("tiny", ["train.lr=0.5"], device="cpu"), tmp_path, resume=True)
+
+
 @dataclass
 class Counts:
     epochs: int = 10
