@@ -732,8 +732,13 @@ def test_the_threshold_is_tuned_on_whole_validation_volumes(tmp_path) -> None:
     _mini_cohort(tmp_path / "cohort", shape=(24, 44, 24))
     cfg = mome.load_mome_config("tiny", ["eval.tune_threshold=true"], seed=0, device="cpu")
     spec = replace(mome._spec(cfg), crop_foreground=False)
-    whole = mome._whole_val(tmp_path / "cohort", cfg, spec)
+    val = mome._split_cases(tmp_path / "cohort", cfg, spec, ("val",))["val"]
+    whole = mome._whole_val(tmp_path / "cohort", cfg, spec, val)
     assert whole and all(c["mask"].shape == (24, 44, 24) for c in whole)  # the training shape is 24×32×24
+    # without a crop the training's validation cases are the whole volumes: not loaded (held) a second time
+    uncropped = replace(spec, shape=None)
+    val = mome._split_cases(tmp_path / "cohort", cfg, uncropped, ("val",))["val"]
+    assert mome._whole_val(tmp_path / "cohort", cfg, uncropped, val) is val
 
 
 def test_a_split_without_validation_is_said_and_an_empty_split_is_named(tmp_path, capsys) -> None:

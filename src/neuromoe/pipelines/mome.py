@@ -256,11 +256,14 @@ def _unscored(data: str | Path, cfg: MoMEConfig, split: str, mods: Sequence[str]
     return out
 
 
-def _whole_val(data: str | Path, cfg: MoMEConfig, spec: Any) -> list[LesionCase]:
+def _whole_val(data: str | Path, cfg: MoMEConfig, spec: Any, val: list[LesionCase]) -> list[LesionCase]:
     """The validation cases over their whole field of view, as evaluate and segment see them: the threshold
-    is tuned on those, not on the training shape's crop."""
+    is tuned on those, not on the training shape's crop. Without a crop they are ``val``, the cases training
+    already holds (loading them again held every validation image twice, outside the memory budget)."""
     if not cfg.eval.tune_threshold:
         return []
+    if spec.shape is None:
+        return val
     return _split_cases(data, cfg, replace(spec, shape=None), ("val",))["val"]
 
 
@@ -696,7 +699,7 @@ def pretrain(
     out = Path(out)
     spec = _spec(cfg)
     cases = _split_cases(data, cfg, spec, ("train", "val"))
-    whole_val = _whole_val(data, cfg, spec)
+    whole_val = _whole_val(data, cfg, spec, cases["val"])
     fit_prints = _fit_fingerprints(data, cfg)
     _note_no_validation(cases, cfg)
     cfg = _keep_trained_modalities(cfg, cases)
@@ -867,7 +870,7 @@ def train(
         gate_weight=cfg.gate_supervision,
     )
     best = trainer.fit_best(resume).best_metric
-    threshold = trainer.threshold(cfg.eval, _whole_val(data, cfg, spec), m.modalities, d.patch_size, multimodal)
+    threshold = trainer.threshold(cfg.eval, _whole_val(data, cfg, spec, cases["val"]), m.modalities, d.patch_size, multimodal)
     if not finish_training():
         return out
     save_model(
