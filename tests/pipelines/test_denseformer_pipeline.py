@@ -864,8 +864,14 @@ def test_volumes_past_the_memory_budget_are_read_back_from_the_cache(cohort, tmp
     assert isinstance(alone.images, np.ndarray) and "no usable preprocessing cache" in capsys.readouterr().err
     rows = np.arange(len(table)) % 3 == 0
     assert held.subset(rows).images is held.images  # a subset indexes its parent's stack (copies tripled the memory)
+    keyed, key = [], type(read.images.cache).key
+    monkeypatch.setattr(type(read.images.cache), "key", lambda *a: keyed.append(a) or key(*a))
     for a, b in zip(held.subset(rows), read.subset(rows), strict=True):
         assert torch.equal(a["image"], b["image"]) and a["index"] == b["index"]
+    assert not keyed  # an item reads its cache entry, not its scan (keyed once, at construction)
+    for f in Path(read.images.cache.root).glob(f"{read.images.keys[0]}.*"):  # an entry gone: preprocessed again
+        f.unlink()
+    assert np.array_equal(read.images[0], held.images[0])
     on_disk = pipe.train(cohort, tmp_path / "disk", _cfg(tmp_path, in_memory="false"))
     monkeypatch.setattr(structural, "memory_budget", lambda: math.inf)
     in_ram = pipe.train(cohort, tmp_path / "ram", _cfg(tmp_path))

@@ -126,8 +126,12 @@ def load_t1(path: str | Path, spec: Any, img_size: Sequence[int], cache: Any = N
     """Preprocess one T1 with ``spec`` (through ``cache``) and crop/pad it to ``img_size``: ``(1, *img_size)``."""
     from neuromoe.data.preprocess import preprocess_case
 
-    out = preprocess_case({"t1": str(path)}, spec, cache=cache)
-    arr = np.asarray(out["t1"], dtype=np.float32)
+    return _fit(preprocess_case({"t1": str(path)}, spec, cache=cache)["t1"], img_size)
+
+
+def _fit(volume: np.ndarray, img_size: Sequence[int]) -> np.ndarray:
+    """A preprocessed T1 cropped / padded (centred) to ``img_size``: ``(1, *img_size)`` float32."""
+    arr = np.asarray(volume, dtype=np.float32)
     if arr.ndim == len(img_size):
         arr = arr[None]
     return np.asarray(ResizeWithPadOrCrop(tuple(img_size))(arr), dtype=np.float32)
@@ -199,12 +203,18 @@ class DiskVolumes:
 
     def __init__(self, paths: Sequence[str], spec: Any, img_size: Sequence[int], cache: Any):
         self.paths, self.spec, self.img_size, self.cache = [str(p) for p in paths], spec, tuple(img_size), cache
+        # keyed once: a key reads the scan (an uncompressed .nii whole) to tell versions apart, and per item that
+        # read every scan again each epoch beside its cache entry; the run trains on the scans as they were here
+        self.keys = [cache.key({"t1": p}, spec) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return load_t1(self.paths[i], self.spec, self.img_size, self.cache).astype(np.float16)
+        hit = self.cache.get(self.keys[i])
+        if hit is None:  # the entry was removed or damaged since: preprocessed (and cached) again
+            return load_t1(self.paths[i], self.spec, self.img_size, self.cache).astype(np.float16)
+        return _fit(hit[0][0], self.img_size).astype(np.float16)
 
 
 class StructuralDataset(Dataset):
