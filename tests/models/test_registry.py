@@ -88,6 +88,22 @@ def test_identical_models_write_identical_bytes(saved: Path) -> None:
     assert len(digests) == 1
 
 
+def test_weights_of_another_run_are_refused(saved: Path, tmp_path: Path) -> None:
+    """The config holds what fits its weights (preprocessing, label maps, calibration); another run's
+    model.safetensors of the same architecture loaded silently. A folder written before the digest still loads."""
+    torch.manual_seed(1)
+    other = save_model(create_model("test_registry_tiny", hidden=6, tie=True), tmp_path / "other")
+    shutil.copy(other / WEIGHTS_NAME, saved / WEIGHTS_NAME)
+    with pytest.raises(ModelFormatError, match="not the file this config.json was saved with") as info:
+        load_model(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value) and "as a whole" in str(info.value)
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    del config["weights_sha256"]
+    config["format_version"] = 1
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    load_model(saved)
+
+
 def test_loading_runs_no_unpickling(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a, **k):
         raise AssertionError("unpickling attempted")

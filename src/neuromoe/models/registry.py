@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from neuromoe import __version__
 from neuromoe.errors import ConfigError, ModelFormatError, NeuroMoEError
-from neuromoe.io.atomic import atomic_path, atomic_write_json
+from neuromoe.io.atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CONFIG_NAME",
@@ -42,7 +42,7 @@ __all__ = [
     "weights_digest",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json holds the sha256 of its weights
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -66,6 +66,7 @@ CONFIG_SCHEMA: dict[str, tuple[type, ...]] = {
     "tasks": (list,),
     "label_maps": (dict,),
     "extra": (dict,),
+    "weights_sha256": (str,),
 }
 REQUIRED_KEYS = ("format_version", "family", "architecture", "kwargs")
 META_KEYS = ("family", "preprocessing", "tasks", "label_maps", "extra")
@@ -221,12 +222,15 @@ def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any] | N
         "label_maps": _json_checked(dict(meta.get("label_maps") or {}), "label_maps", directory),
         "extra": _json_checked(dict(meta.get("extra") or {}), "extra", directory),
     }
+    # one metadata key: safetensors writes them in a random order, so two keys made the files of identical runs
+    # differ byte-wise (the format version is in config.json)
+    weights = save(_state_for_saving(model), metadata={"format": "pt"})
+    # the config (preprocessing, label maps, calibration, threshold) is only right for these weights: a
+    # model.safetensors copied in from another run of the same architecture loaded without a word
+    config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     _check_config(config, directory / CONFIG_NAME, "pass save_model the metadata its docstring describes")
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        # one metadata key: safetensors writes them in a random order, so two keys made the files of identical
-        # runs differ byte-wise (the format version is in config.json)
-        save_file(_state_for_saving(model), str(tmp), metadata={"format": "pt"})
+    atomic_write_bytes(directory / WEIGHTS_NAME, weights)
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
 
@@ -377,6 +381,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
                                fix="restore the original file") from None
     tensors = _read_weights(directory / WEIGHTS_NAME)
     _check_tensors(model, tensors, directory / WEIGHTS_NAME)
+    if "weights_sha256" in config and _sha256(directory / WEIGHTS_NAME) != config["weights_sha256"]:
+        raise ModelFormatError(f"{WEIGHTS_NAME} is not the file this {CONFIG_NAME} was saved with (another run's "
+                               "weights?): the preprocessing, labels and calibration it holds would not fit them",
+                               path=directory / WEIGHTS_NAME, fix="copy a model folder as a whole, never one file")
     model.load_state_dict(tensors, strict=True)
     model.to(map_location).eval()
     model.neuromoe_meta = config
@@ -386,11 +394,15 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
 def weights_digest(directory: str | Path) -> str:
     """``sha256:`` + 16 hex digits of a model folder's weights: which model another was built from, recorded
     without the training machine's paths (a shipped model folder carries no user or cohort folder names)."""
+    return "sha256:" + _sha256(Path(directory) / WEIGHTS_NAME)[:16]
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS_NAME, "rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return "sha256:" + h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def require_meta(meta: dict[str, Any], keys: Sequence[str], directory: str | Path) -> None:
