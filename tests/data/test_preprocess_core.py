@@ -316,11 +316,12 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
         preprocess_cohort(table, PreprocSpec(spacing=(2.0, 2.0, 2.0)), tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("offset", [1e-3, -0.05, 0.04])
+@pytest.mark.parametrize("offset", [1e-3, -0.05, 0.04, 0.11, 2.0, -30.0, 250.0])
 def test_an_offset_on_a_zero_background_changes_neither_crop_nor_normalisation(tmp_path, offset):
-    """A rescale intercept or rounding offset on an exactly zero background (here up to 0.05 on a brain of
-    ~100) counted as foreground: the crop jumped from the head to the whole field of view and the background
-    entered the z-score (the MNI template + 2e-6 moved a predicted brain age by 14 years)."""
+    """A rescale intercept or rounding offset on an exactly zero background counted as foreground: the crop jumped
+    from the head to the whole field of view and the background entered the z-score (the MNI template + 2e-6 moved
+    a predicted brain age by 14 years). Past 0.1 % of the peak (0.11 here, on a brain of ~100) the same cliff
+    stood (+0.26 on the template's 255: 2.6 years); a flat background at any level is now an offset."""
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     clean = load_nifti(_brain(tmp_path / "t1.nii.gz", aff, shape=(40, 44, 36)))
     shifted = nib.Nifti1Image(np.asarray(nib.load(tmp_path / "t1.nii.gz").dataobj) + np.float32(offset), aff)
@@ -330,6 +331,20 @@ def test_an_offset_on_a_zero_background_changes_neither_crop_nor_normalisation(t
     b = preprocess_image(load_nifti(tmp_path / "t1_offset.nii.gz"), spec)
     np.testing.assert_allclose(b.affine, a.affine)
     np.testing.assert_allclose(b.data, a.data, atol=1e-2)
+
+
+def test_a_noise_floor_is_not_taken_for_an_offset(tmp_path):
+    """Only a flat background is shifted: a scanner's noise floor (no two voxels alike) reaches preprocessing as
+    it is, and so does an image whose minimum is zero."""
+    from neuromoe.data.preprocess import _without_offset
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    data = np.asarray(nib.load(_brain(tmp_path / "t1.nii.gz", aff)).dataobj)
+    noisy = data + np.random.default_rng(0).rayleigh(2.0, data.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(noisy, aff), tmp_path / "noisy.nii.gz")
+    for name in ("t1", "noisy"):
+        img = load_nifti(tmp_path / f"{name}.nii.gz")
+        assert _without_offset(img) is img
 
 
 def test_each_image_is_antialiased_on_its_own_grid(tmp_path):

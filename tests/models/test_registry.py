@@ -94,7 +94,7 @@ def test_weights_of_another_run_are_refused(saved: Path, tmp_path: Path) -> None
     torch.manual_seed(1)
     other = save_model(create_model("test_registry_tiny", hidden=6, tie=True), tmp_path / "other")
     shutil.copy(other / WEIGHTS_NAME, saved / WEIGHTS_NAME)
-    with pytest.raises(ModelFormatError, match="not the file this config.json was saved with") as info:
+    with pytest.raises(ModelFormatError, match=r"not the file this config\.json was saved with") as info:
         load_model(saved)
     assert str(saved / WEIGHTS_NAME) in str(info.value) and "as a whole" in str(info.value)
     config = json.loads((saved / CONFIG_NAME).read_text())

@@ -15,7 +15,7 @@ import sys
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,7 @@ def _window(mt: MetaTensor, lo: np.ndarray, hi: np.ndarray) -> MetaTensor:
 def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Preprocessed:
     """Run ``spec`` on one image, or on several roles at once (on the first role's grid; ``mask`` nearest)."""
     images = image if isinstance(image, dict) else {"image": image}
+    images = {r: img if r == "mask" else _without_offset(img) for r, img in images.items()}
     roles = list(images)
     ref = images[roles[0]]
     if spec.register:
@@ -234,6 +235,23 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
             out[i] = arr[k]
         out_aff = np.asarray(mt.affine, dtype=np.float64)
     return Preprocessed(np.stack([out[i] for i in range(len(roles))]), out_aff, np.asarray(ref_aff, dtype=np.float64))
+
+
+# A flat background (at least this fraction of the voxels at exactly the image's minimum) at a non-zero level is an
+# offset: a rescale intercept (scl_inter), a constant a converter added, a z-scoring. BACKGROUND_FRACTION alone
+# made it a cliff: on the MNI template an intercept of 0.09 % of the peak was background, one of 0.11 % made the
+# whole field of view foreground (crop and z-score statistics), and a predicted brain age moved by 2.6 years.
+# A scanner's noise floor has no such plateau, and an exactly zero background needs no shift.
+PLATEAU_FRACTION = 0.01
+
+
+def _without_offset(img: Image) -> Image:
+    """``img`` with a flat background at a non-zero minimum moved to zero, so any offset gives the arrays the
+    image without it gives (the z-score and rank normalisations are shift-invariant over the foreground)."""
+    lo = img.data.min()
+    if lo == 0 or np.count_nonzero(img.data == lo) < PLATEAU_FRACTION * img.data.size:
+        return img
+    return replace(img, data=(img.data - lo).astype(img.data.dtype, copy=False))
 
 
 def _check_output_grid(ref: Image, affine: np.ndarray, spec: PreprocSpec) -> None:
@@ -334,9 +352,9 @@ def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
 # registered scans are resampled onto an MNI-aligned grid; v5: a 4-D DWI's trace keeps a zero background; v6:
 # oblique grids are resampled onto world axes; v7: registration searches its start rotation and is seeded; v8:
 # the output window is centred on the whole foreground box and interpolation dust is background; v9: offsets
-# below BACKGROUND_FRACTION are background, each image is anti-aliased on its own grid), so an existing cache is
-# never served stale by a newer version
-CACHE_VERSION = 9
+# below BACKGROUND_FRACTION are background, each image is anti-aliased on its own grid; v10: a flat background at a
+# non-zero level is shifted to zero), so an existing cache is never served stale by a newer version
+CACHE_VERSION = 10
 
 
 def default_cache_root(cache_dir: str | Path | None = None) -> Path:
