@@ -190,6 +190,17 @@ def test_unknown_modality_and_missing_inputs_are_clean_errors(
     assert not any(tmp_path.iterdir())
 
 
+def test_a_modality_given_twice_is_refused(model_dir, anatomical, tmp_path, capsys) -> None:
+    """argparse kept the last --flair and dropped the first without a word (the second need not even be
+    co-registered with the rest)."""
+    out = tmp_path / "m.nii.gz"
+    with pytest.raises(SystemExit) as info:
+        main(["segment", "--model", model_dir, "--flair", anatomical, "--t1", anatomical, "--flair", "other.nii.gz",
+              "--output", str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--flair given twice" in err and "other.nii.gz" in err and not out.exists()
+
+
 def test_single_corrupt_file_exit_2_names_it_and_writes_nothing(model_dir, anatomical, tmp_path, capsys) -> None:
     """One scan given directly (not a manifest): a truncated gzip gets its own one-line error."""
     bad = tmp_path / "in" / "truncated_T1w.nii.gz"

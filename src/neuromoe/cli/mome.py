@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from neuromoe.models.mome import DEFAULT_MODALITIES
 
@@ -69,7 +70,7 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--model", required=True, help="model folder written by 'train'")
         g = parser.add_argument_group("one case (any non-empty subset of the model's modalities)")
         for m in DEFAULT_MODALITIES:
-            g.add_argument(f"--{m}", default=None, metavar="NIFTI", help=f"{m.upper()} image")
+            g.add_argument(f"--{m}", default=None, metavar="NIFTI", help=f"{m.upper()} image", action=_Once)
         parser.add_argument(
             "--input", default=None, help="batch mode: lesion manifest, cohort or BIDS folder"
         )
@@ -84,6 +85,17 @@ def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--probabilities", action="store_true", help="also write the probability map")
         parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
         _precision_argument(parser)
+
+
+class _Once(argparse.Action):
+    """An image flag given twice is an error: argparse kept the last file and dropped the first without a word."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): one image per "
+                         "modality")
+        setattr(namespace, self.dest, values)
 
 
 def run(verb: str, args: argparse.Namespace) -> int:
