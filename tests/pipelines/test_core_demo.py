@@ -18,7 +18,8 @@ from neuromoe.pipelines.core_demo import CoreDemoConfig, run
 
 
 def _cohort(root: Path, n: int = 30, size: int = 20, seed: int = 0) -> Path:
-    """Brains (ellipsoids) whose dark central 'ventricle' grows with age, as in real atrophy."""
+    """Brains (balls of 84 mm: smaller ones are refused as not a whole brain) whose dark central 'ventricle' grows
+    with age, as in real atrophy."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(size) - size / 2 + 0.5] * 3, indexing="ij"))
     r = np.sqrt((grid**2).sum(0))
@@ -29,7 +30,7 @@ def _cohort(root: Path, n: int = 30, size: int = 20, seed: int = 0) -> Path:
         brain[r < 1.5 + 4.5 * (age - 45) / 40] = 20
         path = root / f"sub-{i:03d}" / "anat" / f"sub-{i:03d}_T1w.nii.gz"
         path.parent.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(brain.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+        nib.save(nib.Nifti1Image(brain.astype(np.float32), np.diag([5.0, 5.0, 5.0, 1.0])), path)
         split = "train" if i < 20 else "val" if i < 25 else "test"
         rows.append(
             {
@@ -52,7 +53,7 @@ def test_core_demo_learns_and_writes_everything(tmp_path: Path, capsys: pytest.C
     cfg = CoreDemoConfig(
         model="simple_cnn_moe_tiny",
         img_size=16,
-        spacing=2.5,
+        spacing=5.0,
         precision="fp32",  # the round trip below predicts in fp32
         epochs=12,
         batch_size=4,
@@ -71,7 +72,7 @@ def test_core_demo_learns_and_writes_everything(tmp_path: Path, capsys: pytest.C
     model, meta = load_model(out / "model")
     assert meta["family"] == "core" and meta["architecture"] == "simple_cnn_moe_tiny"
     spec = PreprocSpec.from_dict(meta["preprocessing"])
-    assert spec.shape == (16, 16, 16) and spec.spacing == (2.5, 2.5, 2.5)
+    assert spec.shape == (16, 16, 16) and spec.spacing == (5.0, 5.0, 5.0)
     preds = pd.read_csv(out / "predictions.csv")
     assert list(preds.columns) == ["subject", "split", "age", "predicted_age"]
     assert not preds["subject"].str.contains("/").any()

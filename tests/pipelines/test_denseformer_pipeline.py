@@ -46,6 +46,27 @@ def _cfg(tmp: Path, **over: Any) -> pipe.DenseFormerConfig:
     return cfg
 
 
+def test_a_scan_that_cannot_hold_a_brain_is_refused_naming_it(cohort, tmp_path):
+    """A 60 mm cube, a 30 mm slab or a localiser got a brain age, sex and diagnosis without a word; a whole head
+    passes, also into a configured window smaller than the bound (the tiny preset's 32 voxels of 6 mm here)."""
+    import nibabel as nib
+
+    from neuromoe.data.structural import load_t1
+    from neuromoe.errors import InputError
+
+    cfg = _cfg(tmp_path)
+    spec, size, t1 = pipe._spec(cfg), pipe._img_size(cfg), Path(cohort).parent / pd.read_csv(cohort)["t1"][0]
+    assert load_t1(t1, spec, size).shape == (1, *size)
+    img = nib.load(t1)
+    cx, cy, cz = (n // 2 for n in img.shape[:3])
+    for name, part in (("cube", img.slicer[cx - 5:cx + 5, cy - 5:cy + 5, cz - 5:cz + 5]),
+                       ("slab", img.slicer[:, :, cz - 2:cz + 3])):
+        nib.save(part, tmp_path / f"{name}.nii.gz")
+        with pytest.raises(InputError, match=r"not a whole brain") as info:
+            load_t1(tmp_path / f"{name}.nii.gz", spec, size)
+        assert f"{name}.nii.gz" in str(info.value)
+
+
 def test_label_encoding_masks_missing_and_rejects_unknown():
     tasks = [TaskSpec("age", "regression", "age"), TaskSpec("dx_ad", "classification", "dx_ad", ["CN", "MCI", "AD"])]
     t = pd.DataFrame({"age": [70.0, np.nan, 60], "dx_ad": ["AD", "", None]})

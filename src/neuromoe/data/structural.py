@@ -126,7 +126,31 @@ def load_t1(path: str | Path, spec: Any, img_size: Sequence[int], cache: Any = N
     """Preprocess one T1 with ``spec`` (through ``cache``) and crop/pad it to ``img_size``: ``(1, *img_size)``."""
     from neuromoe.data.preprocess import preprocess_case
 
-    return _fit(preprocess_case({"t1": str(path)}, spec, cache=cache)["t1"], img_size)
+    out = preprocess_case({"t1": str(path)}, spec, cache=cache)
+    _check_coverage(out["t1"], out.affine, path)
+    return _fit(out["t1"], img_size)
+
+
+# No adult brain spans less than ~100 mm along any axis; 80 leaves room for tight skull-stripping and atrophy.
+MIN_BRAIN_EXTENT_MM = 80.0
+
+
+def _check_coverage(volume: Any, affine: np.ndarray, path: str | Path) -> None:
+    """Refuse a scan whose content cannot hold a brain (a slab, a crop, a localiser): the model gave a 60 mm cube
+    a brain age, sex and diagnosis without a word. Measured on the preprocessed foreground (non-zero voxels), per
+    axis, against the smaller of the bound and the output window's own extent (a small configured window crops
+    every brain)."""
+    arr = np.asarray(volume)
+    nz = np.argwhere(arr != 0)
+    if nz.size == 0:
+        return
+    voxel = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    extent = (nz.max(0) - nz.min(0) + 1)[-3:] * voxel
+    need = np.minimum(MIN_BRAIN_EXTENT_MM, np.asarray(arr.shape[-3:]) * voxel) - 1e-6
+    if (extent < need).any():
+        raise InputError(f"the image's content spans {'×'.join(f'{v:.0f}' for v in extent)} mm: not a whole brain (at "
+                         f"least {MIN_BRAIN_EXTENT_MM:.0f} mm along every axis), so a brain age or diagnosis from it "
+                         "would mean nothing", path=path, fix="give a whole-brain T1 (not a slab, crop or localiser)")
 
 
 def _fit(volume: np.ndarray, img_size: Sequence[int]) -> np.ndarray:
