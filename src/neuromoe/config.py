@@ -341,6 +341,7 @@ def save_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml", *, res
                               "continues the run as it was configured", path=path,
                               fix=f"resume with --config {path} (and the same flags), or start a new run in "
                                   "another --out folder")
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: every rank checks a resume, rank 0 alone writes the file
+    # torchrun: every rank checks a resume, rank 0 alone writes the file (a single process writes whatever RANK says)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(path, text)
     return path

@@ -193,7 +193,11 @@ def test_only_rank_zero_writes_the_config(tmp_path, monkeypatch):
     still checked on every rank, so all of them refuse a changed config."""
     from neuromoe.pipelines.mome import load_mome_config
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("RANK", "1")
+    save_config(load_mome_config("tiny", device="cpu"), tmp_path / "alone")  # RANK without torchrun's WORLD_SIZE
+    assert (tmp_path / "alone" / "config.yaml").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
     save_config(load_mome_config("tiny", device="cpu"), tmp_path)
     assert not (tmp_path / "config.yaml").exists()
     monkeypatch.setenv("RANK", "0")

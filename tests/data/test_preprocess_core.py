@@ -335,14 +335,18 @@ def test_an_offset_on_a_zero_background_changes_neither_crop_nor_normalisation(t
 
 def test_a_noise_floor_is_not_taken_for_an_offset(tmp_path):
     """Only a flat background is shifted: a scanner's noise floor (no two voxels alike) reaches preprocessing as
-    it is, and so does an image whose minimum is zero."""
+    it is, and so do an image whose minimum is zero and one with a zero background beside a plateau of tissue."""
     from neuromoe.data.preprocess import _without_offset
 
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     data = np.asarray(nib.load(_brain(tmp_path / "t1.nii.gz", aff)).dataobj)
     noisy = data + np.random.default_rng(0).rayleigh(2.0, data.shape).astype(np.float32)
     nib.save(nib.Nifti1Image(noisy, aff), tmp_path / "noisy.nii.gz")
-    for name in ("t1", "noisy"):
+    # a brain-extracted scan z-scored and clipped low: its plateau at the minimum is tissue, 0 the background
+    z = np.where(data > 0, np.clip((data - 105.0) / 3.0, -1.2, None), 0.0).astype(np.float32)
+    assert (z == z.min()).mean() > 0.01
+    nib.save(nib.Nifti1Image(z, aff), tmp_path / "clipped.nii.gz")
+    for name in ("t1", "noisy", "clipped"):
         img = load_nifti(tmp_path / f"{name}.nii.gz")
         assert _without_offset(img) is img
 

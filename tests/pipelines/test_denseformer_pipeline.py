@@ -65,6 +65,12 @@ def test_a_scan_that_cannot_hold_a_brain_is_refused_naming_it(cohort, tmp_path):
         with pytest.raises(InputError, match=r"not a whole brain") as info:
             load_t1(tmp_path / f"{name}.nii.gz", spec, size)
         assert f"{name}.nii.gz" in str(info.value)
+    from neuromoe.data.structural import _check_coverage
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    _check_coverage(np.pad(np.ones((39, 44, 39)), 1), aff, "x")  # 80 mm of content, an empty edge voxel: a brain
+    with pytest.raises(InputError, match="spans 60×88×78 mm"):
+        _check_coverage(np.pad(np.ones((30, 44, 39)), 1), aff, "x")
 
 
 def test_label_encoding_masks_missing_and_rejects_unknown():

@@ -241,15 +241,16 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
 # offset: a rescale intercept (scl_inter), a constant a converter added, a z-scoring. BACKGROUND_FRACTION alone
 # made it a cliff: on the MNI template an intercept of 0.09 % of the peak was background, one of 0.11 % made the
 # whole field of view foreground (crop and z-score statistics), and a predicted brain age moved by 2.6 years.
-# A scanner's noise floor has no such plateau, and an exactly zero background needs no shift.
+# A scanner's noise floor has no such plateau, and an exactly zero background needs no shift: an image that has
+# one already (a brain-extracted scan z-scored and clipped low) keeps it, its plateau at the minimum is tissue.
 PLATEAU_FRACTION = 0.01
 
 
 def _without_offset(img: Image) -> Image:
     """``img`` with a flat background at a non-zero minimum moved to zero, so any offset gives the arrays the
     image without it gives (the z-score and rank normalisations are shift-invariant over the foreground)."""
-    lo = img.data.min()
-    if lo == 0 or np.count_nonzero(img.data == lo) < PLATEAU_FRACTION * img.data.size:
+    lo, enough = img.data.min(), PLATEAU_FRACTION * img.data.size
+    if lo == 0 or np.count_nonzero(img.data == lo) < enough or np.count_nonzero(img.data == 0) >= enough:
         return img
     return replace(img, data=(img.data - lo).astype(img.data.dtype, copy=False))
 

@@ -383,8 +383,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     _check_tensors(model, tensors, directory / WEIGHTS_NAME)
     if "weights_sha256" in config and _sha256(directory / WEIGHTS_NAME) != config["weights_sha256"]:
         raise ModelFormatError(f"{WEIGHTS_NAME} is not the file this {CONFIG_NAME} was saved with (another run's "
-                               "weights?): the preprocessing, labels and calibration it holds would not fit them",
-                               path=directory / WEIGHTS_NAME, fix="copy a model folder as a whole, never one file")
+                               "weights, an edited file or an interrupted save): the preprocessing, labels and "
+                               "calibration the config holds would not fit them", path=directory / WEIGHTS_NAME,
+                               fix="copy a model folder as a whole, never one file; save changed weights with "
+                                   "save_model, which records them")
     model.load_state_dict(tensors, strict=True)
     model.to(map_location).eval()
     model.neuromoe_meta = config
