@@ -351,6 +351,24 @@ def test_a_noise_floor_is_not_taken_for_an_offset(tmp_path):
         assert _without_offset(img) is img
 
 
+def test_a_pre_normalised_image_is_said_once(tmp_path, capsys, monkeypatch):
+    """A z-scored scan ran with exit 0 and other results than the scan as it came, without a word."""
+    from neuromoe.data import preprocess
+
+    monkeypatch.setattr(preprocess, "_NEGATIVE_SAID", [])
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    data = np.asarray(nib.load(_brain(tmp_path / "t1.nii.gz", aff, shape=(24, 24, 24))).dataobj)
+    spec = PreprocSpec(spacing=(2.0, 2.0, 2.0), shape=None)
+    preprocess_image(load_nifti(tmp_path / "t1.nii.gz"), spec)
+    assert capsys.readouterr().err == ""
+    z = np.where(data > 0, (data - 105.0) / 3.0, 0.0).astype(np.float32)
+    nib.save(nib.Nifti1Image(z, aff), tmp_path / "z.nii.gz")
+    for _ in range(2):
+        preprocess_image(load_nifti(tmp_path / "z.nii.gz"), spec)
+    err = capsys.readouterr().err
+    assert err.count("pre-normalised") == 1 and "z.nii.gz" in err
+
+
 def test_each_image_is_antialiased_on_its_own_grid(tmp_path):
     """One blur from the reference's voxel size went to every role: a 3 mm T1 beside a 1.5 mm FLAIR reference
     was blurred as if it were 1.5 mm (lesion volume 13 % off), and a finer non-reference image aliased."""

@@ -186,6 +186,8 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
     """Run ``spec`` on one image, or on several roles at once (on the first role's grid; ``mask`` nearest)."""
     images = image if isinstance(image, dict) else {"image": image}
     images = {r: img if r == "mask" else _without_offset(img) for r, img in images.items()}
+    for role, img in images.items():
+        _say_if_normalised(role, img)
     roles = list(images)
     ref = images[roles[0]]
     if spec.register:
@@ -253,6 +255,21 @@ def _without_offset(img: Image) -> Image:
     if lo == 0 or np.count_nonzero(img.data == lo) < enough or np.count_nonzero(img.data == 0) >= enough:
         return img
     return replace(img, data=(img.data - lo).astype(img.data.dtype, copy=False))
+
+
+_NEGATIVE_SAID: list[bool] = []  # said once per process: a cohort exported one way would repeat it per scan
+
+
+def _say_if_normalised(role: str, img: Image) -> None:
+    """Say, once, that an image with many negative voxels looks pre-normalised: MRI magnitudes are not negative,
+    and preprocessing reads voxels above zero as the head (a z-scored scan lost its darker half from the crop box:
+    MoME Dice 0.74 against 1.0 for the same scan as it came)."""
+    if role == "mask" or _NEGATIVE_SAID or np.count_nonzero(img.data < 0) < 0.05 * img.data.size:
+        return
+    _NEGATIVE_SAID.append(True)
+    print(f"neuromoe: {img.path or role}: {np.count_nonzero(img.data < 0) / img.data.size:.0%} of the voxels are "
+          "negative, as in a pre-normalised (z-scored) image; preprocessing expects scans as they come from the "
+          "scanner or brain-extracted, and may crop and normalise this one differently (said once)", file=sys.stderr)
 
 
 def _check_output_grid(ref: Image, affine: np.ndarray, spec: PreprocSpec) -> None:
