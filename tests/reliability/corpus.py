@@ -42,7 +42,7 @@ def brain(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> np.ndarray:
     vol = np.where(inside, 100.0, 0.0) + rng.normal(0, 5, shape[:3])
     if len(shape) == 4:
         vol = vol[..., None] + rng.normal(0, 5, shape)
-    return vol.astype(np.float32)
+    return np.abs(vol).astype(np.float32)  # a magnitude image, as scanners write them: no negative voxels
 
 
 # Identifying header fields planted in every cohort image; no output may ever contain them.
