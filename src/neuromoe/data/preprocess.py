@@ -264,10 +264,13 @@ def _say_if_normalised(role: str, img: Image) -> None:
     """Say, once, that an image with many negative voxels looks pre-normalised: MRI magnitudes are not negative,
     and preprocessing reads voxels above zero as the head (a z-scored scan lost its darker half from the crop box:
     MoME Dice 0.74 against 1.0 for the same scan as it came)."""
-    if role == "mask" or _NEGATIVE_SAID or np.count_nonzero(img.data < 0) < 0.05 * img.data.size:
+    if role == "mask" or _NEGATIVE_SAID:
+        return
+    negative = np.count_nonzero(img.data < 0) / img.data.size
+    if negative < 0.05:
         return
     _NEGATIVE_SAID.append(True)
-    print(f"neuromoe: {img.path or role}: {np.count_nonzero(img.data < 0) / img.data.size:.0%} of the voxels are "
+    print(f"neuromoe: {img.path or role}: {negative:.0%} of the voxels are "
           "negative, as in a pre-normalised (z-scored) image; preprocessing expects scans as they come from the "
           "scanner or brain-extracted, and may crop and normalise this one differently (said once)", file=sys.stderr)
 
