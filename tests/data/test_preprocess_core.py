@@ -369,6 +369,29 @@ def test_a_pre_normalised_image_is_said_once(tmp_path, capsys, monkeypatch):
     assert err.count("pre-normalised") == 1 and "z.nii.gz" in err
 
 
+def test_with_the_head_mask_a_noise_floor_and_an_off_centre_head_change_nothing(tmp_path):
+    """Raw scanner images carry a noise floor over the whole field of view, brain-extracted or converted ones often
+    a zero background. Without the head mask the noise made every voxel foreground: the window moved off the head
+    (centred on the field of view) and the background entered the z-score (the MNI template: brain age 70.3 vs
+    67.6 y, MoME lesion volume +7 to +31 %). With it both reach the model as the same arrays, up to the noise."""
+    g = np.stack(np.meshgrid(*[np.arange(n) - n / 2 for n in (40, 44, 36)], indexing="ij"))
+    r = np.sqrt(((g / np.array([16, 18, 14])[:, None, None, None]) ** 2).sum(0))
+    head = np.where(r < 1, np.where(r < 0.4, 30.0, 100.0 - 20 * r), 0.0)
+    head = np.pad(head, ((0, 0), (0, 14), (0, 12)))  # the head low and posterior in a larger field of view
+    rng = np.random.default_rng(0)
+    noisy = np.hypot(head + rng.normal(0, 2, head.shape), rng.normal(0, 2, head.shape))  # Rician floor, 2 %
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    for name, data in (("clean", head), ("noisy", noisy)):
+        nib.save(nib.Nifti1Image(data.astype(np.float32), aff), tmp_path / f"{name}.nii.gz")
+    for head_mask in (True, False):
+        spec = PreprocSpec(spacing=(2.0, 2.0, 2.0), shape=(40, 40, 36), head_mask=head_mask, antialias=False)
+        a, b = (preprocess_image(load_nifti(tmp_path / f"{n}.nii.gz"), spec) for n in ("clean", "noisy"))
+        same = np.allclose(a.affine, b.affine) and np.abs(a.data - b.data).mean() < 0.05
+        assert same == head_mask
+        if head_mask:
+            np.testing.assert_array_equal(a.data == 0, b.data == 0)  # the noise outside the head is background
+
+
 def test_each_image_is_antialiased_on_its_own_grid(tmp_path):
     """One blur from the reference's voxel size went to every role: a 3 mm T1 beside a 1.5 mm FLAIR reference
     was blurred as if it were 1.5 mm (lesion volume 13 % off), and a finer non-reference image aliased."""

@@ -72,6 +72,11 @@ class PreprocSpec:
     # 4 mm grid sharper than a 3 mm one and a brain-age model read it as 8.7 y younger
     # (docs/experiments.md, "Site shifts"). Specs stored without the key (older models) replay False.
     antialias: bool = True
+    # The foreground (crop box, normalisation statistics, what is kept) is the head: the largest connected region
+    # above HEAD_FRACTION of the peak, holes filled. Off (the non-zero voxels), a scanner's noise floor made the
+    # whole field of view foreground: the same head with and without one got other z-score statistics and another
+    # window (docs/reliability.md, "Noise floor"). Specs stored without the key replay False.
+    head_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.orientation != "RAS":
@@ -85,7 +90,7 @@ class PreprocSpec:
             raise ConfigError(f"preprocessing percentiles {list(self.percentiles)} invalid", fix="e.g. [1, 99]")
         if isinstance(self.crop_margin, bool) or not isinstance(self.crop_margin, int) or self.crop_margin < 0:
             raise ConfigError(f"preprocessing crop_margin must be a whole number of voxels >= 0, got {self.crop_margin!r}")
-        for name in ("crop_foreground", "register", "antialias"):
+        for name in ("crop_foreground", "register", "antialias", "head_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"preprocessing {name} must be true or false, got {getattr(self, name)!r}")
 
@@ -228,7 +233,7 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
             continue
         mt = MetaTensor(torch.as_tensor(np.stack([chans[i] for i in group])), affine=affine)
         if spec.crop_foreground and bbox is None:
-            bbox = _foreground_box(_resample(mt, spec, mode).as_tensor()[0].numpy(), spec.crop_margin)
+            bbox = _foreground_box(_resample(mt, spec, mode).as_tensor()[0].numpy(), spec.crop_margin, spec.head_mask)
         mt = _spatial(mt, spec, mode, bbox if spec.crop_foreground else None)
         arr = mt.as_tensor().numpy().astype(np.float32)
         if mode == "bilinear":
@@ -321,9 +326,9 @@ def _check_overlap(img: Image, ref: Image, role: str, ref_role: str, min_fractio
                          fix=f"co-register/resample the {role} onto the {ref_role} (e.g. FSL FLIRT, ANTs)")
 
 
-def _foreground_box(ref: np.ndarray, margin: int) -> tuple[list[int], list[int]] | None:
-    """Bounding box of the foreground (:func:`_above_dust`) plus ``margin``; it may reach past the array."""
-    nz = np.argwhere(_above_dust(ref) & (ref > 0))
+def _foreground_box(ref: np.ndarray, margin: int, head: bool = False) -> tuple[list[int], list[int]] | None:
+    """Bounding box of the foreground (:func:`_foreground`) plus ``margin``; it may reach past the array."""
+    nz = np.argwhere(_foreground(ref, head) & (ref > 0))
     if nz.size == 0:
         return None
     return (nz.min(0) - margin).tolist(), (nz.max(0) + 1 + margin).tolist()
@@ -348,10 +353,32 @@ def _above_dust(a: np.ndarray) -> np.ndarray:
     return mag > BACKGROUND_FRACTION * float(np.percentile(nonzero, 99.9))
 
 
+# The head stands well above this fraction of the peak (scalp, grey matter and even T1's CSF at 20-30 % of white
+# matter); a scanner's noise floor (1-3 %) and the dust below BACKGROUND_FRACTION do not.
+HEAD_FRACTION = 0.1
+
+
+def _foreground(a: np.ndarray, head: bool) -> np.ndarray:
+    """The non-zero voxels above the dust (:func:`_above_dust`), or with ``head`` the head: the largest connected
+    region above ``HEAD_FRACTION`` of the peak (noise specks that pass it stay out), its holes filled (ventricles,
+    skull and sinuses inside it stay in)."""
+    if not head:
+        return _above_dust(a)
+    mag = np.abs(a)
+    nonzero = mag[mag > 0]
+    if nonzero.size == 0:
+        return np.zeros(a.shape, bool)
+    labels, n = ndimage.label(mag > HEAD_FRACTION * float(np.percentile(nonzero, 99.9)))
+    if n == 0:
+        return np.zeros(a.shape, bool)
+    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    return ndimage.binary_fill_holes(labels == largest)
+
+
 def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
     # dust and offsets on a zero background (``BACKGROUND_FRACTION``) are background: counted as foreground they
     # entered the statistics and came out as strongly negative voxels, on one grid but not another
-    chan = np.where(_above_dust(chan), chan, 0.0).astype(np.float32)
+    chan = np.where(_foreground(chan, spec.head_mask), chan, 0.0).astype(np.float32)
     t = torch.as_tensor(chan[None])
     if spec.norm == "zscore":
         t = NormalizeIntensity(nonzero=True)(t)
