@@ -8,8 +8,10 @@ size guard fires before data is read. Default run: a few hundred cases; ``-m slo
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import io
+import shutil
 import tempfile
 import tracemalloc
 from collections.abc import Callable
@@ -29,7 +31,8 @@ from neuromoe.io.table import ROLES, load_table, validate_table
 
 ALLOC_LIMIT = 8 * 2**20  # the base image holds 20·24·20 float32 = 38 kB
 FAST, SLOW = 120, 3000  # per property; 4 properties → 480 / 12 000 cases
-WORK = Path(tempfile.mkdtemp(prefix="neuromoe-fuzz-"))
+WORK = Path(tempfile.mkdtemp(prefix="neuromoe-fuzz-"))  # made at import (hypothesis needs it before any fixture)
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)  # every test run left one behind in /tmp
 
 
 def _base_bytes(dtype: Any = np.float32) -> bytes:
