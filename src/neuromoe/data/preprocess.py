@@ -346,11 +346,15 @@ def _above_dust(a: np.ndarray) -> np.ndarray:
     """Voxels above ``BACKGROUND_FRACTION`` of the peak magnitude (all False for an all-zero array). The peak is
     the 99.9th percentile of the non-zero magnitudes, not the maximum: one hot voxel at 1e6 on a brain of
     ~1,000 made every brain voxel background."""
+    peak = _peak(a)
+    return np.abs(a) > BACKGROUND_FRACTION * peak if peak > 0 else np.zeros(a.shape, bool)
+
+
+def _peak(a: np.ndarray) -> float:
+    """The 99.9th percentile of the non-zero magnitudes (0 for an all-zero array)."""
     mag = np.abs(a)
     nonzero = mag[mag > 0]
-    if nonzero.size == 0:
-        return np.zeros(a.shape, bool)
-    return mag > BACKGROUND_FRACTION * float(np.percentile(nonzero, 99.9))
+    return float(np.percentile(nonzero, 99.9)) if nonzero.size else 0.0
 
 
 # The head stands well above this fraction of the peak (scalp, grey matter and even T1's CSF at 20-30 % of white
@@ -364,11 +368,8 @@ def _foreground(a: np.ndarray, head: bool) -> np.ndarray:
     skull and sinuses inside it stay in)."""
     if not head:
         return _above_dust(a)
-    mag = np.abs(a)
-    nonzero = mag[mag > 0]
-    if nonzero.size == 0:
-        return np.zeros(a.shape, bool)
-    labels, n = ndimage.label(mag > HEAD_FRACTION * float(np.percentile(nonzero, 99.9)))
+    peak = _peak(a)
+    labels, n = ndimage.label(np.abs(a) > HEAD_FRACTION * peak) if peak > 0 else (None, 0)
     if n == 0:
         return np.zeros(a.shape, bool)
     largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
