@@ -65,12 +65,20 @@ def test_a_scan_that_cannot_hold_a_brain_is_refused_naming_it(cohort, tmp_path):
         with pytest.raises(InputError, match=r"not a whole brain") as info:
             load_t1(tmp_path / f"{name}.nii.gz", spec, size)
         assert f"{name}.nii.gz" in str(info.value)
+    # a 60 mm ball in a 120 mm field of view with a scanner noise floor: the noise was content, so it passed
+    rng = np.random.default_rng(0)
+    g = np.stack(np.meshgrid(*[np.arange(40) - 19.5] * 3, indexing="ij"))
+    ball = np.where((g**2).sum(0) < 10**2, 100.0, 0.0)
+    noisy = np.hypot(ball + rng.normal(0, 3, ball.shape), rng.normal(0, 3, ball.shape)).astype(np.float32)
+    nib.save(nib.Nifti1Image(noisy, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "ball.nii.gz")
+    with pytest.raises(InputError, match=r"spans 66×66×66 mm: not a whole brain"):
+        load_t1(tmp_path / "ball.nii.gz", spec, size)
     from neuromoe.data.structural import _check_coverage
 
-    aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    _check_coverage(np.pad(np.ones((39, 44, 39)), 1), aff, "x")  # 80 mm of content, an empty edge voxel: a brain
+    aff, window = np.diag([2.0, 2.0, 2.0, 1.0]), np.zeros((41, 46, 41))
+    _check_coverage(window, aff, "x", [78.0, 88.0, 78.0])  # 80 mm less the edge voxel resampling leaves empty
     with pytest.raises(InputError, match="spans 60×88×78 mm"):
-        _check_coverage(np.pad(np.ones((30, 44, 39)), 1), aff, "x")
+        _check_coverage(window, aff, "x", [60.0, 88.0, 78.0])
 
 
 def test_label_encoding_masks_missing_and_rejects_unknown():

@@ -28,7 +28,7 @@ class Case:
     culprit: Path  # the file a good error message must name
 
 
-def _affine(spacing: float = 4.0) -> np.ndarray:
+def _affine(spacing: float = 5.0) -> np.ndarray:
     aff = np.diag([spacing, spacing, spacing, 1.0])
     aff[:3, 3] = -np.array(SHAPE) * spacing / 2
     return aff
@@ -38,7 +38,7 @@ def brain(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> np.ndarray:
     """A blob-shaped 'head' so foreground crops and normalisation have something to work on."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape[:3]], indexing="ij"))
-    inside = (grid**2).sum(0) < 0.6
+    inside = (grid**2).sum(0) < 0.85  # ~90 mm across: DenseFormer refuses content under 80 mm (not a whole brain)
     vol = np.where(inside, 100.0, 0.0) + rng.normal(0, 5, shape[:3])
     if len(shape) == 4:
         vol = vol[..., None] + rng.normal(0, 5, shape)
@@ -387,7 +387,7 @@ def k_grid_mismatch(root: Path) -> Case:
 def k_resolution_mismatch_valid(root: Path) -> Case:
     # same physical space, different voxel size: resampled onto the T1 grid (not an error)
     t1 = _img(root, "am_t1.nii.gz")
-    fl = _img(root, "am_flair.nii.gz", brain((16, 19, 16)), affine=_affine(5.0))
+    fl = _img(root, "am_flair.nii.gz", brain((16, 19, 16)), affine=_affine(6.25))
     m = _manifest(root, _bad_row(_cohort(root), t1=t1, flair=fl), "resolution_mismatch.csv")
     return Case("modalities_different_resolution_valid", "manifest", m, False, m)
 

@@ -24,6 +24,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--register", action="store_true", help="affine registration to MNI152")
     parser.add_argument("--no-antialias", action="store_true",
                         help="resample finer scans without first blurring them to the target resolution")
+    parser.add_argument("--head-mask", action="store_true",
+                        help="take the head (largest connected region above 10%% of the peak) as foreground instead "
+                             "of every voxel above the dust, a noise floor included (preprocessing.head_mask)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shard", default="0/1", help="i/n: process only shard i of n")
     parser.add_argument("--no-progress", action="store_true")
@@ -44,8 +47,7 @@ def _run(args: argparse.Namespace) -> int:
 
     shard = _shard(args.shard)
     spec = PreprocSpec(spacing=(args.spacing,) * 3, shape=None if args.full_fov else tuple(args.shape), norm=args.norm,
-                       register=args.register,
-                       antialias=not args.no_antialias)
+                       register=args.register, antialias=not args.no_antialias, head_mask=args.head_mask)
     table = load_table(args.data)
     summary = preprocess_cohort(table, spec, args.out, workers=args.workers, shard=shard,
                                 progress=not args.no_progress)

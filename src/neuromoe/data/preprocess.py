@@ -123,6 +123,10 @@ class Preprocessed:
     # voxel -> world of the first role's INPUT grid in the same world as ``affine`` (the MNI-registered
     # affine when ``spec.register``): what outputs are resampled back onto
     ref_affine: np.ndarray | None = None
+    # mm spanned by the head (``_foreground(..., head=True)``) of the first image per axis of the output grid,
+    # before any crop or pad: what a check that the scan can hold a brain reads. The non-zero voxels of the output
+    # cannot tell it: a scanner noise floor made a 60 mm ball span the whole field of view
+    extent_mm: list[float] | None = None
 
 
 def antialias_sigma(affine: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
@@ -227,13 +231,18 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
     masks = [i for i, r in enumerate(roles) if r == "mask"]
     out: dict[int, np.ndarray] = {}
     out_aff = None
-    bbox = None
+    bbox = extent = None
     for group, mode in ((imgs, "bilinear"), (masks, "nearest")):
         if not group:
             continue
         mt = MetaTensor(torch.as_tensor(np.stack([chans[i] for i in group])), affine=affine)
-        if spec.crop_foreground and bbox is None:
-            bbox = _foreground_box(_resample(mt, spec, mode).as_tensor()[0].numpy(), spec.crop_margin, spec.head_mask)
+        if mode == "bilinear" or (spec.crop_foreground and bbox is None):
+            res = _resample(mt, spec, mode)
+            first = res.as_tensor()[0].numpy()
+            if spec.crop_foreground and bbox is None:
+                bbox = _foreground_box(first, spec.crop_margin, spec.head_mask)
+            if mode == "bilinear":
+                extent = _extent_mm(first, np.asarray(res.affine, dtype=np.float64))
         mt = _spatial(mt, spec, mode, bbox if spec.crop_foreground else None)
         arr = mt.as_tensor().numpy().astype(np.float32)
         if mode == "bilinear":
@@ -241,7 +250,8 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
         for k, i in enumerate(group):
             out[i] = arr[k]
         out_aff = np.asarray(mt.affine, dtype=np.float64)
-    return Preprocessed(np.stack([out[i] for i in range(len(roles))]), out_aff, np.asarray(ref_aff, dtype=np.float64))
+    return Preprocessed(np.stack([out[i] for i in range(len(roles))]), out_aff, np.asarray(ref_aff, dtype=np.float64),
+                        extent)
 
 
 # A flat background (at least this fraction of the voxels at exactly the image's minimum) at a non-zero level is an
@@ -326,6 +336,17 @@ def _check_overlap(img: Image, ref: Image, role: str, ref_role: str, min_fractio
                          fix=f"co-register/resample the {role} onto the {ref_role} (e.g. FSL FLIRT, ANTs)")
 
 
+def _extent_mm(a: np.ndarray, affine: np.ndarray) -> list[float]:
+    """mm spanned by the head (:func:`_foreground` with ``head``) along each array axis; zeros if there is none."""
+    head = _foreground(a, True)
+    vox = np.linalg.norm(affine[:3, :3], axis=0)
+    spans = []
+    for axis in range(3):  # a projection per axis: np.argwhere held ~100 MB of indices for a 1 mm scan
+        hit = np.flatnonzero(head.any(axis=tuple(b for b in range(3) if b != axis)))
+        spans.append(float(hit[-1] - hit[0] + 1) * float(vox[axis]) if hit.size else 0.0)
+    return spans
+
+
 def _foreground_box(ref: np.ndarray, margin: int, head: bool = False) -> tuple[list[int], list[int]] | None:
     """Bounding box of the foreground (:func:`_foreground`) plus ``margin``; it may reach past the array."""
     nz = np.argwhere(_foreground(ref, head) & (ref > 0))
@@ -402,8 +423,9 @@ def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
 # oblique grids are resampled onto world axes; v7: registration searches its start rotation and is seeded; v8:
 # the output window is centred on the whole foreground box and interpolation dust is background; v9: offsets
 # below BACKGROUND_FRACTION are background, each image is anti-aliased on its own grid; v10: a flat background at a
-# non-zero level is shifted to zero), so an existing cache is never served stale by a newer version
-CACHE_VERSION = 10
+# non-zero level is shifted to zero; v11: entries keep the head's extent, so a scan too small to hold a brain is
+# refused behind a noise floor too), so an existing cache is never served stale by a newer version
+CACHE_VERSION = 11
 
 
 def default_cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -582,10 +604,11 @@ class CachedChannel:
 
 class CaseResult(dict):
     """Role → array on the common output grid, with the grid's ``affine`` and the reference input grid's
-    ``ref_affine`` (see :class:`Preprocessed`)."""
+    ``ref_affine`` and ``extent_mm`` (see :class:`Preprocessed`)."""
 
     affine: np.ndarray
     ref_affine: np.ndarray | None
+    extent_mm: list[float] | None
 
 
 def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCache | None = None, *,
@@ -607,7 +630,8 @@ def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCach
     else:
         pre = preprocess_image({r: loaded[r] if r in loaded else load_role(p, r) for r, p in paths.items()}, spec)
         data, meta = pre.data, {"roles": list(paths), "affine": pre.affine.tolist(), "paths": paths,
-                                "ref_affine": None if pre.ref_affine is None else pre.ref_affine.tolist()}
+                                "ref_affine": None if pre.ref_affine is None else pre.ref_affine.tolist(),
+                                "extent_mm": pre.extent_mm}
         if cache is not None:
             cache.misses += 1
             cache.put(key, data, meta)
@@ -621,6 +645,7 @@ def preprocess_case(paths: dict[str, str], spec: PreprocSpec, cache: PreprocCach
         res = CaseResult({r: data[i] for i, r in enumerate(meta["roles"])})
     res.affine = np.asarray(meta["affine"])
     res.ref_affine = None if meta.get("ref_affine") is None else np.asarray(meta["ref_affine"])
+    res.extent_mm = meta.get("extent_mm")
     return res
 
 
