@@ -23,7 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import MetaTensor
-from monai.transforms import NormalizeIntensity, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing
+from monai.transforms import (
+    NormalizeIntensity,
+    ResizeWithPadOrCrop,
+    ScaleIntensityRangePercentiles,
+    SpatialResample,
+)
 from scipy import ndimage, special, stats
 
 from neuromoe.errors import ConfigError, InputError
@@ -150,15 +155,24 @@ def _oblique(affine: np.ndarray, tol: float = 1e-4) -> bool:
 
 
 def _resample(mt: MetaTensor, spec: PreprocSpec, mode: str) -> MetaTensor:
-    """Onto ``spec.spacing``, on a grid aligned with the world axes (``diagonal``) whenever the input grid is
-    rotated: an oblique acquisition or a registered image (whose world is MNI) then reaches the model in world
-    orientation, the same array as an axis-aligned scan of the same anatomy; MONAI's default keeps the rotation
-    in the affine and the voxels where the scanner put them. An axis-aligned grid is resampled as is."""
-    oblique = _oblique(mt.affine)
-    if spec.spacing is None and not (spec.register or oblique):
+    """Onto ``spec.spacing``, on a grid aligned with the world axes whose voxel centres sit at whole multiples of
+    the spacing in world coordinates. Anchored at the input's first voxel (MONAI's ``Spacing``), the grid's phase
+    followed the field of view: the same head padded by 3, 6 or 9 mm was sampled elsewhere and DenseFormer read it
+    as 1.6-3 years older or younger. World-aligned, an oblique acquisition or a registered image (whose world is
+    MNI) also reaches the model in world orientation, the same array as an axis-aligned scan of the same anatomy.
+    An axis-aligned grid without a target spacing is kept as it is."""
+    aff = np.asarray(mt.affine, dtype=np.float64)
+    if spec.spacing is None and not (spec.register or _oblique(aff)):
         return mt
-    pixdim = spec.spacing or tuple(float(v) for v in np.linalg.norm(np.asarray(mt.affine)[:3, :3], axis=0))
-    return Spacing(pixdim=pixdim, mode=mode, padding_mode="zeros", diagonal=spec.register or oblique)(mt)
+    step = np.asarray(spec.spacing or np.linalg.norm(aff[:3, :3], axis=0), dtype=np.float64)
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in mt.shape[1:4]], indexing="ij")).reshape(3, -1)
+    world = aff[:3, :3] @ corners + aff[:3, 3:]
+    lo = np.floor(world.min(1) / step + 1e-6) * step
+    size = np.floor((world.max(1) - lo) / step + 1e-6).astype(int) + 1
+    dst = np.diag([*step, 1.0])
+    dst[:3, 3] = lo
+    return SpatialResample(mode=mode, padding_mode="zeros")(mt, dst_affine=torch.as_tensor(dst),
+                                                            spatial_size=tuple(int(n) for n in size))
 
 
 def _spatial(mt: MetaTensor, spec: PreprocSpec, mode: str, bbox: tuple | None) -> MetaTensor:
@@ -424,7 +438,7 @@ def _normalise(chan: np.ndarray, spec: PreprocSpec) -> np.ndarray:
 # the output window is centred on the whole foreground box and interpolation dust is background; v9: offsets
 # below BACKGROUND_FRACTION are background, each image is anti-aliased on its own grid; v10: a flat background at a
 # non-zero level is shifted to zero; v11: entries keep the head's extent, so a scan too small to hold a brain is
-# refused behind a noise floor too), so an existing cache is never served stale by a newer version
+# refused behind a noise floor too, and the output grid is anchored in world coordinates), so an existing cache is never served stale by a newer version
 CACHE_VERSION = 11
 
 
