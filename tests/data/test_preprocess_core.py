@@ -380,16 +380,21 @@ def test_with_the_head_mask_a_noise_floor_and_an_off_centre_head_change_nothing(
     head = np.pad(head, ((0, 0), (0, 14), (0, 12)))  # the head low and posterior in a larger field of view
     rng = np.random.default_rng(0)
     noisy = np.hypot(head + rng.normal(0, 2, head.shape), rng.normal(0, 2, head.shape))  # Rician floor, 2 %
+    # 8 %: above a third of it passed 10 % of the peak and joined the head, over the whole field of view
+    noisier = np.hypot(head + rng.normal(0, 8, head.shape), rng.normal(0, 8, head.shape))
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    for name, data in (("clean", head), ("noisy", noisy)):
+    for name, data in (("clean", head), ("noisy", noisy), ("noisier", noisier)):
         nib.save(nib.Nifti1Image(data.astype(np.float32), aff), tmp_path / f"{name}.nii.gz")
     for head_mask in (True, False):
         spec = PreprocSpec(spacing=(2.0, 2.0, 2.0), shape=(40, 40, 36), head_mask=head_mask, antialias=False)
-        a, b = (preprocess_image(load_nifti(tmp_path / f"{n}.nii.gz"), spec) for n in ("clean", "noisy"))
+        a, b, c = (preprocess_image(load_nifti(tmp_path / f"{n}.nii.gz"), spec) for n in ("clean", "noisy", "noisier"))
         same = np.allclose(a.affine, b.affine) and np.abs(a.data - b.data).mean() < 0.05
         assert same == head_mask
         if head_mask:
             np.testing.assert_array_equal(a.data == 0, b.data == 0)  # the noise outside the head is background
+            # the same window up to a voxel (a speck on the surface can still stretch the box), the same head
+            assert np.abs(a.affine - c.affine).max() <= 2.0
+            assert abs(np.count_nonzero(c.data) / np.count_nonzero(a.data) - 1) < 0.05
 
 
 def test_each_image_is_antialiased_on_its_own_grid(tmp_path):
