@@ -254,10 +254,13 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
         # each image's head threshold from its whole field of view, so the window and the statistics agree
         thresholds = [_head_threshold(c) if spec.head_mask or k == 0 else None for k, c in enumerate(full)] \
             if mode == "bilinear" else [None]
-        if mode == "bilinear":
-            extent = _extent_mm(full[0], np.asarray(mt.affine, dtype=np.float64), thresholds[0])
+        fg = _foreground(full[0], spec.head_mask, thresholds[0]) \
+            if mode == "bilinear" or (spec.crop_foreground and bbox is None) else None
+        if mode == "bilinear":  # the head of the first image, computed once when it is the foreground too
+            head = fg if spec.head_mask else _foreground(full[0], True, thresholds[0])
+            extent = _extent_mm(head, np.asarray(mt.affine, dtype=np.float64))
         if spec.crop_foreground and bbox is None:
-            bbox = _foreground_box(full[0], spec.crop_margin, spec.head_mask, thresholds[0])
+            bbox = _box(fg & (full[0] > 0), spec.crop_margin)
         mt = _spatial(mt, spec, bbox if spec.crop_foreground else None)
         arr = mt.as_tensor().numpy().astype(np.float32)
         if mode == "bilinear":
@@ -351,9 +354,8 @@ def _check_overlap(img: Image, ref: Image, role: str, ref_role: str, min_fractio
                          fix=f"co-register/resample the {role} onto the {ref_role} (e.g. FSL FLIRT, ANTs)")
 
 
-def _extent_mm(a: np.ndarray, affine: np.ndarray, threshold: float | None = None) -> list[float]:
-    """mm spanned by the head (:func:`_foreground` with ``head``) along each array axis; zeros if there is none."""
-    head = _foreground(a, True, threshold)
+def _extent_mm(head: np.ndarray, affine: np.ndarray) -> list[float]:
+    """mm spanned by the ``head`` mask along each array axis; zeros if it is empty."""
     vox = np.linalg.norm(affine[:3, :3], axis=0)
     spans = []
     for axis in range(3):  # a projection per axis: np.argwhere held ~100 MB of indices for a 1 mm scan
@@ -362,10 +364,9 @@ def _extent_mm(a: np.ndarray, affine: np.ndarray, threshold: float | None = None
     return spans
 
 
-def _foreground_box(ref: np.ndarray, margin: int, head: bool = False,
-                    threshold: float | None = None) -> tuple[list[int], list[int]] | None:
-    """Bounding box of the foreground (:func:`_foreground`) plus ``margin``; it may reach past the array."""
-    nz = np.argwhere(_foreground(ref, head, threshold) & (ref > 0))
+def _box(mask: np.ndarray, margin: int) -> tuple[list[int], list[int]] | None:
+    """Bounding box of ``mask`` plus ``margin``; it may reach past the array."""
+    nz = np.argwhere(mask)
     if nz.size == 0:
         return None
     return (nz.min(0) - margin).tolist(), (nz.max(0) + 1 + margin).tolist()
