@@ -62,3 +62,22 @@ def test_an_items_augmentation_does_not_depend_on_what_was_fetched_before() -> N
         # a plain float tensor, not MONAI's MetaTensor: its __torch_function__ wrapped every op of the model's
         # forward and backward pass (8 % of a demo fine-tuning step)
         assert type(alone) is torch.Tensor and alone.dtype == torch.float32
+
+
+def test_scanner_effects_leave_the_background_at_zero() -> None:
+    """Gamma, bias field and blur act on the raw scale of the head and the head is normalised again: applied to the
+    z-scored image, gamma (which maps its min..max) lifted the zero background to a level of its own."""
+    g = np.indices((24, 24, 24)).astype(np.float32) - 11.5
+    r = np.sqrt((g**2).sum(0))
+    head = r < 10
+    raw = np.where(r < 6, 1.0, 0.5) * head
+    x = torch.from_numpy(np.where(head, (raw - raw[head].mean()) / raw[head].std(), 0).astype(np.float32))[None]
+    scanner = augmentation(0, spatial=False, contrast=True).transforms[0]
+    changed = 0
+    for _ in range(8):
+        y = torch.as_tensor(scanner(x)).float()
+        assert torch.all(y[0][torch.from_numpy(~head)] == 0)
+        inside = y[0][torch.from_numpy(head)]
+        assert abs(float(inside.mean())) < 1e-4 and abs(float(inside.std()) - 1) < 1e-3
+        changed += not torch.allclose(y, x, atol=1e-3)
+    assert changed >= 4

@@ -54,6 +54,38 @@ def test_single_modality_items_cover_every_available_pair() -> None:
     torch.testing.assert_close(ds[3]["image"], ds[3]["image"])  # deterministic per (seed, epoch, index)
 
 
+def test_bias_field_acts_on_the_raw_scale_of_the_whole_image() -> None:
+    """The raw offset is the whole image's (its darkest head voxel), not the patch's; one field for every channel."""
+    from neuromoe.data.intensity import RandBiasFieldRaw, raw_offset
+
+    calls: list[tuple[np.ndarray, list[float]]] = []
+
+    class Recorder(RandBiasFieldRaw):
+        def __call__(self, img, offset=None, randomize=True):
+            calls.append((np.array(img), list(offset)))
+            return super().__call__(img, offset, randomize)
+
+    cases = _cases()
+    for c in cases:  # z-scored over a head; the darkest voxel in one corner, outside most patches
+        for a in c["images"].values():
+            a[:2, :2, :2] = a.min() - 3.0
+    ds = LesionPatchDataset(cases, (8, 8, 8), modalities=("t1", "flair", "dwi"), multimodal=True,
+                            modality_dropout=0.5, augment=True, samples_per_epoch=12)
+    ds.bias = Recorder(prob=1.0)
+    for i in range(12):
+        ds[i]
+    patch_offsets_differ = False
+    for (img, offsets), i in zip(calls, range(12), strict=True):
+        case = cases[i % 3]
+        for ch, (m, c) in enumerate(zip(("t1", "flair", "dwi"), offsets, strict=True)):
+            if img[ch].any():
+                assert c == raw_offset(case["images"][m])
+                patch_offsets_differ |= c > raw_offset(img[ch]) + 1.0
+            else:
+                assert c == 0.0
+    assert patch_offsets_differ
+
+
 def test_multimodal_dropout_keeps_one_and_zero_fills_missing() -> None:
     ds = LesionPatchDataset(
         _cases(),

@@ -3,7 +3,8 @@
 Cases are preprocessed once (through the shared preprocessing/cache) and kept in memory; every item is
 a random patch: with probability ``fg_fraction`` (~1/3, as nnU-Net) centred on a lesion voxel, otherwise
 anywhere, so tiny lesions are still seen often. Augmentation is MONAI's (flip, rotation, scaling, gamma,
-noise, bias field) applied jointly to image and mask. MoME+ items randomly drop modalities (never all).
+noise) applied jointly to image and mask, after a bias field on the raw scale (:mod:`neuromoe.data.intensity`).
+MoME+ items randomly drop modalities (never all).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from monai.data.utils import get_random_patch, get_valid_patch_size
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
-    RandBiasFieldd,
     RandFlipd,
     RandGaussianNoised,
     RandRotated,
@@ -29,6 +29,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
+from neuromoe.data.intensity import RandBiasFieldRaw, raw_offset
 from neuromoe.data.preprocess import memory_budget
 from neuromoe.errors import InputError
 from neuromoe.models.mome import DEFAULT_MODALITIES
@@ -106,7 +107,8 @@ def load_lesion_cases(
 
 
 def augmentation(spatial_dims: int = 3, seed: int = 0) -> Compose:
-    """Joint image/mask augmentation (the issue's list; masks use nearest interpolation).
+    """Joint image/mask augmentation (the issue's list but the bias field, which
+    :class:`LesionPatchDataset` applies on the raw scale; masks use nearest interpolation).
 
     The zoom resizes with ``F.interpolate``, whose plain ``nearest`` uses the legacy ``floor(dst·scale)``
     sampling while ``bilinear`` uses voxel centres: the mask would sit ~0.4 voxel off its image, so masks
@@ -128,7 +130,6 @@ def augmentation(spatial_dims: int = 3, seed: int = 0) -> Compose:
             RandZoomd(keys, min_zoom=0.85, max_zoom=1.15, prob=0.2, mode=("bilinear", "nearest-exact")),
             RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
             RandGaussianNoised("image", prob=0.15, std=0.1),
-            RandBiasFieldd("image", prob=0.15, coeff_range=(0.0, 0.2)),
         ]
     )
     t.set_random_state(seed=seed)
@@ -216,9 +217,18 @@ class LesionPatchDataset(Dataset):
         self.length = samples_per_epoch or base
         self.seed, self.epoch = seed, 0
         self.transform = augmentation(len(self.patch), seed) if augment else None
+        self.bias = RandBiasFieldRaw() if augment else None
+        self._offsets: dict[tuple[int, str], float] = {}  # (case, modality) → raw_offset of the whole image
         # each case's lesion voxels, flat int32, found once here (per item it cost 10 ms at 1 mm); loader workers
         # inherit them
         self.lesion_voxels = [np.flatnonzero(c["mask"] > 0).astype(np.int32) for c in self.cases]
+
+    def _offset(self, ci: int, modality: str) -> float:
+        """The whole image's raw offset, not the patch's: a patch need not hold the head's darkest voxel."""
+        key = (ci, modality)
+        if key not in self._offsets:
+            self._offsets[key] = raw_offset(self.cases[ci]["images"][modality])
+        return self._offsets[key]
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed per epoch so workers and resumed runs draw the same patches."""
@@ -247,6 +257,9 @@ class LesionPatchDataset(Dataset):
         img = np.stack([crop(case["images"][m], corner, self.patch) if m else np.zeros(self.patch, np.float32)
                         for m in mods])
         msk = crop(case["mask"], corner, self.patch)
+        if self.bias is not None:  # first, while the background is exactly zero
+            self.bias.set_random_state(int(rng.integers(2**31)))
+            img = self.bias(img, [self._offset(ci, m) if m else 0.0 for m in mods])
         if self.transform is not None:
             self.transform.set_random_state(int(rng.integers(2**31)))
             out = self.transform({"image": img, "mask": msk[None].astype(np.float32)})

@@ -27,7 +27,6 @@ from monai.transforms import (
     Compose,
     RandAdjustContrast,
     RandAffine,
-    RandBiasField,
     RandGaussianNoise,
     RandGaussianSmooth,
     RandScaleIntensity,
@@ -37,6 +36,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from neuromoe.data.intensity import RandBiasFieldRaw, raw_offset
 from neuromoe.data.preprocess import memory_budget
 from neuromoe.data.splits import assign_splits  # moved there; importable from here as before
 from neuromoe.errors import InputError
@@ -183,13 +183,24 @@ def _load_volumes(paths: list[str], spec: Any, img_size: tuple[int, ...], cache:
     return images
 
 
-class _SameMoments(Compose):
-    """Scanner effects act before intensity normalisation: give the result the input's mean and sd back."""
+class _OnRawScale(Compose):
+    """Scanner effects act on raw intensities, before the pipeline's normalisation: the head's normalised voxels
+    are put back on a raw scale (:func:`~neuromoe.data.intensity.raw_offset`), the effects applied, and the result
+    normalised again to the input's moments over the same voxels. The background stays zero: applied to the
+    normalised image, gamma (which maps the image's min..max) moved it to a non-zero level and a bias field only
+    stretched contrast about zero (docs/reliability.md, "Bias fields")."""
 
     def __call__(self, img: Any, *args: Any, **kwargs: Any) -> Any:
-        x = torch.as_tensor(img)
-        y = torch.as_tensor(super().__call__(x, *args, **kwargs)).float()
-        return (y - y.mean()) / y.std().clamp_min(1e-6) * x.std() + x.mean()
+        x = torch.as_tensor(img).float()
+        fg = x != 0
+        if not fg.any():
+            return x
+        raw = torch.where(fg, x + raw_offset(x.numpy()), 0.0)
+        y = torch.as_tensor(super().__call__(raw, *args, **kwargs)).float()
+        ys, xs = y[fg], x[fg]
+        out = torch.zeros_like(x)
+        out[fg] = (ys - ys.mean()) / ys.std().clamp_min(1e-6) * xs.std() + xs.mean()
+        return out
 
 
 def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False) -> Compose:
@@ -206,9 +217,9 @@ def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False)
         steps.append(RandAffine(prob=0.8, rotate_range=(0.09, 0.09, 0.09), scale_range=(0.05, 0.05, 0.05),
                                 translate_range=(3, 3, 3), padding_mode="zeros"))
     if contrast:
-        steps.append(_SameMoments([
+        steps.append(_OnRawScale([
             RandAdjustContrast(prob=0.8, gamma=(0.7, 1.5)),
-            RandBiasField(prob=0.5, coeff_range=(0.0, 0.15)),
+            RandBiasFieldRaw(prob=0.5),
             RandGaussianSmooth(prob=0.3, sigma_x=(0.0, 0.7), sigma_y=(0.0, 0.7), sigma_z=(0.0, 0.7)),
         ]))
     steps += [RandScaleIntensity(factors=0.1, prob=0.5),
