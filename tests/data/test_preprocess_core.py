@@ -186,7 +186,8 @@ def test_a_table_without_image_columns_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"spacing": "fine"}, {"spacing": 0}, {"spacing": [2, 2]}, {"shape": [64, 64]},
                                  {"shape": [64.5, 64, 64]}, {"register": "yes please"}, {"crop_margin": "two"},
-                                 {"antialias": "maybe"}, {"head_mask": "yes"}, {"percentiles": [99, 1]}])
+                                 {"antialias": "maybe"}, {"head_mask": "yes"}, {"bias_correct": 1},
+                                 {"percentiles": [99, 1]}])
 def test_preprocessing_overrides_are_type_checked(bad):
     """``preprocessing`` is a free dict in the family configs: bad values crashed with a bare TypeError or were
     taken as given ('yes please' counted as true)."""
