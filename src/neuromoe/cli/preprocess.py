@@ -27,6 +27,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-mask", action="store_true",
                         help="take the head (largest connected region above 10%% of the peak) as foreground instead "
                              "of every voxel above the dust, a noise floor included (preprocessing.head_mask)")
+    parser.add_argument("--bias-correct", action="store_true",
+                        help="N4 bias-field correction of every image within its head (SimpleITK; "
+                             "preprocessing.bias_correct)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shard", default="0/1", help="i/n: process only shard i of n")
     parser.add_argument("--no-progress", action="store_true")
@@ -47,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
 
     shard = _shard(args.shard)
     spec = PreprocSpec(spacing=(args.spacing,) * 3, shape=None if args.full_fov else tuple(args.shape), norm=args.norm,
-                       register=args.register, antialias=not args.no_antialias, head_mask=args.head_mask)
+                       register=args.register, antialias=not args.no_antialias, head_mask=args.head_mask,
+                       bias_correct=args.bias_correct)
     table = load_table(args.data)
     summary = preprocess_cohort(table, spec, args.out, workers=args.workers, shard=shard,
                                 progress=not args.no_progress)
