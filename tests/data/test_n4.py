@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import nibabel as nib
 import numpy as np
 import pytest
 
 from neuromoe.data.intensity import RandBiasFieldRaw
 from neuromoe.data.preprocess import PreprocSpec, preprocess_image
-from neuromoe.errors import ConfigError
 from neuromoe.io.nifti import load_nifti
 
 
@@ -55,13 +52,6 @@ def test_the_correction_is_the_same_on_every_run(scans) -> None:
     spec = PreprocSpec(spacing=(4.0, 4.0, 4.0), shape=(48, 56, 48), head_mask=True, bias_correct=True)
     a, b = (preprocess_image(load_nifti(scans["biased"]), spec).data for _ in range(2))
     np.testing.assert_array_equal(a, b)
-
-
-def test_without_simpleitk_the_error_says_what_to_install(scans, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "SimpleITK", None)
-    spec = PreprocSpec(spacing=(4.0, 4.0, 4.0), head_mask=True, bias_correct=True)
-    with pytest.raises(ConfigError, match="SimpleITK"):
-        preprocess_image(load_nifti(scans["biased"]), spec)
 
 
 def test_specs_stored_without_the_key_replay_without_it() -> None:

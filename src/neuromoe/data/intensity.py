@@ -4,8 +4,8 @@ A receive-coil bias field multiplies the *raw* intensities. The images a model t
 (z-scored over the head, zero outside), and multiplying those by a field — what MONAI's ``RandBiasField`` does to
 whatever it is given — only stretches contrast about zero. After the pipeline's normalisation a biased scan
 looks different: a region the field brightens by a factor ``f`` is shifted by ``(f - 1)·c`` as well, where
-``c = μ/σ`` of the head. Trained on the wrong effect, MoME's predicted lesion volume rose by ~60 % under a field
-of ``exp(0.25·g)`` (docs/reliability.md, "Bias fields").
+``c = μ/σ`` of the head. Trained on the wrong effect, the demo MoME's predicted lesion volumes rose by 25-89 %
+under a field of ``exp(0.15·g)`` (+8-69 % trained on the right one; docs/reliability.md, "Bias fields").
 """
 
 from __future__ import annotations
