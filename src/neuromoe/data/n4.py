@@ -29,8 +29,9 @@ def n4_correct(a: np.ndarray, head: np.ndarray, voxel_mm: Sequence[float]) -> np
     """``a`` (3-D, intensities ≥ 0) divided by the N4 field fitted over ``head``'s positive voxels.
 
     One thread, like the registration: a cached and a replayed preprocessing must agree on any machine, and ITK
-    does not promise threaded reductions independent of the core count (1 and 4 threads agreed here). The field is smooth everywhere, so the background is divided by its extrapolation
-    (a noise floor keeps its level relative to the head nearby)."""
+    does not promise threaded reductions independent of the core count (1 and 4 threads agreed here). The field
+    is smooth everywhere, so the background is divided by its extrapolation (a noise floor keeps its level
+    relative to the head nearby)."""
     import SimpleITK as sitk
 
     mask = head & (a > 0)
