@@ -30,6 +30,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
                            "finetune_and_inference.monai_densenet121_3d.fp32.inference_volumes_per_s"]),
     "bench_mome": (["--size", "32", "32", "32", "--train-size", "16", "16", "16"],
                    ["sparse_over_unet_time", "dense_over_sparse_time", "dense_ref_over_sparse_time"]),
+    "bench_norm": (["--patch", "16", "--repeats", "1", "--threads", "1"],
+                   ["ratios.train_step_ms_ours_over_group_norm_cl", "ratios.inference_ms_ours_over_contiguous"]),
     "bench_preprocess": (["--n", "2", "--workers", "1"], ["cold_vol_per_s", "cached_vol_per_s"]),
     "bench_brainmoe": (["--n-scans", "16", "--n-rois", "20", "--n-t", "40", "--preset", "tiny", "--batch", "8"],
                        ["ratio_fc_plus_embed_over_nilearn", "brainmoe_forward_scans_per_s"]),
