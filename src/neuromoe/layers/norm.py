@@ -21,7 +21,7 @@ class InstanceNormGN(nn.GroupNorm):
     A channels-last CPU input (``channels_last_3d`` / ``channels_last``, as the CPU trainers and inference use
     for oneDNN's convolutions) is normalised in the default layout and handed back channels-last: PyTorch's CPU
     ``group_norm`` on channels-last bf16 was 5× slower forward + backward than the two copies and the contiguous
-    kernel (a (4, 8, 32³) tensor: 21 → 4.4 ms), which made a demo MoME training step 1.04 → 0.46 s
+    kernel (a (4, 8, 32³) tensor: 21 → 4.4 ms), which made a demo MoME training step 1.10 → 0.46 s
     (docs/benchmarks.md, "Instance norm in channels-last"). GPU inputs keep PyTorch's path (not measured there).
     """
 
