@@ -488,8 +488,9 @@ def _normalise(chan: np.ndarray, spec: PreprocSpec, threshold: float | None = No
 # the output window is centred on the whole foreground box and interpolation dust is background; v9: offsets
 # below BACKGROUND_FRACTION are background, each image is anti-aliased on its own grid; v10: a flat background at a
 # non-zero level is shifted to zero; v11: entries keep the head's extent, so a scan too small to hold a brain is
-# refused behind a noise floor too, and the output grid is anchored in world coordinates), so an existing cache is never served stale by a newer version
-CACHE_VERSION = 11
+# refused behind a noise floor too, and the output grid is anchored in world coordinates; v12: N4 is fitted over the
+# head's box, not the field of view), so an existing cache is never served stale by a newer version
+CACHE_VERSION = 12
 
 
 def default_cache_root(cache_dir: str | Path | None = None) -> Path:
