@@ -36,7 +36,7 @@ def n4_correct(a: np.ndarray, head: np.ndarray, voxel_mm: Sequence[float]) -> np
 
     One thread, like the registration: a cached and a replayed preprocessing must agree on any machine, and ITK
     does not promise threaded reductions independent of the core count (1 and 4 threads agreed here). The field
-    is fitted over the head's bounding box (plus ``BOX_MARGIN`` voxels), so the same head gets the same field
+    is fitted over the bounding box of those voxels (plus ``BOX_MARGIN``), so the same head gets the same field
     whatever field of view holds it; the background outside the box is divided by the field at the box's nearest
     face (a noise floor keeps its level relative to the head nearby)."""
     import SimpleITK as sitk
@@ -44,7 +44,7 @@ def n4_correct(a: np.ndarray, head: np.ndarray, voxel_mm: Sequence[float]) -> np
     mask = head & (a > FIT_FLOOR * np.percentile(a[head], 99.9)) if head.any() else head
     if mask.sum() < 100:  # nothing to fit the field to
         return a
-    # The B-spline mesh spans the image it is given, so the fit sees only the head's box: over the whole field of
+    # The B-spline mesh spans the image it is given, so the fit sees only the fitted voxels' box: over the whole field of
     # view, zero padding or another position of the same head moved the mesh and the field (~0.1 z in the head)
     box = tuple(slice(max(int(i.min()) - BOX_MARGIN, 0), min(int(i.max()) + BOX_MARGIN + 1, n))
                 for i, n in zip(np.nonzero(mask), a.shape, strict=True))
