@@ -44,8 +44,8 @@ def n4_correct(a: np.ndarray, head: np.ndarray, voxel_mm: Sequence[float]) -> np
     mask = head & (a > FIT_FLOOR * np.percentile(a[head], 99.9)) if head.any() else head
     if mask.sum() < 100:  # nothing to fit the field to
         return a
-    # The B-spline mesh spans the image it is given, so the fit sees only the fitted voxels' box: over the whole field of
-    # view, zero padding or another position of the same head moved the mesh and the field (~0.1 z in the head)
+    # The B-spline mesh spans the image it is given, so the fit sees only the fitted voxels' box: over the whole
+    # field of view, zero padding or another position of the same head moved the mesh and the field (~0.1 z)
     box = tuple(slice(max(int(i.min()) - BOX_MARGIN, 0), min(int(i.max()) + BOX_MARGIN + 1, n))
                 for i, n in zip(np.nonzero(mask), a.shape, strict=True))
     img = sitk.GetImageFromArray(np.ascontiguousarray(a[box], dtype=np.float32))  # SimpleITK's axes are (z, y, x)
