@@ -6,9 +6,10 @@ import numpy as np
 from scipy import ndimage
 
 from neuromoe.data.synth.anatomy import Anatomy, index_grid, smooth_field, warp
-from neuromoe.data.synth.structural import apply_site
+from neuromoe.data.synth.structural import DEFORM_SMOOTH_MM, apply_site
 
 MODALITIES = ("t1", "t1c", "t2", "flair", "dwi")
+LESION_DEFORM_MM = 3.0  # sd of a case's smooth displacement (was 1 voxel at any spacing)
 # Dataset per lesion type and the modalities such datasets provide.
 DATASETS = {
     "tumour": ("brats", ("t1", "t1c", "t2", "flair")),
@@ -106,7 +107,8 @@ def synth_lesion_case(anat: Anatomy, rng: np.random.Generator, lesion_type: str,
     for m in comps.values():
         mask |= m
     scale = 1.0 + 0.03 * rng.standard_normal()
-    disp = np.stack([1.0 * smooth_field(rng, anat.shape, 20.0 / anat.affine[0, 0]) for _ in range(3)])
+    sp = float(anat.affine[0, 0])
+    disp = np.stack([LESION_DEFORM_MM / sp * smooth_field(rng, anat.shape, DEFORM_SMOOTH_MM / sp) for _ in range(3)])
     head = anat.t1 * ~anat.brain
     images: dict[str, np.ndarray] = {}
     for mod in modalities:
@@ -120,6 +122,6 @@ def synth_lesion_case(anat: Anatomy, rng: np.random.Generator, lesion_type: str,
             val = lv["wm"] * rng.uniform(*_LESION[comp][mod])
             soft = ndimage.gaussian_filter(m.astype(np.float32), 0.5)
             img = img * (1 - soft) + val * soft
-        images[mod] = apply_site(warp(img.astype(np.float32), disp, scale), rng, site)
+        images[mod] = apply_site(warp(img.astype(np.float32), disp, scale), rng, site, sp)
     mask_w = warp(mask.astype(np.float32), disp, scale, order=0) > 0.5
     return images, mask_w
