@@ -160,11 +160,13 @@ def test_preprocess_full_fov_fills_the_cache_whole_field_of_view_reads_use(tmp_p
               "8"])
 
 
-@pytest.mark.parametrize("flag,head_mask,bias", [([], False, False), (["--head-mask"], True, False),
-                                                (["--head-mask", "--bias-correct"], True, True)])
-def test_preprocess_fills_the_entry_of_either_foreground(tmp_path, t1, capsys, flag, head_mask, bias):
-    """A model trained with ``preprocessing.head_mask`` (or ``bias_correct``) reads another cache entry; preprocess
-    can fill any."""
+@pytest.mark.parametrize("flag,head_mask,bias,interp", [([], False, False, "cubic"),
+                                                       (["--head-mask"], True, False, "cubic"),
+                                                       (["--head-mask", "--bias-correct"], True, True, "cubic"),
+                                                       (["--interpolation", "linear"], False, False, "linear")])
+def test_preprocess_fills_the_entry_of_either_foreground(tmp_path, t1, capsys, flag, head_mask, bias, interp):
+    """A model trained with ``preprocessing.head_mask`` (or ``bias_correct``, or an older model's linear
+    interpolation) reads another cache entry; preprocess can fill any."""
     from neuromoe.data.preprocess import PreprocCache, PreprocSpec, preprocess_case
 
     (tmp_path / "m.csv").write_text(f"subject,t1\ns1,{t1.name}\n")
@@ -173,8 +175,8 @@ def test_preprocess_fills_the_entry_of_either_foreground(tmp_path, t1, capsys, f
                  "--no-progress", *flag]) == 0
     files = sorted(out.iterdir())
     preprocess_case({"t1": str(t1)}, PreprocSpec(spacing=(2.0,) * 3, shape=(16,) * 3, head_mask=head_mask,
-                                                 bias_correct=bias), cache=PreprocCache(out))
+                                                 bias_correct=bias, interpolation=interp), cache=PreprocCache(out))
     assert sorted(out.iterdir()) == files  # a cache hit
     preprocess_case({"t1": str(t1)}, PreprocSpec(spacing=(2.0,) * 3, shape=(16,) * 3, head_mask=not head_mask,
-                                                 bias_correct=bias), cache=PreprocCache(out))
+                                                 bias_correct=bias, interpolation=interp), cache=PreprocCache(out))
     assert sorted(out.iterdir()) != files  # the other foreground is another entry

@@ -24,6 +24,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--register", action="store_true", help="affine registration to MNI152")
     parser.add_argument("--no-antialias", action="store_true",
                         help="resample finer scans without first blurring them to the target resolution")
+    parser.add_argument("--interpolation", choices=("cubic", "linear"), default="cubic",
+                        help="images onto the target grid: cubic B-spline, or linear, which blurs by where the "
+                             "grids fall (preprocessing.interpolation)")
     parser.add_argument("--head-mask", action="store_true",
                         help="take the head (largest connected region above 10%% of the peak) as foreground instead "
                              "of every voxel above the dust, a noise floor included (preprocessing.head_mask)")
@@ -51,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     shard = _shard(args.shard)
     spec = PreprocSpec(spacing=(args.spacing,) * 3, shape=None if args.full_fov else tuple(args.shape), norm=args.norm,
                        register=args.register, antialias=not args.no_antialias, head_mask=args.head_mask,
-                       bias_correct=args.bias_correct)
+                       bias_correct=args.bias_correct, interpolation=args.interpolation)
     table = load_table(args.data)
     summary = preprocess_cohort(table, spec, args.out, workers=args.workers, shard=shard,
                                 progress=not args.no_progress)

@@ -38,6 +38,7 @@ from neuromoe.io.table import content_sample, write_failures
 
 IMAGE_ROLES = ("t1", "t1c", "t2", "flair", "dwi")
 NORMS = ("zscore", "rank", "percentile", "none")
+INTERPOLATIONS = {"linear": 1, "cubic": 3}  # spline order of images onto the output grid
 
 
 def _numbers(name: str, value: Any, n: int, kind: type) -> tuple | None:
@@ -77,6 +78,12 @@ class PreprocSpec:
     # 4 mm grid sharper than a 3 mm one and a brain-age model read it as 8.7 y younger
     # (docs/experiments.md, "Site shifts"). Specs stored without the key (older models) replay False.
     antialias: bool = True
+    # Interpolation of images onto the output grid: "cubic" (B-spline) or "linear" (masks: nearest). Linear
+    # interpolation blurs by an amount that depends on where the output voxels fall between the input's (none at
+    # all where the grids coincide): the same subjects at 2 mm reached the 4 mm grid sharper than at 3 mm and a
+    # brain-age model read them 3.4 y younger (docs/experiments.md, "Voxel size"). Specs stored without the key
+    # (older models) replay "linear".
+    interpolation: str = "cubic"
     # The foreground (crop box, normalisation statistics, what is kept) is the head: the largest connected region
     # above HEAD_FRACTION of the peak, holes filled. Off (the non-zero voxels), a scanner's noise floor made the
     # whole field of view foreground: the same head with and without one got other z-score statistics and another
@@ -100,6 +107,9 @@ class PreprocSpec:
             raise ConfigError(f"preprocessing percentiles {list(self.percentiles)} invalid", fix="e.g. [1, 99]")
         if isinstance(self.crop_margin, bool) or not isinstance(self.crop_margin, int) or self.crop_margin < 0:
             raise ConfigError(f"preprocessing crop_margin must be a whole number of voxels >= 0, got {self.crop_margin!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"preprocessing interpolation {self.interpolation!r} unknown",
+                              fix=f"use one of {', '.join(INTERPOLATIONS)}")
         for name in ("crop_foreground", "register", "antialias", "head_mask", "bias_correct"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"preprocessing {name} must be true or false, got {getattr(self, name)!r}")
@@ -113,7 +123,7 @@ class PreprocSpec:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}", fix=f"use only {sorted(known)}")
-        return cls(**{"antialias": False, **d})
+        return cls(**{"antialias": False, "interpolation": "linear", **d})
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> PreprocSpec:
@@ -139,17 +149,23 @@ class Preprocessed:
     extent_mm: list[float] | None = None
 
 
-def antialias_sigma(affine: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
+def antialias_sigma(affine: np.ndarray, spacing: tuple[float, float, float] | None,
+                    interpolation: str = "cubic") -> np.ndarray:
     """Per-axis Gaussian sigma (in voxels of ``affine``) that brings the voxel size up to ``spacing``.
 
-    Voxel FWHM ≈ voxel size, so the filter FWHM is sqrt(target² − input²): a scan already at or above the
-    target spacing is left alone, a finer one is blurred to the same effective resolution.
+    A voxel of size ``v`` averages a box of width ``v`` (variance v²/12). With "cubic", which interpolates without
+    blurring, the filter adds the variance a box of the target width has beyond it, (target² − v²)/12, so a scan at
+    any finer voxel size reaches the target grid as a native one would. "linear" (older models) keeps the first
+    rule, FWHM sqrt(target² − v²): its interpolation blurred by up to v²/4 more, depending on the grids' phase.
+    A scan already at or above the target spacing is left alone.
     """
     vox = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     if spacing is None:
         return np.zeros(3)
-    fwhm = np.sqrt(np.clip(np.asarray(spacing) ** 2 - vox**2, 0.0, None))
-    return fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / vox
+    extra = np.clip(np.asarray(spacing) ** 2 - vox**2, 0.0, None)
+    if interpolation == "linear":
+        return np.sqrt(extra) / (2.0 * np.sqrt(2.0 * np.log(2.0))) / vox
+    return np.sqrt(extra / 12.0) / vox
 
 
 def _oblique(affine: np.ndarray, tol: float = 1e-4) -> bool:
@@ -159,7 +175,7 @@ def _oblique(affine: np.ndarray, tol: float = 1e-4) -> bool:
     return not np.allclose(rot, np.diag(np.diag(rot)), atol=tol)
 
 
-def _resample(mt: MetaTensor, spec: PreprocSpec, mode: str) -> MetaTensor:
+def _resample(mt: MetaTensor, spec: PreprocSpec, order: int) -> MetaTensor:
     """Onto ``spec.spacing``, on a grid aligned with the world axes whose voxel centres sit at whole multiples of
     the spacing in world coordinates. Anchored at the input's first voxel (MONAI's ``Spacing``), the grid's phase
     followed the field of view: the same head padded by 3, 6 or 9 mm was sampled elsewhere and DenseFormer read it
@@ -176,8 +192,12 @@ def _resample(mt: MetaTensor, spec: PreprocSpec, mode: str) -> MetaTensor:
     size = np.floor((world.max(1) - lo) / step + 1e-6).astype(int) + 1
     dst = np.diag([*step, 1.0])
     dst[:3, 3] = lo
-    return SpatialResample(mode=mode, padding_mode="zeros")(mt, dst_affine=torch.as_tensor(dst),
-                                                            spatial_size=tuple(int(n) for n in size))
+    if order > 1:  # scipy's B-splines, kept off an exactly zero background (resample_to_grid)
+        arr = np.stack([resample_to_grid(c, np.asarray(mt.affine, dtype=np.float64), tuple(size), dst, order)
+                        for c in mt.as_tensor().numpy()])
+        return MetaTensor(torch.as_tensor(arr), affine=torch.as_tensor(dst))
+    return SpatialResample(mode="nearest" if order == 0 else "bilinear", padding_mode="zeros")(
+        mt, dst_affine=torch.as_tensor(dst), spatial_size=tuple(int(n) for n in size))
 
 
 def _spatial(mt: MetaTensor, spec: PreprocSpec, bbox: tuple | None) -> MetaTensor:
@@ -238,12 +258,13 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
         # (`segment --reference flair` with a 1.5 mm FLAIR and a 3 mm T1 changed the lesion volume by 13 %)
         # (in the registered world of ``ref_aff``: registration may scale the head, and with it every voxel)
         own = ref_aff if same else ref_aff @ np.linalg.inv(ref.affine) @ img.affine
-        sigma = antialias_sigma(own, spec.spacing) if spec.antialias else np.zeros(3)
+        sigma = antialias_sigma(own, spec.spacing, spec.interpolation) if spec.antialias else np.zeros(3)
         if role != "mask" and sigma.max() > 0.05:
             arr = ndimage.gaussian_filter(np.asarray(arr, dtype=np.float32), [*sigma, *[0.0] * (arr.ndim - 3)],
                                           mode="nearest")
         if not same:
-            arr = resample_to_grid(arr, img.affine, ref.data.shape, ref.affine, order=0 if role == "mask" else 1)
+            arr = resample_to_grid(arr, img.affine, ref.data.shape, ref.affine,
+                                   order=0 if role == "mask" else INTERPOLATIONS[spec.interpolation])
         chans.append(arr)
     affine = torch.as_tensor(ref_aff, dtype=torch.float64)
     imgs = [i for i, r in enumerate(roles) if r != "mask"]
@@ -254,7 +275,8 @@ def preprocess_image(image: Image | dict[str, Image], spec: PreprocSpec) -> Prep
     for group, mode in ((imgs, "bilinear"), (masks, "nearest")):
         if not group:
             continue
-        mt = _resample(MetaTensor(torch.as_tensor(np.stack([chans[i] for i in group])), affine=affine), spec, mode)
+        mt = _resample(MetaTensor(torch.as_tensor(np.stack([chans[i] for i in group])), affine=affine), spec,
+                       INTERPOLATIONS[spec.interpolation] if mode == "bilinear" else 0)
         full = mt.as_tensor().numpy()
         # each image's head threshold from its whole field of view, so the window and the statistics agree
         thresholds = [_head_threshold(c) if spec.head_mask or k == 0 else None for k, c in enumerate(full)] \

@@ -372,7 +372,20 @@ def nifti_image(data: np.ndarray, path: str | Path, *, like: Image | None = None
 
 def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, ...],
                      dst_affine: np.ndarray, order: int = 1) -> np.ndarray:
-    """Resample ``data`` (voxel→world ``src_affine``) onto ``dst_shape``/``dst_affine`` in world space."""
+    """Resample ``data`` (voxel→world ``src_affine``) onto ``dst_shape``/``dst_affine`` in world space.
+
+    ``order`` > 1 (B-splines) rings past an edge: on an exactly zero background (a brain-extracted scan, a template)
+    voxels beyond the head became non-zero and the foreground box grew by a voxel. The spline's values (within the
+    input's range) are taken where every input voxel linear interpolation reads is non-zero, the linear ones
+    elsewhere: an image with a noise floor is all spline, the edge of a zero background is what it was."""
+    a = np.asarray(data, dtype=np.float32)
     vox = np.linalg.inv(src_affine) @ dst_affine
-    return ndimage.affine_transform(np.asarray(data, dtype=np.float32), vox[:3, :3], vox[:3, 3],
-                                    output_shape=tuple(dst_shape[:3]), order=order, mode="constant", cval=0.0)
+
+    def onto(x: np.ndarray, k: int) -> np.ndarray:
+        return ndimage.affine_transform(x, vox[:3, :3], vox[:3, 3], output_shape=tuple(dst_shape[:3]), order=k,
+                                        mode="constant", cval=0.0)
+
+    if order <= 1 or a.size == 0:
+        return onto(a, order)
+    inside = onto((a != 0).astype(np.float32), 1) > 1.0 - 1e-4
+    return np.where(inside, np.clip(onto(a, order), a.min(), a.max()), onto(a, 1)).astype(np.float32)
