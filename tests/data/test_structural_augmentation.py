@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from neuromoe.data.structural import augmentation
+from neuromoe.data.structural import RandHeadNoise, augmentation
 
 
 def _phantom() -> torch.Tensor:
@@ -81,3 +81,17 @@ def test_scanner_effects_leave_the_background_at_zero() -> None:
         assert abs(float(inside.mean())) < 1e-4 and abs(float(inside.std()) - 1) < 1e-3
         changed += not torch.allclose(y, x, atol=1e-3)
     assert changed >= 4
+
+
+def test_head_noise_leaves_the_background_zero_and_stays_within_its_sd() -> None:
+    x = _phantom()
+    x[:, :4] = 0.0  # a background slab
+    t = RandHeadNoise(0.2, prob=1.0)
+    t.set_random_state(0)
+    sds = []
+    for _ in range(8):
+        y = t(x)
+        assert torch.equal(y[:, :4], x[:, :4])
+        sds.append(float((y - x)[:, 4:].std()))
+    assert min(sds) > 0.0 and max(sds) < 0.21 and np.ptp(sds) > 0.02  # a new sd per draw, up to 0.2
+    assert [type(s).__name__ for s in augmentation(0, spatial=False, noise=0.2).transforms] == ["RandHeadNoise"]

@@ -29,6 +29,7 @@ from monai.transforms import (
     RandAffine,
     RandGaussianNoise,
     RandGaussianSmooth,
+    RandomizableTransform,
     RandScaleIntensity,
     RandShiftIntensity,
     ResizeWithPadOrCrop,
@@ -203,14 +204,37 @@ class _OnRawScale(Compose):
         return out
 
 
-def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False) -> Compose:
+class RandHeadNoise(RandomizableTransform):
+    """Gaussian noise of a random sd in ``[0, max_std]`` (z units) on the head's voxels, the background left zero:
+    a scanner twice as noisy moved the demo DenseFormer's brain ages by −9 y (docs/experiments.md, "Noise")."""
+
+    def __init__(self, max_std: float, prob: float = 0.5):
+        super().__init__(prob)
+        self.max_std = float(max_std)
+        self._std = 0.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self._std = float(self.R.uniform(0.0, self.max_std))
+
+    def __call__(self, img: Any) -> Any:
+        self.randomize()
+        x = torch.as_tensor(img).float()
+        if not self._do_transform or self._std == 0.0:
+            return x
+        noise = torch.from_numpy(self.R.standard_normal(tuple(x.shape)).astype(np.float32)) * self._std
+        return torch.where(x != 0, x + noise, x)
+
+
+def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False, noise: float = 0.0) -> Compose:
     """Mild, label-preserving augmentation: small affine (±5°, ±5 %, ±3 voxels), intensity and noise.
 
     ``contrast`` adds what differs between scanners: contrast gamma (0.7–1.5), a smooth bias field and
     blur (σ ≤ 0.7 voxel). Without it a model may read age from tissue contrast or sharpness, and a scan
     from another site shifts its prediction (docs/experiments.md, "Site shifts").
-    No left-right flip: brain-age and atrophy cues in real data are lateralised enough that a flip is
-    not guaranteed label-preserving.
+    ``noise`` (z units) adds :class:`RandHeadNoise` — alone, without the intensity block, when neither of the
+    others is on. No left-right flip: brain-age and atrophy cues in real data are lateralised enough that a flip
+    is not guaranteed label-preserving.
     """
     steps: list = []
     if spatial:
@@ -222,9 +246,12 @@ def augmentation(seed: int = 0, *, spatial: bool = True, contrast: bool = False)
             RandBiasFieldRaw(prob=0.5),
             RandGaussianSmooth(prob=0.3, sigma_x=(0.0, 0.7), sigma_y=(0.0, 0.7), sigma_z=(0.0, 0.7)),
         ]))
-    steps += [RandScaleIntensity(factors=0.1, prob=0.5),
-              RandShiftIntensity(offsets=0.1, prob=0.5),
-              RandGaussianNoise(prob=0.3, std=0.03)]
+    if spatial or contrast or not noise:
+        steps += [RandScaleIntensity(factors=0.1, prob=0.5),
+                  RandShiftIntensity(offsets=0.1, prob=0.5),
+                  RandGaussianNoise(prob=0.3, std=0.03)]
+    if noise:
+        steps.append(RandHeadNoise(noise))
     t = Compose(steps)
     t.set_random_state(seed=seed)
     return t
@@ -270,6 +297,7 @@ class StructuralDataset(Dataset):
         cache: Any = None,
         augment: bool = False,
         contrast: bool = False,
+        noise: float = 0.0,
         seed: int = 0,
         source: str = "table",
         images: np.ndarray | DiskVolumes | None = None,
@@ -288,17 +316,18 @@ class StructuralDataset(Dataset):
         # budget had approved (train and validation copies beside the stack, then another for the head refit)
         self.images = images
         self.rows = np.arange(len(self.table)) if rows is None else np.asarray(rows)
-        self.transform = augmentation(seed, spatial=augment, contrast=contrast) if augment or contrast else None
+        self.transform = augmentation(seed, spatial=augment, contrast=contrast, noise=noise) \
+            if augment or contrast or noise > 0 else None
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def subset(self, mask: np.ndarray, *, augment: bool = False, contrast: bool = False,
+    def subset(self, mask: np.ndarray, *, augment: bool = False, contrast: bool = False, noise: float = 0.0,
                seed: int = 0) -> StructuralDataset:
         """A view on some rows that reuses the already preprocessed volumes."""
         idx = np.flatnonzero(mask)
         return StructuralDataset(self.table.iloc[idx], self.tasks, None, self.img_size, augment=augment,
-                                 contrast=contrast, seed=seed, images=self.images, rows=self.rows[idx])
+                                 contrast=contrast, noise=noise, seed=seed, images=self.images, rows=self.rows[idx])
 
     def volumes(self) -> Iterator[np.ndarray]:
         """This dataset's preprocessed volumes in order, ``(1, *img_size)`` float16 each."""

@@ -145,6 +145,8 @@ class FinetuneSection:
     # Scanner-style contrast augmentation (gamma, bias field, blur; docs/experiments.md "Site shifts"):
     # on its own (augment: false) it adds no spatial transform.
     contrast_augment: bool = False
+    # Gaussian noise on the head's voxels, sd drawn from [0, noise_augment] z units per item (half of them)
+    noise_augment: float = 0.0
     # How the tasks' gradients meet at the shared pooled feature: "sum" (plain weighted sum of the task
     # losses), "normalize" (each task's gradient scaled to the mean norm) or "pcgrad" (conflicting
     # components projected out, Yu et al. 2020). See balance_task_gradients.
@@ -651,7 +653,8 @@ def train(data: str | Path, out: str | Path, cfg: DenseFormerConfig | None = Non
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     save_config(cfg, out, resume=resume)
-    train_set = dataset.subset(train_mask, augment=ft.augment, contrast=ft.contrast_augment, seed=cfg.seed)
+    train_set = dataset.subset(train_mask, augment=ft.augment, contrast=ft.contrast_augment,
+                               noise=ft.noise_augment, seed=cfg.seed)
     trainer = FinetuneTrainer(
         model, cfg.train, train_set, dataset.subset(split == "val"), run_dir=out, collate_fn=_collate,
         tasks=ft.tasks, target_stats=target_stats, layer_decay=ft.layer_decay, freeze=ft.freeze,
