@@ -206,7 +206,7 @@ class _OnRawScale(Compose):
 
 class RandHeadNoise(RandomizableTransform):
     """Gaussian noise of a random sd in ``[0, max_std]`` (z units) on the head's voxels, the background left zero:
-    a scanner twice as noisy moved the demo DenseFormer's brain ages by −9 y (docs/experiments.md, "Noise")."""
+    a scanner twice as noisy moved the demo DenseFormer's brain ages by −9 y (docs/experiments.md, "Voxel size")."""
 
     def __init__(self, max_std: float, prob: float = 0.5):
         super().__init__(prob)
