@@ -387,5 +387,8 @@ def resample_to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[
 
     if order <= 1 or a.size == 0:
         return onto(a, order)
+    spline = np.clip(onto(a, order), a.min(), a.max())
+    if (a != 0).all():  # a noise floor everywhere: nothing to ring into
+        return spline
     inside = onto((a != 0).astype(np.float32), 1) > 1.0 - 1e-4
-    return np.where(inside, np.clip(onto(a, order), a.min(), a.max()), onto(a, 1)).astype(np.float32)
+    return np.where(inside, spline, onto(a, 1)).astype(np.float32)
