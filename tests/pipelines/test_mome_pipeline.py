@@ -331,6 +331,36 @@ def test_stage1_fixed_patches_per_expert_gives_every_expert_the_same_steps(tmp_p
     assert "stage-1 modality experts" in build_report([run], tmp_path / "r.html").read_text()
 
 
+def test_stage1_shared_warm_start_starts_every_expert_from_the_pooled_unet(tmp_path) -> None:
+    """``data.shared_samples_per_epoch``: one U-Net is trained first on both modalities' images, saved as a pooled
+    U-Net that ``segment`` takes, and every expert starts from its weights (at a negligible learning rate each
+    expert ends where the shared U-Net did; without the warm start the experts start from different weights)."""
+    import pandas as pd
+
+    from neuromoe.pipelines import mome
+
+    _mini_cohort(tmp_path / "cohort")
+    sets = ["data.shared_samples_per_epoch=8", "data.expert_samples_per_epoch=4", "pretrain.lr=1e-9"]
+    for name, overrides in (("warm", sets), ("cold", sets[1:])):
+        cfg = mome.load_mome_config("tiny", overrides, device="cpu")
+        cfg.cache_dir = str(tmp_path / "cache")
+        mome.pretrain(tmp_path / "cohort", tmp_path / name, cfg)
+    shared, meta = mome._load(tmp_path / "warm" / "shared")
+    assert meta["extra"]["kind"] == "unet" and meta["extra"]["modalities"] == ["t1", "flair"]
+    assert pd.read_csv(tmp_path / "warm" / "stage1" / "shared" / "metrics.csv")["step"].max() == 2  # 8 / batch 4
+    rows = json.loads((tmp_path / "warm" / "experts" / "summary.json").read_text())
+    assert [(r["expert"], r["train images"]) for r in rows] == [("shared", 6), ("t1", 4), ("flair", 2)]
+    assert not (tmp_path / "cold" / "shared").exists()
+    for run, same in (("warm", True), ("cold", False)):
+        t1, _ = mome._load(tmp_path / run / "experts" / "t1")
+        flair, _ = mome._load(tmp_path / run / "experts" / "flair")
+        for k, v in t1.state_dict().items():
+            if v.ndim >= 2:  # conv weights (norm scales start at one either way)
+                assert torch.allclose(v, flair.state_dict()[k], atol=1e-6) == same, (run, k)
+            if same:
+                assert torch.allclose(v, shared.state_dict()[k], atol=1e-6), k
+
+
 class _FixedProbability(torch.nn.Module):
     """'Segmenter' whose lesion probability is the image itself (one scale)."""
 

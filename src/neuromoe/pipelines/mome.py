@@ -131,6 +131,9 @@ class DataSection:
     # Stage 1 patches per epoch for *each* expert (nnU-Net style fixed iterations); 0 = one pass over
     # that modality's images, which gives an expert with few images (DWI: 8) a handful of steps.
     expert_samples_per_epoch: int = 0
+    # Stage 1 warm start (sparse upcycling): patches per epoch for one U-Net trained first on every modality's
+    # images pooled, whose weights then start every expert; 0 = experts from random weights (the reference).
+    shared_samples_per_epoch: int = 0
 
     def problems(self) -> list[tuple[str, str, str]]:
         """Values of the right type that patch sampling cannot use (a NaN probability samples silently)."""
@@ -141,9 +144,9 @@ class DataSection:
         for name, example in (("fg_fraction", "0.333"), ("modality_dropout", "0.5")):
             if not 0 <= getattr(self, name) <= 1:
                 out.append((name, f"{getattr(self, name)} is not a probability in [0, 1]", example))
-        for name in ("samples_per_epoch", "expert_samples_per_epoch"):
+        for name in ("samples_per_epoch", "expert_samples_per_epoch", "shared_samples_per_epoch"):
             if getattr(self, name) < 0:
-                out.append((name, "must be >= 0 (0 = one pass)", "0"))
+                out.append((name, "must be >= 0 (0 = one pass; for the shared warm start, none)", "0"))
         return out
 
 
@@ -688,12 +691,64 @@ def _new_section(title: str) -> Any:
 # ------------------------------------------------------------------------------------------ pretrain
 
 
+def _stage1_unet(
+    cfg: MoMEConfig,
+    cases: dict[str, list[LesionCase]],
+    whole_val: list[LesionCase],
+    mods: Sequence[str],
+    samples_per_epoch: int,
+    seed: int,
+    run_dir: Path,
+    init: dict[str, Tensor] | None,
+    resume: bool,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]] | None:
+    """One stage-1 U-Net trained on the ``mods`` images of the training cases (one modality: an expert; all: the
+    shared warm start) → the model, its report row and its model-folder metadata; None without images."""
+    from neuromoe.models.registry import create_model
+
+    d = cfg.data
+    tr = [_only(c, m) for c in cases["train"] for m in mods if m in c["images"]]
+    va = [_only(c, m) for c in cases["val"] for m in mods if m in c["images"]]
+    if not tr:
+        return None
+    torch.manual_seed(seed)
+    kw: dict[str, Any] = {"logit_skip": cfg.model.logit_skip}
+    if cfg.model.widths is not None:
+        kw["widths"] = list(cfg.model.widths)
+    unet = create_model(f"unet_{cfg.model.preset}", **kw)
+    if init is not None:
+        unet.load_state_dict(init)
+    train_set = LesionPatchDataset(
+        tr, d.patch_size, modalities=mods, fg_fraction=d.fg_fraction, augment=d.augment,
+        samples_per_epoch=samples_per_epoch or None, seed=seed,
+    )
+    val_set = LesionPatchDataset(va, d.patch_size, modalities=mods, seed=cfg.seed + 1000) if va else None
+    trainer = MoMETrainer(unet, cfg.pretrain, train_set, val_set, run_dir=run_dir)
+    best = trainer.fit_best(resume).best_metric
+    whole = [_only(c, m) for c in whole_val for m in mods if m in c["images"]]
+    threshold = trainer.threshold(cfg.eval, whole, mods, d.patch_size)  # on the training device, before .cpu()
+    row = {"train images": len(tr), "val images": len(va), "best val loss": best}
+    extra = {
+        "modalities": list(mods),
+        "patch_size": list(d.patch_size),
+        "multimodal": False,
+        "threshold": threshold,
+        "precision": resolve_precision(cfg.eval.precision, trainer.device),  # what tuned the threshold
+        "best_val_loss": best,
+        "split_seed": cfg.seed,
+        "n_train_images": len(tr),
+    }
+    return unet, row, extra
+
+
 @pipeline_entry()
 def pretrain(
     data: str | Path, out: str | Path, cfg: MoMEConfig | None = None, *, resume: bool = False
 ) -> Path:
-    """Stage 1: each modality's expert U-Net trained alone on that modality's images → ``out/experts/<m>``."""
-    from neuromoe.models.registry import create_model, save_model
+    """Stage 1: each modality's expert U-Net trained alone on that modality's images → ``out/experts/<m>``;
+    with ``data.shared_samples_per_epoch`` every expert starts from one U-Net first trained on all modalities'
+    images (→ ``out/shared``, a pooled U-Net ``segment`` takes)."""
+    from neuromoe.models.registry import save_model
 
     cfg = cfg or load_mome_config()
     out = Path(out)
@@ -704,58 +759,34 @@ def pretrain(
     _note_no_validation(cases, cfg)
     cfg = _keep_trained_modalities(cfg, cases)
     save_config(cfg, out, resume=resume)
-    kw: dict[str, Any] = {"logit_skip": cfg.model.logit_skip}
-    if cfg.model.widths is not None:
-        kw["widths"] = list(cfg.model.widths)
-    rows = []
-    for k, m in enumerate(cfg.model.modalities):
-        tr = [_only(c, m) for c in cases["train"] if m in c["images"]]
-        va = [_only(c, m) for c in cases["val"] if m in c["images"]]
-        if not tr:
+    d, mods = cfg.data, cfg.model.modalities
+
+    def save(model: nn.Module, folder: Path, kind: str, extra: dict[str, Any]) -> None:
+        if is_main_process():
+            meta = {"kind": kind, **extra, "fit_fingerprints": fit_prints}
+            save_model(model.cpu(), folder, {"family": FAMILY, "preprocessing": spec.to_dict(), "extra": meta})
+
+    rows, init = [], None
+    if d.shared_samples_per_epoch:
+        seed = cfg.seed + len(mods)  # the experts use cfg.seed + k
+        fitted = _stage1_unet(cfg, cases, whole_val, mods, d.shared_samples_per_epoch, seed,
+                              out / "stage1" / "shared", None, resume)
+        if fitted is not None:
+            shared, row, extra = fitted
+            init = {k: v.detach().clone() for k, v in shared.state_dict().items()}
+            rows.append({"expert": "shared", **row})
+            save(shared, out / "shared", "unet", extra)
+    for k, m in enumerate(mods):
+        fitted = _stage1_unet(cfg, cases, whole_val, (m,), d.expert_samples_per_epoch or d.samples_per_epoch,
+                              cfg.seed + k, out / "stage1" / m, init, resume)
+        if fitted is None:
             continue
-        torch.manual_seed(cfg.seed + k)
-        expert = create_model(f"unet_{cfg.model.preset}", **kw)
-        d = cfg.data
-        train_set = LesionPatchDataset(
-            tr,
-            d.patch_size,
-            modalities=(m,),
-            fg_fraction=d.fg_fraction,
-            augment=d.augment,
-            samples_per_epoch=d.expert_samples_per_epoch or d.samples_per_epoch or None,
-            seed=cfg.seed + k,
-        )
-        val_set = LesionPatchDataset(va, d.patch_size, modalities=(m,), seed=cfg.seed + 1000) if va else None
-        trainer = MoMETrainer(expert, cfg.pretrain, train_set, val_set, run_dir=out / "stage1" / m)
-        best = trainer.fit_best(resume).best_metric
-        whole = [_only(c, m) for c in whole_val if m in c["images"]]
-        threshold = trainer.threshold(cfg.eval, whole, (m,), d.patch_size)  # on the training device, before .cpu()
-        rows.append({"expert": m, "train images": len(tr), "val images": len(va), "best val loss": best})
-        if not is_main_process():  # the next expert's training is the next collective
-            continue
-        save_model(
-            expert.cpu(),
-            out / "experts" / m,
-            {
-                "family": FAMILY,
-                "preprocessing": spec.to_dict(),
-                "extra": {
-                    "kind": "expert",
-                    "modalities": [m],
-                    "patch_size": list(d.patch_size),
-                    "multimodal": False,
-                    "threshold": threshold,
-                    "precision": resolve_precision(cfg.eval.precision, trainer.device),  # what tuned the threshold
-                    "best_val_loss": best,
-                    "split_seed": cfg.seed,
-                    "n_train_images": len(tr),
-                    "fit_fingerprints": fit_prints,
-                },
-            },
-        )
+        expert, row, extra = fitted
+        rows.append({"expert": m, **row})
+        save(expert, out / "experts" / m, "expert", extra)  # the next expert's training is the next collective
     if not rows:
         raise InputError(
-            f"no training images for any of {cfg.model.modalities}",
+            f"no training images for any of {mods}",
             path=str(data),
             fix="check the modality columns of the lesion manifest",
         )
@@ -775,6 +806,9 @@ def _add_pretrain(out: Path, cfg: MoMEConfig, rows: list[dict[str, Any]]) -> Non
         f"One '{cfg.model.preset}' expert U-Net per modality, trained alone on that modality's images "
         f"({list(cfg.data.patch_size)} patches, foreground fraction {cfg.data.fg_fraction}); 'neuromoe train "
         "--family mome --experts' fuses them with the gate."
+        + (" Every expert started from the 'shared' U-Net, trained first on all modalities' images pooled "
+           f"({cfg.data.shared_samples_per_epoch} patches per epoch; saved as 'shared')."
+           if cfg.data.shared_samples_per_epoch else "")
     )
     section.add_table(rows, "Stage-1 experts (validation loss = deep-supervised Dice+CE; NaN: no validation images).")
     curves = {r["expert"]: out / "stage1" / r["expert"] / "metrics.csv" for r in rows}
@@ -1424,7 +1458,10 @@ def demo(
     stage1 = pd.read_json(out / "experts" / "experts" / "summary.json")
     extra = json.loads((out / "train" / "model" / "config.json").read_text())["extra"]
     section.add_text(
-        f"Stage 1: one '{preset}' expert U-Net per modality trained alone on its modality's images; stage 2: "
+        f"Stage 1: one '{preset}' expert U-Net per modality trained alone on its modality's images"
+        + (" (each started from one U-Net first trained on every modality's images pooled)"
+           if cfg.data.shared_samples_per_epoch else "")
+        + "; stage 2: "
         f"MoME ({cfg.model.gate_norm} gate at every decoder scale, {cfg.curriculum} curriculum) fine-tunes the "
         f"experts and the gate jointly on {list(cfg.data.patch_size)} patches ({cfg.data.fg_fraction:.0%} "
         f"centred on lesion voxels) from {extra['n_train_cases']} training cases. Decision threshold "
