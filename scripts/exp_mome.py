@@ -68,11 +68,12 @@ def _train_eval(args: argparse.Namespace, name: str, extra: list[str], experts: 
 
 
 def _mome_samples(args: argparse.Namespace, cfg: mome.MoMEConfig) -> int:
-    """Training patches MoME sees in stage 1 (all experts) + stage 2, so the pooled U-Net gets as many."""
+    """Training patches MoME sees in stage 1 (shared warm start and all experts) + stage 2, so the pooled U-Net
+    gets as many."""
     train = mome._split_cases(args.cohort, cfg, mome._spec(cfg), ("train",))["train"]
     d = cfg.data
     per_expert = [sum(m in c["images"] for c in train) for m in cfg.model.modalities]
-    stage1 = sum(d.expert_samples_per_epoch or d.samples_per_epoch or n for n in per_expert if n)
+    stage1 = d.shared_samples_per_epoch + sum(d.expert_samples_per_epoch or d.samples_per_epoch or n for n in per_expert if n)
     stage2 = d.samples_per_epoch or sum(per_expert)
     return cfg.pretrain.epochs * stage1 + cfg.train.epochs * stage2
 
