@@ -812,7 +812,11 @@ def _add_pretrain(out: Path, cfg: MoMEConfig, rows: list[dict[str, Any]]) -> Non
     )
     section.add_table(rows, "Stage-1 experts (validation loss = deep-supervised Dice+CE; NaN: no validation images).")
     curves = {r["expert"]: out / "stage1" / r["expert"] / "metrics.csv" for r in rows}
-    curves = {m: p for m, p in curves.items() if p.is_file()}
+    curves = {m: pd.read_csv(p) for m, p in curves.items() if p.is_file()}
+    if "shared" in curves:  # the experts' steps continue the shared U-Net's
+        for m, frame in curves.items():
+            if m != "shared":
+                frame["step"] += curves["shared"]["step"].max()
     for metric, caption in (("loss", "Train (dashed) and validation (solid) loss per expert."),
                             ("dice", "Validation Dice per expert (best threshold on its own modality).")):
         section.add_figure(expert_curves(curves, metric, title=f"stage-1 experts: {metric}"), caption)
