@@ -144,9 +144,10 @@ class DataSection:
         for name, example in (("fg_fraction", "0.333"), ("modality_dropout", "0.5")):
             if not 0 <= getattr(self, name) <= 1:
                 out.append((name, f"{getattr(self, name)} is not a probability in [0, 1]", example))
-        for name in ("samples_per_epoch", "expert_samples_per_epoch", "shared_samples_per_epoch"):
+        for name, zero in (("samples_per_epoch", "one pass"), ("expert_samples_per_epoch", "one pass"),
+                           ("shared_samples_per_epoch", "no warm start")):
             if getattr(self, name) < 0:
-                out.append((name, "must be >= 0 (0 = one pass; for the shared warm start, none)", "0"))
+                out.append((name, f"must be >= 0 (0 = {zero})", "0"))
         return out
 
 
