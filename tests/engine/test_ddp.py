@@ -146,14 +146,15 @@ def test_family_cli_under_torchrun(tmp_path: Path) -> None:
 
 
 def test_mome_cli_under_torchrun(tmp_path: Path) -> None:
-    """MoME stage 1 → stage 2 on 2 gloo ranks: the whole-volume threshold search is shared out over the ranks
-    (a collective after each expert's training), rank 0 alone writes the experts and the model."""
+    """MoME stage 1 (with the shared warm start) → stage 2 on 2 gloo ranks: the whole-volume threshold search is
+    shared out over the ranks (a collective after each U-Net's training), rank 0 alone writes the shared U-Net, the
+    experts and the model."""
     from neuromoe.data.synth import synth_cohort
 
     synth_cohort(tmp_path / "c", n_structural=0, n_lesion=12, n_fmri=0, spacing=6.0, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     common = ["--family", "mome", "--config", "tiny", "--device", "cpu", "--data", str(tmp_path / "c")]
-    for argv in (["pretrain", *common, "--out", str(tmp_path / "pre")],
+    for argv in (["pretrain", *common, "--set", "data.shared_samples_per_epoch=8", "--out", str(tmp_path / "pre")],
                  ["train", *common, "--experts", str(tmp_path / "pre"), "--out", str(tmp_path / "ft")]):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "neuromoe.cli.main", *argv]
@@ -161,6 +162,7 @@ def test_mome_cli_under_torchrun(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
     assert len(list((tmp_path / "pre" / "experts").glob("*/model.safetensors"))) == 5
+    assert (tmp_path / "pre" / "shared" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "ft" / "model" / "config.json").read_text())["extra"]["threshold"] > 0
 
 
