@@ -56,6 +56,31 @@ def test_pretrain_writes_one_expert_per_state_and_the_pooled_one(pretrained):
     assert pooled.n_states == 5 and meta["extra"]["states"] == manifest["states"]
 
 
+def test_pretraining_does_not_hold_the_whole_series_while_experts_train(cohort, tmp_path, monkeypatch):
+    """Only the FC matrices (and crops) are trained on; the ROI series read for them are let go before the first
+    expert trains (HCP: ~1.3 MB of series a rest run against 0.3 MB of FC at 264 ROIs)."""
+    import gc
+    import weakref
+
+    read, alive = bm._timeseries, []
+
+    def timeseries(table):
+        series = read(table)
+        alive.extend(weakref.ref(x) for x in series)
+        return series
+
+    fit = bm.ExpertTrainer.fit_best
+
+    def fit_best(self, *args, **kwargs):
+        gc.collect()
+        assert alive and not any(r() is not None for r in alive)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(bm, "_timeseries", timeseries)
+    monkeypatch.setattr(bm.ExpertTrainer, "fit_best", fit_best)
+    bm.pretrain(cohort, tmp_path / "pre", _cfg(), states=["rest"], pooled=False)
+
+
 def test_pretraining_report_lists_the_experts_of_every_call(cohort, tmp_path):
     """'neuromoe report' of a pretraining folder (it said "nothing to report"); an expert added by a later
     call with other --states joins the table and the curves."""
