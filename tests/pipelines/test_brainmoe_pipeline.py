@@ -56,18 +56,24 @@ def test_pretrain_writes_one_expert_per_state_and_the_pooled_one(pretrained):
     assert pooled.n_states == 5 and meta["extra"]["states"] == manifest["states"]
 
 
-def test_pretraining_does_not_hold_the_whole_series_while_experts_train(cohort, tmp_path, monkeypatch):
-    """Only the FC matrices (and crops) are trained on; the ROI series read for them are let go before the first
-    expert trains (HCP: ~1.3 MB of series a rest run against 0.3 MB of FC at 264 ROIs)."""
+def test_commands_hold_a_chunk_of_series_at_a_time_and_none_while_experts_train(
+    cohort, pretrained, tmp_path, monkeypatch
+):
+    """Only the FC matrices (and crops) are trained on: the ROI series are read a chunk at a time and let go
+    (HCP: ~1.3 MB of series a rest run against 0.3 MB of FC at 264 ROIs); a whole cohort's were held at once."""
     import gc
     import weakref
 
-    read, alive = bm._timeseries, []
+    from neuromoe.data import fmri
 
-    def timeseries(table):
-        series = read(table)
-        alive.extend(weakref.ref(x) for x in series)
-        return series
+    read, alive, peak = fmri.scan_timeseries, [], [0]
+
+    def scan_timeseries(*args, **kwargs):
+        gc.collect()
+        peak[0] = max(peak[0], sum(r() is not None for r in alive))
+        x = read(*args, **kwargs)
+        alive.append(weakref.ref(x))
+        return x
 
     fit = bm.ExpertTrainer.fit_best
 
@@ -76,9 +82,36 @@ def test_pretraining_does_not_hold_the_whole_series_while_experts_train(cohort, 
         assert alive and not any(r() is not None for r in alive)
         return fit(self, *args, **kwargs)
 
-    monkeypatch.setattr(bm, "_timeseries", timeseries)
+    monkeypatch.setattr(bm, "_READ_CHUNK", 3)
+    monkeypatch.setattr(fmri, "scan_timeseries", scan_timeseries)
     monkeypatch.setattr(bm.ExpertTrainer, "fit_best", fit_best)
     bm.pretrain(cohort, tmp_path / "pre", _cfg(), states=["rest"], pooled=False)
+    assert len(alive) > 6 and peak[0] <= 2 * 3  # the chunk being read, and the one its loop still names
+    alive.clear()
+    peak[0] = 0
+    csv, _ = bm.embed(pretrained / "experts" / "rest", cohort, tmp_path / "emb.csv")
+    assert len(alive) == len(pd.read_csv(csv)) > 6 and peak[0] <= 3  # the batch path keeps no chunk list
+
+
+@pytest.mark.parametrize("kind", ["pearson", "tangent"])
+def test_fc_read_in_chunks_equals_fc_of_the_whole_cohort_at_once(cohort, monkeypatch, kind):
+    """The chunked reading (ROI count, tangent reference from the chunks' covariances, FC) gives the matrices
+    of every series in memory at once."""
+    from neuromoe.data.connectivity import tangent_reference
+    from neuromoe.data.fmri import scan_timeseries
+
+    table = bm.load_scans(cohort)
+    ts = [scan_timeseries(r) for _, r in table.iterrows()]
+    monkeypatch.setattr(bm, "_READ_CHUNK", 5)  # 24 scans: four full chunks and a short one
+    spec = bm.FCSpec(kind, True, 0)
+    if kind == "tangent":
+        from neuromoe.data.connectivity import geometric_mean
+
+        spec.reference = geometric_mean(bm._model_inputs(table, spec, cohort, covariances=True)["cov"]).tolist()
+        np.testing.assert_allclose(spec.reference, tangent_reference(ts), rtol=1e-10, atol=1e-12)
+    fc = bm._model_inputs(table, spec, cohort)["fc"]
+    assert spec.n_rois == N_ROIS and fc.dtype == np.float32
+    np.testing.assert_array_equal(fc, bm._fc(ts, spec))
 
 
 def test_pretraining_report_lists_the_experts_of_every_call(cohort, tmp_path):
@@ -614,6 +647,23 @@ def test_pretraining_errors_name_the_scan_file(tmp_path) -> None:
         bm.pretrain(tmp_path / "m.csv", tmp_path / "run", cfg)
 
 
+def test_the_cohorts_roi_count_is_its_most_common_one_across_chunks(tmp_path, monkeypatch) -> None:
+    """The series are read a chunk at a time: a first chunk of scans stored ROI × time must not set the ROI
+    count and blame the good scans of later chunks."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(5):
+        x = rng.standard_normal((40, 12))
+        np.save(tmp_path / f"s{i}.npy", x.T if i < 2 else x)
+        rows.append({"subject": f"sub-{i}", "state": "rest", "timeseries": f"s{i}.npy"})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    monkeypatch.setattr(bm, "_READ_CHUNK", 2)
+    cfg = bm.load_brainmoe_config("tiny", seed=0, device="cpu")
+    with pytest.raises(InputError, match=r"s0\.npy: scan has 40 ROIs, the model expects 12 \(it has 12 rows"):
+        bm.pretrain(tmp_path / "m.csv", tmp_path / "run", cfg)
+    assert not (tmp_path / "run" / "experts.json").exists()
+
+
 def test_demo_report_says_which_states_the_downstream_scans_are(cohort, tmp_path):
     """The router-preference plots were shown without the downstream scans' states (all 'wm' in the demo, so
     a 97 % share for the wm expert is the expected answer, not a finding), and without a chance row."""
@@ -636,6 +686,9 @@ def test_roi_series_extracted_from_bold_are_cached_across_commands(tmp_path, mon
 
     zero_rois: list[int] = []
 
+    def series(table):
+        return [x for _, _, chunk in bm._series_chunks(table) for x in chunk]
+
     def extract(path, atlas=None, **kw):
         calls.append(path)
         x = rng.normal(size=(60, 12)).astype(np.float32)
@@ -647,17 +700,17 @@ def test_roi_series_extracted_from_bold_are_cached_across_commands(tmp_path, mon
     for i in range(2):
         (tmp_path / f"bold{i}.nii.gz").write_bytes(f"scan {i}".encode())
     table = pd.DataFrame({"subject": ["s0", "s1"], "bold": [str(tmp_path / f"bold{i}.nii.gz") for i in range(2)]})
-    first = bm._timeseries(table)
+    first = series(table)
     meta = {"extra": {"fc": bm.FCSpec("pearson", True, 12).to_dict()}}
     _, kept, failures = bm._batch_scans(meta, table, tmp_path, "embedded")  # another command, same scans
     assert len(calls) == 2 and not failures and len(kept) == 2
-    np.testing.assert_array_equal(bm._timeseries(table)[1], first[1])
+    np.testing.assert_array_equal(series(table)[1], first[1])
     assert len(calls) == 2 and len(list((tmp_path / "cache" / "timeseries").glob("*.npy"))) == 2
     # an extraction default that changes (another sphere radius) is another entry, not the old series
     monkeypatch.setitem(fmri._EXTRACT_DEFAULTS, "radius_mm", 6.0)
     zero_rois.append(3)
-    bm._timeseries(table)
+    series(table)
     assert len(calls) == 4
     with pytest.warns(UserWarning, match="1 of 12 ROI columns are zero"):
-        bm._timeseries(table)  # read from the cache: extraction's warning said again
+        series(table)  # read from the cache: extraction's warning said again
     assert len(calls) == 4

@@ -290,13 +290,27 @@ def _warn_short(scans: list[np.ndarray], kind: str, sources: Sequence[str] | Non
         )
 
 
+def covariances(
+    ts: np.ndarray | Sequence[np.ndarray], *, on_constant: str = "error", sources: Sequence[str] | None = None
+) -> np.ndarray:
+    """Ledoit-Wolf covariances (B, M, M, float64), what the tangent kind whitens: computed part by part over a
+    cohort, their :func:`geometric_mean` is its tangent reference without every series in memory at once."""
+    scans = _validated(ts, sources, allow_constant=on_constant == "zero")
+    with _serial_lapack():
+        return _lw_all(scans)
+
+
+def geometric_mean(covs: np.ndarray) -> np.ndarray:
+    """The tangent reference (M×M, float64) of the scans whose :func:`covariances` these are."""
+    with _serial_lapack():
+        return _geometric_mean(np.asarray(covs, dtype=np.float64))
+
+
 def tangent_reference(
     ts: np.ndarray | Sequence[np.ndarray], *, on_constant: str = "error", sources: Sequence[str] | None = None
 ) -> np.ndarray:
     """Geometric mean (M×M, float64) of the scans' Ledoit-Wolf covariances: store it with a model."""
-    scans = _validated(ts, sources, allow_constant=on_constant == "zero")
-    with _serial_lapack():
-        return _geometric_mean(_lw_all(scans))
+    return geometric_mean(covariances(ts, on_constant=on_constant, sources=sources))
 
 
 def connectivity(

@@ -22,7 +22,7 @@ import json
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +54,7 @@ FAMILY = "brainmoe"
 POOLED = "pooled"
 ROUTER = "router"
 EXPERTS_FILE = "experts.json"
+_READ_CHUNK = 64  # scans whose ROI series are in memory at once (an HCP rest run: ~1.3 MB at 264 ROIs)
 
 __all__ = [
     "BrainMoEConfig",
@@ -243,11 +244,48 @@ def _series_cache() -> Any:
     return FCCache(default_cache_root(None) / "timeseries")
 
 
-def _timeseries(table: pd.DataFrame) -> list[np.ndarray]:
+def _series_chunks(table: pd.DataFrame) -> Iterator[tuple[slice, pd.DataFrame, list[np.ndarray]]]:
+    """The ROI series of ``table``'s scans, ``_READ_CHUNK`` at a time, with their rows (slice and sub-table)."""
     from neuromoe.data.fmri import scan_timeseries
 
     cache = _series_cache()
-    return [scan_timeseries(row, cache=cache) for _, row in table.iterrows()]
+    for start in range(0, len(table), _READ_CHUNK):
+        part = table.iloc[start : start + _READ_CHUNK]
+        yield slice(start, start + len(part)), part, [scan_timeseries(r, cache=cache) for _, r in part.iterrows()]
+
+
+def _model_inputs(
+    table: pd.DataFrame, spec: FCSpec, where: Any, *, covariances: bool = False
+) -> dict[str, np.ndarray]:
+    """Per scan of ``table``: ``fc`` and, for the JEPA expert, ``ts`` (its centre window), or with ``covariances``
+    its Ledoit-Wolf ``cov`` (for the tangent reference). The series are read ``_READ_CHUNK`` scans at a time and
+    let go, so a cohort's never sit in memory together (an HCP rest run's, 1,200 TRs × 264 ROIs, hold 4.5× its FC
+    matrix). ``spec.n_rois == 0`` is set to the cohort's most common ROI count: a first scan stored ROI × time
+    must not set it and blame the good ones."""
+    from neuromoe.data.connectivity import covariances as lw_covariances
+
+    provisional = not spec.n_rois
+    shapes = np.zeros((len(table), 2), dtype=int)
+    out: dict[str, np.ndarray] = {}
+    ok = True
+    for rows, part, ts in _series_chunks(table):
+        shapes[rows] = [x.shape for x in ts]
+        spec.n_rois = spec.n_rois or int(Counter(shapes[rows, 1]).most_common(1)[0][0])
+        if not (shapes[rows, 1] == spec.n_rois).all():
+            if not provisional:
+                _check_rois(shapes[rows], spec.n_rois, where, part)
+            ok = False  # the cohort's count is known once every shape is read; only shapes are kept now
+        if not ok:
+            continue
+        files = [_scan_file(r) for _, r in part.iterrows()]
+        parts = {"cov": lw_covariances(ts, sources=files)} if covariances else {"fc": _fc(ts, spec, files)}
+        if spec.n_timepoints and not covariances:
+            parts["ts"] = _crop(ts, spec.n_timepoints, where, table=part)
+        for key, value in parts.items():
+            out.setdefault(key, np.empty((len(table), *value.shape[1:]), value.dtype))[rows] = value
+    if not ok:
+        _check_rois(shapes, int(Counter(shapes[:, 1]).most_common(1)[0][0]), where, table)
+    return out
 
 
 def _fc(ts: list[np.ndarray], spec: FCSpec, sources: list[str] | None = None) -> np.ndarray:
@@ -260,16 +298,18 @@ def _fc(ts: list[np.ndarray], spec: FCSpec, sources: list[str] | None = None) ->
     )
 
 
-def _check_rois(ts: list[np.ndarray], spec: FCSpec, where: Any, table: pd.DataFrame | None = None) -> None:
-    """All scans have the model's ROI count; the message names the first offending scan's file (from
-    ``table``'s rows, aligned with ``ts``) or else ``where``."""
-    bad = [i for i, x in enumerate(ts) if x.shape[1] != spec.n_rois]
+def _check_rois(
+    shapes: Sequence[tuple[int, int]] | np.ndarray, n_rois: int, where: Any, table: pd.DataFrame | None = None
+) -> None:
+    """All scans (their T × M ``shapes``) have ``n_rois`` ROIs; the message names the first offending scan's file
+    (from ``table``'s rows, aligned with ``shapes``) or else ``where``."""
+    bad = [i for i, (_, m) in enumerate(shapes) if m != n_rois]
     if bad:
-        x = ts[bad[0]]
-        swapped = x.shape[0] == spec.n_rois
+        t, m = shapes[bad[0]]
+        swapped = t == n_rois
         raise InputError(
-            f"scan has {x.shape[1]} ROIs, the model expects {spec.n_rois}"
-            + (f" (it has {x.shape[0]} rows: stored ROI × time?)" if swapped else ""),
+            f"scan has {m} ROIs, the model expects {n_rois}"
+            + (f" (it has {t} rows: stored ROI × time?)" if swapped else ""),
             path=(_scan_file(table.iloc[bad[0]]) if table is not None else "") or where,
             fix="save T rows × M ROI columns" if swapped else "extract ROI signals with the atlas the model was "
             "trained on",
@@ -424,21 +464,15 @@ def pretrain(
         )
     all_states = _states(table, cfg, None)
     todo = _states(table, cfg, states)
-    ts = _timeseries(table)
-    # the most common ROI count: a first scan stored ROI × time must not set it and blame the good ones
-    n_rois = Counter(x.shape[1] for x in ts).most_common(1)[0][0]
-    spec = FCSpec(cfg.data.fc_kind, cfg.data.fisher_z, n_rois)
+    spec = FCSpec(cfg.data.fc_kind, cfg.data.fisher_z, 0)  # n_rois: the cohort's, set by the first read
     if cfg.expert.kind == "jepa":
         spec.n_timepoints = cfg.expert.window * cfg.expert.n_windows
-    _check_rois(ts, spec, data, table)
-    if spec.kind == "tangent":
-        from neuromoe.data.connectivity import tangent_reference
+    if spec.kind == "tangent":  # a first read for the group mean, the covariances kept and not the series
+        from neuromoe.data.connectivity import geometric_mean
 
-        spec.reference = np.asarray(tangent_reference(ts), dtype=np.float64).tolist()
-    tensors = {"fc": torch.from_numpy(_fc(ts, spec, [_scan_file(r) for _, r in table.iterrows()]))}
-    if spec.n_timepoints:
-        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data, table=table))
-    del ts  # not needed to train; an HCP rest run (1,200 TRs, 264 ROIs) holds 4.5× its FC matrix
+        spec.reference = geometric_mean(_model_inputs(table, spec, data, covariances=True)["cov"]).tolist()
+    tensors = {k: torch.from_numpy(v) for k, v in _model_inputs(table, spec, data).items()}
+    n_rois = spec.n_rois
     state_of = table["state"].astype(str).to_numpy()
     groups = table["subject"].astype(str).to_numpy()
     scans = ScanSet(tensors)
@@ -646,11 +680,7 @@ def _downstream(
         raise InputError(
             f"no scans with a '{col}' label", path=data, fix="set data.phenotype to the label column"
         )
-    ts = _timeseries(table)
-    _check_rois(ts, spec, data, table)
-    tensors = {"fc": torch.from_numpy(_fc(ts, spec, [_scan_file(r) for _, r in table.iterrows()]))}
-    if spec.n_timepoints:
-        tensors["ts"] = torch.from_numpy(_crop(ts, spec.n_timepoints, data, table=table))
+    tensors = {k: torch.from_numpy(v) for k, v in _model_inputs(table, spec, data).items()}
     classes = classes or sorted(table[col].astype(str).unique())
     if len(classes) < 2:
         raise InputError(f"'{col}' has one class only ({classes})", path=data, fix="use a labelled cohort")
@@ -1418,13 +1448,19 @@ def _batch_scans(
     from neuromoe.data.fmri import scan_timeseries
 
     spec = FCSpec(**meta["extra"]["fc"])
-    series, crops, kept, failures = [], [], [], []
+    series, fcs, crops, kept, failures = [], [], [], [], []
+
+    def flush() -> None:  # FC of the scans read so far, batched, and their series let go
+        files = [_scan_file(table.loc[i]) or str(where) for i in kept[len(kept) - len(series) :]]
+        fcs.append(_fc(series, spec, files))
+        series.clear()
+
     cache = _series_cache()
     for i, row in table.iterrows():
         file = _scan_file(row)
         try:
             x = scan_timeseries(row, cache=cache)
-            _check_rois([x], spec, file or where)
+            _check_rois([x.shape], spec.n_rois, file or where)
             check_timeseries(x, source=file or where)  # what _fc refuses (constant ROI) fails this scan only
             if spec.n_timepoints:  # the JEPA window, checked and cut once per scan
                 crops.append(_crop([x], spec.n_timepoints, file or where)[0])
@@ -1437,12 +1473,15 @@ def _batch_scans(
             continue
         series.append(x)
         kept.append(i)
-    if not series:
+        if len(series) == _READ_CHUNK:
+            flush()
+    if series:
+        flush()
+    if not kept:
         raise InputError(
             f"no scan could be {what} ({len(failures)} failed, listed above)", path=where, fix="fix the listed files"
         )
-    files = [_scan_file(table.loc[i]) or str(where) for i in kept]
-    tensors = {"fc": torch.from_numpy(_fc(series, spec, files))}
+    tensors = {"fc": torch.from_numpy(np.concatenate(fcs))}
     if spec.n_timepoints:
         tensors["ts"] = torch.from_numpy(np.stack(crops))
     return ScanSet(tensors), table.loc[kept].reset_index(drop=True), failures
