@@ -21,6 +21,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-rois", type=int, default=264, help="fMRI ROIs (Power-264 subsampled if fewer)")
     parser.add_argument("--bold", action="store_true", help="also write 4D BOLD NIfTI per fMRI scan")
     parser.add_argument("--quicklook", action="store_true", help="write OUT/quicklook.png")
+    parser.add_argument("--pose-deg", type=float, default=0.0,
+                        help="sd (degrees) of each head's rotation about each axis, cut at 2.5 sd; 0 = the template's "
+                             "pose (default), 5 = heads tilted as in a scanner")
+    parser.add_argument("--shift-mm", type=float, default=0.0,
+                        help="sd (mm) of each head's shift along each axis, cut at 2.5 sd (default 0)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes writing subjects in parallel (the cohort is identical for any number)")
     parser.set_defaults(func=_run)
@@ -34,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     paths = synth_cohort(args.out, n_structural=args.n_subjects, n_lesion=args.n_lesion, n_fmri=args.n_fmri,
                          seed=args.seed, spacing=args.spacing, modalities=tuple(args.modalities.split(",")),
                          kinds=tuple(args.kinds.split(",")), n_rois=args.n_rois, bold=args.bold,
-                         workers=args.workers)
+                         workers=args.workers, pose_deg=args.pose_deg, shift_mm=args.shift_mm)
     if args.quicklook:
         paths["quicklook"] = str(quicklook(args.out, Path(args.out) / "quicklook.png"))
     for k, v in paths.items():

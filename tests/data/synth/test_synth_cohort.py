@@ -278,3 +278,46 @@ def test_lesion_placement_regions_hold_the_same_volume_at_any_spacing() -> None:
     for region in ("wm_deep", "periventricular", "deep_cortex"):
         vals = [ml[s][region] for s in ml]
         assert min(vals) > 50 and max(vals) / min(vals) < 1.1, (region, ml)
+
+
+def _centroid(img: np.ndarray) -> np.ndarray:
+    w = np.where(img > 0.5 * img.max(), img, 0.0)
+    return np.array([(w * g).sum() / w.sum() for g in np.indices(img.shape)])
+
+
+def test_a_head_pose_moves_each_head_and_leaves_the_rest_of_the_cohort(tmp_path: Path) -> None:
+    """``pose_deg`` / ``shift_mm`` put heads where a scanner would (all lay in the template's pose): the images and the
+    lesion mask move together by the recorded rotation and shift, the affine and every label stay as drawn without."""
+    kw = dict(KW, n_fmri=0, n_structural=3, n_lesion=2, kinds=("structural", "lesion"))
+    synth_cohort(tmp_path / "a", **kw)
+    synth_cohort(tmp_path / "b", **kw, pose_deg=8.0, shift_mm=10.0)
+    for name in ("structural", "lesion"):
+        assert _rows(tmp_path / "a" / "manifests" / f"{name}.csv") == _rows(tmp_path / "b" / "manifests" / f"{name}.csv")
+    truth = json.loads((tmp_path / "b" / "ground_truth.json").read_text())
+    assert truth["pose"] == {"deg": 8.0, "shift_mm": 10.0}
+    assert "pose_rotation" not in json.dumps(json.loads((tmp_path / "a" / "ground_truth.json").read_text()))
+    moved = 0.0
+    for r in _rows(tmp_path / "a" / "manifests" / "lesion.csv"):
+        t = truth["subjects"][r["subject"]]
+        rot, shift = np.array(t["pose_rotation"]), np.array(t["pose_shift_mm"]) / 6.0
+        assert np.allclose(rot @ rot.T, np.eye(3), atol=1e-5)
+        for col in ("mask", *(m for m in ("t1", "flair", "dwi") if r[m])):
+            a, b = (nib.load(tmp_path / c / "manifests" / r[col]) for c in ("a", "b"))
+            assert np.allclose(a.affine, b.affine)
+            x, y = np.asarray(a.dataobj, np.float32), np.asarray(b.dataobj, np.float32)
+            c = (np.array(x.shape) - 1) / 2
+            expected = rot @ (_centroid(x) - c) + c + shift
+            assert np.linalg.norm(_centroid(y) - expected) < 0.75, col  # voxels of 6 mm
+            moved = max(moved, float(np.linalg.norm(_centroid(y) - _centroid(x))))
+    assert moved > 1.0
+    for r in _rows(tmp_path / "a" / "manifests" / "structural.csv"):
+        a, b = (np.asarray(nib.load(tmp_path / c / "manifests" / r["t1"]).dataobj) for c in ("a", "b"))
+        assert not np.allclose(a, b) and abs(np.sum(a > 0.3) / np.sum(b > 0.3) - 1) < 0.1  # the same head, moved
+
+
+def test_a_pose_spread_out_of_range_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="pose_deg -1"):
+        synth_cohort(tmp_path / "c", **KW, pose_deg=-1)
+    with pytest.raises(InputError, match="shift_mm nan"):
+        synth_cohort(tmp_path / "c", **KW, shift_mm=float("nan"))
+    assert not (tmp_path / "c").exists()

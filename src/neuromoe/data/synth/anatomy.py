@@ -90,12 +90,39 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: fl
     return f / max(float(f.std()), 1e-6)
 
 
-def warp(vol: np.ndarray, disp: np.ndarray, scale: float, order: int = 1) -> np.ndarray:
-    """Resample ``vol`` under a global scale about the centre plus a smooth displacement (voxels)."""
+@dataclass(frozen=True)
+class Pose:
+    """Where a head lies in the scanner's field of view: a rotation about the centre (3×3, of voxel axes that are
+    the world's axes, as on the template's grid) then a shift (voxels). The template's pose is the identity."""
+
+    rotation: np.ndarray
+    shift: np.ndarray
+
+
+def draw_pose(rng: np.random.Generator, deg: float, shift_mm: float, spacing: float) -> Pose:
+    """Rotation angles about the three axes ~ N(0, ``deg``°) and a shift ~ N(0, ``shift_mm``) per axis, each cut at
+    2.5 sd (a head tilted in the coil, off the scanner's centre)."""
+    a = np.deg2rad(deg * np.clip(rng.standard_normal(3), -2.5, 2.5))
+    t = shift_mm * np.clip(rng.standard_normal(3), -2.5, 2.5) / spacing
+    cx, cy, cz, sx, sy, sz = *np.cos(a), *np.sin(a)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return Pose(rz @ ry @ rx, t)
+
+
+def warp(vol: np.ndarray, disp: np.ndarray, scale: float, order: int = 1, pose: Pose | None = None) -> np.ndarray:
+    """Resample ``vol`` under a global scale about the centre plus a smooth displacement (voxels), then place the
+    result in ``pose`` (the head moved by it; one resampling)."""
     shape = vol.shape
     c = (np.array(shape) - 1) / 2.0
     idx = index_grid(shape)
-    coords = [(idx[i] - c[i]) / scale + c[i] + disp[i] for i in range(3)]
+    if pose is None:
+        coords = [(idx[i] - c[i]) / scale + c[i] + disp[i] for i in range(3)]
+    else:  # an output voxel p shows the posed head's point R⁻¹(p − c − t) + c, and the displacement there
+        rel = np.tensordot(pose.rotation.T, idx - (c + pose.shift)[:, None, None, None], axes=1) + c[:, None, None, None]
+        at = ndimage.map_coordinates  # the displacement field is read where that point was before the pose
+        coords = [(rel[i] - c[i]) / scale + c[i] + at(disp[i], rel, order=1, mode="nearest") for i in range(3)]
     return ndimage.map_coordinates(vol, coords, order=order, mode="constant").astype(vol.dtype)
 
 

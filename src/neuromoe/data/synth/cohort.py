@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from neuromoe.data.splits import stratified_split
 from neuromoe.data.synth import fmri as fm
-from neuromoe.data.synth.anatomy import load_anatomy
+from neuromoe.data.synth.anatomy import Pose, draw_pose, load_anatomy
 from neuromoe.data.synth.lesions import DATASETS, MODALITIES, synth_lesion_case
 from neuromoe.data.synth.structural import SITES, synth_t1
 from neuromoe.errors import InputError
@@ -60,11 +60,14 @@ def _write_csv(path: Path, cols: list[str], rows: Iterable[dict]) -> None:
 def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int = 60, n_fmri: int = 240,
                  seed: int = 0, spacing: float = 3.0, modalities: tuple[str, ...] = MODALITIES,
                  kinds: tuple[str, ...] = KINDS, n_rois: int = 264, bold: bool = False,
-                 progress: bool = True, n_timepoints: int = 160, tr: float = 2.0, workers: int = 1) -> dict:
+                 progress: bool = True, n_timepoints: int = 160, tr: float = 2.0, workers: int = 1,
+                 pose_deg: float = 0.0, shift_mm: float = 0.0) -> dict:
     """Generate the cohort; returns paths of the manifests, participants.tsv and ground_truth.json.
 
     Every subject draws from its own seeded generator (``[seed, kind, index]``), so ``workers`` processes
-    write exactly the cohort one process writes.
+    write exactly the cohort one process writes. ``pose_deg`` / ``shift_mm`` (sd of rotation about each axis,
+    of the shift along it) place each structural and lesion head off the template's pose, as heads lie in a
+    scanner; the pose has its own stream, so the cohort is otherwise the one drawn without it.
     """
     out = Path(out_dir)
     # checked before the folder is touched: these used to fail after minutes of writing subjects
@@ -79,6 +82,9 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
                          fix=f"use --n-rois {fm.N_NETWORKS} or more (default 264)")
     if "fmri" in kinds and n_fmri > 0 and (n_timepoints < 1 or not tr > 0):
         raise InputError(f"{n_timepoints} time points at TR {tr} s", fix="give n_timepoints ≥ 1 and tr > 0")
+    for name, v in (("pose_deg", pose_deg), ("shift_mm", shift_mm)):
+        if not (np.isfinite(v) and 0 <= v <= 45):
+            raise InputError(f"{name} {v!r} is not a spread between 0 and 45", fix="use e.g. --pose-deg 5 --shift-mm 5")
     if not (np.isfinite(spacing) and spacing > 0):
         raise InputError(f"spacing {spacing!r} mm is not a positive number", fix="use e.g. --spacing 3 (6 for tests)")
     bad = [m for m in modalities if m not in MODALITIES]
@@ -93,17 +99,18 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
     participants: list[dict] = []
     truth: dict = {"seed": seed, "spacing": spacing, "modalities": list(modalities),
                    "sites": {k: dict(zip(("bias", "noise", "gamma", "blur"), v, strict=True)) for k, v in SITES.items()},
-                   "subjects": {}}
+                   "pose": {"deg": pose_deg, "shift_mm": shift_mm}, "subjects": {}}
     result: dict = {}
     counter = 0  # subjects numbered in the order structural, lesion, fMRI
 
     if "structural" in kinds and n_structural > 0:
         rows = []
-        job = partial(_structural_subject, out, spacing, seed, counter)
+        job = partial(_structural_subject, out, spacing, seed, counter, (pose_deg, shift_mm))
         for row in _each(job, n_structural, workers, "structural", progress):
             rows.append(row)
             truth["subjects"][row["subject"]] = {"kind": "structural", "age": row.pop("_age"), "sex": row["sex"],
-                                                 "dx_ad": row["dx_ad"], "dx_pd": row["dx_pd"], "site": row["site"]}
+                                                 "dx_ad": row["dx_ad"], "dx_pd": row["dx_pd"], "site": row["site"],
+                                                 **row.pop("_pose")}
         counter += n_structural
         strata = [f"{r['cohort']}-{r['dx_ad'] or r['dx_pd'] or r['sex']}" for r in rows]
         for r, s in zip(rows, stratified_split(strata, seed), strict=True):
@@ -114,7 +121,7 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
 
     if "lesion" in kinds and n_lesion > 0:
         rows = []
-        job = partial(_lesion_case, out, spacing, seed, counter, tuple(modalities))
+        job = partial(_lesion_case, out, spacing, seed, counter, tuple(modalities), (pose_deg, shift_mm))
         for row in _each(job, n_lesion, workers, "lesion", progress):
             rows.append(row)
             truth["subjects"][row["subject"]] = row.pop("_truth")
@@ -205,9 +212,21 @@ def _each(job: Callable[[int], dict], n: int, workers: int, desc: str, progress:
         yield from tqdm(pool.map(job, range(n), chunksize=4), total=n, desc=desc, disable=not progress)
 
 
-def _structural_subject(out: Path, spacing: float, seed: int, first: int, i: int) -> dict:
-    """Structural subject ``i``: writes its T1, returns its manifest row (true age under ``_age``)."""
+def _pose(seed: int, kind: int, i: int, spread: tuple[float, float], spacing: float) -> tuple[Pose | None, dict]:
+    """Subject ``i``'s head pose (its own stream) and its ground-truth record; none without a spread."""
+    if not any(spread):
+        return None, {}
+    pose = draw_pose(np.random.default_rng([seed, 5, kind, i]), *spread, spacing)
+    return pose, {"pose_rotation": np.round(pose.rotation, 6).tolist(),
+                  "pose_shift_mm": np.round(pose.shift * spacing, 3).tolist()}
+
+
+def _structural_subject(out: Path, spacing: float, seed: int, first: int, spread: tuple[float, float],
+                        i: int) -> dict:
+    """Structural subject ``i``: writes its T1, returns its manifest row (true age under ``_age``, pose under
+    ``_pose``)."""
     anat = load_anatomy(float(spacing))
+    pose, pose_truth = _pose(seed, 1, i, spread, spacing)
     rng = np.random.default_rng([seed, 1, i])
     sub = _subject_id(first + i)
     cohort = ["ukb", "adni", "ppmi"][i % 3]
@@ -222,16 +241,18 @@ def _structural_subject(out: Path, spacing: float, seed: int, first: int, i: int
         dx_pd = "PD" if rng.random() < 0.5 else "HC"
         age = rng.uniform(50, 80)
     site = _SITES[int(rng.integers(len(_SITES)))]
-    img = synth_t1(anat, rng, age=age, sex=sex, dx_ad=dx_ad, dx_pd=dx_pd, site=site)
+    img = synth_t1(anat, rng, age=age, sex=sex, dx_ad=dx_ad, dx_pd=dx_pd, site=site, pose=pose)
     rel = f"{sub}/anat/{sub}_T1w.nii.gz"
     _save_nii(out / rel, img, anat.affine)
     return {"subject": sub, "t1": rel, "age": round(float(age), 2), "sex": sex, "dx_ad": dx_ad, "dx_pd": dx_pd,
-            "cohort": cohort, "site": site, "_age": float(age)}
+            "cohort": cohort, "site": site, "_age": float(age), "_pose": pose_truth}
 
 
-def _lesion_case(out: Path, spacing: float, seed: int, first: int, modalities: tuple[str, ...], i: int) -> dict:
+def _lesion_case(out: Path, spacing: float, seed: int, first: int, modalities: tuple[str, ...],
+                 spread: tuple[float, float], i: int) -> dict:
     """Lesion case ``i``: writes its images and mask, returns its manifest row (truth under ``_truth``)."""
     anat = load_anatomy(float(spacing))
+    pose, pose_truth = _pose(seed, 2, i, spread, spacing)
     rng = np.random.default_rng([seed, 2, i])
     sub = _subject_id(first + i)
     types = list(DATASETS)
@@ -240,7 +261,7 @@ def _lesion_case(out: Path, spacing: float, seed: int, first: int, modalities: t
     mods = tuple(m for m in have if m in modalities) or (modalities[0],)
     # its own stream: the site does not depend on which modalities are written
     site = _SITES[int(np.random.default_rng([seed, 2, i, 1]).integers(len(_SITES)))]
-    images, mask = synth_lesion_case(anat, rng, lt, mods, site=site)
+    images, mask = synth_lesion_case(anat, rng, lt, mods, site=site, pose=pose)
     row = {"subject": sub, "lesion_type": lt, "dataset": dataset, "site": site}
     for mod, img in images.items():
         rel = f"{sub}/anat/{sub}_{_FILE_SUFFIX[mod]}.nii.gz"
@@ -250,7 +271,7 @@ def _lesion_case(out: Path, spacing: float, seed: int, first: int, modalities: t
     _save_nii(out / rel, mask, anat.affine, dtype=np.uint8)
     row["mask"] = rel
     row["_truth"] = {"kind": "lesion", "lesion_type": lt, "lesion_voxels": int(mask.sum()), "modalities": list(images),
-                     "site": site}
+                     "site": site, **pose_truth}
     return row
 
 

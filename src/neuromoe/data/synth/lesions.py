@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from neuromoe.data.synth.anatomy import Anatomy, index_grid, load_anatomy, smooth_field, warp
+from neuromoe.data.synth.anatomy import Anatomy, Pose, index_grid, load_anatomy, smooth_field, warp
 from neuromoe.data.synth.structural import DEFORM_SMOOTH_MM, apply_site
 
 MODALITIES = ("t1", "t1c", "t2", "flair", "dwi")
@@ -142,9 +142,10 @@ def lesion_compartments(anat: Anatomy, rng: np.random.Generator, lesion_type: st
 
 
 def synth_lesion_case(anat: Anatomy, rng: np.random.Generator, lesion_type: str, modalities: tuple[str, ...],
-                      site: str = "site-A") -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Images for the modalities this case has (∩ requested) and the binary lesion mask; every image gets
-    the scanner effects of ``site`` (as the structural T1s do), so the manifest's site column means something."""
+                      site: str = "site-A", pose: Pose | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Images for the modalities this case has (∩ requested) and the binary lesion mask, all in one ``pose``; every
+    image gets the scanner effects of ``site`` (as the structural T1s do), so the manifest's site column means
+    something."""
     comps = lesion_compartments(anat, rng, lesion_type)
     mask = np.zeros(anat.shape, bool)
     for m in comps.values():
@@ -165,6 +166,6 @@ def synth_lesion_case(anat: Anatomy, rng: np.random.Generator, lesion_type: str,
             val = lv["wm"] * rng.uniform(*_LESION[comp][mod])
             soft = ndimage.gaussian_filter(m.astype(np.float32), 0.5)
             img = img * (1 - soft) + val * soft
-        images[mod] = apply_site(warp(img.astype(np.float32), disp, scale), rng, site, sp)
-    mask_w = warp(mask.astype(np.float32), disp, scale, order=0) > 0.5
+        images[mod] = apply_site(warp(img.astype(np.float32), disp, scale, pose=pose), rng, site, sp)
+    mask_w = warp(mask.astype(np.float32), disp, scale, order=0, pose=pose) > 0.5
     return images, mask_w

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from neuromoe.data.synth.anatomy import Anatomy, smooth_field, warp
+from neuromoe.data.synth.anatomy import Anatomy, Pose, smooth_field, warp
 
 # MNI centres (mm) and radii of the regions the diagnosis patterns act on, both hemispheres.
 MEDIAL_TEMPORAL = [((s * 26.0, -22.0, -14.0), (7.0, 14.0, 8.0)) for s in (-1, 1)] + \
@@ -53,8 +53,9 @@ def cortex_band(anat: Anatomy) -> np.ndarray:
 
 
 def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, dx_ad: str, dx_pd: str,
-             site: str) -> np.ndarray:
-    """One subject's T1 (float32, template grid); effects act on tissue maps before contrast is applied."""
+             site: str, pose: Pose | None = None) -> np.ndarray:
+    """One subject's T1 (float32, template grid; the head in the template's pose unless ``pose`` moves it);
+    effects act on tissue maps before contrast is applied."""
     gm, wm, csf = anat.gm.copy(), anat.wm.copy(), anat.csf.copy()
     cortex = cortex_band(anat)
     age_z = (age - 45.0) / 30.0  # 0 at 45 y, 1 at 75 y
@@ -82,7 +83,7 @@ def synth_t1(anat: Anatomy, rng: np.random.Generator, *, age: float, sex: str, d
     scale = (1.04 if sex == "M" else 0.97) * (1.0 + 0.05 * rng.standard_normal())
     sp = float(anat.affine[0, 0])
     disp = np.stack([DEFORM_MM / sp * smooth_field(rng, anat.shape, DEFORM_SMOOTH_MM / sp) for _ in range(3)])
-    img = warp(head.astype(np.float32), disp, scale)
+    img = warp(head.astype(np.float32), disp, scale, pose=pose)
     return apply_site(img, rng, site, sp)
 
 
