@@ -643,6 +643,7 @@ def test_paper_preset_preprocesses_to_its_backbone_input_and_cuda_without_gpu_is
     cfg = pipe.load_denseformer_config("paper")
     spec = pipe._spec(cfg)
     assert spec.spacing == (1.0, 1.0, 1.0) and spec.shape == pipe._img_size(cfg) == (160, 192, 160)
+    assert spec.register  # real T1s lie in the scanner's pose (docs/experiments.md, "Heads off the template's pose")
     if not torch.cuda.is_available():  # evaluate/predict crashed with a raw traceback here
         with pytest.raises(ConfigError, match="no CUDA"):
             pipe._device("cuda")
