@@ -316,8 +316,8 @@ def test_a_head_pose_moves_each_head_and_leaves_the_rest_of_the_cohort(tmp_path:
 
 
 def test_a_pose_spread_out_of_range_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="pose_deg -1"):
+    with pytest.raises(InputError, match="--pose-deg -1 is not between 0 and 45°"):
         synth_cohort(tmp_path / "c", **KW, pose_deg=-1)
-    with pytest.raises(InputError, match="shift_mm nan"):
+    with pytest.raises(InputError, match="--shift-mm nan"):
         synth_cohort(tmp_path / "c", **KW, shift_mm=float("nan"))
     assert not (tmp_path / "c").exists()

@@ -82,9 +82,10 @@ def synth_cohort(out_dir: str | Path, *, n_structural: int = 150, n_lesion: int 
                          fix=f"use --n-rois {fm.N_NETWORKS} or more (default 264)")
     if "fmri" in kinds and n_fmri > 0 and (n_timepoints < 1 or not tr > 0):
         raise InputError(f"{n_timepoints} time points at TR {tr} s", fix="give n_timepoints ≥ 1 and tr > 0")
-    for name, v in (("pose_deg", pose_deg), ("shift_mm", shift_mm)):
+    for flag, v, unit in (("--pose-deg", pose_deg, "°"), ("--shift-mm", shift_mm, " mm")):
         if not (np.isfinite(v) and 0 <= v <= 45):
-            raise InputError(f"{name} {v!r} is not a spread between 0 and 45", fix="use e.g. --pose-deg 5 --shift-mm 5")
+            raise InputError(f"head pose spread {flag} {v!r} is not between 0 and 45{unit}",
+                             fix="use e.g. --pose-deg 5 --shift-mm 5 (0 = the template's pose)")
     if not (np.isfinite(spacing) and spacing > 0):
         raise InputError(f"spacing {spacing!r} mm is not a positive number", fix="use e.g. --spacing 3 (6 for tests)")
     bad = [m for m in modalities if m not in MODALITIES]
